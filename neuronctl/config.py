@@ -1,0 +1,292 @@
+"""The node configuration: parsed once, at the edge, into frozen dataclasses.
+
+Every key is a dataclass field; the same converter validates the TOML file, `NEURON_*`
+environment overrides and model specs posted to `POST /models/load`, so all three give the
+same one-line errors naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+DEFAULT_CONFIG_PATH = Path("/etc/neuron/neuron.toml")
+DEFAULT_HARNESS = "llama-cpp-python"
+ENV_PREFIX = "NEURON_"
+# NEURON_* variables that belong to the CLI client, not to the config file.
+CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY"})
+MAX_MODEL_ID_LEN = 256
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as one line an operator can act on."""
+
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        self.key = key
+        self.message = message
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.key}: {self.message}" if self.key else f"{where}{self.message}"
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """`[harness.NAME]`: defaults for every model run by that harness."""
+
+    # Interpreter that runs llama-cpp-python workers; a venv with a CUDA build, say.
+    python: str | None = None
+    hf_cache: Path | None = None
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    chat_format: str | None = None
+    args: tuple[str, ...] = ()
+    ready_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model: a `[[default_models]]` entry or the body of `POST /models/load`."""
+
+    model_id: str
+    harness: str = DEFAULT_HARNESS
+    path: Path | None = None
+    quant: str | None = None
+    devices: tuple[int, ...] = ()
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    chat_format: str | None = None
+    args: tuple[str, ...] = ()
+    ready_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    port: int = 13131
+    host: str = "0.0.0.0"
+    log_dir: Path = Path("/var/log/neuron")
+    state_dir: Path = Path("/var/lib/neuron")
+    # How long a worker gets between SIGTERM and SIGKILL.
+    stop_timeout_s: float = 10.0
+    default_models: tuple[ModelSpec, ...] = ()
+    harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
+
+    def harness_config(self, name: str) -> HarnessConfig:
+        return self.harness.get(name) or HarnessConfig()
+
+
+def load_config(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> NeuronConfig:
+    """Read the TOML file at `path` (default /etc/neuron/neuron.toml), apply `NEURON_*`
+    overrides from `environ`, validate, and return the frozen config."""
+    path = path or DEFAULT_CONFIG_PATH
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", "config file not found", source) from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file: {exc.strerror}", source) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"invalid TOML: {exc}", source) from None
+    env_keys = apply_env_overrides(raw, os.environ if environ is None else environ)
+    try:
+        return config_from_mapping(raw, base_dir=path.parent.resolve())
+    except ConfigError as exc:
+        top = exc.key.split(".")[0].split("[")[0]
+        var = env_keys.get(exc.key) or env_keys.get(top)
+        exc.source = f"environment {var}" if var else source
+        raise
+
+
+def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) -> NeuronConfig:
+    config = _convert_dataclass(NeuronConfig, raw, "", base_dir)
+    seen: set[str] = set()
+    for i, spec in enumerate(config.default_models):
+        if spec.model_id in seen:
+            raise ConfigError(f"default_models[{i}].model_id", f"duplicate model {spec.model_id!r}")
+        seen.add(spec.model_id)
+    return config
+
+
+def model_spec_from_mapping(raw: Any, base_dir: Path | None = None) -> ModelSpec:
+    """Validate a model spec from outside (the HTTP API), exactly as the config file is."""
+    spec: ModelSpec = _convert(raw, ModelSpec, "", base_dir)
+    return spec
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Fold `NEURON_KEY=value` (nested with `__`) into `raw`; return {key: variable}.
+
+    Values are read as TOML values when they parse (`14000`, `true`, `[0, 1]`) and as plain
+    strings otherwise, so `NEURON_LOG_DIR=/srv/log` needs no quoting.
+    """
+    applied: dict[str, str] = {}
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in CLIENT_ENV_VARS:
+            continue
+        parts = var[len(ENV_PREFIX) :].lower().split("__")
+        if not all(parts):
+            raise ConfigError("", "empty key segment", f"environment {var}")
+        table = raw
+        for i, part in enumerate(parts[:-1]):
+            # Harness names use dashes, which environment names cannot hold.
+            key = _match_key(table, part) if i > 0 else part
+            child = table.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is not a table", f"environment {var}")
+            table = child
+        table[parts[-1]] = _parse_env_value(environ[var])
+        applied[".".join(parts)] = var
+    return applied
+
+
+def _match_key(table: Mapping[str, Any], part: str) -> str:
+    for key in table:
+        if key.replace("-", "_") == part:
+            return key
+    return part.replace("_", "-")
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+# --- conversion -----------------------------------------------------------------------------
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return f"{kind} {shown}" if len(shown) <= 40 else kind
+
+
+def _convert_dataclass(cls: type[Any], raw: Any, key: str, base_dir: Path | None) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, f"expected a table, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in fields:
+            raise ConfigError(_join(key, str(name)), "unknown key")
+        values[name] = _convert(value, hints[name], _join(key, name), base_dir)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in values:
+            raise ConfigError(_join(key, name), "required key is missing")
+    obj = cls(**values)
+    _check_values(obj, key)
+    return obj
+
+
+def _convert(value: Any, tp: Any, key: str, base_dir: Path | None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, base_dir)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, key, base_dir)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected an array, got {_describe(value)}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]", base_dir) for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a table, got {_describe(value)}")
+        return {
+            str(k): _convert(v, args[1], _join(key, str(k)), base_dir) for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(key, "expected a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {_describe(value)}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"expected a path string, got {_describe(value)}")
+        path = Path(value).expanduser()
+        # Relative paths in a config file mean "next to the config file", not "wherever
+        # systemd's working directory happens to be".
+        if base_dir is not None and not path.is_absolute():
+            return Path(os.path.normpath(base_dir / path))
+        return path
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug, not bad input
+
+
+def _check_values(obj: Any, key: str) -> None:
+    """Range checks that types alone cannot express."""
+    if isinstance(obj, NeuronConfig):
+        if not 1 <= obj.port <= 65535:
+            raise ConfigError(_join(key, "port"), f"must be between 1 and 65535, got {obj.port}")
+        if not obj.host:
+            raise ConfigError(_join(key, "host"), "must not be empty")
+    if isinstance(obj, ModelSpec):
+        check_model_id(obj.model_id, _join(key, "model_id"))
+        if not obj.harness:
+            raise ConfigError(_join(key, "harness"), "must not be empty")
+        for i, device in enumerate(obj.devices):
+            if device < 0:
+                raise ConfigError(f"{_join(key, 'devices')}[{i}]", "must be >= 0")
+    for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s"):
+        value = getattr(obj, name, None)
+        if value is None:
+            continue
+        # A context of 0 means "the model's own"; a timeout of 0 would never succeed.
+        if value < 0 or (name.endswith("_s") and value == 0):
+            raise ConfigError(_join(key, name), f"must be positive, got {value}")
+
+
+def check_model_id(model_id: str, key: str = "model_id") -> None:
+    if not model_id.strip():
+        raise ConfigError(key, "must not be empty")
+    if len(model_id) > MAX_MODEL_ID_LEN:
+        raise ConfigError(key, f"longer than {MAX_MODEL_ID_LEN} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in model_id):
+        raise ConfigError(key, "contains control characters")
+
+
+def effective(spec: ModelSpec, harness: HarnessConfig, name: str) -> Any:
+    """A per-model setting, falling back to the harness table's default."""
+    value = getattr(spec, name)
+    return getattr(harness, name) if value is None else value

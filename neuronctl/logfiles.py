@@ -1,0 +1,81 @@
+"""Per-model log files: naming, the header written at each start, reading the tail."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_STEM = 120
+
+
+def safe_name(model_id: str) -> str:
+    """A file-name stem for `model_id` that cannot leave its directory.
+
+    `Qwen/Qwen3-0.6B-GGUF` becomes `Qwen--Qwen3-0.6B-GGUF`, as in the Hugging Face cache;
+    anything else outside `[A-Za-z0-9._-]` becomes `_`. Names that had to be mangled beyond
+    that, or cut to length, get a short hash so two ids never share a file.
+    """
+    stem = _UNSAFE.sub("_", model_id.replace("/", "--")).lstrip(".")
+    if stem != model_id.replace("/", "--") or len(stem) > _MAX_STEM or not stem:
+        digest = hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        stem = f"{stem[:_MAX_STEM]}-{digest}" if stem else digest
+    return stem
+
+
+def log_path(log_dir: Path, model_id: str) -> Path:
+    return log_dir / f"{safe_name(model_id)}.log"
+
+
+def open_for_worker(path: Path, command: Sequence[str]) -> int:
+    """Open `path` for appending and write the start header; return the raw fd.
+
+    The header is written before the child exists, so the pid is filled in by
+    `write_pid_line` once it is known.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
+    os.write(fd, f"\n=== {stamp} neuronctl starting: {shlex.join(command)}\n".encode())
+    return fd
+
+
+def write_pid_line(fd: int, pid: int) -> None:
+    os.write(fd, f"=== worker pid {pid}\n".encode())
+
+
+def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last `n` lines of `path`, reading at most `max_bytes` from its end (more when
+    many lines are asked for)."""
+    max_bytes = max(max_bytes, n * 512)
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > max_bytes and lines:
+        lines = lines[1:]  # the first line is probably cut in the middle
+    return lines[-n:] if n > 0 else []
+
+
+def follow(path: Path, poll_s: float = 0.25) -> Iterator[str]:
+    """Yield text appended to `path` from now on, like `tail -f`; survives truncation."""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        while True:
+            chunk = fh.read()
+            if chunk:
+                yield chunk.decode("utf-8", "replace")
+                continue
+            if path.exists() and path.stat().st_size < fh.tell():
+                fh.seek(0)  # truncated or replaced: start over
+                continue
+            time.sleep(poll_s)

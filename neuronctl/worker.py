@@ -1,0 +1,224 @@
+"""One worker subprocess: spawn it, wait until it answers, stop it.
+
+A worker runs in its own session (so one signal reaches its whole process group) with a
+parent-death signal (so it cannot outlive a supervisor that dies without cleaning up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+
+from . import logfiles
+from .harness import LoadError, WorkerPlan
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 15
+_PROBE_TIMEOUT_S = 5.0
+# Readiness polling: the interval grows with the time already waited (a twentieth of it),
+# so a 0.5 s load is noticed within ~25 ms and a 10-minute one costs a poll every 250 ms.
+_POLL_MIN_S = 0.01
+_POLL_MAX_S = 0.25
+_POLL_FRACTION = 0.05
+
+Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that asks Linux to SIGKILL the child when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # resolved here: not safe after fork
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+async def spawn_process(
+    command: Sequence[str], env: Mapping[str, str], log_fd: int
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=log_fd,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **env},
+        start_new_session=True,
+        preexec_fn=_pdeathsig_preexec(),
+    )
+
+
+async def probe_http(port: int, path: str) -> bool:
+    """True when GET http://127.0.0.1:port/path answers 200.
+
+    Plain asyncio streams rather than an HTTP client: activation runs before the API exists
+    and this keeps it from waiting on heavier imports.
+    """
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port), _PROBE_TIMEOUT_S
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+        writer.write(request.encode("ascii"))
+        status_line = await asyncio.wait_for(reader.readline(), _PROBE_TIMEOUT_S)
+        parts = status_line.split()
+        return len(parts) >= 2 and parts[1] == b"200"
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Worker:
+    """One model server subprocess."""
+
+    def __init__(
+        self,
+        model_id: str,
+        plan: WorkerPlan,
+        port: int,
+        log_path: Path,
+        stop_timeout_s: float,
+        *,
+        spawn: Spawn = spawn_process,
+        probe: Callable[[int, str], Awaitable[bool]] = probe_http,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model_id = model_id
+        self.plan = plan
+        self.port = port
+        self.log_path = log_path
+        self.stop_timeout_s = stop_timeout_s
+        self._spawn = spawn
+        self._probe = probe
+        self._clock = clock
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Spawn and wait until ready. On any failure, or if cancelled, the process is
+        killed before this returns; failures raise LoadError with what the log said."""
+        fd = logfiles.open_for_worker(self.log_path, self.plan.command)
+        try:
+            self._proc = await self._spawn(self.plan.command, self.plan.env, fd)
+            logfiles.write_pid_line(fd, self._proc.pid)
+        except OSError as exc:
+            raise LoadError(f"cannot start worker {self.plan.command[0]}: {exc.strerror}") from None
+        finally:
+            os.close(fd)  # the child holds its own copy
+        self._exited = asyncio.ensure_future(self._proc.wait())
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self._kill()
+            raise
+
+    async def _wait_ready(self) -> None:
+        assert self._exited is not None
+        started = self._clock()
+        deadline = started + self.plan.ready_timeout_s
+        while True:
+            if await self._probe(self.port, self.plan.probe_path):
+                return
+            if self._exited.done():
+                code = self._exited.result()
+                raise LoadError(
+                    f"worker {describe_exit(code)} while starting; {self._log_tail()}",
+                    exit_code=code,
+                )
+            now = self._clock()
+            if now >= deadline:
+                raise LoadError(
+                    f"worker not ready after {self.plan.ready_timeout_s:g} s (killed); "
+                    f"{self._log_tail()}"
+                )
+            delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
+            # Wake early if the process exits, so a crash is reported at once.
+            await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
+
+    def _log_tail(self) -> str:
+        lines = [ln for ln in logfiles.tail_lines(self.log_path, LOG_TAIL_LINES * 2) if ln.strip()]
+        if not lines:
+            return f"log {self.log_path} is empty"
+        return f"last lines of {self.log_path}:\n" + "\n".join(lines[-LOG_TAIL_LINES:])
+
+    async def wait_exit(self) -> int:
+        """Wait until the process exits (for whatever reason); its return code."""
+        assert self._exited is not None, "worker was never started"
+        return await asyncio.shield(self._exited)
+
+    async def stop(self) -> None:
+        """SIGTERM to the process group, a bounded wait, then SIGKILL."""
+        if self._proc is None or self._exited is None:
+            return
+        if not self._exited.done():
+            self._signal_group(signal.SIGTERM)
+            done, _ = await asyncio.wait({self._exited}, timeout=self.stop_timeout_s)
+            if not done:
+                log.warning(
+                    "%s: worker pid %s ignored SIGTERM for %g s; sending SIGKILL",
+                    self.model_id, self._proc.pid, self.stop_timeout_s,
+                )
+        await self._kill()
+
+    async def _kill(self) -> None:
+        if self._proc is None or self._exited is None:
+            return
+        # Also reaches children the worker left in its group after it exited itself.
+        self._signal_group(signal.SIGKILL)
+        await asyncio.shield(self._exited)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)

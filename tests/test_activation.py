@@ -1,0 +1,159 @@
+"""load_default_models: sequential, continues past failures, silent on an empty list."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from neuronctl.activation import ActivationResult, load_default_models
+from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.harness import LoadError, WorkerPlan
+from neuronctl.registry import ModelRegistry
+from neuronctl.states import ModelStatus
+
+
+class ScriptedWorker:
+    """A worker without a process: start() succeeds or fails as the test says, and
+    records when it ran so overlapping loads would show."""
+
+    timeline: ClassVar[list[tuple[str, str]]] = []
+    failing: ClassVar[set[str]] = set()
+
+    def __init__(self, model_id: str, plan: WorkerPlan, port: int, log_path: Path,
+                 stop_timeout_s: float) -> None:
+        self.model_id = model_id
+        self.port = port
+        self.pid = 4242
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.stopped = False
+        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def start(self) -> None:
+        self.timeline.append(("start", self.model_id))
+        await asyncio.sleep(0.01)  # yield, so a concurrent load could interleave if allowed
+        self.timeline.append(("end", self.model_id))
+        if self.model_id in self.failing:
+            raise LoadError("worker exited with code 3 while starting", exit_code=3)
+
+    async def wait_exit(self) -> int:
+        return await self._exit
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if not self._exit.done():
+            self._exit.set_result(0)
+
+
+class PlanOnlyHarness:
+    name = "scripted"
+
+    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
+        return WorkerPlan(("true",), {}, "/health", 5.0)
+
+
+def make_registry(config: NeuronConfig) -> ModelRegistry:
+    ScriptedWorker.timeline = []
+    ScriptedWorker.failing = set()
+    return ModelRegistry(
+        config, {"scripted": PlanOnlyHarness()}, worker_factory=ScriptedWorker  # type: ignore[arg-type]
+    )
+
+
+def test_unknown_harness_entries_fail_fast_without_spawning_or_network(
+    node_config: NeuronConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("activation touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    specs = [ModelSpec("org/first", harness="no-such-a"), ModelSpec("second", harness="no-such-b")]
+
+    async def scenario() -> tuple[list[ActivationResult], ModelRegistry]:
+        registry = make_registry(node_config)
+        results = await asyncio.wait_for(load_default_models(registry, specs), 5)
+        return results, registry
+
+    with caplog.at_level(logging.INFO, logger="neuronctl"):
+        results, registry = asyncio.run(scenario())
+
+    assert [r.model_id for r in results] == ["org/first", "second"]  # the second was still tried
+    errors = [r.error for r in results]
+    assert errors == ["unknown harness: no-such-a", "unknown harness: no-such-b"]
+    assert ScriptedWorker.timeline == []  # nothing was spawned
+    assert registry.models() == []  # an unknown harness is never listed
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "org/first" in warnings[0].getMessage() and "no-such-a" in warnings[0].getMessage()
+    assert "second" in warnings[1].getMessage()
+
+
+def test_empty_list_is_a_silent_no_op(
+    node_config: NeuronConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        results = asyncio.run(load_default_models(make_registry(node_config), []))
+    assert results == []
+    # asyncio itself says which selector it uses at DEBUG; nothing else may speak.
+    assert [r.getMessage() for r in caplog.records if r.name != "asyncio"] == []
+
+
+def test_loads_one_at_a_time_and_continues_past_a_failure(
+    node_config: NeuronConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    specs = [ModelSpec(m, harness="scripted") for m in ("a", "b", "c")]
+
+    async def scenario() -> tuple[list[ActivationResult], ModelRegistry]:
+        registry = make_registry(node_config)
+        ScriptedWorker.failing = {"b"}
+        try:
+            return await load_default_models(registry, specs), registry
+        finally:
+            await registry.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="neuronctl"):
+        results, registry = asyncio.run(scenario())
+
+    # Strictly sequential: each load ends before the next one starts.
+    assert ScriptedWorker.timeline == [
+        ("start", "a"), ("end", "a"), ("start", "b"), ("end", "b"), ("start", "c"), ("end", "c"),
+    ]
+    assert [r.ok for r in results] == [True, False, True]
+    assert all(r.elapsed_s >= 0 for r in results)
+    status = {r.spec.model_id: r.status for r in registry.models()}
+    assert status == {"a": ModelStatus.LOADED, "b": ModelStatus.FAILED, "c": ModelStatus.LOADED}
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("loaded default model a in ") and m.endswith(" s") for m in infos)
+    assert any(m.startswith("loaded default model c in ") for m in infos)
+    assert len(warnings) == 1 and "b" in warnings[0] and "code 3" in warnings[0]
+
+
+def test_observer_sees_each_entry_in_order(node_config: NeuronConfig) -> None:
+    events: list[str] = []
+
+    class Observer:
+        def before(self, index: int, total: int, spec: ModelSpec) -> None:
+            events.append(f"before {index}/{total} {spec.model_id}")
+
+        def after(self, index: int, total: int, result: ActivationResult) -> None:
+            events.append(f"after {index}/{total} {result.model_id} ok={result.ok}")
+
+    specs = [ModelSpec("a", harness="scripted"), ModelSpec("b", harness="missing")]
+
+    async def scenario() -> None:
+        registry = make_registry(node_config)
+        try:
+            await load_default_models(registry, specs, Observer())
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+    assert events == [
+        "before 1/2 a", "after 1/2 a ok=True", "before 2/2 b", "after 2/2 b ok=False",
+    ]

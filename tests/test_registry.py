@@ -1,0 +1,170 @@
+"""The registry with real (fake-worker) processes: single-flight, serialization, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import pytest
+
+from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.harness import LoadError
+from neuronctl.registry import Conflict, ModelRegistry, NotFound
+from neuronctl.states import ModelStatus
+from neuronctl.worker import Worker
+
+from .conftest import FakeHarness
+from .helpers import pid_alive, poll_until
+
+
+def fake(model_id: str, *args: str, **kw: Any) -> ModelSpec:
+    return ModelSpec(model_id, harness="fake", args=tuple(args), **kw)
+
+
+def test_concurrent_loads_of_one_model_start_one_process(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(node_config, {"fake": fake_harness})
+        try:
+            spec = fake("org/m", "--delay", "0.3")
+            records = await asyncio.gather(*(registry.load(spec) for _ in range(20)))
+            assert len({id(r) for r in records}) == 1
+            assert fake_harness.planned == ["org/m"]  # one plan, one process
+            assert records[0].status is ModelStatus.LOADED
+            # Loading it again once loaded is a no-op.
+            assert await registry.load(spec) is records[0]
+            assert fake_harness.planned == ["org/m"]
+            with pytest.raises(Conflict, match="different settings"):
+                await registry.load(fake("org/m", "--delay", "0.1"))
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_loads_of_different_models_are_serialized(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    events: list[str] = []
+
+    class RecordingWorker(Worker):
+        async def start(self) -> None:
+            events.append(f"start {self.model_id}")
+            await super().start()
+            events.append(f"ready {self.model_id}")
+
+    async def scenario() -> None:
+        registry = ModelRegistry(
+            node_config, {"fake": fake_harness}, worker_factory=RecordingWorker
+        )
+        try:
+            await asyncio.gather(
+                registry.load(fake("a", "--delay", "0.3")),
+                registry.load(fake("b", "--delay", "0.1")),
+            )
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+    assert events == ["start a", "ready a", "start b", "ready b"]
+
+
+def test_a_crash_after_ready_is_noticed_and_listed_failed(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(node_config, {"fake": fake_harness})
+        try:
+            record = await registry.load(fake("m"))
+            assert record.worker is not None and record.worker.pid is not None
+            os.kill(record.worker.pid, signal.SIGKILL)
+            await asyncio.to_thread(poll_until, lambda: record.status is ModelStatus.FAILED, 10)
+            assert record.exit_code == -signal.SIGKILL
+            assert record.error is not None and "SIGKILL" in record.error
+            assert record.to_json()["pid"] is None
+            # Loading it again replaces the failed entry.
+            again = await registry.load(fake("m"))
+            assert again.status is ModelStatus.LOADED and again is not record
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_failed_load_stays_listed_until_unloaded(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(node_config, {"fake": fake_harness})
+        try:
+            with pytest.raises(LoadError):
+                await registry.load(fake("m", "--mode", "crash"))
+            [record] = registry.models()
+            assert record.status is ModelStatus.FAILED and record.exit_code == 3
+            await registry.unload("m")
+            assert registry.models() == []
+            with pytest.raises(NotFound):
+                await registry.unload("m")
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_unload_stops_the_worker(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(node_config, {"fake": fake_harness})
+        try:
+            record = await registry.load(fake("m"))
+            pid = record.worker.pid if record.worker else None
+            assert pid is not None
+            await registry.unload("m")
+            assert not pid_alive(pid)
+            assert registry.get("m") is None
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_unload_while_loading_is_refused(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(node_config, {"fake": fake_harness})
+        try:
+            task = asyncio.create_task(registry.load(fake("m", "--delay", "0.5")))
+            await asyncio.sleep(0)  # let the load register
+            with pytest.raises(Conflict, match="still loading"):
+                await registry.unload("m")
+            await task
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_shutdown_cancels_loads_in_flight_and_kills_their_processes(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    async def scenario() -> list[int]:
+        registry = ModelRegistry(node_config, {"fake": fake_harness})
+        ready = await registry.load(fake("ready"))
+        pending = asyncio.create_task(registry.load(fake("hanging", "--mode", "hang")))
+
+        def hanging_pid() -> int | None:
+            record = registry.get("hanging")
+            return record.worker.pid if record and record.worker else None
+
+        hang_pid = await asyncio.to_thread(poll_until, hanging_pid, 10)
+        await registry.shutdown()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert ready.worker is not None and ready.worker.pid is not None
+        return [ready.worker.pid, hang_pid]
+
+    for pid in asyncio.run(scenario()):
+        assert not pid_alive(pid)
