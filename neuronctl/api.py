@@ -43,12 +43,18 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = exc.text if exc.text and exc.content_type == "application/json" else exc.reason
+        message = exc.reason
         if exc.status == 413:
             message = f"request body too large (limit {MAX_BODY_BYTES} bytes)"
-        elif exc.status in (404, 405) and request.match_info.route.resource is None:
+        elif exc.status == 404 and request.match_info.route.resource is None:
             message = f"no such route: {request.method} {request.path}"
-        return error(exc.status, message)
+        elif exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            message = f"method {request.method} not allowed on {request.path} (allowed: {allowed})"
+        response = error(exc.status, message)
+        if "Allow" in exc.headers:  # RFC 9110: a 405 names the methods that would work
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error(500, "internal error; see the neuron service log")

@@ -11,11 +11,13 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, logfiles
 from .client import ApiError, Client, DaemonNotRunning, resolve_url
-from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, load_config
+from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, config_from_env, load_config
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -41,7 +43,8 @@ UrlOpt = Annotated[
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"neuronctl: {message}", markup=False, highlight=False)
+    # Plain write, not rich: one line however narrow the terminal (or journal) is.
+    sys.stderr.write(f"neuronctl: {message}\n")
     raise typer.Exit(code)
 
 
@@ -146,14 +149,16 @@ def status(
         out.print("no models")
         return
     table = Table(box=None, header_style="bold")
-    for column in ("MODEL", "STATUS", "PID", "PORT", "UPTIME", "LOAD TIME", "RESTARTS"):
+    # Ids are what people grep for and paste: never cut one short.
+    table.add_column("MODEL", no_wrap=True, min_width=max(len(m["id"]) for m in models))
+    for column in ("STATUS", "PID", "PORT", "UPTIME", "LOAD TIME", "RESTARTS"):
         table.add_column(column)
     for m in models:
         style = STATUS_STYLES.get(m["status"], "")
         load_ms = m.get("load_ms")
         table.add_row(
-            m["id"],
-            f"[{style}]{m['status']}[/]" if style else m["status"],
+            Text(m["id"]),
+            Text(m["status"], style=style),
             str(m.get("pid") or "-"),
             str(m.get("port") or "-"),
             _fmt_duration(m.get("uptime_s")),
@@ -211,10 +216,11 @@ def load(
     thread = threading.Thread(target=call, daemon=True)
     started = time.monotonic()
     thread.start()
-    with err.status(f"loading {model_id}", spinner="dots") as spinner:
+    shown = escape(model_id)
+    with err.status(f"loading {shown}", spinner="dots") as spinner:
         while thread.is_alive():
             thread.join(0.1)
-            spinner.update(f"loading {model_id} ({time.monotonic() - started:.0f}s)")
+            spinner.update(f"loading {shown} ({time.monotonic() - started:.0f}s)")
     exc = result.get("error")
     if isinstance(exc, DaemonNotRunning):
         fail(str(exc))
@@ -224,6 +230,7 @@ def load(
     out.print(
         f"{model_id} loaded in {time.monotonic() - started:.1f}s"
         f" -> {model.get('endpoint', '?')}",
+        markup=False,
         highlight=False,
     )
 
@@ -236,7 +243,7 @@ def unload(
 ) -> None:
     """Stop a model's worker."""
     _call(_client(url, config, timeout_s=120.0).unload, model_id)
-    out.print(f"{model_id} unloaded", highlight=False)
+    out.print(f"{model_id} unloaded", markup=False, highlight=False)
 
 
 @app.command()
@@ -252,7 +259,10 @@ def logs(
     """Print a model's log file; works whether or not the daemon runs."""
     if log_dir is None:
         if config is None and not DEFAULT_CONFIG_PATH.exists():
-            log_dir = NeuronConfig().log_dir
+            try:
+                log_dir = config_from_env().log_dir
+            except ConfigError as exc:
+                fail(f"config error: {exc}", EX_CONFIG)
         else:
             log_dir = _config(config).log_dir
     path = logfiles.log_path(log_dir, model_id)

@@ -101,15 +101,28 @@ def load_config(
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("", "config file not found", source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"not UTF-8 text (byte {exc.start})", source) from None
     except OSError as exc:
         raise ConfigError("", f"cannot read config file: {exc.strerror}", source) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"invalid TOML: {exc}", source) from None
+    return _with_env(raw, environ, source, path.parent.resolve())
+
+
+def config_from_env(environ: Mapping[str, str] | None = None) -> NeuronConfig:
+    """The defaults plus `NEURON_*` overrides: for a CLI run on a host without a config."""
+    return _with_env({}, environ, "defaults", None)
+
+
+def _with_env(
+    raw: dict[str, Any], environ: Mapping[str, str] | None, source: str, base_dir: Path | None
+) -> NeuronConfig:
     env_keys = apply_env_overrides(raw, os.environ if environ is None else environ)
     try:
-        return config_from_mapping(raw, base_dir=path.parent.resolve())
+        return config_from_mapping(raw, base_dir=base_dir)
     except ConfigError as exc:
         top = exc.key.split(".")[0].split("[")[0]
         var = env_keys.get(exc.key) or env_keys.get(top)
@@ -147,15 +160,17 @@ def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict
         if not all(parts):
             raise ConfigError("", "empty key segment", f"environment {var}")
         table = raw
+        keys = []
         for i, part in enumerate(parts[:-1]):
             # Harness names use dashes, which environment names cannot hold.
             key = _match_key(table, part) if i > 0 else part
+            keys.append(key)
             child = table.setdefault(key, {})
             if not isinstance(child, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is not a table", f"environment {var}")
+                raise ConfigError(".".join(keys), "is not a table", f"environment {var}")
             table = child
         table[parts[-1]] = _parse_env_value(environ[var])
-        applied[".".join(parts)] = var
+        applied[".".join([*keys, parts[-1]])] = var
     return applied
 
 

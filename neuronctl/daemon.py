@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import types
 
-from .activation import load_default_models
+from .activation import ActivationResult, load_default_models
 from .config import NeuronConfig
 from .harness import Harness
 from .registry import ModelRegistry
+from .systemd import ActivationStatus, Notifier, summary, watchdog
 
 log = logging.getLogger("neuronctl")
 
@@ -44,49 +48,74 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _import_api_quietly() -> types.ModuleType:
+    # Lowest CPU priority for this thread only: on a small host it must not slow the worker
+    # that is loading at the same time.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    return importlib.import_module("neuronctl.api")
+
+
 async def serve(config: NeuronConfig, harnesses: dict[str, Harness], sock: socket.socket) -> int:
+    """Activate, then serve the API on `sock` until SIGTERM or SIGINT; the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     registry = ModelRegistry(config, harnesses)
-    started_at = loop.time()
+    notifier = Notifier()
+    pinger = asyncio.create_task(watchdog(notifier))
+    # The API's imports (aiohttp's server side, ~0.2 s) happen in a thread while the first
+    # worker loads in its own process, instead of after activation, on the way to listening.
+    api_module = loop.run_in_executor(None, _import_api_quietly)
+    try:
+        results = await _activate(registry, config, notifier, stop)
+        if results is None:
+            log.info("stop requested during activation; stopped every worker")
+            return 0
+        api = await api_module
+        runner = api.web.AppRunner(
+            api.create_app(registry, loop.time()), access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+        )
+        await runner.setup()
+        await api.web.SockSite(runner, sock).start()
+        # READY=1 only now: systemd's "started" then means the API answers.
+        notifier.send("READY=1", f"STATUS={summary(results)}")
+        log.info("listening on http://%s:%d (%s)", config.host, config.port, summary(results))
 
-    activation = asyncio.create_task(load_default_models(registry, config.default_models))
+        await stop.wait()
+        running = sum(r.worker is not None for r in registry.models())
+        log.info("stopping: closing the listener and stopping %d workers", running)
+        notifier.send("STOPPING=1", f"STATUS=stopping {running} workers")
+        for site in list(runner.sites):
+            await site.stop()  # no new requests while the workers go down
+        await registry.shutdown()
+        await runner.cleanup()
+        log.info("stopped")
+        return 0
+    finally:
+        pinger.cancel()
+        notifier.close()
+
+
+async def _activate(
+    registry: ModelRegistry, config: NeuronConfig, notifier: Notifier, stop: asyncio.Event
+) -> list[ActivationResult] | None:
+    """Load the default models; None if a stop signal came first (workers already stopped)."""
+    observer = ActivationStatus(notifier, registry.load_progress)
+    activation = asyncio.create_task(
+        load_default_models(registry, config.default_models, observer)
+    )
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({activation, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not activation.done():
-        log.info("stop requested during activation; stopping workers")
-        activation.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await activation
-        await registry.shutdown()
-        return 0
-    stopping.cancel()
-    results = activation.result()
-
-    # Imported here: nothing before the listener needs aiohttp's server side.
-    from aiohttp import web
-
-    from .api import create_app
-
-    runner = web.AppRunner(
-        create_app(registry, started_at), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
-    )
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    loaded = sum(r.ok for r in results)
-    log.info(
-        "listening on http://%s:%d (%d/%d default models loaded)",
-        config.host, config.port, loaded, len(results),
-    )
-
-    await stop.wait()
-    running = sum(r.worker is not None for r in registry.models())
-    log.info("stopping: closing the listener and stopping %d workers", running)
-    for site in list(runner.sites):
-        await site.stop()
+    await observer.finish()
+    if activation.done():
+        stopping.cancel()
+        return activation.result()
+    notifier.send("STOPPING=1", "STATUS=stopping during activation")
+    activation.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await activation
     await registry.shutdown()
-    await runner.cleanup()
-    log.info("stopped")
-    return 0
+    return None

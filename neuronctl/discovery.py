@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .aio import bounded
+
 GPU_QUERY_FIELDS = (
     "index", "name", "memory.total", "memory.used", "memory.free",
     "utilization.gpu", "temperature.gpu", "driver_version",
@@ -77,7 +79,7 @@ async def _run(*args: str) -> str | None:
     except OSError:
         return None
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), _NVIDIA_SMI_TIMEOUT_S)
+        out, _ = await bounded(proc.communicate(), _NVIDIA_SMI_TIMEOUT_S)
     except asyncio.TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

@@ -10,22 +10,29 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # `+` is kept out: it marks hashed names
 _MAX_STEM = 120
 
 
 def safe_name(model_id: str) -> str:
     """A file-name stem for `model_id` that cannot leave its directory.
 
-    `Qwen/Qwen3-0.6B-GGUF` becomes `Qwen--Qwen3-0.6B-GGUF`, as in the Hugging Face cache;
-    anything else outside `[A-Za-z0-9._-]` becomes `_`. Names that had to be mangled beyond
-    that, or cut to length, get a short hash so two ids never share a file.
+    `Qwen/Qwen3-0.6B-GGUF` becomes `Qwen--Qwen3-0.6B-GGUF`, as in the Hugging Face cache.
+    Any id that does not map back from its stem that simply (other characters, `--` of its
+    own, a leading `.` or `-`, great length) gets `_` for unsafe characters and a `+hash`
+    suffix; `+` never occurs in a plain stem, so two ids never share a file.
     """
-    stem = _UNSAFE.sub("_", model_id.replace("/", "--")).lstrip(".")
-    if stem != model_id.replace("/", "--") or len(stem) > _MAX_STEM or not stem:
-        digest = hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-        stem = f"{stem[:_MAX_STEM]}-{digest}" if stem else digest
-    return stem
+    stem = model_id.replace("/", "--")
+    plain = (
+        not _UNSAFE.search(stem)
+        and stem.replace("--", "/") == model_id
+        and not stem.startswith((".", "-"))
+        and 0 < len(stem) <= _MAX_STEM
+    )
+    if plain:
+        return stem
+    digest = hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{_UNSAFE.sub('_', stem).lstrip('.-')[:_MAX_STEM]}+{digest}"
 
 
 def log_path(log_dir: Path, model_id: str) -> Path:
@@ -61,7 +68,7 @@ def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
     except FileNotFoundError:
         return []
     lines = data.decode("utf-8", "replace").splitlines()
-    if size > max_bytes and lines:
+    if size > max_bytes and len(lines) > 1:
         lines = lines[1:]  # the first line is probably cut in the middle
     return lines[-n:] if n > 0 else []
 

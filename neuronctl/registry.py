@@ -97,6 +97,14 @@ class ModelRegistry:
     def get(self, model_id: str) -> ModelRecord | None:
         return self._records.get(model_id)
 
+    def load_progress(self) -> tuple[object, ...]:
+        """What the loads in progress are doing; see Worker.progress_token."""
+        return tuple(
+            (r.spec.model_id, r.worker.progress_token())
+            for r in self._records.values()
+            if r.status is ModelStatus.LOADING and r.worker is not None
+        )
+
     async def load(self, spec: ModelSpec) -> ModelRecord:
         """Load `spec` and return once its worker is ready; raise LoadError otherwise.
 

@@ -18,17 +18,19 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from . import logfiles
+from .aio import bounded
 from .harness import LoadError, WorkerPlan
 
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 15
 _PROBE_TIMEOUT_S = 5.0
-# Readiness polling: the interval grows with the time already waited (a twentieth of it),
-# so a 0.5 s load is noticed within ~25 ms and a 10-minute one costs a poll every 250 ms.
-_POLL_MIN_S = 0.01
+# Readiness polling: the interval grows with the time already waited (a fiftieth of it),
+# so a 0.5 s load is noticed within ~10 ms and a 10-minute one costs a poll every 250 ms.
+# A poll of a port not yet open is one refused connect(): tens of microseconds.
+_POLL_MIN_S = 0.005
 _POLL_MAX_S = 0.25
-_POLL_FRACTION = 0.05
+_POLL_FRACTION = 0.02
 
 Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
 
@@ -79,7 +81,7 @@ async def probe_http(port: int, path: str) -> bool:
     and this keeps it from waiting on heavier imports.
     """
     try:
-        reader, writer = await asyncio.wait_for(
+        reader, writer = await bounded(
             asyncio.open_connection("127.0.0.1", port), _PROBE_TIMEOUT_S
         )
     except (OSError, asyncio.TimeoutError):
@@ -87,7 +89,7 @@ async def probe_http(port: int, path: str) -> bool:
     try:
         request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
         writer.write(request.encode("ascii"))
-        status_line = await asyncio.wait_for(reader.readline(), _PROBE_TIMEOUT_S)
+        status_line = await bounded(reader.readline(), _PROBE_TIMEOUT_S)
         parts = status_line.split()
         return len(parts) >= 2 and parts[1] == b"200"
     except (OSError, asyncio.TimeoutError):
@@ -191,6 +193,26 @@ class Worker:
         if not lines:
             return f"log {self.log_path} is empty"
         return f"last lines of {self.log_path}:\n" + "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def progress_token(self) -> tuple[int, float, int]:
+        """Changes while a starting worker does anything: writes its log, uses CPU, or does
+        I/O (a download). Equal tokens a heartbeat apart mean it is stuck."""
+        import psutil  # only needed under systemd, where start-up heartbeats are sent
+
+        try:
+            size = self.log_path.stat().st_size
+        except OSError:
+            size = 0
+        if self._proc is None or self.returncode is not None:
+            return (size, 0.0, 0)
+        try:
+            proc = psutil.Process(self._proc.pid)
+            with proc.oneshot():
+                cpu = sum(proc.cpu_times()[:2])
+                io = proc.io_counters()
+            return (size, cpu, io.read_chars + io.write_chars)
+        except (psutil.Error, AttributeError):
+            return (size, 0.0, 0)
 
     async def wait_exit(self) -> int:
         """Wait until the process exits (for whatever reason); its return code."""

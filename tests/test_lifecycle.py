@@ -18,12 +18,12 @@ import pytest
 
 from .helpers import free_port, kill_quietly, pid_alive, poll_until
 
-pytestmark = [
-    pytest.mark.llama,
-    # Checked without importing: llama_cpp opens files at import that it never closes.
-    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                       reason="needs llama-cpp-python[server] (the `server` extra)"),
-]
+# Checked without importing: llama_cpp opens files at import that it never closes.
+llama_required = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="needs llama-cpp-python[server] (the `server` extra)",
+)
+pytestmark = [pytest.mark.llama, llama_required]
 
 NEURONCTL = str(Path(sys.executable).parent / "neuronctl")
 

@@ -1,0 +1,135 @@
+"""Telling systemd what the daemon is doing (sd_notify(3)), without libsystemd.
+
+The protocol is one datagram of newline-separated `KEY=VALUE` lines to the socket named in
+`$NOTIFY_SOCKET` (a path, or an abstract socket when it starts with `@`). Without that
+variable every call here is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Hashable, Mapping
+
+from .activation import ActivationResult
+from .config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# While a load makes progress, ask for this much more start time at each heartbeat. Only
+# matters once activation runs past TimeoutStartSec=: a load that keeps making progress goes
+# on; one that stops (no output, no CPU, no I/O) is killed within this window.
+EXTEND_TIMEOUT_S = 30.0
+HEARTBEAT_S = 10.0
+
+
+class Notifier:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        self._address: str | None = None
+        if address.startswith("@"):
+            self._address = "\0" + address[1:]
+        elif address.startswith("/"):
+            self._address = address
+        self._sock: socket.socket | None = None
+        self.watchdog_interval_s = _watchdog_interval(env)
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    def send(self, *fields: str) -> None:
+        if self._address is None:
+            return
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(fields).encode(), self._address)
+        except OSError as exc:  # systemd gone or socket full: never worth failing over
+            log.debug("sd_notify %s failed: %s", fields, exc)
+
+    def status(self, text: str) -> None:
+        self.send(f"STATUS={text}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
+    """Half of $WATCHDOG_USEC, as sd_watchdog_enabled(3) recommends; None when off."""
+    pid = env.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None  # meant for another process
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2 / 1e6 if usec > 0 else None
+
+
+async def watchdog(notifier: Notifier) -> None:
+    """Ping from the event loop itself, so a wedged loop is what systemd notices."""
+    interval = notifier.watchdog_interval_s
+    if interval is None:
+        return
+    while True:
+        notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+class ActivationStatus:
+    """An activation observer that keeps `systemctl status` and the start timeout current."""
+
+    def __init__(self, notifier: Notifier, progress: Callable[[], Hashable]) -> None:
+        self._notifier = notifier
+        self._progress = progress
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.failed: list[str] = []
+
+    def before(self, index: int, total: int, spec: ModelSpec) -> None:
+        self._notifier.status(f"loading {index}/{total}: {spec.model_id}")
+        if self._notifier.enabled and self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    def after(self, index: int, total: int, result: ActivationResult) -> None:
+        if result.ok:
+            self._notifier.status(
+                f"loaded {index}/{total}: {result.model_id} in {result.elapsed_s:.1f}s"
+            )
+        else:
+            self.failed.append(result.model_id)
+            self._notifier.status(f"failed {index}/{total}: {result.model_id}")
+
+    async def _beat(self) -> None:
+        # Starting a load is progress; after that, only a change in what `progress` reports.
+        last: Hashable = object()
+        while True:
+            current = self._progress()
+            if current != last:
+                self._notifier.send(f"EXTEND_TIMEOUT_USEC={int(EXTEND_TIMEOUT_S * 1e6)}")
+                last = current
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def finish(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+
+
+def summary(results: list[ActivationResult]) -> str:
+    """The STATUS= line once activation is over: `2/3 models loaded, 1 failed: MODEL`."""
+    if not results:
+        return "no default models"
+    loaded = sum(r.ok for r in results)
+    text = f"{loaded}/{len(results)} models loaded"
+    failed = [r.model_id for r in results if not r.ok]
+    if failed:
+        text += f", {len(failed)} failed: {', '.join(failed)}"
+    return text

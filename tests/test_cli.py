@@ -1,0 +1,331 @@
+"""The `neuronctl` client commands, run as the console script against a stub or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuronctl import __version__
+from neuronctl.logfiles import log_path
+
+from .helpers import free_port
+
+NEURONCTL = Path(sys.executable).parent / "neuronctl"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without NEURON_* variables or anything that widens Rich's
+    console, plus `extra`."""
+    drop = {"COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_") and k not in drop}
+    return {**env, **extra}
+
+
+def neuronctl(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    assert NEURONCTL.exists(), f"console script missing: {NEURONCTL}"
+    return subprocess.run(
+        [str(NEURONCTL), *args],
+        env=env or clean_env(), cwd=cwd, capture_output=True, text=True, timeout=30,
+    )
+
+
+def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def squash(text: str) -> str:
+    return "".join(text.split())
+
+
+# --- a stub daemon ---------------------------------------------------------------------------
+
+
+class Stub:
+    """Canned answers by (method, path); records every request it gets."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.routes: dict[tuple[str, str], tuple[int, Any]] = {}
+        self.requests: list[tuple[str, str, Any]] = []
+
+
+def stub_handler(stub: Stub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            stub.requests.append((method, self.path, json.loads(raw) if raw else None))
+            status, body = stub.routes.get((method, self.path), (404, {"error": "no such route"}))
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self.answer("GET")
+
+        def do_POST(self) -> None:
+            self.answer("POST")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def stub() -> Iterator[Stub]:
+    state = Stub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), stub_handler(state))
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    # A short poll interval: shutdown() waits up to one interval.
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.02,), name="stub daemon", daemon=True
+    )
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
+MODELS: list[dict[str, Any]] = [
+    {
+        "id": "Qwen/Qwen3-0.6B-GGUF", "harness": "llama-cpp-python", "status": "loaded",
+        "devices": [0], "vram_used_mb": None, "pid": 4242, "port": 40001,
+        "endpoint": "http://127.0.0.1:40001", "load_ms": 1500, "restarts": 0, "error": None,
+        "exit_code": None, "log_path": "/var/log/neuron/Qwen--Qwen3-0.6B-GGUF.log",
+        "since": 1.0, "uptime_s": 75.0,
+    },
+    {
+        "id": "gemma-3-270m", "harness": "llama-cpp-python", "status": "failed",
+        "devices": [], "vram_used_mb": None, "pid": None, "port": None, "endpoint": None,
+        "load_ms": None, "restarts": 0, "error": "worker exited with code 3 while starting\nx",
+        "exit_code": 3, "log_path": "/var/log/neuron/gemma-3-270m.log", "since": 1.0,
+        "uptime_s": None,
+    },
+    {
+        "id": "tiny", "harness": "llama-cpp-python", "status": "loading", "devices": [],
+        "vram_used_mb": None, "pid": 99, "port": 40002, "endpoint": None, "load_ms": None,
+        "restarts": 0, "error": None, "exit_code": None, "log_path": "/var/log/neuron/tiny.log",
+        "since": 1.0, "uptime_s": None,
+    },
+]
+
+
+# --- no daemon --------------------------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = neuronctl("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"neuronctl {__version__}"
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["status", "--json"], ["load", "m"], ["unload", "m"]],
+    ids=" ".join,
+)
+def test_client_commands_without_a_daemon(command: list[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = neuronctl(*command, "--url", url)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert stderr_lines(result) == [f"neuronctl: neuron is not running at {url}"]
+
+
+def test_neuron_url_is_honoured_without_a_daemon() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = neuronctl("status", env=clean_env(NEURON_URL=url))
+    assert result.returncode == 1
+    assert stderr_lines(result) == [f"neuronctl: neuron is not running at {url}"]
+
+
+def test_url_comes_from_the_config_port(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "neuron.toml"
+    config.write_text(f"port = {port}\n", encoding="utf-8")
+    result = neuronctl("status", "--config", str(config))
+    assert result.returncode == 1
+    assert f"http://127.0.0.1:{port}" in result.stderr
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+
+def test_logs_prints_the_last_lines(tmp_path: Path) -> None:
+    path = log_path(tmp_path, "Qwen/Qwen3-0.6B-GGUF")
+    assert path == tmp_path / "Qwen--Qwen3-0.6B-GGUF.log"
+    path.write_text("".join(f"line {i}\n" for i in range(200)), encoding="utf-8")
+    result = neuronctl("logs", "Qwen/Qwen3-0.6B-GGUF", "--log-dir", str(tmp_path), "-n", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "line 197\nline 198\nline 199\n"
+    default = neuronctl("logs", "Qwen/Qwen3-0.6B-GGUF", "--log-dir", str(tmp_path))
+    assert default.stdout.splitlines() == [f"line {i}" for i in range(150, 200)]
+
+
+def test_logs_reads_the_log_dir_from_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "neuron.toml"
+    config.write_text('log_dir = "logs"\n', encoding="utf-8")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "m.log").write_text("hello\n", encoding="utf-8")
+    result = neuronctl("logs", "m", "--config", str(config), cwd=Path("/"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello\n"
+
+
+def test_logs_without_a_log_file(tmp_path: Path) -> None:
+    result = neuronctl("logs", "no-such-model", "--log-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert squash("neuronctl: no log for no-such-model") in squash(result.stderr)
+    assert squash(str(tmp_path / "no-such-model.log")) in squash(result.stderr)
+
+
+# --- against the stub daemon ----------------------------------------------------------------
+
+
+def test_status_json_prints_the_models_list(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, MODELS)
+    result = neuronctl("status", "--json", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == MODELS
+    assert stub.requests == [("GET", "/models", None)]
+
+
+def test_status_json_honours_neuron_url(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, MODELS)
+    result = neuronctl("status", "--json", env=clean_env(NEURON_URL=stub.url + "/"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == MODELS
+
+
+def test_url_option_beats_neuron_url(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [])
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = neuronctl("status", "--json", "--url", stub.url, env=clean_env(NEURON_URL=dead))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_status_table(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, MODELS)
+    result = neuronctl("status", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    assert rows["MODEL"][:2] == ["MODEL", "STATUS"]
+    assert rows["Qwen/Qwen3-0.6B-GGUF"][1:] == ["loaded", "4242", "40001", "1m15s", "1.5s", "0"]
+    assert rows["gemma-3-270m"][1] == "failed"
+    assert rows["tiny"][1] == "loading"
+    # A failed model's error, first line only, goes to stderr.
+    assert stderr_lines(result) == ["gemma-3-270m: worker exited with code 3 while starting"]
+
+
+def test_status_with_no_models(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [])
+    result = neuronctl("status", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "no models"
+
+
+def test_status_api_error_is_one_line(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (500, {"error": "internal error; see the log"})
+    result = neuronctl("status", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == ["neuronctl: internal error; see the log"]
+    assert "Traceback" not in result.stderr
+
+
+def test_load_sends_the_spec(stub: Stub, tmp_path: Path) -> None:
+    stub.routes[("POST", "/models/load")] = (
+        200, {"status": "loaded", "model": {"endpoint": "http://127.0.0.1:40009"}},
+    )
+    model = tmp_path / "m.gguf"
+    result = neuronctl(
+        "load", "m", "--path", str(model), "--n-ctx", "512", "--device", "0", "--device", "1",
+        "--arg=--mode", "--arg=crash", "--harness", "fake", "--url", stub.url,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "m loaded in" in result.stdout
+    assert "http://127.0.0.1:40009" in result.stdout
+    assert stub.requests == [(
+        "POST", "/models/load",
+        {"model_id": "m", "path": str(model), "harness": "fake", "n_ctx": 512,
+         "devices": [0, 1], "args": ["--mode", "crash"]},
+    )]
+
+
+def test_load_failure_names_the_model(stub: Stub) -> None:
+    stub.routes[("POST", "/models/load")] = (400, {"error": "unknown harness: nope"})
+    result = neuronctl("load", "m", "--harness", "nope", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == ["neuronctl: m: unknown harness: nope"]
+
+
+def test_unload(stub: Stub) -> None:
+    stub.routes[("POST", "/models/unload")] = (200, {"status": "unloaded", "model_id": "m"})
+    result = neuronctl("unload", "m", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "m unloaded"
+    assert stub.requests == [("POST", "/models/unload", {"model_id": "m"})]
+
+
+def test_unload_unknown_model(stub: Stub) -> None:
+    stub.routes[("POST", "/models/unload")] = (404, {"error": "model not loaded: m"})
+    result = neuronctl("unload", "m", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == ["neuronctl: model not loaded: m"]
+
+
+# --- known bugs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", ["lab[test]/model", "x[/]"])
+def test_status_table_shows_ids_with_brackets(stub: Stub, model_id: str) -> None:
+    stub.routes[("GET", "/models")] = (200, [{**MODELS[2], "id": model_id}])
+    result = neuronctl("status", "--url", stub.url)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 0
+    assert model_id in result.stdout
+
+
+@pytest.mark.parametrize("model_id", ["a[red]b", "x[/]"])
+def test_unload_prints_ids_with_brackets(stub: Stub, model_id: str) -> None:
+    stub.routes[("POST", "/models/unload")] = (200, {"status": "unloaded", "model_id": model_id})
+    result = neuronctl("unload", model_id, "--url", stub.url)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"{model_id} unloaded"
+
+
+def test_status_table_shows_long_ids_in_full(stub: Stub) -> None:
+    model_id = "unsloth/Qwen3-30B-A3B-Instruct-2507-GGUF"
+    stub.routes[("GET", "/models")] = (200, [{**MODELS[0], "id": model_id}])
+    result = neuronctl("status", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert model_id in result.stdout
+
+
+def test_logs_without_a_log_file_is_one_line(tmp_path: Path) -> None:
+    log_dir = tmp_path / "var-log-neuron-with-a-realistic-length"
+    log_dir.mkdir()
+    result = neuronctl("logs", "Qwen/Qwen3-0.6B-GGUF", "--log-dir", str(log_dir))
+    assert result.returncode == 1
+    assert len(stderr_lines(result)) == 1, result.stderr

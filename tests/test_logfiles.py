@@ -1,0 +1,184 @@
+"""Per-model log files: safe names, the start header, reading the tail."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+
+from neuronctl.logfiles import log_path, open_for_worker, safe_name, tail_lines, write_pid_line
+
+HOSTILE_IDS = [
+    "../../etc/passwd",
+    "/abs",
+    "/",
+    "a\x00b",
+    "..",
+    ".",
+    "...",
+    ".hidden",
+    "./x",
+    "a/../../b",
+    "x" * 1000,
+    "é" * 300,
+    "模型/量子化",
+    "llama 🦙",
+    "a\\b",
+    "a\nb",
+    "\udc80",
+    "",
+    " ",
+    "-",
+]
+
+
+def test_hugging_face_style_id() -> None:
+    assert safe_name("Qwen/Qwen3-0.6B-GGUF") == "Qwen--Qwen3-0.6B-GGUF"
+
+
+def test_log_path_is_in_the_log_dir(tmp_path: Path) -> None:
+    assert log_path(tmp_path, "Qwen/Qwen3-0.6B-GGUF") == tmp_path / "Qwen--Qwen3-0.6B-GGUF.log"
+
+
+@pytest.mark.parametrize("model_id", ["gemma-3-270m", "model_v1.2", "A.B-c_d"])
+def test_plain_ids_are_kept(model_id: str) -> None:
+    assert safe_name(model_id) == model_id
+
+
+@pytest.mark.parametrize("model_id", HOSTILE_IDS, ids=lambda m: repr(m[:20]))
+def test_hostile_ids_give_a_plain_file_name(tmp_path: Path, model_id: str) -> None:
+    path = log_path(tmp_path, model_id)
+    name = path.name
+    assert path.parent == tmp_path
+    assert "/" not in name
+    assert "\x00" not in name
+    assert not name.startswith(".")
+    assert name not in ("", ".", "..", ".log")
+    assert len(name) <= 200
+    assert name.isprintable()
+    assert safe_name(model_id) == safe_name(model_id)  # stable across calls
+    # Really creating it leaves exactly one file, directly in the log dir.
+    os.close(open_for_worker(path, ["true"]))
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert path.resolve().parent == tmp_path.resolve()
+
+
+def test_ids_that_mangle_alike_get_distinct_names() -> None:
+    ids = [
+        "a b", "a?b", "a_b", "a\x00b", "a\nb",
+        ".hidden", "hidden", "..hidden",
+        "x" * 1000, "x" * 1001, "x" * 200 + "a", "x" * 200 + "b",
+        "模型", "型模", "ab", "éb",
+        "..", ".", "...", "",
+    ]
+    names = [safe_name(i) for i in ids]
+    assert len(set(names)) == len(ids), dict(zip(ids, names, strict=True))
+
+
+def test_slash_and_double_dash_ids_get_distinct_names() -> None:
+    assert safe_name("Qwen/Qwen3-0.6B-GGUF") != safe_name("Qwen--Qwen3-0.6B-GGUF")
+
+
+# --- open_for_worker ------------------------------------------------------------------------
+
+
+def read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def test_open_for_worker_writes_a_header_with_the_command(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "m.log"  # parents are created
+    command = ["/usr/bin/python3", "-c", "print('hi there')"]
+    fd = open_for_worker(path, command)
+    try:
+        write_pid_line(fd, 4242)
+        os.write(fd, b"worker output\n")
+    finally:
+        os.close(fd)
+    lines = read(path).splitlines()
+    header = [ln for ln in lines if ln.startswith("===")]
+    assert header[0].endswith(f"neuronctl starting: {shlex.join(command)}")
+    assert header[1] == "=== worker pid 4242"
+    assert lines[-1] == "worker output"
+
+
+def test_open_for_worker_appends(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    path.write_text("older run\n", encoding="utf-8")
+    for cmd in (["first"], ["second"]):
+        os.close(open_for_worker(path, cmd))
+    text = read(path)
+    assert text.startswith("older run\n")
+    starts = [ln for ln in text.splitlines() if "neuronctl starting:" in ln]
+    assert [ln.rsplit(" ", 1)[1] for ln in starts] == ["first", "second"]
+
+
+def test_open_for_worker_fd_is_append_only(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    fd = open_for_worker(path, ["x"])
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"tail\n")
+    finally:
+        os.close(fd)
+    assert read(path).endswith("tail\n")
+
+
+# --- tail_lines -----------------------------------------------------------------------------
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(f"{ln}\n" for ln in lines), encoding="utf-8")
+
+
+def test_tail_returns_the_last_n_lines(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    write_lines(path, [f"line {i}" for i in range(100)])
+    assert tail_lines(path, 3) == ["line 97", "line 98", "line 99"]
+    assert tail_lines(path, 1) == ["line 99"]
+    assert tail_lines(path, 0) == []
+    assert tail_lines(path, 1000) == [f"line {i}" for i in range(100)]
+
+
+def test_tail_of_a_missing_file_is_empty(tmp_path: Path) -> None:
+    assert tail_lines(tmp_path / "absent.log", 10) == []
+
+
+def test_tail_of_an_empty_file_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    path.touch()
+    assert tail_lines(path, 10) == []
+
+
+def test_tail_keeps_a_last_line_without_newline(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    path.write_text("a\nb\npartial", encoding="utf-8")
+    assert tail_lines(path, 2) == ["b", "partial"]
+
+
+def test_tail_of_a_file_larger_than_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    write_lines(path, [f"line {i:06d}" for i in range(20000)])  # ~240 kB
+    assert path.stat().st_size > 64 * 1024
+    assert tail_lines(path, 5) == [f"line {i:06d}" for i in range(19995, 20000)]
+    assert tail_lines(path, 5, max_bytes=100) == [f"line {i:06d}" for i in range(19995, 20000)]
+
+
+def test_tail_never_returns_a_line_cut_by_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    lines = [f"{i:04d}" + "x" * 995 for i in range(500)]  # 1000-char lines, ~500 kB
+    write_lines(path, lines)
+    got = tail_lines(path, 400)  # more lines than the window holds
+    assert got
+    assert got == lines[-len(got) :]
+
+
+def test_tail_survives_invalid_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    path.write_bytes(b"ok\n\xff\xfe broken\nlast\n")
+    got = tail_lines(path, 3)
+    assert got[0] == "ok"
+    assert got[-1] == "last"
+    assert "broken" in got[1]
