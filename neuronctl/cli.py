@@ -18,8 +18,7 @@ from rich.text import Text
 from . import __version__, logfiles
 from .client import ApiError, Client, DaemonNotRunning, resolve_url
 from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, config_from_env, load_config
-
-EX_CONFIG = 78  # sysexits.h: configuration error
+from .start import EX_CONFIG
 
 app = typer.Typer(
     help="Run and control llama.cpp model servers on this node.",
@@ -86,41 +85,20 @@ def _main(
     pass
 
 
-@app.command()
-def start(
-    config: ConfigOpt = None,
-    port: Annotated[int | None, typer.Option(help="Listen on this port instead.")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-) -> None:
-    """Load the default models one by one, then serve the API until SIGTERM."""
-    import asyncio
-    import dataclasses
+@app.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+def start(ctx: typer.Context) -> None:
+    """Load the default models one by one, then serve the API until SIGTERM.
 
-    from . import daemon
-    from .harness import build_harnesses
+    Options: --config F, --port P, --log-level L (see `neuronctl start --help`).
+    """
+    # The console script normally runs `start` without typer (neuronctl/main.py); this
+    # command lists it in --help and serves `python -c 'from neuronctl.cli import app'` users.
+    from .start import run
 
-    cfg = _config(config)
-    if port is not None:
-        if not 1 <= port <= 65535:
-            fail(f"--port must be between 1 and 65535, got {port}", EX_CONFIG)
-        cfg = dataclasses.replace(cfg, port=port)
-    try:
-        harnesses = build_harnesses(cfg)
-    except ConfigError as exc:
-        exc.source = str(config or DEFAULT_CONFIG_PATH)
-        fail(f"config error: {exc}", EX_CONFIG)
-    for key in ("log_dir", "state_dir"):
-        directory: Path = getattr(cfg, key)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            fail(f"config error: {key}: cannot create {directory}: {exc.strerror}", EX_CONFIG)
-    daemon.setup_logging(log_level.upper())
-    try:
-        sock = daemon.bind_listener(cfg.host, cfg.port)
-    except OSError as exc:
-        fail(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}")
-    raise typer.Exit(asyncio.run(daemon.serve(cfg, harnesses, sock)))
+    raise typer.Exit(run(ctx.args))
 
 
 def _fmt_duration(seconds: float | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -329,3 +330,38 @@ def test_logs_without_a_log_file_is_one_line(tmp_path: Path) -> None:
     result = neuronctl("logs", "Qwen/Qwen3-0.6B-GGUF", "--log-dir", str(log_dir))
     assert result.returncode == 1
     assert len(stderr_lines(result)) == 1, result.stderr
+
+
+def test_start_help_and_bad_port_without_a_daemon(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).parent / "neuronctl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+    shown = subprocess.run([exe, "start", "--help"], capture_output=True, text=True,
+                           timeout=30, env=env)
+    assert shown.returncode == 0
+    for option in ("--config", "--port", "--log-level"):
+        assert option in shown.stdout
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'log_dir = "{tmp_path}/log"\nstate_dir = "{tmp_path}/state"\n')
+    bad = subprocess.run([exe, "start", "--config", str(config), "--port", "70000"],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert bad.returncode == 78
+    assert bad.stderr == "neuronctl: --port must be between 1 and 65535, got 70000\n"
+
+
+def test_start_reports_a_port_in_use_before_loading_anything(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).parent / "neuronctl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "neuron.toml"
+        config.write_text(
+            f'host = "127.0.0.1"\nport = {port}\nlog_dir = "log"\nstate_dir = "state"\n'
+            '[[default_models]]\nmodel_id = "m"\npath = "/nonexistent.gguf"\n'
+        )
+        result = subprocess.run([exe, "start", "--config", str(config)],
+                                capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "default model" not in result.stderr  # nothing was loaded first
