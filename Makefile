@@ -29,6 +29,7 @@ test: lint
 
 bench: $(VENV)/.installed
 	$(PY) bench/activation.py
+	$(PY) bench/recovery.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

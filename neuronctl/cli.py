@@ -229,6 +229,9 @@ def logs(
     model_id: Annotated[str, typer.Argument(help="The model whose log to show.")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 50,
+    previous: Annotated[
+        bool, typer.Option("--previous", "-p", help="The log of the start before this one.")
+    ] = False,
     log_dir: Annotated[
         Path | None, typer.Option(help="Log directory [default: the config's log_dir].")
     ] = None,
@@ -244,8 +247,11 @@ def logs(
         else:
             log_dir = _config(config).log_dir
     path = logfiles.log_path(log_dir, model_id)
+    if previous:
+        path = logfiles.previous_path(path)
     if not path.exists():
-        fail(f"no log for {model_id} at {path}")
+        which = "previous log" if previous else "log"
+        fail(f"no {which} for {model_id} at {path}")
     for line in logfiles.tail_lines(path, lines):
         print(line)
     if follow:

@@ -29,6 +29,7 @@ ENV_PREFIX = "NEURON_"
 # NEURON_* variables that belong to the CLI client, not to the config file.
 CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY"})
 MAX_MODEL_ID_LEN = 256
+RESTART_POLICIES = ("on-failure", "always", "never")
 
 
 class ConfigError(Exception):
@@ -73,6 +74,9 @@ class ModelSpec:
     chat_format: str | None = None
     args: tuple[str, ...] = ()
     ready_timeout_s: float | None = None
+    # Restart policy for this model; unset means the node's.
+    restart: str | None = None
+    max_restarts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,15 @@ class NeuronConfig:
     state_dir: Path = Path("/var/lib/neuron")
     # How long a worker gets between SIGTERM and SIGKILL.
     stop_timeout_s: float = 10.0
+    # Previous logs kept per model: <model>.log.1 (the start before this one) .. .log.N.
+    log_keep: int = 5
+    # What happens when a ready worker exits without being asked to (node defaults).
+    restart: str = "on-failure"
+    max_restarts: int = 5  # within restart_window_s; then the model is `failed`
+    restart_window_s: float = 600.0
+    restart_delay_s: float = 1.0  # first delay; doubles per consecutive crash
+    restart_delay_max_s: float = 60.0
+    restart_reset_s: float = 60.0  # ready this long: the next crash starts over at 1 s
     default_models: tuple[ModelSpec, ...] = ()
     harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
 
@@ -283,7 +296,16 @@ def _check_values(obj: Any, key: str) -> None:
         for i, device in enumerate(obj.devices):
             if device < 0:
                 raise ConfigError(f"{_join(key, 'devices')}[{i}]", "must be >= 0")
-    for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s"):
+    restart = getattr(obj, "restart", None)
+    if restart is not None and restart not in RESTART_POLICIES:
+        choices = ", ".join(f'"{p}"' for p in RESTART_POLICIES)
+        raise ConfigError(_join(key, "restart"), f"must be one of {choices}, got {restart!r}")
+    for name in ("max_restarts", "log_keep"):
+        value = getattr(obj, name, None)
+        if value is not None and value < 0:
+            raise ConfigError(_join(key, name), f"must be >= 0, got {value}")
+    for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s", "restart_window_s",
+                 "restart_delay_s", "restart_delay_max_s", "restart_reset_s"):
         value = getattr(obj, name, None)
         if value is None:
             continue

@@ -17,6 +17,7 @@ from .activation import ActivationResult, load_default_models
 from .config import NeuronConfig
 from .harness import Harness
 from .registry import ModelRegistry
+from .statefile import StateFile
 from .systemd import ActivationStatus, Notifier, summary, watchdog
 
 log = logging.getLogger("neuronctl")
@@ -56,13 +57,18 @@ def _import_api_quietly() -> types.ModuleType:
     return importlib.import_module("neuronctl.api")
 
 
-async def serve(config: NeuronConfig, harnesses: dict[str, Harness], sock: socket.socket) -> int:
+async def serve(
+    config: NeuronConfig,
+    harnesses: dict[str, Harness],
+    sock: socket.socket,
+    state: StateFile | None = None,
+) -> int:
     """Activate, then serve the API on `sock` until SIGTERM or SIGINT; the exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    registry = ModelRegistry(config, harnesses)
+    registry = ModelRegistry(config, harnesses, state=state)
     notifier = Notifier()
     pinger = asyncio.create_task(watchdog(notifier))
     # The API's imports (aiohttp's server side, ~0.2 s) happen in a thread while the first
@@ -88,10 +94,11 @@ async def serve(config: NeuronConfig, harnesses: dict[str, Harness], sock: socke
         running = sum(r.worker is not None for r in registry.models())
         log.info("stopping: closing the listener and stopping %d workers", running)
         notifier.send("STOPPING=1", f"STATUS=stopping {running} workers")
-        for site in list(runner.sites):
-            await site.stop()  # no new requests while the workers go down
-        await registry.shutdown()
+        # Stop accepting, answer waiting loads, give requests in flight up to
+        # SHUTDOWN_GRACE_S (the workers still serve them), then stop every worker at once.
+        registry.cancel_loads()
         await runner.cleanup()
+        await registry.shutdown()
         log.info("stopped")
         return 0
     finally:

@@ -39,13 +39,33 @@ def log_path(log_dir: Path, model_id: str) -> Path:
     return log_dir / f"{safe_name(model_id)}.log"
 
 
-def open_for_worker(path: Path, command: Sequence[str]) -> int:
-    """Open `path` for appending and write the start header; return the raw fd.
+def previous_path(path: Path, generation: int = 1) -> Path:
+    """`<model>.log.1` is the log of the start before the current one."""
+    return path.with_name(f"{path.name}.{generation}")
+
+
+def rotate(path: Path, keep: int) -> None:
+    """Shift `path` to `.1`, `.1` to `.2`, ... keeping `keep` previous logs, so the log
+    from before a crash survives the restart that follows it."""
+    if keep <= 0 or not path.exists():
+        return
+    previous_path(path, keep).unlink(missing_ok=True)
+    for generation in range(keep - 1, 0, -1):
+        older = previous_path(path, generation)
+        if older.exists():
+            older.rename(previous_path(path, generation + 1))
+    path.rename(previous_path(path))
+
+
+def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
+    """Rotate the last start's log away, open a fresh one and write the start header;
+    return the raw fd (append mode, for the child's stdout and stderr).
 
     The header is written before the child exists, so the pid is filled in by
-    `write_pid_line` once it is known.
+    `write_pid_line` once it is known. With `keep` = 0 the one file is appended to.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    rotate(path, keep)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
     os.write(fd, f"\n=== {stamp} neuronctl starting: {shlex.join(command)}\n".encode())
@@ -73,16 +93,30 @@ def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
     return lines[-n:] if n > 0 else []
 
 
-def follow(path: Path, poll_s: float = 0.25) -> Iterator[str]:
-    """Yield text appended to `path` from now on, like `tail -f`; survives truncation."""
-    with path.open("rb") as fh:
-        fh.seek(0, os.SEEK_END)
+def follow(path: Path, poll_s: float = 0.25, from_start: bool = False) -> Iterator[str]:
+    """Yield text appended to `path` from now on, like `tail -F`: when a restart rotates
+    the file away, finish the old one and go on with the new one."""
+    fh = path.open("rb")
+    try:
+        if not from_start:
+            fh.seek(0, os.SEEK_END)
         while True:
             chunk = fh.read()
             if chunk:
                 yield chunk.decode("utf-8", "replace")
                 continue
-            if path.exists() and path.stat().st_size < fh.tell():
-                fh.seek(0)  # truncated or replaced: start over
+            try:
+                current = path.stat()
+            except FileNotFoundError:  # between rotation and the new file
+                time.sleep(poll_s)
+                continue
+            if current.st_ino != os.fstat(fh.fileno()).st_ino:
+                fh.close()
+                fh = path.open("rb")  # rotated: the new file, from its start
+                continue
+            if current.st_size < fh.tell():
+                fh.seek(0)  # truncated
                 continue
             time.sleep(poll_s)
+    finally:
+        fh.close()

@@ -61,12 +61,26 @@ def run(argv: Sequence[str]) -> int:
             return _fail(f"config error: {key}: cannot create {directory}: {exc.strerror}")
 
     from . import daemon
+    from .statefile import AlreadyRunning, StateFile, SupervisorLock, stop_orphans
 
-    daemon.setup_logging(args.log_level.upper())
+    lock = SupervisorLock(config.state_dir)
     try:
-        sock = daemon.bind_listener(config.host, config.port)
-    except OSError as exc:
-        where = f"{config.host}:{config.port}"
-        sys.stderr.write(f"neuronctl: cannot listen on {where}: {exc.strerror}\n")
+        lock.acquire()
+    except AlreadyRunning as exc:
+        sys.stderr.write(f"neuronctl: {exc}\n")
         return 1
-    return asyncio.run(daemon.serve(config, harnesses, sock))
+    try:
+        daemon.setup_logging(args.log_level.upper())
+        try:
+            sock = daemon.bind_listener(config.host, config.port)
+        except OSError as exc:
+            where = f"{config.host}:{config.port}"
+            sys.stderr.write(f"neuronctl: cannot listen on {where}: {exc.strerror}\n")
+            return 1
+        # Workers a crashed predecessor left behind hold VRAM the new ones need.
+        state = StateFile(config.state_dir)
+        stop_orphans(state.read(), config.stop_timeout_s)
+        state.reset()
+        return asyncio.run(daemon.serve(config, harnesses, sock, state))
+    finally:
+        lock.release()

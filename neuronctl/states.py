@@ -1,6 +1,6 @@
-"""Model states as the API, the CLI and the registry see them.
+"""Model and worker states, shared by the registry, the API and the CLI.
 
-This module imports nothing from the package so every layer can share it.
+This module imports nothing from the package so every layer can use it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ class ModelStatus(str, enum.Enum):
 
     LOADING = "loading"
     LOADED = "loaded"
+    RESTARTING = "restarting"
     UNLOADING = "unloading"
     FAILED = "failed"
 
@@ -23,5 +24,74 @@ class ModelStatus(str, enum.Enum):
         return self.value
 
 
-# A model in one of these states owns (or is about to own) a worker process.
-ACTIVE_STATES = frozenset({ModelStatus.LOADING, ModelStatus.LOADED, ModelStatus.UNLOADING})
+class WorkerState(str, enum.Enum):
+    """Where one model's worker is in its life (finer than ModelStatus)."""
+
+    PENDING = "pending"  # waiting for its turn: loads are serialized node-wide
+    STARTING = "starting"  # spawned, not answering yet
+    READY = "ready"
+    BACKOFF = "backoff"  # exited unexpectedly; restarting after a delay
+    STOPPING = "stopping"
+    STOPPED = "stopped"  # gone on request; the model is no longer listed
+    FAILED = "failed"  # gone for good until loaded again
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def status(self) -> ModelStatus:
+        return _STATUS[self]
+
+
+_STATUS = {
+    WorkerState.PENDING: ModelStatus.LOADING,
+    WorkerState.STARTING: ModelStatus.LOADING,
+    WorkerState.READY: ModelStatus.LOADED,
+    WorkerState.BACKOFF: ModelStatus.RESTARTING,
+    WorkerState.STOPPING: ModelStatus.UNLOADING,
+    WorkerState.STOPPED: ModelStatus.UNLOADING,
+    WorkerState.FAILED: ModelStatus.FAILED,
+}
+
+# Every edge the registry may take; anything else is a bug and raises.
+TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.PENDING: frozenset({
+        WorkerState.STARTING,  # PENDING -> STARTING: its turn came
+        WorkerState.STOPPED,  # PENDING -> STOPPED: unloaded or shut down before its turn
+    }),
+    WorkerState.STARTING: frozenset({
+        WorkerState.READY,  # STARTING -> READY: the probe answered
+        WorkerState.BACKOFF,  # STARTING -> BACKOFF: a restart attempt failed; try again
+        WorkerState.FAILED,  # STARTING -> FAILED: the first start failed
+        WorkerState.STOPPING,  # STARTING -> STOPPING: unloaded while starting
+    }),
+    WorkerState.READY: frozenset({
+        WorkerState.BACKOFF,  # READY -> BACKOFF: crashed, will restart
+        WorkerState.FAILED,  # READY -> FAILED: crashed, no restart
+        WorkerState.STOPPING,  # READY -> STOPPING: unload or shutdown
+    }),
+    WorkerState.BACKOFF: frozenset({
+        WorkerState.STARTING,  # BACKOFF -> STARTING: the delay is over
+        WorkerState.FAILED,  # BACKOFF -> FAILED: out of restarts
+        WorkerState.STOPPING,  # BACKOFF -> STOPPING: unloaded during the delay
+    }),
+    WorkerState.STOPPING: frozenset({
+        WorkerState.STOPPED,  # STOPPING -> STOPPED: the process is gone
+    }),
+    WorkerState.STOPPED: frozenset(),
+    WorkerState.FAILED: frozenset({
+        WorkerState.STOPPED,  # FAILED -> STOPPED: unloaded
+    }),
+}
+
+# States in which a process may exist and must be stopped on shutdown.
+LIVE_STATES = frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.STOPPING})
+# States in which a load of the same model joins or conflicts rather than starting anew.
+BUSY_STATES = frozenset({
+    WorkerState.PENDING, WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF,
+    WorkerState.STOPPING,
+})
+
+
+class InvalidTransition(RuntimeError):
+    pass

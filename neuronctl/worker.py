@@ -120,6 +120,8 @@ class Worker:
         log_path: Path,
         stop_timeout_s: float,
         *,
+        log_keep: int = 0,
+        on_spawn: Callable[[Worker], None] | None = None,
         spawn: Spawn = spawn_process,
         probe: Callable[[int, str], Awaitable[bool]] = probe_http,
         clock: Callable[[], float] = time.monotonic,
@@ -129,6 +131,8 @@ class Worker:
         self.port = port
         self.log_path = log_path
         self.stop_timeout_s = stop_timeout_s
+        self.log_keep = log_keep
+        self._on_spawn = on_spawn
         self._spawn = spawn
         self._probe = probe
         self._clock = clock
@@ -150,7 +154,7 @@ class Worker:
     async def start(self) -> None:
         """Spawn and wait until ready. On any failure, or if cancelled, the process is
         killed before this returns; failures raise LoadError with what the log said."""
-        fd = logfiles.open_for_worker(self.log_path, self.plan.command)
+        fd = logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
         try:
             self._proc = await self._spawn(self.plan.command, self.plan.env, fd)
             logfiles.write_pid_line(fd, self._proc.pid)
@@ -159,6 +163,9 @@ class Worker:
         finally:
             os.close(fd)  # the child holds its own copy
         self._exited = asyncio.ensure_future(self._proc.wait())
+        self._exited.add_done_callback(self._on_exit)
+        if self._on_spawn is not None:
+            self._on_spawn(self)
         try:
             await self._wait_ready()
         except BaseException:
@@ -175,20 +182,20 @@ class Worker:
             if self._exited.done():
                 code = self._exited.result()
                 raise LoadError(
-                    f"worker {describe_exit(code)} while starting; {self._log_tail()}",
+                    f"worker {describe_exit(code)} while starting; {self.log_tail()}",
                     exit_code=code,
                 )
             now = self._clock()
             if now >= deadline:
                 raise LoadError(
                     f"worker not ready after {self.plan.ready_timeout_s:g} s (killed); "
-                    f"{self._log_tail()}"
+                    f"{self.log_tail()}"
                 )
             delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
             # Wake early if the process exits, so a crash is reported at once.
             await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
 
-    def _log_tail(self) -> str:
+    def log_tail(self) -> str:
         lines = [ln for ln in logfiles.tail_lines(self.log_path, LOG_TAIL_LINES * 2) if ln.strip()]
         if not lines:
             return f"log {self.log_path} is empty"
@@ -221,24 +228,27 @@ class Worker:
 
     async def stop(self) -> None:
         """SIGTERM to the process group, a bounded wait, then SIGKILL."""
-        if self._proc is None or self._exited is None:
+        if self._exited is None or self._exited.done():
             return
-        if not self._exited.done():
-            self._signal_group(signal.SIGTERM)
-            done, _ = await asyncio.wait({self._exited}, timeout=self.stop_timeout_s)
-            if not done:
-                log.warning(
-                    "%s: worker pid %s ignored SIGTERM for %g s; sending SIGKILL",
-                    self.model_id, self._proc.pid, self.stop_timeout_s,
-                )
-        await self._kill()
+        self._signal_group(signal.SIGTERM)
+        done, _ = await asyncio.wait({self._exited}, timeout=self.stop_timeout_s)
+        if not done:
+            log.warning(
+                "%s: worker pid %s ignored SIGTERM for %g s; sending SIGKILL",
+                self.model_id, self.pid, self.stop_timeout_s,
+            )
+            await self._kill()
 
     async def _kill(self) -> None:
-        if self._proc is None or self._exited is None:
+        if self._exited is None or self._exited.done():
             return
-        # Also reaches children the worker left in its group after it exited itself.
         self._signal_group(signal.SIGKILL)
         await asyncio.shield(self._exited)
+
+    def _on_exit(self, _: asyncio.Future[int]) -> None:
+        # Children the worker left in its group die with it. Done right at the exit, never
+        # later: once the group is empty its id may be recycled for an unrelated process.
+        self._signal_group(signal.SIGKILL)
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._proc is not None

@@ -5,6 +5,9 @@ crash        print a message and exit with --code after --delay seconds
 hang         run but never open the port
 ignore-term  like ready, but ignore SIGTERM
 env          like ready, and print the environment to the log first
+
+--crash-if-exists PATH: crash at start when PATH exists, else create it and go on; so the
+first start succeeds and every restart after it fails.
 """
 
 from __future__ import annotations
@@ -36,8 +39,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--code", type=int, default=3)
+    parser.add_argument("--crash-if-exists", default=None)
     args, _ = parser.parse_known_args()
     print(f"fake worker pid {os.getpid()} mode {args.mode}", flush=True)
+    if args.crash_if_exists:
+        if os.path.exists(args.crash_if_exists):
+            print("fatal: crashing on restart", flush=True)
+            sys.exit(args.code)
+        open(args.crash_if_exists, "w").close()
     if args.mode == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.mode == "env":

@@ -25,10 +25,11 @@ class ScriptedWorker:
     failing: ClassVar[set[str]] = set()
 
     def __init__(self, model_id: str, plan: WorkerPlan, port: int, log_path: Path,
-                 stop_timeout_s: float) -> None:
+                 stop_timeout_s: float, **options: Any) -> None:
         self.model_id = model_id
         self.port = port
         self.pid = 4242
+        self.returncode: int | None = None
         self.endpoint = f"http://127.0.0.1:{port}"
         self.stopped = False
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -108,16 +109,17 @@ def test_loads_one_at_a_time_and_continues_past_a_failure(
 ) -> None:
     specs = [ModelSpec(m, harness="scripted") for m in ("a", "b", "c")]
 
-    async def scenario() -> tuple[list[ActivationResult], ModelRegistry]:
+    async def scenario() -> tuple[list[ActivationResult], dict[str, ModelStatus]]:
         registry = make_registry(node_config)
         ScriptedWorker.failing = {"b"}
         try:
-            return await load_default_models(registry, specs), registry
+            results = await load_default_models(registry, specs)
+            return results, {r.spec.model_id: r.status for r in registry.models()}
         finally:
             await registry.shutdown()
 
-    with caplog.at_level(logging.INFO, logger="neuronctl"):
-        results, registry = asyncio.run(scenario())
+    with caplog.at_level(logging.INFO, logger="neuronctl.activation"):
+        results, status = asyncio.run(scenario())
 
     # Strictly sequential: each load ends before the next one starts.
     assert ScriptedWorker.timeline == [
@@ -125,7 +127,6 @@ def test_loads_one_at_a_time_and_continues_past_a_failure(
     ]
     assert [r.ok for r in results] == [True, False, True]
     assert all(r.elapsed_s >= 0 for r in results)
-    status = {r.spec.model_id: r.status for r in registry.models()}
     assert status == {"a": ModelStatus.LOADED, "b": ModelStatus.FAILED, "c": ModelStatus.LOADED}
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -309,13 +309,17 @@ def test_health(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
         assert body["version"] == __version__
         assert isinstance(body["uptime_s"], (int, float))
         assert body["uptime_s"] >= 0
-        assert body["models"] == {"loading": 0, "loaded": 0, "unloading": 0, "failed": 0}
+        assert body["models"] == {
+            "loading": 0, "loaded": 0, "restarting": 0, "unloading": 0, "failed": 0
+        }
         assert body["gpus"] == []
         await post_json(client, "/models/load", FAKE)
         crash = {**FAKE, "model_id": "c", "args": ["--mode", "crash"]}
         await post_json(client, "/models/load", crash, 400)
         body = await get_json(client, "/health")
-        assert body["models"] == {"loading": 0, "loaded": 1, "unloading": 0, "failed": 1}
+        assert body["models"] == {
+            "loading": 0, "loaded": 1, "restarting": 0, "unloading": 0, "failed": 1
+        }
 
     run_api(node_config, fake_harness, scenario)
 

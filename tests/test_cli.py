@@ -365,3 +365,18 @@ def test_start_reports_a_port_in_use_before_loading_anything(tmp_path: Path) -> 
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "default model" not in result.stderr  # nothing was loaded first
+
+
+def test_logs_previous_prints_the_log_from_before_the_last_start(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).parent / "neuronctl")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+    current = log_path(tmp_path, "org/m")
+    current.write_text("after the restart\n")
+    current.with_name(current.name + ".1").write_text("before the crash\n")
+    shown = subprocess.run([exe, "logs", "org/m", "--previous", "--log-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=30, env=env)
+    assert (shown.returncode, shown.stdout) == (0, "before the crash\n")
+    current.with_name(current.name + ".1").unlink()
+    missing = subprocess.run([exe, "logs", "org/m", "-p", "--log-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=30, env=env)
+    assert missing.returncode == 1 and "no previous log for org/m" in missing.stderr

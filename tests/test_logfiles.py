@@ -182,3 +182,28 @@ def test_tail_survives_invalid_utf8(tmp_path: Path) -> None:
     assert got[0] == "ok"
     assert got[-1] == "last"
     assert "broken" in got[1]
+
+
+def test_rotate_keeps_the_configured_number_of_previous_logs(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    for start in range(5):
+        fd = open_for_worker(path, ["worker", f"start-{start}"], keep=2)
+        os.close(fd)
+    assert "start-4" in path.read_text()
+    assert "start-3" in (tmp_path / "m.log.1").read_text()
+    assert "start-2" in (tmp_path / "m.log.2").read_text()
+    assert not (tmp_path / "m.log.3").exists()
+
+
+@pytest.mark.timeout(20)
+def test_follow_moves_on_to_the_new_file_after_a_rotation(tmp_path: Path) -> None:
+    from neuronctl.logfiles import follow, rotate
+
+    path = tmp_path / "m.log"
+    path.write_text("the old start\n")
+    lines = follow(path, poll_s=0.01, from_start=True)
+    assert next(lines) == "the old start\n"
+    rotate(path, keep=1)
+    path.write_text("the new start\n")
+    assert next(lines) == "the new start\n"  # not stuck on the rotated-away file
+    lines.close()
