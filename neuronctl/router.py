@@ -1,0 +1,438 @@
+"""The OpenAI-compatible router: one `/v1` base URL for every model on the node.
+
+A request's `model` field picks the worker; the request goes there byte for byte and the
+worker's answer comes back unchanged, server-sent events passed through as they arrive.
+The router answers by itself only when it cannot forward, and then in OpenAI's error shape
+(`{"error": {"message", "type", "param", "code"}}`), never the control API's.
+
+Its handlers return every error rather than raise it, so the control API's error
+middleware never sees one to rewrite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import (
+    ClientError,
+    ClientResponse,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    TCPConnector,
+    web,
+)
+
+from .registry import ModelRecord, ModelRegistry
+from .worker import Worker, describe_exit
+
+log = logging.getLogger(__name__)
+
+# Seconds a client is told to wait (Retry-After) for a model that is not ready yet.
+RETRY_AFTER_S = 5
+# Below uvicorn's 5 s keep-alive (the llama-cpp-python server), so the router drops an idle
+# connection before the worker does and never sends a request into one being closed.
+UPSTREAM_KEEPALIVE_S = 4.0
+# A worker on 127.0.0.1 accepts at once; only reading has no bound (a long prompt can take
+# minutes to its first token).
+UPSTREAM_CONNECT_TIMEOUT_S = 10.0
+# How often requests waiting on a worker check that their clients are still there.
+HANG_UP_CHECK_S = 0.25
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the router recomputes itself.
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Host names the router, the body is re-sent with its own length, and the router has already
+# read the body, so an Expect: 100-continue would only cost the worker a round trip.
+# The node's API key authenticates the client to the node; the worker has no use for it and
+# must not see it (nor log it).
+_DROP_FROM_REQUEST = _HOP_BY_HOP | {"host", "content-length", "expect", "authorization",
+                                    "x-api-key"}
+# aiohttp's server stamps its own Date and Server; the length follows the body it sends.
+_DROP_FROM_RESPONSE = _HOP_BY_HOP | {"content-length", "date", "server"}
+_UPSTREAM_ERRORS = (ClientError, OSError, asyncio.TimeoutError)
+
+
+# Upper bounds, in seconds; the last catches everything (a long stream).
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                     60.0, 120.0, math.inf)
+
+
+@dataclass
+class ModelStats:
+    """What the router did for one model; read by a metrics endpoint, written only here."""
+
+    requests: int = 0  # every request naming this model, whatever became of it
+    in_flight: int = 0  # forwarded to the worker and not yet answered in full
+    worker_errors: int = 0  # the worker could not be reached or broke off its answer
+    client_disconnects: int = 0  # the client left before the answer was complete
+    responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
+
+    # Request latency through the router, as a histogram: counts per LATENCY_BUCKETS_S
+    # bucket (not cumulative), their sum, and how many.
+    latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))
+    latency_sum_s: float = 0.0
+
+    def count(self, status: int) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        self.latency_sum_s += seconds
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+
+
+class RouterStats:
+    """Per-model counters. Only models the node knows get an entry, so a client naming
+    made-up models cannot grow this without bound."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ModelStats] = {}
+
+    def model(self, model_id: str) -> ModelStats:
+        stats = self.models.get(model_id)
+        if stats is None:
+            stats = self.models[model_id] = ModelStats()
+        return stats
+
+
+ROUTER_STATS = web.AppKey("router_stats", RouterStats)
+
+
+def openai_error(
+    status: int,
+    message: str,
+    code: str,
+    *,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _without(headers: Mapping[str, str], drop: frozenset[str]) -> list[tuple[str, str]]:
+    named = headers.get("Connection")
+    if named:  # headers that a Connection header names are hop-by-hop too
+        drop = drop | {token.strip().lower() for token in named.split(",")}
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def _request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    # The router has parsed the body as JSON, so it says so: `curl -d` sends a form type,
+    # which the worker would refuse (422) for the very body the router accepted.
+    if "json" in headers.get("Content-Type", "").lower():
+        return _without(headers, _DROP_FROM_REQUEST)
+    forwarded = _without(headers, _DROP_FROM_REQUEST | {"content-type"})
+    forwarded.append(("Content-Type", "application/json"))
+    return forwarded
+
+
+def _model_entry(record: ModelRecord) -> dict[str, Any]:
+    return {
+        "id": record.spec.model_id,
+        "object": "model",
+        "created": int(record.since),
+        "owned_by": "neuron",
+        "status": record.status.value,
+    }
+
+
+def _worker_gone(worker: Worker) -> str:
+    code = worker.returncode
+    return f"; it {describe_exit(code)}" if code is not None else ""
+
+
+class Router:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.stats = RouterStats()
+        self._session: ClientSession | None = None
+        # Handlers waiting on a worker, checked for a client that hung up; see _check_clients.
+        self._waiting: dict[asyncio.Task[Any], web.Request] = {}
+        self._check_handle: asyncio.TimerHandle | None = None
+
+    async def client_session(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: one pooled, keep-alive client for every worker, for the app's life."""
+        connector = TCPConnector(
+            limit=0,  # the workers queue requests themselves; a cap here would hide a queue
+            use_dns_cache=False,  # workers are addressed as 127.0.0.1: nothing to resolve
+            keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+        )
+        self._session = ClientSession(
+            connector=connector,
+            timeout=ClientTimeout(total=None, sock_connect=UPSTREAM_CONNECT_TIMEOUT_S),
+            # Shared by every client: it must never keep a cookie one client was sent.
+            cookie_jar=DummyCookieJar(),
+            auto_decompress=False,  # bytes pass through as the worker encoded them
+            # Unasked, aiohttp would offer gzip on the client's behalf; the client would
+            # then get an encoding it never accepted.
+            skip_auto_headers=("Accept-Encoding",),
+        )
+        try:
+            yield
+        finally:
+            if self._check_handle is not None:
+                self._check_handle.cancel()
+                self._check_handle = None
+            await self._session.close()
+            self._session = None
+
+    def _watch_client(self, request: web.Request) -> asyncio.Task[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = request
+        if self._check_handle is None:
+            loop = asyncio.get_running_loop()
+            self._check_handle = loop.call_later(HANG_UP_CHECK_S, self._check_clients)
+        return task
+
+    def _check_clients(self) -> None:
+        """Cancel the handlers whose clients have hung up.
+
+        The daemon's aiohttp server does not cancel a handler when its client disconnects
+        (its default), so a router waiting on a worker would notice only at its next write:
+        after a long prompt's first token, or never for an answer read in full, while the
+        worker went on generating for nobody. One timer for all requests, and only while
+        there are any: nothing per chunk, next to nothing per request.
+        """
+        self._check_handle = None
+        for task, request in list(self._waiting.items()):
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                task.cancel()  # unwinds through _exchange, which drops the upstream request
+        if self._waiting:
+            loop = asyncio.get_running_loop()
+            self._check_handle = loop.call_later(HANG_UP_CHECK_S, self._check_clients)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = [
+            _model_entry(r) for r in self.registry.models() if r.status.value == "loaded"
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        record = self.registry.get(model_id)
+        if record is None or record.status.value != "loaded":
+            return self._unknown_model(model_id)
+        return web.json_response(_model_entry(record))
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":
+            return openai_error(
+                405, f"{request.method} is not allowed on {request.path}; POST a JSON body "
+                "that names a model", "method_not_allowed", headers={"Allow": "POST"},
+            )
+        try:
+            return await self._forward(request)
+        except ConnectionError:  # the client left while its body was being read
+            return web.Response(status=400)  # nobody will read it
+        except Exception:
+            log.exception("router: unhandled error in %s %s", request.method, request.path)
+            return openai_error(500, "internal error; see the neuron service log",
+                                "internal_error")
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        # Read per request, so a config reload that changes it applies at once.
+        limit = self.registry.config.max_request_bytes
+        body = await self._read_body(request, limit)
+        if body is None:
+            return openai_error(
+                413, f"request body too large (limit {limit} bytes; max_request_bytes in "
+                "the node config)", "request_too_large",
+            )
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
+            return openai_error(400, "request body is not valid JSON", "invalid_json")
+        if not isinstance(payload, dict):
+            return openai_error(400, "request body must be a JSON object", "invalid_json")
+        model_id = payload.get("model")
+        if model_id is None:
+            return openai_error(
+                404, f"request names no model; models on this node: {self._loaded_ids()}",
+                "model_not_found", param="model",
+            )
+        if not isinstance(model_id, str):
+            return openai_error(400, "model: expected a string", "invalid_value", param="model")
+        record = self.registry.get(model_id)
+        if record is None:
+            return self._unknown_model(model_id)
+        stats = self.stats.model(model_id)
+        stats.requests += 1
+        worker = record.worker
+        status = record.status.value
+        if status != "loaded" or worker is None:
+            response = self._not_ready(record, status)
+            stats.count(response.status)
+            return response
+        stats.in_flight += 1
+        task = self._watch_client(request)
+        started = time.monotonic()
+        try:
+            return await self._exchange(request, body, model_id, worker, stats)
+        except asyncio.CancelledError:  # the client left (or the node is shutting down)
+            stats.client_disconnects += 1
+            raise
+        finally:
+            del self._waiting[task]
+            stats.in_flight -= 1
+            stats.observe(time.monotonic() - started)  # to the last byte, streams included
+
+    async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
+        """The whole body, or None once it is over `limit` (without reading the rest)."""
+        length = request.content_length
+        if length is not None and length > limit:
+            return None
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:  # a chunked body has no length to check up front
+                return None
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _exchange(
+        self, request: web.Request, body: bytes, model_id: str, worker: Worker,
+        stats: ModelStats,
+    ) -> web.StreamResponse:
+        assert self._session is not None, "router used outside its app's lifetime"
+        try:
+            upstream = await self._session.post(
+                worker.endpoint + request.raw_path, data=body,
+                headers=_request_headers(request.headers), allow_redirects=False,
+            )
+        except _UPSTREAM_ERRORS as exc:
+            return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+        try:
+            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await self._stream(request, upstream, model_id, worker, stats)
+            try:
+                answer = await upstream.read()
+            except _UPSTREAM_ERRORS as exc:
+                return self._bad_gateway(model_id, worker, stats, "broke off its answer", exc)
+            stats.count(upstream.status)
+            return web.Response(
+                body=answer, status=upstream.status, reason=upstream.reason,
+                headers=_without(upstream.headers, _DROP_FROM_RESPONSE),
+            )
+        finally:
+            # A no-op once the answer was read in full (the connection went back to the
+            # pool); otherwise it drops the connection, which is how the worker learns to
+            # stop generating for a client that has gone.
+            upstream.close()
+
+    async def _stream(
+        self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
+        stats: ModelStats,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=_without(upstream.headers, _DROP_FROM_RESPONSE),
+        )
+        try:
+            try:
+                await response.prepare(request)
+            except ConnectionError:
+                stats.client_disconnects += 1
+                return response
+            stats.count(upstream.status)
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except _UPSTREAM_ERRORS as exc:
+                    await self._abort_stream(request, response, model_id, worker, stats, exc)
+                    return response
+                if not chunk:
+                    break
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    stats.client_disconnects += 1
+                    return response
+            try:
+                await response.write_eof()
+            except ConnectionError:
+                stats.client_disconnects += 1
+            return response
+        except Exception:  # headers are out: no error answer is possible, only a cut
+            log.exception("router: unhandled error streaming %s for %s", request.path, model_id)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+
+    async def _abort_stream(
+        self, request: web.Request, response: web.StreamResponse, model_id: str,
+        worker: Worker, stats: ModelStats, exc: BaseException,
+    ) -> None:
+        """The worker died mid-stream, after a 200 went out. Send one last event in OpenAI's
+        error shape (OpenAI's client libraries raise it), then cut the connection without
+        the final chunk, so even a client that ignores the event sees a broken transfer."""
+        stats.worker_errors += 1
+        message = f"the worker for model {model_id!r} broke off its answer{_worker_gone(worker)}"
+        log.warning("router: %s: %s", message, exc)
+        error = {"message": message, "type": "server_error", "param": None,
+                 "code": "worker_unavailable"}
+        event = b"\n\ndata: " + json.dumps({"error": error}).encode() + b"\n\n"
+        try:
+            await response.write(event)
+        except ConnectionError:
+            return
+        if request.transport is not None:
+            request.transport.close()
+
+    def _bad_gateway(
+        self, model_id: str, worker: Worker, stats: ModelStats, what: str, exc: BaseException
+    ) -> web.Response:
+        stats.worker_errors += 1
+        stats.count(502)
+        message = f"the worker for model {model_id!r} {what}{_worker_gone(worker)}"
+        log.warning("router: %s: %s", message, str(exc) or type(exc).__name__)
+        return openai_error(502, message, "worker_unavailable")
+
+    def _not_ready(self, record: ModelRecord, status: str) -> web.Response:
+        model_id = record.spec.model_id
+        if status == "failed":
+            return openai_error(
+                503, f"model {model_id!r} failed: {record.to_json()['error'] or 'no reason given'}",
+                "model_failed", param="model",
+            )
+        return openai_error(
+            503, f"model {model_id!r} is {status}, not ready yet; retry in a few seconds",
+            "model_not_ready", param="model", headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    def _unknown_model(self, model_id: str) -> web.Response:
+        return openai_error(
+            404, f"model {model_id!r} is not loaded on this node; loaded: {self._loaded_ids()}",
+            "model_not_found", param="model",
+        )
+
+    def _loaded_ids(self) -> str:
+        ids = [r.spec.model_id for r in self.registry.models() if r.status.value == "loaded"]
+        return ", ".join(ids) if ids else "none"
+
+
+def setup(app: web.Application, registry: ModelRegistry) -> Router:
+    """Serve the `/v1` routes on `app`; the body limit is the node's `max_request_bytes`."""
+    router = Router(registry)
+    app[ROUTER_STATS] = router.stats
+    app.cleanup_ctx.append(router.client_session)
+    app.router.add_get("/v1/models", router.list_models)
+    # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
+    app.router.add_get("/v1/models/{model_id:.+}", router.get_model)
+    app.router.add_route("*", "/v1/{path:.*}", router.forward)
+    return router
