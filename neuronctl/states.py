@@ -14,6 +14,7 @@ class ModelStatus(str, enum.Enum):
     The values are wire-compatible with the original service; never rename one.
     """
 
+    DOWNLOADING = "downloading"  # fetching its GGUF from Hugging Face
     LOADING = "loading"
     LOADED = "loaded"
     RESTARTING = "restarting"
@@ -28,6 +29,7 @@ class WorkerState(str, enum.Enum):
     """Where one model's worker is in its life (finer than ModelStatus)."""
 
     PENDING = "pending"  # waiting for its turn: loads are serialized node-wide
+    DOWNLOADING = "downloading"  # resolving or fetching its file; no process yet
     STARTING = "starting"  # spawned, not answering yet
     READY = "ready"
     BACKOFF = "backoff"  # exited unexpectedly; restarting after a delay
@@ -45,6 +47,7 @@ class WorkerState(str, enum.Enum):
 
 _STATUS = {
     WorkerState.PENDING: ModelStatus.LOADING,
+    WorkerState.DOWNLOADING: ModelStatus.DOWNLOADING,
     WorkerState.STARTING: ModelStatus.LOADING,
     WorkerState.READY: ModelStatus.LOADED,
     WorkerState.BACKOFF: ModelStatus.RESTARTING,
@@ -57,7 +60,13 @@ _STATUS = {
 TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.PENDING: frozenset({
         WorkerState.STARTING,  # PENDING -> STARTING: its turn came
+        WorkerState.DOWNLOADING,  # PENDING -> DOWNLOADING: its file is on Hugging Face
         WorkerState.STOPPED,  # PENDING -> STOPPED: unloaded or shut down before its turn
+    }),
+    WorkerState.DOWNLOADING: frozenset({
+        WorkerState.PENDING,  # DOWNLOADING -> PENDING: the file is here; wait for the turn
+        WorkerState.FAILED,  # DOWNLOADING -> FAILED: no such file, or the fetch failed
+        WorkerState.STOPPED,  # DOWNLOADING -> STOPPED: unloaded or shut down mid-fetch
     }),
     WorkerState.STARTING: frozenset({
         WorkerState.READY,  # STARTING -> READY: the probe answered
@@ -88,8 +97,8 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 LIVE_STATES = frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.STOPPING})
 # States in which a load of the same model joins or conflicts rather than starting anew.
 BUSY_STATES = frozenset({
-    WorkerState.PENDING, WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF,
-    WorkerState.STOPPING,
+    WorkerState.PENDING, WorkerState.DOWNLOADING, WorkerState.STARTING, WorkerState.READY,
+    WorkerState.BACKOFF, WorkerState.STOPPING,
 })
 
 

@@ -1,0 +1,90 @@
+"""Test doubles for GPU hosts: a fake `nvidia-smi` on PATH and a Hugging Face cache laid out
+in huggingface_hub's own format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).parent
+FAKE_NVIDIA_SMI = TESTS / "fake_nvidia_smi.py"
+DATA = TESTS / "data"
+
+
+def wrapper(path: Path, script: Path) -> Path:
+    """An executable `path` that runs `script` with this interpreter."""
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def gpu(index: int, free: int, total: int = 40960, **extra: Any) -> dict[str, Any]:
+    return {"index": index, "name": "NVIDIA A100-SXM4-40GB", "total": total,
+            "used": total - free, "free": free, "util": 0, "temp": 35,
+            "driver": "535.129.03", **extra}
+
+
+class FakeSmi:
+    """Controls the answers of the `nvidia-smi` a test put on PATH."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.state_path = state_path
+        self.state: dict[str, Any] = {"gpus": [], "apps": {}, "cuda": "12.2"}
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.state_path)  # atomic: a concurrent nvidia-smi never reads half
+
+    def set(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.write()
+
+    def calls(self) -> list[str]:
+        calls = self.state_path.with_name(self.state_path.name + ".calls")
+        return calls.read_text().splitlines() if calls.exists() else []
+
+
+def install_fake_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSmi:
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    wrapper(bin_dir / "nvidia-smi", FAKE_NVIDIA_SMI)
+    fake = FakeSmi(tmp_path / "nvidia-smi.json")
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_STATE", str(fake.state_path))
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return fake
+
+
+def hide_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.setenv("PATH", str(empty))
+
+
+def lay_out_hf_cache(
+    cache: Path, repo_id: str, files: dict[str, bytes], *,
+    commit: str = "0123456789abcdef0123456789abcdef01234567", refs: tuple[str, ...] = ("main",),
+) -> Path:
+    """Put `files` in `cache` as huggingface_hub stores a download: the content in
+    blobs/<sha256>, a relative link to it from snapshots/<commit>/<name>, and refs/<ref>
+    holding the commit. Returns the snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.write_bytes(content)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot

