@@ -30,6 +30,7 @@ test: lint
 bench: $(VENV)/.installed
 	$(PY) bench/activation.py
 	$(PY) bench/recovery.py
+	$(PY) bench/proxy.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

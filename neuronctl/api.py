@@ -14,12 +14,17 @@ from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from . import __version__
+from . import __version__, router
+from .auth import api_key_middleware
 from .config import ConfigError, model_spec_from_mapping
 from .discovery import Discovery
 from .harness import LoadError
+from .idle import idle_unload_ctx
+from .metrics import Metrics
 from .registry import Conflict, ModelRegistry, NotFound
+from .reload import Reloader
 from .states import ModelStatus
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 REGISTRY = web.AppKey("registry", ModelRegistry)
 DISCOVERY = web.AppKey("discovery", Discovery)
 STARTED_AT = web.AppKey("started_at", float)
+RELOADER = web.AppKey("reloader", Reloader)
 MAX_BODY_BYTES = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -137,10 +143,32 @@ async def discovery(request: web.Request) -> web.Response:
     return web.json_response(await app[DISCOVERY].host(harnesses))
 
 
-def create_app(registry: ModelRegistry, started_at: float | None = None) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+async def reload_config(request: web.Request) -> web.Response:
+    reloader = request.app.get(RELOADER)
+    if reloader is None:
+        return error(404, "this server was started without a config file to reload")
+    try:
+        result = await reloader.reload()
+    except ConfigError as exc:
+        return error(400, f"reload refused, nothing changed: {exc}")
+    return web.json_response(result.to_json())
+
+
+def create_app(
+    registry: ModelRegistry,
+    started_at: float | None = None,
+    reloader: Reloader | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """The node's HTTP API. `metrics` is made before activation by the daemon, so the default
+    models' loads are counted; tests may leave it out."""
+    middlewares: list[Middleware] = [json_errors]
+    if registry.config.api_key is not None:
+        # First, so nothing (not even an error page) is served to a caller without the key.
+        middlewares.insert(0, api_key_middleware(registry.config.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[REGISTRY] = registry
-    app[DISCOVERY] = Discovery()
+    app[DISCOVERY] = registry.discovery  # one poller for the API and VRAM admission
     app[STARTED_AT] = time.monotonic() if started_at is None else started_at
     app.router.add_get("/models", list_models)
     app.router.add_post("/models/load", load_model)
@@ -149,4 +177,12 @@ def create_app(registry: ModelRegistry, started_at: float | None = None) -> web.
     app.router.add_get("/models/{model_id:.+}/endpoint", model_endpoint)
     app.router.add_get("/health", health)
     app.router.add_get("/discovery", discovery)
+    app.router.add_post("/reload", reload_config)
+    if reloader is not None:
+        app[RELOADER] = reloader
+    routes = router.setup(app, registry)  # the OpenAI-compatible /v1 routes
+    app.cleanup_ctx.append(idle_unload_ctx(registry))  # ttl_s: unload idle models
+    metrics = metrics or Metrics(registry, app[STARTED_AT])
+    metrics.attach(routes.stats)
+    app.router.add_get("/metrics", metrics.handle)
     return app

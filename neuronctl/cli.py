@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, logfiles
-from .client import ApiError, Client, DaemonNotRunning, resolve_url
+from .client import ApiError, Client, DaemonNotRunning, connect
 from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, config_from_env, load_config
 from .start import EX_CONFIG
 
@@ -29,7 +29,10 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-STATUS_STYLES = {"loaded": "green", "loading": "yellow", "unloading": "yellow", "failed": "red"}
+STATUS_STYLES = {
+    "loaded": "green", "loading": "yellow", "downloading": "yellow", "restarting": "yellow",
+    "unloading": "yellow", "failed": "red",
+}
 
 ConfigOpt = Annotated[
     Path | None,
@@ -56,7 +59,7 @@ def _config(path: Path | None) -> NeuronConfig:
 
 def _client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Client:
     try:
-        return Client(resolve_url(url, config), timeout_s)
+        return connect(url, config, timeout_s)
     except ConfigError as exc:
         fail(f"config error: {exc}", EX_CONFIG)
 
@@ -222,6 +225,24 @@ def unload(
     """Stop a model's worker."""
     _call(_client(url, config, timeout_s=120.0).unload, model_id)
     out.print(f"{model_id} unloaded", markup=False, highlight=False)
+
+
+@app.command()
+def reload(
+    timeout: Annotated[float, typer.Option(help="Seconds this command waits.")] = 1800.0,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Re-read the daemon's config: load new default models, unload removed ones, reload
+    changed ones (the same as `systemctl reload neuron`)."""
+    result = _call(_client(url, config, timeout_s=timeout).request, "POST", "/reload")
+    out.print(result.get("summary", "reloaded"), markup=False, highlight=False)
+    if result.get("failed"):
+        for model_id, message in result["failed"].items():
+            first = str(message).splitlines()[0] if message else ""
+            err.print(f"{model_id}: {first}", style="red", markup=False, highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()

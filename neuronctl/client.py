@@ -5,6 +5,7 @@ The standard library is enough here and keeps `neuronctl status` quick to start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,28 +33,32 @@ class ApiError(Exception):
         self.body = body
 
 
-def resolve_url(url: str | None, config_path: Path | None) -> str:
-    """`--url`, else NEURON_URL, else the port in the config file, else the default."""
-    if url:
-        return url.rstrip("/")
-    if os.environ.get("NEURON_URL"):
-        return os.environ["NEURON_URL"].rstrip("/")
+def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) -> Client:
+    """A client for the daemon this CLI invocation means.
+
+    URL: `--url`, else NEURON_URL, else the port in the config file (`--config`, or the
+    default one when readable), else the default. API key: NEURON_API_KEY, else the
+    config file's.
+    """
     path = config_path
     if path is None and os.access(DEFAULT_CONFIG_PATH, os.R_OK):
         path = DEFAULT_CONFIG_PATH
-    if path is not None:
-        config = load_config(path)
+    config = load_config(path) if path is not None else None
+    key = os.environ.get("NEURON_API_KEY") or (config.api_key if config else None)
+    url = url or os.environ.get("NEURON_URL")
+    if not url and config is not None:
         # A wildcard listener is reachable on loopback; a specific address only on itself.
         host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{config.port}"
-    return DEFAULT_URL
+        url = f"http://{host}:{config.port}"
+    return Client((url or DEFAULT_URL).rstrip("/"), timeout_s, key)
 
 
 class Client:
-    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 10.0, api_key: str | None = None) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self._api_key = api_key
 
     def request(
         self, method: str, path: str, body: Any = None, timeout_s: float | None = None
@@ -62,17 +67,22 @@ class Client:
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        if self._api_key:
+            req.add_header("Authorization", f"Bearer {self._api_key}")
         try:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             raw = exc.read()
-            try:
+            payload: Any = None
+            message = f"HTTP {exc.code} {exc.reason}"
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
                 payload = json.loads(raw)
-                message = payload.get("error", raw.decode()) if isinstance(payload, dict) else raw
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                payload, message = None, f"HTTP {exc.code} {exc.reason}"
-            raise ApiError(exc.code, str(message), payload) from None
+            if isinstance(payload, dict) and payload.get("error"):
+                message = str(payload["error"])
+            if exc.code == 401 and not self._api_key:
+                message = f"{message} (set NEURON_API_KEY, or pass the --config that has it)"
+            raise ApiError(exc.code, message, payload) from None
         except TimeoutError:
             waited = timeout_s or self.timeout_s
             raise ApiError(0, f"no answer from {self.url} within {waited:g} s") from None

@@ -52,6 +52,8 @@ class HarnessConfig:
 
     # Interpreter that runs llama-cpp-python workers; a venv with a CUDA build, say.
     python: str | None = None
+    # The llama-server executable (a path, or a name looked up on PATH).
+    binary: str | None = None
     hf_cache: Path | None = None
     n_ctx: int | None = None
     n_gpu_layers: int | None = None
@@ -67,8 +69,16 @@ class ModelSpec:
     model_id: str
     harness: str = DEFAULT_HARNESS
     path: Path | None = None
+    # Without `path`, model_id is a Hugging Face repo: `file` names the GGUF in it, or
+    # `quant` picks it; `revision` is a branch, tag or commit (default: main).
+    file: str | None = None
     quant: str | None = None
+    revision: str | None = None
     devices: tuple[int, ...] = ()
+    # Share of the model per device, as llama.cpp's tensor split; unset: by free VRAM.
+    tensor_split: tuple[float, ...] = ()
+    # Load even when the VRAM estimate says the model does not fit.
+    force: bool = False
     n_ctx: int | None = None
     n_gpu_layers: int | None = None
     chat_format: str | None = None
@@ -77,16 +87,27 @@ class ModelSpec:
     # Restart policy for this model; unset means the node's.
     restart: str | None = None
     max_restarts: int | None = None
+    # Unload after this long without a request through /v1; a default model only idles out
+    # when its own entry sets this (the node's ttl_s does not apply to it).
+    ttl_s: float | None = None
 
 
 @dataclass(frozen=True)
 class NeuronConfig:
     port: int = 13131
     host: str = "0.0.0.0"
+    # When set, every route but GET /health needs `Authorization: Bearer KEY` or `x-api-key`.
+    # Never shown in a repr: config objects end up in logs and tracebacks.
+    api_key: str | None = field(default=None, repr=False)
+    api_key_file: Path | None = None  # read at load time; must not be world-readable
+    # Idle models (no /v1 request for this long) are unloaded; None: never. See ModelSpec.
+    ttl_s: float | None = None
     log_dir: Path = Path("/var/log/neuron")
     state_dir: Path = Path("/var/lib/neuron")
     # How long a worker gets between SIGTERM and SIGKILL.
     stop_timeout_s: float = 10.0
+    # Largest request body the OpenAI-compatible router (/v1/...) accepts; more is a 413.
+    max_request_bytes: int = 16 * 1024 * 1024
     # Previous logs kept per model: <model>.log.1 (the start before this one) .. .log.N.
     log_keep: int = 5
     # What happens when a ready worker exits without being asked to (node defaults).
@@ -96,6 +117,10 @@ class NeuronConfig:
     restart_delay_s: float = 1.0  # first delay; doubles per consecutive crash
     restart_delay_max_s: float = 60.0
     restart_reset_s: float = 60.0  # ready this long: the next crash starts over at 1 s
+    # After a worker on a GPU stops, the next load waits up to this long for the driver to
+    # report its memory free again.
+    vram_release_timeout_s: float = 30.0
+    gpu_poll_interval_s: float = 5.0  # nvidia-smi readings are refreshed this often
     default_models: tuple[ModelSpec, ...] = ()
     harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
 
@@ -144,13 +169,38 @@ def _with_env(
 
 
 def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) -> NeuronConfig:
-    config = _convert_dataclass(NeuronConfig, raw, "", base_dir)
+    config: NeuronConfig = _convert_dataclass(NeuronConfig, raw, "", base_dir)
     seen: set[str] = set()
     for i, spec in enumerate(config.default_models):
         if spec.model_id in seen:
             raise ConfigError(f"default_models[{i}].model_id", f"duplicate model {spec.model_id!r}")
         seen.add(spec.model_id)
+    if config.api_key_file is not None:
+        if config.api_key is not None:
+            raise ConfigError("api_key_file", "set api_key or api_key_file, not both")
+        config = dataclasses.replace(config, api_key=_read_key_file(config.api_key_file))
+    if config.api_key is not None and not config.api_key.strip():
+        raise ConfigError("api_key", "must not be empty")
     return config
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError("api_key_file", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("api_key_file", f"{path} is not UTF-8 text") from None
+    if mode & 0o004:
+        raise ConfigError(
+            "api_key_file",
+            f"{path} is readable by every user (mode {mode & 0o777:o}); "
+            f"chmod o-rwx {path}",
+        )
+    if not key:
+        raise ConfigError("api_key_file", f"{path} is empty")
+    return key
 
 
 def model_spec_from_mapping(raw: Any, base_dir: Path | None = None) -> ModelSpec:
@@ -296,22 +346,49 @@ def _check_values(obj: Any, key: str) -> None:
         for i, device in enumerate(obj.devices):
             if device < 0:
                 raise ConfigError(f"{_join(key, 'devices')}[{i}]", "must be >= 0")
+        _check_model_source(obj, key)
     restart = getattr(obj, "restart", None)
     if restart is not None and restart not in RESTART_POLICIES:
         choices = ", ".join(f'"{p}"' for p in RESTART_POLICIES)
         raise ConfigError(_join(key, "restart"), f"must be one of {choices}, got {restart!r}")
+    max_request_bytes = getattr(obj, "max_request_bytes", None)
+    if max_request_bytes is not None and max_request_bytes < 1024:
+        raise ConfigError(_join(key, "max_request_bytes"),
+                          f"must be at least 1024, got {max_request_bytes}")
     for name in ("max_restarts", "log_keep"):
         value = getattr(obj, name, None)
         if value is not None and value < 0:
             raise ConfigError(_join(key, name), f"must be >= 0, got {value}")
-    for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s", "restart_window_s",
-                 "restart_delay_s", "restart_delay_max_s", "restart_reset_s"):
+    for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s", "restart_window_s", "ttl_s",
+                 "restart_delay_s", "restart_delay_max_s", "restart_reset_s",
+                 "vram_release_timeout_s", "gpu_poll_interval_s"):
         value = getattr(obj, name, None)
         if value is None:
             continue
         # A context of 0 means "the model's own"; a timeout of 0 would never succeed.
         if value < 0 or (name.endswith("_s") and value == 0):
             raise ConfigError(_join(key, name), f"must be positive, got {value}")
+
+
+def _check_model_source(spec: ModelSpec, key: str) -> None:
+    if spec.file is not None:
+        parts = spec.file.split("/")
+        if spec.file.startswith("/") or "" in parts or ".." in parts or "." in parts:
+            raise ConfigError(_join(key, "file"), f"must be a path in the repo, got {spec.file!r}")
+        if not spec.file.lower().endswith(".gguf"):
+            raise ConfigError(_join(key, "file"), f"must name a .gguf file, got {spec.file!r}")
+    for name in ("quant", "revision"):
+        if getattr(spec, name) == "":
+            raise ConfigError(_join(key, name), "must not be empty")
+    if spec.tensor_split:
+        if len(spec.tensor_split) != len(spec.devices):
+            raise ConfigError(
+                _join(key, "tensor_split"),
+                f"needs one share per device: {len(spec.tensor_split)} for "
+                f"{len(spec.devices)} devices",
+            )
+        if any(v < 0 for v in spec.tensor_split) or not any(spec.tensor_split):
+            raise ConfigError(_join(key, "tensor_split"), "shares must be >= 0, not all 0")
 
 
 def check_model_id(model_id: str, key: str = "model_id") -> None:

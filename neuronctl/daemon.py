@@ -9,14 +9,15 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import types
+from pathlib import Path
 
 from .activation import ActivationResult, load_default_models
-from .config import NeuronConfig
+from .config import ConfigError, NeuronConfig
 from .harness import Harness
-from .registry import ModelRegistry
+from .registry import ModelRecord, ModelRegistry
+from .reload import Reloader
 from .statefile import StateFile
 from .systemd import ActivationStatus, Notifier, summary, watchdog
 
@@ -24,14 +25,6 @@ log = logging.getLogger("neuronctl")
 
 # In-flight requests get this long to finish once the listener has closed.
 SHUTDOWN_GRACE_S = 5.0
-
-
-def setup_logging(level: str = "INFO") -> None:
-    # The journal stamps every line itself; a terminal or a file needs our own time stamp.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -62,33 +55,47 @@ async def serve(
     harnesses: dict[str, Harness],
     sock: socket.socket,
     state: StateFile | None = None,
+    config_path: Path | None = None,
 ) -> int:
-    """Activate, then serve the API on `sock` until SIGTERM or SIGINT; the exit status."""
+    """Activate, then serve the API on `sock` until SIGTERM or SIGINT; the exit status.
+
+    SIGHUP (and POST /reload) re-read `config_path` once the node is up."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     registry = ModelRegistry(config, harnesses, state=state)
     notifier = Notifier()
+    reloader = Reloader(registry, config_path, notifier)
+    serving = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, reloader, serving)
     pinger = asyncio.create_task(watchdog(notifier))
     # The API's imports (aiohttp's server side, ~0.2 s) happen in a thread while the first
     # worker loads in its own process, instead of after activation, on the way to listening.
     api_module = loop.run_in_executor(None, _import_api_quietly)
+    started_at = loop.time()
+    # /metrics counts the default models' loads too, but prometheus-client and the API are
+    # imported off the path to the first worker; their load times wait here meanwhile.
+    early_loads: list[tuple[ModelRecord, float]] = []
+    registry.ready_observers.append(lambda record, s: early_loads.append((record, s)))
     try:
         results = await _activate(registry, config, notifier, stop)
         if results is None:
             log.info("stop requested during activation; stopped every worker")
             return 0
         api = await api_module
-        runner = api.web.AppRunner(
-            api.create_app(registry, loop.time()), access_log=None,
-            shutdown_timeout=SHUTDOWN_GRACE_S,
-        )
+        registry.ready_observers.clear()
+        metrics = api.Metrics(registry, started_at)
+        for record, seconds in early_loads:
+            metrics.observe_load(record, seconds)
+        app = api.create_app(registry, started_at, reloader, metrics)
+        runner = api.web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         await api.web.SockSite(runner, sock).start()
         # READY=1 only now: systemd's "started" then means the API answers.
         notifier.send("READY=1", f"STATUS={summary(results)}")
         log.info("listening on http://%s:%d (%s)", config.host, config.port, summary(results))
+        serving.set()
 
         await stop.wait()
         running = sum(r.worker is not None for r in registry.models())
@@ -104,6 +111,26 @@ async def serve(
     finally:
         pinger.cancel()
         notifier.close()
+
+
+def _on_sighup(reloader: Reloader, serving: asyncio.Event) -> None:
+    if not serving.is_set():
+        # Activation is loading the config's models already; a reload now would race it.
+        log.warning("SIGHUP during activation ignored; reload once the node is up")
+        return
+    task = asyncio.ensure_future(_reload_quietly(reloader))
+    _background.add(task)  # keep a reference until it is done
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+async def _reload_quietly(reloader: Reloader) -> None:
+    try:
+        await reloader.reload()
+    except ConfigError as exc:
+        log.error("reload refused, nothing changed: %s", exc)
 
 
 async def _activate(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from .logsetup import FORMATS, setup_logging
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=None, help="listen on this port instead")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, type=str.lower,
                         help="daemon log level (default: info)")
+    parser.add_argument("--log-format", default="text", choices=FORMATS,
+                        help="text: plain lines (no time stamp under the journal); "
+                        "json: one object per line (default: text)")
     return parser
 
 
@@ -70,7 +74,7 @@ def run(argv: Sequence[str]) -> int:
         sys.stderr.write(f"neuronctl: {exc}\n")
         return 1
     try:
-        daemon.setup_logging(args.log_level.upper())
+        setup_logging(args.log_level.upper(), args.log_format)
         try:
             sock = daemon.bind_listener(config.host, config.port)
         except OSError as exc:
@@ -81,6 +85,7 @@ def run(argv: Sequence[str]) -> int:
         state = StateFile(config.state_dir)
         stop_orphans(state.read(), config.stop_timeout_s)
         state.reset()
-        return asyncio.run(daemon.serve(config, harnesses, sock, state))
+        path = args.config or DEFAULT_CONFIG_PATH
+        return asyncio.run(daemon.serve(config, harnesses, sock, state, path))
     finally:
         lock.release()

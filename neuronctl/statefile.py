@@ -10,15 +10,21 @@ its holder dies, however it dies) keeps two supervisors off one state directory.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
-from filelock import FileLock, Timeout
+if TYPE_CHECKING:
+    import psutil
+    from filelock import FileLock
+
+# psutil and filelock are imported where first used, after the first worker has been
+# spawned: start-up time is activation time (bench/activation.py).
 
 log = logging.getLogger(__name__)
 
@@ -46,47 +52,66 @@ class AlreadyRunning(Exception):
 
 
 class SupervisorLock:
-    """Held for the supervisor's whole life; a second one on the same state_dir fails."""
+    """Held for the supervisor's whole life; a second one on the same state_dir fails.
+
+    A plain flock on an open descriptor: the kernel drops it when the process dies, however
+    it dies, so a crash never leaves a stale lock behind."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        self._lock = FileLock(state_dir / LOCK_FILE)
+        self._fd: int | None = None
 
     def acquire(self) -> None:
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             try:
                 holder = (self.state_dir / PID_FILE).read_text().strip()
             except OSError:
                 holder = ""
             raise AlreadyRunning(self.state_dir, holder) from None
+        self._fd = fd
         (self.state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
 
     def release(self) -> None:
         with contextlib.suppress(OSError):
             (self.state_dir / PID_FILE).unlink()
-        self._lock.release()
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
 
 
 class StateFile:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / STATE_FILE
-        self._lock = FileLock(state_dir / f"{STATE_FILE}.lock")
+        self._lock_path = state_dir / f"{STATE_FILE}.lock"
+        self._lock_obj: FileLock | None = None
         self._entries: dict[int, WorkerEntry] = {}
 
+    @property
+    def _lock(self) -> FileLock:
+        if self._lock_obj is None:
+            from filelock import FileLock
+
+            self._lock_obj = FileLock(self._lock_path)
+        return self._lock_obj
+
     def read(self) -> list[WorkerEntry]:
-        with self._lock:
-            try:
-                data = json.loads(self.path.read_text())
-                return [WorkerEntry(**e) for e in data.get("workers", [])]
-            except FileNotFoundError:
-                return []
-            except (ValueError, TypeError, AttributeError) as exc:
-                log.warning("ignoring unreadable %s: %s", self.path, exc)
-                return []
+        # No lock needed: writers replace the file atomically, so it is old or new, whole.
+        try:
+            data = json.loads(self.path.read_text())
+            return [WorkerEntry(**e) for e in data.get("workers", [])]
+        except FileNotFoundError:
+            return []
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return []
 
     def record(self, model_id: str, pid: int) -> None:
+        import psutil
+
         try:
             proc = psutil.Process(pid)
             entry = WorkerEntry(model_id, pid, proc.create_time(), proc.cmdline())
@@ -101,7 +126,8 @@ class StateFile:
 
     def reset(self) -> None:
         self._entries.clear()
-        self._write()
+        if self.path.exists():
+            self._write()
 
     def _write(self) -> None:
         data = {"supervisor_pid": os.getpid(),
@@ -117,6 +143,8 @@ class StateFile:
 
 def is_same_process(entry: WorkerEntry) -> psutil.Process | None:
     """The live process `entry` describes, or None if its pid now belongs to another."""
+    import psutil
+
     try:
         proc = psutil.Process(entry.pid)
         same = (
@@ -130,6 +158,10 @@ def is_same_process(entry: WorkerEntry) -> psutil.Process | None:
 
 def stop_orphans(entries: list[WorkerEntry], timeout_s: float) -> list[int]:
     """Stop the recorded workers that are still the processes we started; their pids."""
+    if not entries:
+        return []
+    import psutil
+
     orphans = [p for p in (is_same_process(e) for e in entries) if p is not None]
     for proc in orphans:
         log.warning("stopping orphaned worker pid %d left by a previous supervisor: %s",
@@ -143,6 +175,8 @@ def stop_orphans(entries: list[WorkerEntry], timeout_s: float) -> list[int]:
 
 
 def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
+    import psutil
+
     # A worker leads its own process group: signal all of it, as a live supervisor would.
     with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
         if os.getpgid(proc.pid) == proc.pid:

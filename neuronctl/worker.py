@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 15
 _PROBE_TIMEOUT_S = 5.0
-# Readiness polling: the interval grows with the time already waited (a fiftieth of it),
-# so a 0.5 s load is noticed within ~10 ms and a 10-minute one costs a poll every 250 ms.
+# Readiness polling: the interval grows with the time already waited (a hundredth of it),
+# so a 0.5 s load is noticed within ~5 ms and a 10-minute one costs a poll every 250 ms.
 # A poll of a port not yet open is one refused connect(): tens of microseconds.
 _POLL_MIN_S = 0.005
 _POLL_MAX_S = 0.25
-_POLL_FRACTION = 0.02
+_POLL_FRACTION = 0.01
 
 Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
 

@@ -310,7 +310,8 @@ def test_health(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
         assert isinstance(body["uptime_s"], (int, float))
         assert body["uptime_s"] >= 0
         assert body["models"] == {
-            "loading": 0, "loaded": 0, "restarting": 0, "unloading": 0, "failed": 0
+            "downloading": 0, "loading": 0, "loaded": 0, "restarting": 0, "unloading": 0,
+            "failed": 0,
         }
         assert body["gpus"] == []
         await post_json(client, "/models/load", FAKE)
@@ -318,7 +319,8 @@ def test_health(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
         await post_json(client, "/models/load", crash, 400)
         body = await get_json(client, "/health")
         assert body["models"] == {
-            "loading": 0, "loaded": 1, "restarting": 0, "unloading": 0, "failed": 1
+            "downloading": 0, "loading": 0, "loaded": 1, "restarting": 0, "unloading": 0,
+            "failed": 1,
         }
 
     run_api(node_config, fake_harness, scenario)

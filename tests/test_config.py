@@ -334,7 +334,7 @@ def test_unknown_harness_table_is_rejected_by_build_harnesses(tmp_path: Path) ->
 
 
 def test_build_harnesses_knows_the_default_harness() -> None:
-    assert set(build_harnesses(NeuronConfig())) == {DEFAULT_HARNESS}
+    assert set(build_harnesses(NeuronConfig())) == {DEFAULT_HARNESS, "llama-server"}
 
 
 # --- the CLI contract: a bad config is one line on stderr and exit 78 -----------------------

@@ -103,16 +103,18 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     )
 
     # An alternate root laid out as the RPM installs it: the unit, unchanged, beside the
-    # host's own units, and a stub /usr/bin/neuronctl, since verify checks that ExecStart=
-    # names an executable (the real one exists only once the package is installed).
+    # host's own units, and stubs for /usr/bin/neuronctl and /usr/bin/kill (ExecReload=),
+    # since verify checks that Exec*= lines name executables (the real neuronctl exists only
+    # once the package is installed; kill comes from util-linux on the target).
     root = tmp_path / "root"
     unit_dir = root / "usr/lib/systemd/system"
     shutil.copytree(host_units, unit_dir, symlinks=True)
     shutil.copy2(UNIT, unit_dir / "neuron.service")
-    stub = root / "usr/bin/neuronctl"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#!/bin/sh\nexit 0\n")
-    stub.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    (root / "usr/bin").mkdir(parents=True)
+    for name in ("neuronctl", "kill"):
+        stub = root / "usr/bin" / name
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
 
     proc = run(["systemd-analyze", "verify", f"--root={root}", "neuron.service"])
 
@@ -128,6 +130,7 @@ def test_unit_settings_keep_the_service_contract() -> None:
     unit = unit_settings(UNIT)
     service, unit_section = unit["Service"], unit["Unit"]
     assert service["ExecStart"] == ["/usr/bin/neuronctl start --config /etc/neuron/neuron.toml"]
+    assert service["ExecReload"] == ["/usr/bin/kill -HUP $MAINPID"]
     assert service["Type"] == ["notify"]
     assert service["NotifyAccess"] == ["main"]
     assert service["User"] == ["neuron"] and service["Group"] == ["neuron"]

@@ -228,13 +228,14 @@ def run_daemon_script(tmp_path: Path, models: list[dict[str, Any]], port: int) -
         from pathlib import Path
         from neuronctl import daemon
         from neuronctl.config import config_from_mapping
+        from neuronctl.logsetup import setup_logging
         from tests.conftest import FakeHarness
         config = config_from_mapping({{
             "host": "127.0.0.1", "port": {port}, "stop_timeout_s": 1.0,
             "log_dir": "{tmp_path}/log", "state_dir": "{tmp_path}/state",
             "default_models": {models!r},
         }})
-        daemon.setup_logging("INFO")
+        setup_logging("INFO")
         sock = daemon.bind_listener(config.host, config.port)
         sys.exit(asyncio.run(daemon.serve(config, {{"fake": FakeHarness()}}, sock)))
     """)

@@ -1,0 +1,47 @@
+"""API keys: with `api_key` set, every route but `GET /health` needs the key.
+
+Accepted as `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`,
+compared in constant time. Without a key configured this middleware is not installed.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Liveness probes (load balancers, systemd watchdogs of other services) carry no secrets.
+OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})
+
+
+def presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key")
+
+
+def api_key_middleware(key: str) -> Middleware:
+    expected = key.encode()
+
+    @web.middleware
+    async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (request.method, request.path) in OPEN_ROUTES:
+            return await handler(request)
+        given = presented_key(request)
+        if given is not None and hmac.compare_digest(given.encode(), expected):
+            return await handler(request)
+        message = "invalid API key" if given else "API key required"
+        message += ": send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+        headers = {"WWW-Authenticate": 'Bearer realm="neuron"'}
+        body: dict[str, object] = {"error": message}
+        if request.path.startswith("/v1/"):  # OpenAI clients parse their own error shape
+            body["error"] = {"message": message, "type": "invalid_request_error",
+                             "param": None, "code": "invalid_api_key"}
+        return web.json_response(body, status=401, headers=headers)
+
+    return require_key

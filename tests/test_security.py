@@ -1,0 +1,196 @@
+"""API keys on every route, and hostile input over HTTP and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from neuronctl.api import create_app
+from neuronctl.config import ConfigError, NeuronConfig, load_config
+from neuronctl.registry import ModelRegistry
+
+from .conftest import FakeHarness
+from .helpers import free_port, poll_until
+from .test_lifecycle import NEURONCTL, clean_env
+
+KEY = "s3cret-key"
+# Every route and a body that gets past the key check; what matters is 401 or not.
+ROUTES: list[tuple[str, str, Any]] = [
+    ("GET", "/models", None),
+    ("POST", "/models/load", {"model_id": "m", "harness": "nope"}),
+    ("POST", "/models/unload", {"model_id": "m"}),
+    ("GET", "/models/m/endpoint", None),
+    ("GET", "/discovery", None),
+    ("POST", "/reload", None),
+    ("GET", "/metrics", None),
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": []}),
+    ("GET", "/no/such/route", None),
+]
+
+Scenario = Callable[[TestClient[Any, Any]], Awaitable[None]]
+
+
+def run_app(config: NeuronConfig, scenario: Scenario) -> None:
+    async def main() -> None:
+        registry = ModelRegistry(config, {"fake": FakeHarness()})
+        try:
+            async with TestClient(TestServer(create_app(registry))) as client:
+                await scenario(client)
+        finally:
+            await registry.shutdown()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+def test_every_route_but_health_needs_the_key(
+    node_config: NeuronConfig, method: str, path: str, body: Any
+) -> None:
+    config = dataclasses.replace(node_config, api_key=KEY)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        async def status(headers: dict[str, str]) -> tuple[int, Any]:
+            async with client.request(method, path, json=body, headers=headers) as resp:
+                # Only refusals are sure to be JSON (/metrics answers in Prometheus text).
+                return resp.status, await resp.json() if resp.status == 401 else None
+
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"},
+                        {"Authorization": f"Basic {KEY}"}):
+            code, answer = await status(headers)
+            assert code == 401, headers
+            error = answer["error"]
+            message = error["message"] if isinstance(error, dict) else error
+            assert "API key" in message
+            if path.startswith("/v1/"):  # OpenAI's error shape for OpenAI clients
+                assert error["code"] == "invalid_api_key"
+        for headers in ({"Authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}):
+            code, _ = await status(headers)
+            assert code != 401, headers
+
+    run_app(config, scenario)
+
+
+def test_health_is_open_and_no_key_means_no_check(node_config: NeuronConfig) -> None:
+    def expect(models_status: int) -> Scenario:
+        async def scenario(client: TestClient[Any, Any]) -> None:
+            async with client.get("/health") as resp:
+                assert resp.status == 200
+            async with client.get("/models") as resp:
+                assert resp.status == models_status
+
+        return scenario
+
+    run_app(dataclasses.replace(node_config, api_key=KEY), expect(401))
+    run_app(node_config, expect(200))  # without api_key everything is open
+
+
+def test_key_file_must_not_be_world_readable(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text(f"{KEY}\n")
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'api_key_file = "{key_file}"\n')
+    key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"api_key_file: .* readable by every user"):
+        load_config(config, {})
+    key_file.chmod(0o640)
+    assert load_config(config, {}).api_key == KEY
+    assert KEY not in repr(load_config(config, {}))  # secrets stay out of logs
+
+
+HOSTILE_IDS = ["../../etc/passwd", "/abs/path", "..", "a/../../b", "x" * 200, "模型/量子化"]
+
+
+@pytest.mark.parametrize("model_id", HOSTILE_IDS)
+def test_hostile_ids_over_http_stay_inside_log_dir(
+    node_config: NeuronConfig, model_id: str, tmp_path: Path
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        body = {"model_id": model_id, "harness": "fake", "args": ["--mode", "crash"]}
+        async with client.post("/models/load", json=body) as resp:
+            assert resp.status == 400  # the fake worker crashes; never a 500
+            answer = await resp.json()
+        log_path = Path(answer["model"]["log_path"])
+        assert log_path.parent == node_config.log_dir and log_path.exists()
+        async with client.post("/models/unload", json={"model_id": model_id}) as resp:
+            assert resp.status == 200
+
+    run_app(node_config, scenario)
+    outside = [p for p in tmp_path.rglob("*") if node_config.log_dir not in p.parents
+               and p != node_config.log_dir and not p.is_relative_to(node_config.state_dir)]
+    assert outside == []
+
+
+@pytest.mark.parametrize(
+    ("model_id", "error"),
+    [("a\x00b", "control characters"), ("x" * 300, "longer than 256"), ("", "must not be empty"),
+     ("   ", "must not be empty"), (17, "expected a string")],
+)
+def test_invalid_ids_over_http_are_400(
+    node_config: NeuronConfig, model_id: Any, error: str
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        async with client.post("/models/load", json={"model_id": model_id}) as resp:
+            assert resp.status == 400
+            assert error in (await resp.json())["error"]
+
+    run_app(node_config, scenario)
+
+
+def test_encoded_traversal_in_the_endpoint_route_is_a_json_404(node_config: NeuronConfig) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        for path in ("/models/..%2F..%2Fetc%2Fpasswd/endpoint", "/models/%00/endpoint"):
+            async with client.get(path) as resp:
+                assert resp.status == 404
+                assert "error" in await resp.json()
+
+    run_app(node_config, scenario)
+
+
+def test_hostile_ids_over_the_cli(tmp_path: Path) -> None:
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    env = clean_env()
+    for model_id in ("../../etc/passwd", "/etc/passwd"):
+        shown = subprocess.run([NEURONCTL, "logs", model_id, "--log-dir", str(log_dir)],
+                               capture_output=True, text=True, timeout=30, env=env)
+        assert shown.returncode == 1 and "root:" not in shown.stdout
+        assert f"at {log_dir}/" in shown.stderr  # it looked inside log_dir, nowhere else
+
+
+def test_cli_sends_the_key_from_the_config_or_the_environment(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'host = "127.0.0.1"\nport = {port}\nlog_dir = "log"\nstate_dir = "state"\n'
+                      f'api_key = "{KEY}"\n')
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / "daemon.log").open("wb") as out:
+        daemon = subprocess.Popen([NEURONCTL, "start", "--config", str(config)],
+                                  env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        poll_until(lambda: b"listening" in (tmp_path / "daemon.log").read_bytes(), 30)
+
+        def status(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([NEURONCTL, "status", *args], capture_output=True, text=True,
+                                  timeout=30, env={**clean_env(), **env})
+
+        assert status("--config", str(config)).returncode == 0  # key from the config
+        assert status("--url", url, NEURON_API_KEY=KEY).returncode == 0
+        missing = status("--url", url)
+        assert missing.returncode == 1
+        assert "API key required" in missing.stderr and "NEURON_API_KEY" in missing.stderr
+        wrong = status("--url", url, NEURON_API_KEY="nope")
+        assert wrong.returncode == 1 and "invalid API key" in wrong.stderr
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    assert os.path.exists(tmp_path / "log")
