@@ -190,6 +190,17 @@ def test_cli_sends_the_key_from_the_config_or_the_environment(tmp_path: Path) ->
         assert "API key required" in missing.stderr and "NEURON_API_KEY" in missing.stderr
         wrong = status("--url", url, NEURON_API_KEY="nope")
         assert wrong.returncode == 1 and "invalid API key" in wrong.stderr
+
+        # A hostile id through the CLI: a clean error, and its log stays inside log_dir.
+        load = subprocess.run(
+            [NEURONCTL, "load", "../../evil", "--path", str(tmp_path / "none.gguf"),
+             "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=clean_env())
+        assert load.returncode == 1 and "model file not found" in load.stderr
+        assert not (tmp_path.parent / "evil.log").exists()
+        bad = subprocess.run([NEURONCTL, "load", "a\x01b", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60, env=clean_env())
+        assert bad.returncode == 1 and "control characters" in bad.stderr
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
