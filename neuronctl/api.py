@@ -87,6 +87,9 @@ async def load_model(request: web.Request) -> web.Response:
         spec = model_spec_from_mapping(body)
     except ConfigError as exc:
         return error(400, str(exc))
+    if spec.path is not None and not spec.path.is_absolute():
+        # Relative to what? The daemon's working directory is / under systemd.
+        return error(400, f"path: must be absolute, got {str(spec.path)!r}")
     registry = request.app[REGISTRY]
     try:
         record = await registry.load(spec)

@@ -33,7 +33,10 @@ def api_key_middleware(key: str) -> Middleware:
         if (request.method, request.path) in OPEN_ROUTES:
             return await handler(request)
         given = presented_key(request)
-        if given is not None and hmac.compare_digest(given.encode(), expected):
+        # surrogateescape: a header with bytes that are not UTF-8 is a wrong key, not a 500.
+        if given is not None and hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), expected
+        ):
             return await handler(request)
         message = "invalid API key" if given else "API key required"
         message += ": send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"

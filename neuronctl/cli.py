@@ -16,8 +16,8 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, logfiles
-from .client import ApiError, Client, DaemonNotRunning, connect
-from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, config_from_env, load_config
+from .client import ApiError, Client, DaemonNotRunning, connect, settings_for
+from .config import DEFAULT_CONFIG_PATH, ConfigError, config_from_env
 from .start import EX_CONFIG
 
 app = typer.Typer(
@@ -36,7 +36,8 @@ STATUS_STYLES = {
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help=f"Config file [default: {DEFAULT_CONFIG_PATH}]"),
+    typer.Option("--config", "-c", envvar="NEURON_CONFIG",
+                 help=f"Config file [default: $NEURON_CONFIG, else {DEFAULT_CONFIG_PATH}]"),
 ]
 UrlOpt = Annotated[
     str | None,
@@ -48,13 +49,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
     # Plain write, not rich: one line however narrow the terminal (or journal) is.
     sys.stderr.write(f"neuronctl: {message}\n")
     raise typer.Exit(code)
-
-
-def _config(path: Path | None) -> NeuronConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        fail(f"config error: {exc}", EX_CONFIG)
 
 
 def _client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Client:
@@ -206,7 +200,10 @@ def load(
     if isinstance(exc, DaemonNotRunning):
         fail(str(exc))
     if isinstance(exc, ApiError):
-        fail(f"{model_id}: {exc.message}")
+        # One line (STYLE: errors are one line); the log tail it carried is in the log.
+        first, *rest = exc.message.splitlines() or [""]
+        hint = f" (neuronctl logs {model_id} shows the rest)" if rest else ""
+        fail(f"{model_id}: {first}{hint}")
     model = result["ok"].get("model") or {}
     out.print(
         f"{model_id} loaded in {time.monotonic() - started:.1f}s"
@@ -260,13 +257,11 @@ def logs(
 ) -> None:
     """Print a model's log file; works whether or not the daemon runs."""
     if log_dir is None:
-        if config is None and not DEFAULT_CONFIG_PATH.exists():
-            try:
-                log_dir = config_from_env().log_dir
-            except ConfigError as exc:
-                fail(f"config error: {exc}", EX_CONFIG)
-        else:
-            log_dir = _config(config).log_dir
+        try:
+            settings = settings_for(config)
+            log_dir = settings.log_dir if settings else config_from_env().log_dir
+        except ConfigError as exc:
+            fail(f"config error: {exc}", EX_CONFIG)
     path = logfiles.log_path(log_dir, model_id)
     if previous:
         path = logfiles.previous_path(path)

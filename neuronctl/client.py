@@ -11,10 +11,11 @@ import os
 import socket
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_CONFIG_PATH, load_config
+from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, tomllib
 
 DEFAULT_URL = "http://127.0.0.1:13131"
 
@@ -33,6 +34,54 @@ class ApiError(Exception):
         self.body = body
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    host: str = "127.0.0.1"
+    port: int = 13131
+    log_dir: Path = NeuronConfig.log_dir
+    api_key: str | None = None
+
+
+def client_settings(path: Path) -> ClientSettings:
+    """What a client needs from a config file, read leniently: a daemon that runs must stay
+    reachable when the file has a mistake elsewhere (the daemon reports those on reload)
+    or when this user may not read the key file (NEURON_API_KEY is the way then)."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("", "config file not found", str(path)) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file: {exc}", str(path)) from None
+
+    def pick(key: str, kind: type) -> Any:
+        value = raw.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+    defaults = ClientSettings()
+    port = pick("port", int)
+    key = pick("api_key", str)
+    key_file = pick("api_key_file", str)
+    if key is None and key_file is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            key = (path.parent / key_file).read_text(encoding="utf-8").strip() or None
+    log_dir = pick("log_dir", str)
+    return ClientSettings(
+        host=pick("host", str) or defaults.host,
+        port=port if port is not None and 1 <= port <= 65535 else defaults.port,
+        log_dir=path.parent / log_dir if log_dir else defaults.log_dir,
+        api_key=key,
+    )
+
+
+def settings_for(config_path: Path | None) -> ClientSettings | None:
+    """The settings of `--config`, else of the default config file when readable."""
+    if config_path is not None:
+        return client_settings(config_path)
+    if os.access(DEFAULT_CONFIG_PATH, os.R_OK):
+        return client_settings(DEFAULT_CONFIG_PATH)
+    return None
+
+
 def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) -> Client:
     """A client for the daemon this CLI invocation means.
 
@@ -40,17 +89,14 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     default one when readable), else the default. API key: NEURON_API_KEY, else the
     config file's.
     """
-    path = config_path
-    if path is None and os.access(DEFAULT_CONFIG_PATH, os.R_OK):
-        path = DEFAULT_CONFIG_PATH
-    config = load_config(path) if path is not None else None
-    key = os.environ.get("NEURON_API_KEY") or (config.api_key if config else None)
+    settings = settings_for(config_path)
+    key = os.environ.get("NEURON_API_KEY") or (settings.api_key if settings else None)
     url = url or os.environ.get("NEURON_URL")
-    if not url and config is not None:
+    if not url and settings is not None:
         # A wildcard listener is reachable on loopback; a specific address only on itself.
-        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         host = f"[{host}]" if ":" in host else host
-        url = f"http://{host}:{config.port}"
+        url = f"http://{host}:{settings.port}"
     return Client((url or DEFAULT_URL).rstrip("/"), timeout_s, key)
 
 

@@ -30,6 +30,7 @@ ENV_PREFIX = "NEURON_"
 CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY"})
 MAX_MODEL_ID_LEN = 256
 RESTART_POLICIES = ("on-failure", "always", "never")
+_INT32_MAX = 2**31 - 1
 
 
 class ConfigError(Exception):
@@ -319,10 +320,14 @@ def _convert(value: Any, tp: Any, key: str, base_dir: Path | None) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {_describe(value)}")
+        if "\x00" in value:  # no command line or file name can carry one
+            raise ConfigError(key, "contains a NUL character")
         return value
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(key, f"expected a path string, got {_describe(value)}")
+        if "\x00" in value:
+            raise ConfigError(key, "contains a NUL character")
         path = Path(value).expanduser()
         # Relative paths in a config file mean "next to the config file", not "wherever
         # systemd's working directory happens to be".
@@ -359,6 +364,11 @@ def _check_values(obj: Any, key: str) -> None:
         value = getattr(obj, name, None)
         if value is not None and value < 0:
             raise ConfigError(_join(key, name), f"must be >= 0, got {value}")
+    for name in ("n_ctx", "n_gpu_layers"):
+        value = getattr(obj, name, None)
+        # llama.cpp reads both as 32-bit ints: a bigger number wraps instead of failing.
+        if value is not None and abs(value) > _INT32_MAX:
+            raise ConfigError(_join(key, name), f"must be at most {_INT32_MAX}, got {value}")
     for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s", "restart_window_s", "ttl_s",
                  "restart_delay_s", "restart_delay_max_s", "restart_reset_s",
                  "vram_release_timeout_s", "gpu_poll_interval_s"):

@@ -19,6 +19,7 @@ from .harness import Harness
 from .registry import ModelRecord, ModelRegistry
 from .reload import Reloader
 from .statefile import StateFile
+from .states import LIVE_STATES
 from .systemd import ActivationStatus, Notifier, summary, watchdog
 
 log = logging.getLogger("neuronctl")
@@ -98,7 +99,7 @@ async def serve(
         serving.set()
 
         await stop.wait()
-        running = sum(r.worker is not None for r in registry.models())
+        running = sum(r.state in LIVE_STATES for r in registry.models())
         log.info("stopping: closing the listener and stopping %d workers", running)
         notifier.send("STOPPING=1", f"STATUS=stopping {running} workers")
         # Stop accepting, answer waiting loads, give requests in flight up to

@@ -78,6 +78,7 @@ class ModelRecord:
     consecutive_crashes: int = 0
     restart_times: collections.deque[float] = field(default_factory=collections.deque)
     load_task: asyncio.Task[ModelRecord] | None = None  # the first start
+    stop_task: asyncio.Task[None] | None = None  # set once, by the first unload or shutdown
     supervisor: asyncio.Task[None] | None = None  # watches and restarts once ready
     resolved: resolve.Resolved | None = None  # the local file(s) its workers load
     download: resolve.Progress | None = None  # while DOWNLOADING
@@ -243,6 +244,13 @@ class ModelRegistry:
             record.note_failure(exc.message, exc.exit_code)
             record.set_state(WorkerState.FAILED, "load failed")  # STARTING/DOWNLOADING -> FAILED
             raise
+        except Exception as exc:  # a bug: the model must not stay `loading` with no one on it
+            log.exception("%s: load failed unexpectedly", record.model_id)
+            record.note_failure(f"internal error: {exc!r}", None)
+            if record.state is WorkerState.PENDING:
+                record.set_state(WorkerState.STARTING)  # PENDING -> STARTING, to fail it
+            record.set_state(WorkerState.FAILED, "load failed")
+            raise LoadError(f"internal error while loading: {exc!r}") from exc
         record.load_ms = round((self._clock() - started) * 1000)
         self._ready(record, harness)
         return record
@@ -442,11 +450,13 @@ class ModelRegistry:
     async def _supervise(self, record: ModelRecord, harness: Harness) -> None:
         """Runs while the model is ready: notices an exit at once (the process's own wait,
         not a poll) and restarts it under the model's restart policy."""
-        policy = RestartPolicy.for_model(self.config, record.spec)
         while True:
             worker = record.worker
             assert worker is not None
             code = await worker.wait_exit()
+            # Read at each crash: a reload's new policy and harness defaults apply here too.
+            policy = RestartPolicy.for_model(self.config, record.spec)
+            harness = self.harnesses.get(record.spec.harness, harness)
             self._forget(worker)
             self._note_release(record, worker)
             # An exit we asked for cancels this task before signalling the worker.
@@ -481,6 +491,10 @@ class ModelRegistry:
                 except LoadError as exc:
                     record.note_failure(exc.message, exc.exit_code)
                     continue
+                except Exception as exc:  # a bug; counted like a failed attempt, not lost
+                    log.exception("%s: restart failed unexpectedly", record.model_id)
+                    record.note_failure(f"internal error: {exc!r}", None)
+                    continue
                 record.ready_at = self._clock()
                 record.set_state(WorkerState.READY, f"restart {record.restarts}")
                 break
@@ -510,12 +524,21 @@ class ModelRegistry:
         record = self._records.get(model_id)
         if record is None:
             raise NotFound(f"model not loaded: {model_id}")
-        if record.state is WorkerState.STOPPING:
+        if record.stop_task is not None:
             raise Conflict(f"{model_id} is already being unloaded")
         await self._stop(record, "unloaded")
         log.info("unloaded %s", model_id)
 
     async def _stop(self, record: ModelRecord, reason: str, release_vram: bool = True) -> None:
+        """Stop `record` once: a second caller (an unload racing a shutdown or a reload)
+        waits for the first stop rather than stopping it again."""
+        if record.stop_task is None:
+            record.stop_task = asyncio.create_task(
+                self._stop_now(record, reason, release_vram), name=f"stop {record.model_id}"
+            )
+        await asyncio.shield(record.stop_task)
+
+    async def _stop_now(self, record: ModelRecord, reason: str, release_vram: bool) -> None:
         for task in (record.load_task, record.supervisor):
             if task is not None and not task.done():
                 task.cancel()

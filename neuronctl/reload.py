@@ -21,6 +21,7 @@ from .activation import load_default_models
 from .config import ModelSpec, NeuronConfig, load_config
 from .harness import Harness, build_harnesses
 from .registry import Conflict, ModelRegistry
+from .states import ModelStatus
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Reloader:
             try:
                 result = await self._apply(new, harnesses)
             finally:
-                loaded = sum(r.status.value == "loaded" for r in self.registry.models())
+                loaded = sum(r.status is ModelStatus.LOADED for r in self.registry.models())
                 self._notifier.send("READY=1", f"STATUS={loaded} models loaded (after reload)")
             log.info("%s", result.summary())
             return result

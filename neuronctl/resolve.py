@@ -2,7 +2,7 @@
 harness's cache, so that every worker is given a local file.
 
 Everything here blocks on the disk or the network; the registry runs `fetch` in a thread of
-its own (`fetch_in_thread`) so the event loop, the API and the systemd heartbeat keep going.
+its own (`in_thread`) so the event loop, the API and the systemd heartbeat keep going.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from aiohttp import (
 )
 
 from .registry import ModelRecord, ModelRegistry
+from .states import ModelStatus
 from .worker import Worker, describe_exit
 
 log = logging.getLogger(__name__)
@@ -217,14 +218,14 @@ class Router:
 
     async def list_models(self, request: web.Request) -> web.Response:
         data = [
-            _model_entry(r) for r in self.registry.models() if r.status.value == "loaded"
+            _model_entry(r) for r in self.registry.models() if r.status is ModelStatus.LOADED
         ]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
         record = self.registry.get(model_id)
-        if record is None or record.status.value != "loaded":
+        if record is None or record.status is not ModelStatus.LOADED:
             return self._unknown_model(model_id)
         return web.json_response(_model_entry(record))
 
@@ -422,7 +423,7 @@ class Router:
         )
 
     def _loaded_ids(self) -> str:
-        ids = [r.spec.model_id for r in self.registry.models() if r.status.value == "loaded"]
+        ids = [r.model_id for r in self.registry.models() if r.status is ModelStatus.LOADED]
         return ", ".join(ids) if ids else "none"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +26,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="neuronctl start",
         description="Load the default models one by one, then serve the API until SIGTERM.",
     )
-    parser.add_argument("--config", "-c", type=Path, default=None,
-                        help=f"config file (default: {DEFAULT_CONFIG_PATH})")
+    env_config = os.environ.get("NEURON_CONFIG")
+    parser.add_argument("--config", "-c", type=Path,
+                        default=Path(env_config) if env_config else None,
+                        help=f"config file (default: $NEURON_CONFIG, else {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--port", type=int, default=None, help="listen on this port instead")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, type=str.lower,
                         help="daemon log level (default: info)")

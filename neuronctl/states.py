@@ -95,12 +95,5 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 
 # States in which a process may exist and must be stopped on shutdown.
 LIVE_STATES = frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.STOPPING})
-# States in which a load of the same model joins or conflicts rather than starting anew.
-BUSY_STATES = frozenset({
-    WorkerState.PENDING, WorkerState.DOWNLOADING, WorkerState.STARTING, WorkerState.READY,
-    WorkerState.BACKOFF, WorkerState.STOPPING,
-})
-
-
 class InvalidTransition(RuntimeError):
     pass

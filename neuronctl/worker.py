@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -160,6 +161,8 @@ class Worker:
             logfiles.write_pid_line(fd, self._proc.pid)
         except OSError as exc:
             raise LoadError(f"cannot start worker {self.plan.command[0]}: {exc.strerror}") from None
+        except (ValueError, subprocess.SubprocessError) as exc:  # a NUL in an argument, say
+            raise LoadError(f"cannot start worker {self.plan.command[0]}: {exc}") from None
         finally:
             os.close(fd)  # the child holds its own copy
         self._exited = asyncio.ensure_future(self._proc.wait())

@@ -59,6 +59,7 @@ class Stub:
         self.url = ""
         self.routes: dict[tuple[str, str], tuple[int, Any]] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.headers: list[dict[str, str]] = []
 
 
 def stub_handler(stub: Stub) -> type[BaseHTTPRequestHandler]:
@@ -67,6 +68,7 @@ def stub_handler(stub: Stub) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             stub.requests.append((method, self.path, json.loads(raw) if raw else None))
+            stub.headers.append(dict(self.headers.items()))
             status, body = stub.routes.get((method, self.path), (404, {"error": "no such route"}))
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -380,3 +382,23 @@ def test_logs_previous_prints_the_log_from_before_the_last_start(tmp_path: Path)
     missing = subprocess.run([exe, "logs", "org/m", "-p", "--log-dir", str(tmp_path)],
                              capture_output=True, text=True, timeout=30, env=env)
     assert missing.returncode == 1 and "no previous log for org/m" in missing.stderr
+
+
+def test_client_reads_the_config_leniently(stub: Stub, tmp_path: Path) -> None:
+    """A running daemon stays reachable when the config has a mistake elsewhere (the
+    daemon reports those itself on reload), and the key file is only a fallback."""
+    stub.routes[("GET", "/models")] = (200, [])
+    port = stub.url.rsplit(":", 1)[1]
+    key_file = tmp_path / "api-key"
+    key_file.write_text("from-file\n")
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'port = {port}\nhost = "127.0.0.1"\nbogus_key = 1\n'
+                      f'api_key_file = "{key_file}"\n')
+    result = neuronctl("status", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert stub.headers[-1].get("Authorization") == "Bearer from-file"
+    # NEURON_CONFIG names the config, and NEURON_API_KEY wins over the key file.
+    result = neuronctl("status", env=clean_env(NEURON_CONFIG=str(config),
+                                               NEURON_API_KEY="from-env"))
+    assert result.returncode == 0, result.stderr
+    assert stub.headers[-1].get("Authorization") == "Bearer from-env"

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from neuronctl.api import create_app
 from neuronctl.config import ModelSpec, NeuronConfig
 from neuronctl.harness import LoadError
-from neuronctl.registry import ModelRegistry
+from neuronctl.registry import Conflict, ModelRegistry
 from neuronctl.statefile import StateFile
 from neuronctl.states import ModelStatus, WorkerState
 
@@ -365,3 +365,39 @@ def test_kill_9_of_the_supervisor_takes_every_worker_with_it(
     finally:
         kill_quietly(proc.pid)
         proc.wait(10)
+
+
+def test_concurrent_unloads_stop_once_and_never_500(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(node_config, {"fake": fake_harness})
+        async with TestClient(TestServer(create_app(registry))) as client:
+            try:
+                async def load() -> None:
+                    body = {"model_id": "m", "harness": "fake"}
+                    async with client.post("/models/load", json=body) as resp:
+                        assert resp.status == 200
+
+                async def unload() -> int:
+                    async with client.post("/models/unload", json={"model_id": "m"}) as resp:
+                        return resp.status
+
+                await load()
+                statuses = sorted(await asyncio.gather(*(unload() for _ in range(4))))
+                assert statuses[0] == 200 and set(statuses[1:]) <= {404, 409}
+                assert fake_worker_pids() == []
+                # Two unloads in the same loop iteration: the second must not stop it again.
+                await load()
+                outcomes = await asyncio.gather(registry.unload("m"), registry.unload("m"),
+                                                return_exceptions=True)
+                assert outcomes[0] is None and isinstance(outcomes[1], Conflict), outcomes
+                # And unloads racing a shutdown: each answers, none with a 500.
+                await load()
+                results = await asyncio.gather(*(unload() for _ in range(3)), registry.shutdown())
+                assert set(results[:3]) <= {200, 404, 409}
+                assert fake_worker_pids() == []
+            finally:
+                await registry.shutdown()
+
+    asyncio.run(scenario())

@@ -132,8 +132,9 @@ def test_hostile_ids_over_http_stay_inside_log_dir(
 
 @pytest.mark.parametrize(
     ("model_id", "error"),
-    [("a\x00b", "control characters"), ("x" * 300, "longer than 256"), ("", "must not be empty"),
-     ("   ", "must not be empty"), (17, "expected a string")],
+    [("a\x00b", "NUL character"), ("a\x01b", "control characters"),
+     ("x" * 300, "longer than 256"), ("", "must not be empty"), ("   ", "must not be empty"),
+     (17, "expected a string")],
 )
 def test_invalid_ids_over_http_are_400(
     node_config: NeuronConfig, model_id: Any, error: str
@@ -205,3 +206,26 @@ def test_cli_sends_the_key_from_the_config_or_the_environment(tmp_path: Path) ->
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     assert os.path.exists(tmp_path / "log")
+
+
+def test_bad_input_that_once_broke_things_is_a_clean_4xx(node_config: NeuronConfig) -> None:
+    config = dataclasses.replace(node_config, api_key=KEY)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        # A header that is not UTF-8 is a wrong key, not a 500.
+        async with client.get("/models", headers={"x-api-key": "s\udcffe"}) as resp:
+            assert resp.status == 401 and "error" in await resp.json()
+        # A NUL in an argument can reach no command line: refused before anything is listed.
+        body = {"model_id": "m", "harness": "fake", "args": ["a\x00b"]}
+        async with client.post("/models/load", json=body, headers=auth) as resp:
+            assert resp.status == 400
+            assert "args[0]: contains a NUL character" in (await resp.json())["error"]
+        # A relative path would be relative to the daemon's working directory (/ in systemd).
+        body = {"model_id": "m", "path": "models/x.gguf"}
+        async with client.post("/models/load", json=body, headers=auth) as resp:
+            assert resp.status == 400 and "must be absolute" in (await resp.json())["error"]
+        async with client.get("/models", headers=auth) as resp:
+            assert await resp.json() == []
+
+    run_app(config, scenario)
