@@ -16,7 +16,8 @@ from pathlib import Path
 from .activation import ActivationResult, load_default_models
 from .config import ConfigError, NeuronConfig
 from .harness import Harness
-from .registry import ModelRecord, ModelRegistry
+from .models import ModelRecord
+from .registry import ModelRegistry
 from .reload import Reloader
 from .statefile import StateFile
 from .states import LIVE_STATES

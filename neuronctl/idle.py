@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from .registry import Conflict, ModelRecord, ModelRegistry, NotFound
+from .models import ModelRecord
+from .registry import Conflict, ModelRegistry, NotFound
 from .router import ROUTER_STATS, RouterStats
 from .states import ModelStatus
 

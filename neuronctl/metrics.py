@@ -22,7 +22,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from .registry import ModelRecord, ModelRegistry
+from .models import ModelRecord
+from .registry import ModelRegistry
 from .router import LATENCY_BUCKETS_S, RouterStats
 from .states import ModelStatus
 

@@ -31,7 +31,8 @@ from aiohttp import (
     web,
 )
 
-from .registry import ModelRecord, ModelRegistry
+from .models import ModelRecord
+from .registry import ModelRegistry
 from .states import ModelStatus
 from .worker import Worker, describe_exit
 
