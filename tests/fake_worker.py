@@ -58,7 +58,7 @@ def main() -> None:
         sys.exit(args.code)
     if args.mode == "hang":
         while True:
-            time.sleep(3600)
+            time.sleep(3600)  # a hung load: the supervisor must poll, time out and kill it
     server = http.server.HTTPServer(("127.0.0.1", args.port), Handler)
     print("ready", flush=True)
     server.serve_forever()

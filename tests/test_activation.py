@@ -36,7 +36,7 @@ class ScriptedWorker:
 
     async def start(self) -> None:
         self.timeline.append(("start", self.model_id))
-        await asyncio.sleep(0.01)  # yield, so a concurrent load could interleave if allowed
+        await asyncio.sleep(0.01)  # a yield, not a poll: a concurrent load could interleave
         self.timeline.append(("end", self.model_id))
         if self.model_id in self.failing:
             raise LoadError("worker exited with code 3 while starting", exit_code=3)

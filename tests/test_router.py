@@ -657,7 +657,7 @@ def test_client_disconnect_drops_the_upstream_request(
             while True:
                 if upstream == "streaming":
                     await resp.write(b'data: {"token": "x"}\n\n')
-                await asyncio.sleep(0.01)  # generation pace, not a wait for a condition
+                await asyncio.sleep(0.01)  # generation pace, not a poll for a condition
         except (ConnectionError, asyncio.CancelledError):
             upstream_gone.set()
             raise

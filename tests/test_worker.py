@@ -134,7 +134,7 @@ def test_worker_dies_with_its_supervisor(tmp_path: Path) -> None:
             worker = Worker("m", plan, {port}, Path({str(tmp_path / "m.log")!r}), 1.0)
             await worker.start()
             print(worker.pid, flush=True)
-            await asyncio.sleep(60)
+            await asyncio.sleep(60)  # idle until the test kills this parent (no poll needed)
         asyncio.run(main())
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
