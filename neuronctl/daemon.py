@@ -14,7 +14,7 @@ import types
 from pathlib import Path
 
 from .activation import ActivationResult, load_default_models
-from .config import ConfigError, NeuronConfig
+from .config import NeuronConfig
 from .harness import Harness
 from .models import ModelRecord
 from .registry import ModelRegistry
@@ -120,19 +120,7 @@ def _on_sighup(reloader: Reloader, serving: asyncio.Event) -> None:
         # Activation is loading the config's models already; a reload now would race it.
         log.warning("SIGHUP during activation ignored; reload once the node is up")
         return
-    task = asyncio.ensure_future(_reload_quietly(reloader))
-    _background.add(task)  # keep a reference until it is done
-    task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Future[None]] = set()
-
-
-async def _reload_quietly(reloader: Reloader) -> None:
-    try:
-        await reloader.reload()
-    except ConfigError as exc:
-        log.error("reload refused, nothing changed: %s", exc)
+    reloader.reload_in_background()
 
 
 async def _activate(

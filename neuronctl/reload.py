@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .activation import load_default_models
-from .config import ModelSpec, NeuronConfig, load_config
+from .config import ConfigError, ModelSpec, NeuronConfig, load_config
 from .harness import Harness, build_harnesses
 from .registry import Conflict, ModelRegistry
 from .states import ModelStatus
@@ -65,6 +65,20 @@ class Reloader:
         self._notifier = notifier or Notifier({})
         self._build = build
         self._lock = asyncio.Lock()  # SIGHUP and POST /reload never interleave
+        self._background: set[asyncio.Future[None]] = set()
+
+    def reload_in_background(self) -> None:
+        """For SIGHUP: nobody waits for the answer, so a refusal goes to the log."""
+
+        async def reload_logged() -> None:
+            try:
+                await self.reload()
+            except ConfigError as exc:
+                log.error("reload refused, nothing changed: %s", exc)
+
+        task = asyncio.ensure_future(reload_logged())
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
 
     async def reload(self) -> ReloadResult:
         """Raises ConfigError (and changes nothing) when the new config is invalid."""
