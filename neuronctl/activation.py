@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import ModelSpec
-from .harness import LoadError
-from .registry import Conflict, ModelRegistry
+from .errors import NeuronError
+from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ async def load_default_models(
         error: str | None = None
         try:
             await registry.load(spec)
-        except (LoadError, Conflict) as exc:
-            error = str(exc)
+        except NeuronError as exc:  # a load that failed, or a conflicting one
+            error = exc.message
         except Exception as exc:  # a bug must not keep the other models down
             log.warning("default model %s: unexpected error", spec.model_id, exc_info=True)
             error = f"unexpected error: {exc!r}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -26,3 +28,31 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
     if not done:
         raise asyncio.TimeoutError
     return task.result()
+
+
+async def in_thread(fn: Callable[[], T], name: str) -> T:
+    """Run blocking `fn` in a daemon thread and await its result.
+
+    Not `asyncio.to_thread`: the default executor's threads are joined at interpreter exit,
+    so a multi-gigabyte download would hold up a supervisor that was told to stop. Cancelling
+    the await returns at once; the thread finishes (or notices its cancel flag) on its own.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # delivered to the awaiting task, not lost in a thread
+            outcome: tuple[Callable[[Any], None], Any] = (future.set_exception, exc)
+        else:
+            outcome = (future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(deliver, *outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future

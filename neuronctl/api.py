@@ -1,7 +1,8 @@
 """The control API: an aiohttp app over the model registry.
 
-Every answer is JSON, errors included (`{"error": "..."}`): one middleware turns whatever
-went wrong into that shape, so no client ever sees an HTML page or a traceback.
+Every answer is JSON, errors included (`{"error": "...", "type": ..., "code": ...}`): one
+middleware turns whatever went wrong into that shape, with the status errors.py gives it,
+so no client ever sees an HTML page or a traceback.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from . import __version__, router
+from . import __version__, errors, router
 from .auth import api_key_middleware
 from .config import ConfigError, model_spec_from_mapping
 from .discovery import Discovery
-from .harness import LoadError
+from .errors import NeuronError
 from .idle import idle_unload_ctx
 from .metrics import Metrics
-from .registry import Conflict, ModelRegistry, NotFound
+from .registry import ModelRegistry
 from .reload import Reloader
 from .states import ModelStatus
 
@@ -38,14 +39,22 @@ MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+def error_response(exc: NeuronError, **extra: Any) -> web.Response:
+    return web.json_response(exc.control_body(**extra), status=exc.status, headers=exc.headers)
+
+
+# aiohttp's own refusals (no such route, a body over the limit), in our shape.
+_HTTP_ERRORS: dict[int, type[NeuronError]] = {
+    404: errors.NotFound, 405: errors.MethodNotAllowed, 413: errors.PayloadTooLarge,
+}
 
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except NeuronError as exc:
+        return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -57,22 +66,24 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         elif exc.status == 405:
             allowed = exc.headers.get("Allow", "")
             message = f"method {request.method} not allowed on {request.path} (allowed: {allowed})"
-        response = error(exc.status, message)
+        kind = _HTTP_ERRORS.get(exc.status, errors.BadRequest)
+        refusal = kind(message)
+        response = web.json_response(refusal.control_body(), status=exc.status)
         if "Allow" in exc.headers:  # RFC 9110: a 405 names the methods that would work
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error(500, "internal error; see the neuron service log")
+        return error_response(NeuronError("internal error; see the neuron service log"))
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(reason="request body is not valid JSON") from None
+        raise errors.InvalidJson("request body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(reason="request body must be a JSON object")
+        raise errors.InvalidJson("request body must be a JSON object")
     return body
 
 
@@ -86,43 +97,37 @@ async def load_model(request: web.Request) -> web.Response:
     try:
         spec = model_spec_from_mapping(body)
     except ConfigError as exc:
-        return error(400, str(exc))
+        raise errors.InvalidSpec(str(exc), param=exc.key or None) from None
     if spec.path is not None and not spec.path.is_absolute():
         # Relative to what? The daemon's working directory is / under systemd.
-        return error(400, f"path: must be absolute, got {str(spec.path)!r}")
+        raise errors.InvalidSpec(f"path: must be absolute, got {str(spec.path)!r}", param="path")
     registry = request.app[REGISTRY]
     try:
-        record = await registry.load(spec)
-    except Conflict as exc:
-        return error(409, str(exc))
-    except LoadError as exc:
-        record_ = registry.get(spec.model_id)
-        return error(400, exc.message, model=record_.to_json() if record_ else None)
-    return web.json_response({"status": "loaded", "model": record.to_json()})
+        model = await registry.load(spec)
+    except errors.LoadError as exc:
+        failed = registry.get(spec.model_id)
+        return error_response(exc, model=failed.to_json() if failed else None)
+    return web.json_response({"status": "loaded", "model": model.to_json()})
 
 
 async def unload_model(request: web.Request) -> web.Response:
     body = await _json_object(request)
     model_id = body.get("model_id")
     if not isinstance(model_id, str) or not model_id:
-        return error(400, "model_id: required, a string")
-    try:
-        await request.app[REGISTRY].unload(model_id)
-    except NotFound as exc:
-        return error(404, str(exc))
-    except Conflict as exc:
-        return error(409, str(exc))
+        raise errors.InvalidValue("model_id: required, a string", param="model_id")
+    await request.app[REGISTRY].unload(model_id)  # ModelNotFound, Conflict
     return web.json_response({"status": "unloaded", "model_id": model_id})
 
 
 async def model_endpoint(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
-    record = request.app[REGISTRY].get(model_id)
-    if record is None:
-        return error(404, f"model not loaded: {model_id}")
-    if record.status is not ModelStatus.LOADED or record.worker is None:
-        return error(404, f"model {model_id} is {record.status.value}, not loaded")
-    return web.json_response({"url": record.worker.endpoint})
+    model = request.app[REGISTRY].get(model_id)
+    if model is None:
+        raise errors.ModelNotFound(f"model not loaded: {model_id}")
+    worker = model.serving_worker
+    if worker is None:
+        raise errors.ModelNotFound(f"model {model_id} is {model.status.value}, not loaded")
+    return web.json_response({"url": worker.endpoint})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -149,11 +154,11 @@ async def discovery(request: web.Request) -> web.Response:
 async def reload_config(request: web.Request) -> web.Response:
     reloader = request.app.get(RELOADER)
     if reloader is None:
-        return error(404, "this server was started without a config file to reload")
+        raise errors.NotFound("this server was started without a config file to reload")
     try:
         result = await reloader.reload()
     except ConfigError as exc:
-        return error(400, f"reload refused, nothing changed: {exc}")
+        raise errors.InvalidConfig(f"reload refused, nothing changed: {exc}") from None
     return web.json_response(result.to_json())
 
 
@@ -187,5 +192,10 @@ def create_app(
     app.cleanup_ctx.append(idle_unload_ctx(registry))  # ttl_s: unload idle models
     metrics = metrics or Metrics(registry, app[STARTED_AT])
     metrics.attach(routes.stats)
+
+    async def stop_metrics(app: web.Application) -> None:
+        metrics.unsubscribe()
+
+    app.on_cleanup.append(stop_metrics)
     app.router.add_get("/metrics", metrics.handle)
     return app

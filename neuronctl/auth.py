@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .errors import Unauthorized
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Liveness probes (load balancers, systemd watchdogs of other services) carry no secrets.
 OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})
@@ -40,11 +42,10 @@ def api_key_middleware(key: str) -> Middleware:
             return await handler(request)
         message = "invalid API key" if given else "API key required"
         message += ": send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
-        headers = {"WWW-Authenticate": 'Bearer realm="neuron"'}
-        body: dict[str, object] = {"error": message}
-        if request.path.startswith("/v1/"):  # OpenAI clients parse their own error shape
-            body["error"] = {"message": message, "type": "invalid_request_error",
-                             "param": None, "code": "invalid_api_key"}
-        return web.json_response(body, status=401, headers=headers)
+        refusal = Unauthorized(message, headers={"WWW-Authenticate": 'Bearer realm="neuron"'})
+        # OpenAI clients parse their own error shape.
+        v1 = request.path.startswith("/v1/")
+        body = refusal.openai_body() if v1 else refusal.control_body()
+        return web.json_response(body, status=refusal.status, headers=refusal.headers)
 
     return require_key

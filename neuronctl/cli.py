@@ -200,9 +200,11 @@ def load(
     if isinstance(exc, DaemonNotRunning):
         fail(str(exc))
     if isinstance(exc, ApiError):
-        # One line (STYLE: errors are one line); the log tail it carried is in the log.
-        first, *rest = exc.message.splitlines() or [""]
-        hint = f" (neuronctl logs {model_id} shows the rest)" if rest else ""
+        # One line (STYLE: errors are one line) that already says what the worker said;
+        # the log tail it carried (`detail`) is in the log.
+        first = (exc.message.splitlines() or [""])[0]
+        detail = isinstance(exc.body, dict) and exc.body.get("detail")
+        hint = f" (neuronctl logs {model_id} shows the rest)" if detail else ""
         fail(f"{model_id}: {first}{hint}")
     model = result["ok"].get("model") or {}
     out.print(

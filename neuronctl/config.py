@@ -414,3 +414,15 @@ def effective(spec: ModelSpec, harness: HarnessConfig, name: str) -> Any:
     """A per-model setting, falling back to the harness table's default."""
     value = getattr(spec, name)
     return getattr(harness, name) if value is None else value
+
+
+def gpu_layers(spec: ModelSpec, harness: HarnessConfig) -> int | None:
+    """Layers to offload: None for the server's own default (the CPU), -1 for all of them.
+
+    The one place that decides it: devices named with no `n_gpu_layers` means the operator
+    wants the model on those GPUs, all of it (the harnesses and VRAM admission both ask).
+    """
+    n_gpu_layers: int | None = effective(spec, harness, "n_gpu_layers")
+    if n_gpu_layers is None and spec.devices:
+        return -1
+    return n_gpu_layers

@@ -1,4 +1,11 @@
-"""`neuronctl start`: activation first, then the API, until SIGTERM or SIGINT."""
+"""`neuronctl start`'s life in named steps: startup, serve, shutdown.
+
+Signal handlers are installed before anything else (as uvicorn's server does), so a
+SIGTERM or SIGHUP that arrives during orphan cleanup or activation is handled, never the
+default action that kills the process with its workers still running. Whatever step
+fails, shutdown still runs: every worker is stopped and the exit status is 1, with one
+line in the journal saying which step failed and why.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +19,17 @@ import socket
 import threading
 import types
 from pathlib import Path
+from typing import Any
 
 from .activation import ActivationResult, load_default_models
+from .aio import in_thread
 from .config import NeuronConfig
 from .harness import Harness
-from .models import ModelRecord
 from .registry import ModelRegistry
 from .reload import Reloader
-from .statefile import StateFile
+from .statefile import StateFile, stop_orphans
 from .states import LIVE_STATES
-from .systemd import ActivationStatus, Notifier, summary, watchdog
+from .systemd import ActivationStatus, NodeStatus, Notifier, summary, watchdog
 
 log = logging.getLogger("neuronctl")
 
@@ -45,11 +53,149 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 def _import_api_quietly() -> types.ModuleType:
-    # Lowest CPU priority for this thread only: on a small host it must not slow the worker
-    # that is loading at the same time.
+    # Lowest CPU priority for this thread only (a thread of its own, which ends with the
+    # import): on a small host it must not slow the worker loading at the same time.
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     return importlib.import_module("neuronctl.api")
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: NeuronConfig,
+        harnesses: dict[str, Harness],
+        sock: socket.socket,
+        state: StateFile | None = None,
+        config_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.sock = sock
+        self.state = state
+        self.registry = ModelRegistry(config, harnesses, state=state)
+        self.notifier = Notifier()
+        self.reloader = Reloader(self.registry, config_path, self.notifier)
+        self.stop = asyncio.Event()
+        self.serving = False
+        self.step = "starting"  # named in the one line a failure logs
+        self._runner: Any = None  # aiohttp's AppRunner, once the API is up
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def run(self) -> int:
+        """The exit status: 0 after a requested stop, 1 when a step failed."""
+        self._install_signals()
+        code = 0
+        try:
+            if await self._startup():
+                await self.stop.wait()  # serve
+        except Exception as exc:
+            log.error("neuronctl: %s failed: %s", self.step, exc or type(exc).__name__)
+            log.debug("traceback of the failure", exc_info=True)
+            code = 1
+        finally:
+            await self._shutdown()
+        return code
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        if not self.serving:
+            # Activation is loading the config's models already; a reload now would race it.
+            log.warning("SIGHUP during %s ignored; reload once the node is up", self.step)
+            return
+        self.reloader.reload_in_background()
+
+    # --- startup -------------------------------------------------------------------------
+
+    async def _startup(self) -> bool:
+        """Up to READY=1; False when a stop signal came first."""
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        self._tasks.append(asyncio.create_task(watchdog(self.notifier), name="watchdog"))
+        self.step = "cleaning up after a previous supervisor"
+        if self.state is not None:
+            await asyncio.to_thread(_stop_orphans, self.state, self.config.stop_timeout_s)
+        if self.stop.is_set():
+            return False
+        # The API's imports (aiohttp's server side, ~0.2 s) happen in a thread while the
+        # first worker loads in its own process, not after activation.
+        api_import = asyncio.ensure_future(in_thread(_import_api_quietly, "import api"))
+        # Default models' loads are counted in /metrics, which exists only after activation.
+        early = self.registry.events.subscribe()
+        self.step = "activation"
+        results = await self._activate()
+        if results is None:
+            log.info("stop requested during activation")
+            early.close()
+            return False
+        self.step = "starting the API"
+        api = await api_import
+        metrics = api.Metrics(self.registry, started_at, since=early)
+        app = api.create_app(self.registry, started_at, self.reloader, metrics)
+        self._runner = api.web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+        await self._runner.setup()
+        await api.web.SockSite(self._runner, self.sock).start()
+        # READY=1 only now: systemd's "started" then means the API answers.
+        self.notifier.send("READY=1", f"STATUS={summary(results)}")
+        self.registry.events.on_event(NodeStatus(self.notifier, self.registry.models))
+        log.info("listening on http://%s:%d (%s)", self.config.host, self.config.port,
+                 summary(results))
+        self.serving = True
+        self.step = "serving"
+        return True
+
+    async def _activate(self) -> list[ActivationResult] | None:
+        """Load the default models; None if a stop signal came first."""
+        observer = ActivationStatus(self.notifier, self.registry.load_progress)
+        activation = asyncio.create_task(
+            load_default_models(self.registry, self.config.default_models, observer))
+        stopping = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait({activation, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            await observer.finish()
+        if activation.done():
+            return activation.result()
+        activation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await activation
+        return None
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """Close the listener, let requests in flight finish (bounded: the workers still
+        serve them), then stop every worker at once. Runs after any step, failed or not."""
+        self.step = "shutdown"
+        running = sum(m.state in LIVE_STATES for m in self.registry.models())
+        log.info("stopping: closing the listener and stopping %d workers", running)
+        self.notifier.send("STOPPING=1", f"STATUS=stopping {running} workers")
+        try:
+            self.registry.cancel_loads()  # waiting load requests answer now
+            if self._runner is not None:
+                await self._runner.cleanup()
+            else:
+                self.sock.close()
+            await self.registry.shutdown()
+            log.info("stopped")
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            self.notifier.close()
+
+
+def _stop_orphans(state: StateFile, timeout_s: float) -> None:
+    """Workers a crashed predecessor left behind hold VRAM the new ones need."""
+    stop_orphans(state.read(), timeout_s)
+    try:
+        state.reset()
+    except OSError as exc:
+        log.warning("cannot reset %s: %s", state.path, exc)
 
 
 async def serve(
@@ -62,84 +208,4 @@ async def serve(
     """Activate, then serve the API on `sock` until SIGTERM or SIGINT; the exit status.
 
     SIGHUP (and POST /reload) re-read `config_path` once the node is up."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    registry = ModelRegistry(config, harnesses, state=state)
-    notifier = Notifier()
-    reloader = Reloader(registry, config_path, notifier)
-    serving = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, _on_sighup, reloader, serving)
-    pinger = asyncio.create_task(watchdog(notifier))
-    # The API's imports (aiohttp's server side, ~0.2 s) happen in a thread while the first
-    # worker loads in its own process, instead of after activation, on the way to listening.
-    api_module = loop.run_in_executor(None, _import_api_quietly)
-    started_at = loop.time()
-    # /metrics counts the default models' loads too, but prometheus-client and the API are
-    # imported off the path to the first worker; their load times wait here meanwhile.
-    early_loads: list[tuple[ModelRecord, float]] = []
-    registry.ready_observers.append(lambda record, s: early_loads.append((record, s)))
-    try:
-        results = await _activate(registry, config, notifier, stop)
-        if results is None:
-            log.info("stop requested during activation; stopped every worker")
-            return 0
-        api = await api_module
-        registry.ready_observers.clear()
-        metrics = api.Metrics(registry, started_at)
-        for record, seconds in early_loads:
-            metrics.observe_load(record, seconds)
-        app = api.create_app(registry, started_at, reloader, metrics)
-        runner = api.web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
-        await runner.setup()
-        await api.web.SockSite(runner, sock).start()
-        # READY=1 only now: systemd's "started" then means the API answers.
-        notifier.send("READY=1", f"STATUS={summary(results)}")
-        log.info("listening on http://%s:%d (%s)", config.host, config.port, summary(results))
-        serving.set()
-
-        await stop.wait()
-        running = sum(r.state in LIVE_STATES for r in registry.models())
-        log.info("stopping: closing the listener and stopping %d workers", running)
-        notifier.send("STOPPING=1", f"STATUS=stopping {running} workers")
-        # Stop accepting, answer waiting loads, give requests in flight up to
-        # SHUTDOWN_GRACE_S (the workers still serve them), then stop every worker at once.
-        registry.cancel_loads()
-        await runner.cleanup()
-        await registry.shutdown()
-        log.info("stopped")
-        return 0
-    finally:
-        pinger.cancel()
-        notifier.close()
-
-
-def _on_sighup(reloader: Reloader, serving: asyncio.Event) -> None:
-    if not serving.is_set():
-        # Activation is loading the config's models already; a reload now would race it.
-        log.warning("SIGHUP during activation ignored; reload once the node is up")
-        return
-    reloader.reload_in_background()
-
-
-async def _activate(
-    registry: ModelRegistry, config: NeuronConfig, notifier: Notifier, stop: asyncio.Event
-) -> list[ActivationResult] | None:
-    """Load the default models; None if a stop signal came first (workers already stopped)."""
-    observer = ActivationStatus(notifier, registry.load_progress)
-    activation = asyncio.create_task(
-        load_default_models(registry, config.default_models, observer)
-    )
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({activation, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    await observer.finish()
-    if activation.done():
-        stopping.cancel()
-        return activation.result()
-    notifier.send("STOPPING=1", "STATUS=stopping during activation")
-    activation.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await activation
-    await registry.shutdown()
-    return None
+    return await Daemon(config, harnesses, sock, state, config_path).run()

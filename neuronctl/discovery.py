@@ -165,6 +165,16 @@ class Discovery:
     def listed_pids(self) -> set[int] | None:
         return set(self._apps) if self._apps is not None else None
 
+    def set_poll_interval(self, seconds: float) -> None:
+        """A reload's new interval, from now on: a poller asleep on the old one starts over."""
+        if seconds == self.poll_interval_s:
+            return
+        self.poll_interval_s = seconds
+        if self._poller is not None and not self._poller.done():
+            self._poller.cancel()
+            self._poller = None
+            self._start_polling()
+
     def _start_polling(self) -> None:
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(

@@ -15,22 +15,10 @@ from typing import Protocol
 
 import workers
 
-from .config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective
+from .config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective, gpu_layers
+from .errors import HarnessUnavailable, LoadError, ModelFileError, UnknownHarness
 
-
-class LoadError(Exception):
-    """A model could not be loaded; the message is what the operator sees."""
-
-    def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-
-
-class UnknownHarness(LoadError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown harness: {name}")
-        self.name = name
+__all__ = ["Harness", "LoadError", "UnknownHarness", "WorkerPlan", "build_harnesses"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +35,7 @@ class Harness(Protocol):
     name: str
 
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
-        """Raise LoadError for a spec this harness cannot run (a missing file, say)."""
+        """Raise a LoadError for a spec this harness cannot run (a missing file, say)."""
         ...
 
 
@@ -73,17 +61,15 @@ def worker_script(name: str) -> Path:
 def _model_file(spec: ModelSpec) -> Path:
     # The registry resolves every model to a local file (see resolve.py) before planning.
     if spec.path is None:
-        raise LoadError(f"{spec.model_id}: no model file was resolved")
+        raise LoadError(f"{spec.model_id}: no model file was resolved")  # a bug
     if not spec.path.is_file():
-        raise LoadError(f"model file not found: {spec.path}")
+        raise ModelFileError(f"model file not found: {spec.path}", param="path")
     return spec.path
 
 
 def _gpu_layers(spec: ModelSpec, defaults: HarnessConfig, all_layers: int) -> int | None:
-    n_gpu_layers = effective(spec, defaults, "n_gpu_layers")
-    if n_gpu_layers is None and spec.devices:
-        return all_layers  # devices named: the operator wants it on the GPU, all of it
-    return n_gpu_layers  # None: the server's own default
+    n_gpu_layers = gpu_layers(spec, defaults)
+    return all_layers if n_gpu_layers is not None and n_gpu_layers < 0 else n_gpu_layers
 
 
 def _device_env(spec: ModelSpec) -> dict[str, str]:
@@ -153,7 +139,8 @@ class LlamaServerHarness:
                 f"binary = {configured!r} of [harness.{LLAMA_SERVER}]"
                 if self._defaults.binary else "PATH"
             )
-            raise LoadError(f"llama-server not found: no executable {configured} ({where})")
+            raise HarnessUnavailable(
+                f"llama-server not found: no executable {configured} ({where})")
         return Path(found)
 
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:

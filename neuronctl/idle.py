@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from .models import ModelRecord
-from .registry import Conflict, ModelRegistry, NotFound
+from .errors import Conflict, ModelNotFound
+from .lifecycle import ModelLifecycle
+from .registry import ModelRegistry
 from .router import ROUTER_STATS, RouterStats
 from .states import ModelStatus
 
@@ -38,15 +39,15 @@ class IdleReaper:
         self._clock = clock
         # Per loaded record (a reload makes a new one): request count last seen, and when
         # the model was last busy.
-        self._seen: dict[ModelRecord, tuple[int, float]] = {}
+        self._seen: dict[ModelLifecycle, tuple[int, float]] = {}
 
-    def ttl_for(self, record: ModelRecord) -> float | None:
+    def ttl_for(self, record: ModelLifecycle) -> float | None:
         if record.spec.ttl_s is not None:
             return record.spec.ttl_s
         defaults = {s.model_id for s in self.registry.config.default_models}
         return None if record.model_id in defaults else self.registry.config.ttl_s
 
-    def idle(self) -> list[tuple[ModelRecord, float]]:
+    def idle(self) -> list[tuple[ModelLifecycle, float]]:
         """Loaded models past their TTL, with how long they have been idle."""
         now = self._clock()
         due = []
@@ -74,7 +75,7 @@ class IdleReaper:
                 continue  # reloaded or unloaded meanwhile
             log.info("%s: no request for %.0f s (ttl_s %g); unloading",
                      record.model_id, idle_s, self.ttl_for(record) or 0)
-            with contextlib.suppress(NotFound, Conflict):  # someone else unloaded it first
+            with contextlib.suppress(ModelNotFound, Conflict):  # someone else unloaded it first
                 await self.registry.unload(record.model_id)
 
     async def run(self, interval_s: float = CHECK_INTERVAL_S) -> None:

@@ -93,6 +93,29 @@ def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
     return lines[-n:] if n > 0 else []
 
 
+# A line that says what went wrong, in the words of the servers we run (argparse, Python
+# tracebacks, llama.cpp's loaders).
+_ERRORISH = re.compile(
+    r"error|exception|unrecognized|invalid|fail|cannot|can't|could not|unable|not found|"
+    r"no such|denied|fatal|abort|out of memory", re.IGNORECASE)
+_HEADLINE_MAX = 300
+
+
+def excerpt(path: Path, n: int) -> tuple[str, str]:
+    """What a worker's log says about its end: (the one line that says what went wrong,
+    the last `n` lines with the file named). The headline is the last line that reads like
+    an error (a traceback's last line, argparse's complaint), else the last line; never one
+    of neuronctl's own `===` header lines."""
+    lines = [ln for ln in tail_lines(path, n * 2) if ln.strip()]
+    said = [ln.strip() for ln in lines if not ln.startswith("=== ")]
+    if not said:
+        return f"it wrote nothing to its log {path}", f"log {path} has no output"
+    headline = next((ln for ln in reversed(said) if _ERRORISH.search(ln)), said[-1])
+    if len(headline) > _HEADLINE_MAX:
+        headline = headline[: _HEADLINE_MAX - 3] + "..."
+    return headline, f"last lines of {path}:\n" + "\n".join(lines[-n:])
+
+
 def follow(path: Path, poll_s: float = 0.25, from_start: bool = False) -> Iterator[str]:
     """Yield text appended to `path` from now on, like `tail -F`: when a restart rotates
     the file away, finish the old one and go on with the new one."""

@@ -2,7 +2,7 @@
 
 A custom collector rather than metric objects updated in place: models come and go, and a
 gauge set on a model that was since unloaded would be reported forever. Only the load
-duration histogram accumulates, fed by the registry each time a worker becomes ready.
+duration histogram accumulates, from the events of workers becoming ready.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from .models import ModelRecord
+from .events import ModelEvent, Subscription
+from .lifecycle import ModelLifecycle
 from .registry import ModelRegistry
 from .router import LATENCY_BUCKETS_S, RouterStats
-from .states import ModelStatus
+from .states import ModelStatus, WorkerState
 
 LOAD_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
@@ -86,7 +87,7 @@ class NodeCollector(Collector):
         yield latency
 
 
-def _rss(record: ModelRecord) -> int | None:
+def _rss(record: ModelLifecycle) -> int | None:
     worker = record.worker
     if worker is None or worker.pid is None or worker.returncode is not None:
         return None
@@ -99,9 +100,12 @@ def _rss(record: ModelRecord) -> int | None:
 class Metrics:
     """The node's metrics, in a registry of their own (never the process-global one).
 
-    Created before activation, so the loads of the default models are counted too."""
+    `since` is a subscription to the node's events taken before activation (the daemon
+    imports this module only once the first worker is on its way): the default models'
+    loads in it are counted, then the metrics follow the events themselves."""
 
-    def __init__(self, registry: ModelRegistry, started_at: float | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, started_at: float | None = None,
+                 since: Subscription | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._collector = NodeCollector(
             registry, time.monotonic() if started_at is None else started_at)
@@ -110,13 +114,18 @@ class Metrics:
             "neuron_model_load_duration_seconds",
             "Spawn to ready of a worker, for first loads and restarts alike.",
             ["model"], buckets=LOAD_BUCKETS_S, registry=self.registry)
-        registry.ready_observers.append(self.observe_load)
+        if since is not None:
+            for event in since.pending():
+                self.observe(event)
+            since.close()
+        self.unsubscribe = registry.events.on_event(self.observe)
 
     def attach(self, stats: RouterStats) -> None:
         self._collector.stats = stats
 
-    def observe_load(self, record: ModelRecord, seconds: float) -> None:
-        self.load_duration.labels(record.model_id).observe(seconds)
+    def observe(self, event: ModelEvent) -> None:
+        if event.new is WorkerState.READY and event.ready_s is not None:
+            self.load_duration.labels(event.model).observe(event.ready_s)
 
     async def handle(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry),

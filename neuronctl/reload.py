@@ -18,15 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from .activation import load_default_models
+from .aio import bounded, in_thread
 from .config import ConfigError, ModelSpec, NeuronConfig, load_config
+from .errors import Conflict
 from .harness import Harness, build_harnesses
-from .registry import Conflict, ModelRegistry
+from .registry import ModelRegistry
 from .states import ModelStatus
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)
 
 RESTART_ONLY = ("host", "port", "log_dir", "state_dir", "api_key", "max_request_bytes")
+# Reading the config is a file read, in a thread of its own; one that has not returned in
+# this long (a FIFO, a hung network mount) refuses the reload instead of holding it.
+READ_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Reloader:
         self._build = build
         self._lock = asyncio.Lock()  # SIGHUP and POST /reload never interleave
         self._background: set[asyncio.Future[None]] = set()
+        self._read: asyncio.Future[tuple[NeuronConfig, dict[str, Harness]]] | None = None
 
     def reload_in_background(self) -> None:
         """For SIGHUP: nobody waits for the answer, so a refusal goes to the log."""
@@ -83,8 +89,7 @@ class Reloader:
     async def reload(self) -> ReloadResult:
         """Raises ConfigError (and changes nothing) when the new config is invalid."""
         async with self._lock:
-            new = load_config(self.config_path)
-            harnesses = self._build(new)
+            new, harnesses = await self._read_config()
             # systemd shows `reloading` until READY=1 (MONOTONIC_USEC: sd_notify(3)).
             self._notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                                 "STATUS=reloading the config")
@@ -123,6 +128,27 @@ class Reloader:
             if outcome.error is not None:
                 result.failed[outcome.model_id] = outcome.error
         return result
+
+
+    async def _read_config(self) -> tuple[NeuronConfig, dict[str, Harness]]:
+        """The new config and its harnesses, read off the event loop (a blocking file must
+        not freeze the API); a read still stuck from an earlier reload refuses this one."""
+        if self._read is not None and not self._read.done():
+            raise ConfigError("", f"the config file {self.config_path} is still being read "
+                              "by an earlier reload (a FIFO, or a hung mount?)")
+
+        def read() -> tuple[NeuronConfig, dict[str, Harness]]:
+            config = load_config(self.config_path)
+            return config, self._build(config)
+
+        self._read = asyncio.ensure_future(in_thread(read, "read config"))
+        # Its outcome may come after this reload gave up on it: retrieved, never "lost".
+        self._read.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            return await bounded(asyncio.shield(self._read), READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ConfigError("", f"reading the config file {self.config_path} did not finish "
+                              f"within {READ_TIMEOUT_S:g} s") from None
 
 
 def _changed(old: NeuronConfig, a: ModelSpec, new: NeuronConfig, b: ModelSpec) -> bool:

@@ -2,12 +2,11 @@
 harness's cache, so that every worker is given a local file.
 
 Everything here blocks on the disk or the network; the registry runs `fetch` in a thread of
-its own (`in_thread`) so the event loop, the API and the systemd heartbeat keep going.
+its own (`aio.in_thread`) so the event loop, the API and the systemd heartbeat keep going.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -16,12 +15,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .config import ModelSpec
-from .harness import LoadError
-
-T = TypeVar("T")
+from .errors import DownloadError, ModelFileError
 
 # `Model-Q4_K_M-00001-of-00003.gguf`: llama.cpp's split files; the worker is given part 1.
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
@@ -30,8 +27,9 @@ _LISTED = 12  # repo files named in an error, at most
 _LOG_EVERY_S = 2.0
 
 
-class ResolveError(LoadError):
-    """No file to load: missing, not in the repo, ambiguous, or the fetch failed."""
+class ResolveError(ModelFileError):
+    """No file to load: missing, not in the repo, or ambiguous (a fetch that fails is a
+    DownloadError)."""
 
 
 class DownloadCancelled(Exception):
@@ -372,7 +370,7 @@ class Fetcher:
                 f"{where} not found (or private or gated: give the service an HF_TOKEN)"
             ) from None
         except Exception as exc:  # network, proxy, TLS: say what it was
-            raise ResolveError(f"cannot list {where}: {_describe(exc)}") from None
+            raise DownloadError(f"cannot list {where}: {_describe(exc)}") from None
         return [_RemoteFile(e.path, getattr(e, "size", None))
                 for e in entries if hasattr(e, "size")]  # files; folders have no size
 
@@ -394,7 +392,8 @@ class Fetcher:
         except Exception as exc:
             if progress.cancelled:
                 raise DownloadCancelled from None
-            raise ResolveError(f"cannot download {name} from {repo_id}: {_describe(exc)}") from None
+            raise DownloadError(
+                f"cannot download {name} from {repo_id}: {_describe(exc)}") from None
         progress.finish_part(size if size is not None else path.stat().st_size)
         return path
 
@@ -402,31 +401,3 @@ class Fetcher:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-async def in_thread(fn: Callable[[], T], name: str) -> T:
-    """Run blocking `fn` in a daemon thread and await its result.
-
-    Not `asyncio.to_thread`: the default executor's threads are joined at interpreter exit,
-    so a multi-gigabyte download would hold up a supervisor that was told to stop. Cancelling
-    the await returns at once; the thread finishes (or notices its cancel flag) on its own.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def deliver(setter: Callable[[Any], None], value: Any) -> None:
-        if not future.done():
-            setter(value)
-
-    def run() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:  # delivered to the awaiting task, not lost in a thread
-            outcome: tuple[Callable[[Any], None], Any] = (future.set_exception, exc)
-        else:
-            outcome = (future.set_result, result)
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-            loop.call_soon_threadsafe(deliver, *outcome)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await future

@@ -31,10 +31,13 @@ from aiohttp import (
     web,
 )
 
-from .models import ModelRecord
+from . import errors
+from .errors import NeuronError
+from .lifecycle import ModelLifecycle
+from .policy import describe_exit
 from .registry import ModelRegistry
 from .states import ModelStatus
-from .worker import Worker, describe_exit
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +113,9 @@ class RouterStats:
 ROUTER_STATS = web.AppKey("router_stats", RouterStats)
 
 
-def openai_error(
-    status: int,
-    message: str,
-    code: str,
-    *,
-    param: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+def openai_error(error: NeuronError) -> web.Response:
+    """An error in OpenAI's shape, with its own status (and headers, e.g. Retry-After)."""
+    return web.json_response(error.openai_body(), status=error.status, headers=error.headers)
 
 
 def _without(headers: Mapping[str, str], drop: frozenset[str]) -> list[tuple[str, str]]:
@@ -140,7 +135,7 @@ def _request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return forwarded
 
 
-def _model_entry(record: ModelRecord) -> dict[str, Any]:
+def _model_entry(record: ModelLifecycle) -> dict[str, Any]:
     return {
         "id": record.spec.model_id,
         "object": "model",
@@ -219,66 +214,63 @@ class Router:
 
     async def list_models(self, request: web.Request) -> web.Response:
         data = [
-            _model_entry(r) for r in self.registry.models() if r.status is ModelStatus.LOADED
+            _model_entry(r) for r in self.registry.models() if r.serving_worker is not None
         ]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
         record = self.registry.get(model_id)
-        if record is None or record.status is not ModelStatus.LOADED:
-            return self._unknown_model(model_id)
+        if record is None or record.serving_worker is None:
+            return openai_error(self._unknown_model(model_id))
         return web.json_response(_model_entry(record))
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        if request.method != "POST":
-            return openai_error(
-                405, f"{request.method} is not allowed on {request.path}; POST a JSON body "
-                "that names a model", "method_not_allowed", headers={"Allow": "POST"},
-            )
         try:
+            if request.method != "POST":
+                raise errors.MethodNotAllowed(
+                    f"{request.method} is not allowed on {request.path}; POST a JSON body "
+                    "that names a model", headers={"Allow": "POST"})
             return await self._forward(request)
+        except NeuronError as exc:
+            return openai_error(exc)
         except ConnectionError:  # the client left while its body was being read
             return web.Response(status=400)  # nobody will read it
         except Exception:
             log.exception("router: unhandled error in %s %s", request.method, request.path)
-            return openai_error(500, "internal error; see the neuron service log",
-                                "internal_error")
+            return openai_error(NeuronError("internal error; see the neuron service log"))
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         # Read per request, so a config reload that changes it applies at once.
         limit = self.registry.config.max_request_bytes
         body = await self._read_body(request, limit)
         if body is None:
-            return openai_error(
-                413, f"request body too large (limit {limit} bytes; max_request_bytes in "
-                "the node config)", "request_too_large",
-            )
+            raise errors.PayloadTooLarge(
+                f"request body too large (limit {limit} bytes; max_request_bytes in "
+                "the node config)")
         try:
             payload = json.loads(body)
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
-            return openai_error(400, "request body is not valid JSON", "invalid_json")
+            raise errors.InvalidJson("request body is not valid JSON") from None
         if not isinstance(payload, dict):
-            return openai_error(400, "request body must be a JSON object", "invalid_json")
+            raise errors.InvalidJson("request body must be a JSON object")
         model_id = payload.get("model")
         if model_id is None:
-            return openai_error(
-                404, f"request names no model; models on this node: {self._loaded_ids()}",
-                "model_not_found", param="model",
-            )
+            raise errors.ModelNotFound(
+                f"request names no model; models on this node: {self._loaded_ids()}",
+                param="model")
         if not isinstance(model_id, str):
-            return openai_error(400, "model: expected a string", "invalid_value", param="model")
+            raise errors.InvalidValue("model: expected a string", param="model")
         record = self.registry.get(model_id)
         if record is None:
-            return self._unknown_model(model_id)
+            raise self._unknown_model(model_id)
         stats = self.stats.model(model_id)
         stats.requests += 1
-        worker = record.worker
-        status = record.status.value
-        if status != "loaded" or worker is None:
-            response = self._not_ready(record, status)
-            stats.count(response.status)
-            return response
+        worker = record.serving_worker
+        if worker is None:
+            refusal = self._not_ready(record)
+            stats.count(refusal.status)
+            raise refusal
         stats.in_flight += 1
         task = self._watch_client(request)
         started = time.monotonic()
@@ -386,9 +378,8 @@ class Router:
         stats.worker_errors += 1
         message = f"the worker for model {model_id!r} broke off its answer{_worker_gone(worker)}"
         log.warning("router: %s: %s", message, exc)
-        error = {"message": message, "type": "server_error", "param": None,
-                 "code": "worker_unavailable"}
-        event = b"\n\ndata: " + json.dumps({"error": error}).encode() + b"\n\n"
+        body = errors.WorkerUnavailable(message).openai_body()
+        event = b"\n\ndata: " + json.dumps(body).encode() + b"\n\n"
         try:
             await response.write(event)
         except ConnectionError:
@@ -403,28 +394,25 @@ class Router:
         stats.count(502)
         message = f"the worker for model {model_id!r} {what}{_worker_gone(worker)}"
         log.warning("router: %s: %s", message, str(exc) or type(exc).__name__)
-        return openai_error(502, message, "worker_unavailable")
+        return openai_error(errors.WorkerUnavailable(message))
 
-    def _not_ready(self, record: ModelRecord, status: str) -> web.Response:
-        model_id = record.spec.model_id
-        if status == "failed":
-            return openai_error(
-                503, f"model {model_id!r} failed: {record.to_json()['error'] or 'no reason given'}",
-                "model_failed", param="model",
-            )
-        return openai_error(
-            503, f"model {model_id!r} is {status}, not ready yet; retry in a few seconds",
-            "model_not_ready", param="model", headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+    def _not_ready(self, record: ModelLifecycle) -> NeuronError:
+        model_id = record.model_id
+        if record.status is ModelStatus.FAILED:
+            return errors.ModelFailed(
+                f"model {model_id!r} failed: {record.last_error or 'no reason given'}",
+                param="model")
+        return errors.ModelNotReady(
+            f"model {model_id!r} is {record.status.value}, not ready yet; retry in a few "
+            "seconds", param="model", headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    def _unknown_model(self, model_id: str) -> web.Response:
-        return openai_error(
-            404, f"model {model_id!r} is not loaded on this node; loaded: {self._loaded_ids()}",
-            "model_not_found", param="model",
-        )
+    def _unknown_model(self, model_id: str) -> NeuronError:
+        return errors.ModelNotFound(
+            f"model {model_id!r} is not loaded on this node; loaded: {self._loaded_ids()}",
+            param="model")
 
     def _loaded_ids(self) -> str:
-        ids = [r.model_id for r in self.registry.models() if r.status is ModelStatus.LOADED]
+        ids = [r.model_id for r in self.registry.models() if r.serving_worker is not None]
         return ", ".join(ids) if ids else "none"
 
 

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,10 @@ def _fail(message: str) -> int:
 
 def run(argv: Sequence[str]) -> int:
     """Run the daemon in the foreground; the process exit status."""
+    # Until the daemon's own handlers are installed (its first step), a SIGHUP (a reload
+    # sent too early) must not kill it with the default action. No worker exists yet, so
+    # SIGTERM's default (exit) is still right here.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
@@ -68,7 +73,7 @@ def run(argv: Sequence[str]) -> int:
             return _fail(f"config error: {key}: cannot create {directory}: {exc.strerror}")
 
     from . import daemon
-    from .statefile import AlreadyRunning, StateFile, SupervisorLock, stop_orphans
+    from .statefile import AlreadyRunning, StateFile, SupervisorLock
 
     lock = SupervisorLock(config.state_dir)
     try:
@@ -84,10 +89,8 @@ def run(argv: Sequence[str]) -> int:
             where = f"{config.host}:{config.port}"
             sys.stderr.write(f"neuronctl: cannot listen on {where}: {exc.strerror}\n")
             return 1
-        # Workers a crashed predecessor left behind hold VRAM the new ones need.
+        # The daemon's first step stops workers a crashed predecessor left behind.
         state = StateFile(config.state_dir)
-        stop_orphans(state.read(), config.stop_timeout_s)
-        state.reset()
         path = args.config or DEFAULT_CONFIG_PATH
         return asyncio.run(daemon.serve(config, harnesses, sock, state, path))
     finally:

@@ -9,6 +9,7 @@ its holder dies, however it dies) keeps two supervisors off one state directory.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -17,7 +18,7 @@ import os
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import psutil
@@ -84,11 +85,34 @@ class SupervisorLock:
 
 
 class StateFile:
+    """`workers.json`. The daemon uses `add` and `remove`, which write in a thread (an
+    fsync and a file lock must not stall the event loop) one at a time, and never raise
+    for a disk problem: a worker with no record still serves, it is only not cleaned up
+    after a crash of the supervisor, and the journal says so."""
+
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / STATE_FILE
         self._lock_path = state_dir / f"{STATE_FILE}.lock"
         self._lock_obj: FileLock | None = None
         self._entries: dict[int, WorkerEntry] = {}
+        self._writing: asyncio.Lock | None = None  # made on first use, inside the loop
+
+    async def add(self, model_id: str, pid: int) -> None:
+        await self._in_thread(self.record, model_id, pid)
+
+    async def remove(self, pid: int) -> None:
+        if pid in self._entries:
+            await self._in_thread(self.forget, pid)
+
+    async def _in_thread(self, fn: Any, *args: Any) -> None:
+        if self._writing is None:
+            self._writing = asyncio.Lock()
+        async with self._writing:  # writes in the order they were asked for
+            try:
+                await asyncio.to_thread(fn, *args)
+            except OSError as exc:
+                log.warning("cannot update %s: %s (a worker left running by a crash of "
+                            "this supervisor will not be found)", self.path, exc)
 
     @property
     def _lock(self) -> FileLock:

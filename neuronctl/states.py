@@ -56,12 +56,13 @@ _STATUS = {
     WorkerState.FAILED: ModelStatus.FAILED,
 }
 
-# Every edge the registry may take; anything else is a bug and raises.
+# Every edge a model's lifecycle may take; anything else is a bug and raises.
 TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.PENDING: frozenset({
         WorkerState.STARTING,  # PENDING -> STARTING: its turn came
         WorkerState.DOWNLOADING,  # PENDING -> DOWNLOADING: its file is on Hugging Face
         WorkerState.STOPPED,  # PENDING -> STOPPED: unloaded or shut down before its turn
+        WorkerState.FAILED,  # PENDING -> FAILED: refused before its turn (no such harness)
     }),
     WorkerState.DOWNLOADING: frozenset({
         WorkerState.PENDING,  # DOWNLOADING -> PENDING: the file is here; wait for the turn

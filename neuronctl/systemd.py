@@ -12,10 +12,14 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Hashable, Mapping
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Protocol
 
 from .activation import ActivationResult
 from .config import ModelSpec
+from .events import ModelEvent
+from .states import ModelStatus, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +137,26 @@ def summary(results: list[ActivationResult]) -> str:
     if failed:
         text += f", {len(failed)} failed: {', '.join(failed)}"
     return text
+
+
+class _HasState(Protocol):
+    @property
+    def state(self) -> WorkerState: ...
+
+
+class NodeStatus:
+    """An event subscriber, once the node serves: `systemctl status` then shows what the
+    models are doing now (`2 loaded, 1 restarting`), not how activation ended."""
+
+    def __init__(self, notifier: Notifier, models: Callable[[], Iterable[_HasState]]) -> None:
+        self._notifier = notifier
+        self._models = models
+
+    def __call__(self, event: ModelEvent) -> None:
+        if event.old.status is event.new.status and event.new is not WorkerState.STOPPED:
+            return  # not a change anyone reading the status line would see
+        # A stopped model is on its way out of the table: not counted.
+        counts = Counter(m.state.status for m in self._models()
+                         if m.state is not WorkerState.STOPPED)
+        parts = [f"{counts[s]} {s.value}" for s in ModelStatus if counts[s]]
+        self._notifier.status(", ".join(parts) if parts else "no models")

@@ -15,14 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .discovery import Gpu
-from .harness import LoadError
+from .errors import NotEnoughVram
 
 MIB = 1024 * 1024
 _KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
-
-
-class NotEnoughVram(LoadError):
-    pass
 
 
 @dataclass(frozen=True)

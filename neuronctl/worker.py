@@ -20,7 +20,9 @@ from pathlib import Path
 
 from . import logfiles
 from .aio import bounded
-from .harness import LoadError, WorkerPlan
+from .errors import SpawnFailed, WorkerExited, WorkerTimeout
+from .harness import WorkerPlan
+from .policy import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ _POLL_MAX_S = 0.25
 _POLL_FRACTION = 0.01
 
 Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
+OnSpawn = Callable[["Worker"], Awaitable[None]]
 
 
 def free_port() -> int:
@@ -101,15 +104,6 @@ async def probe_http(port: int, path: str) -> bool:
             await writer.wait_closed()
 
 
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 class Worker:
     """One model server subprocess."""
 
@@ -122,7 +116,7 @@ class Worker:
         stop_timeout_s: float,
         *,
         log_keep: int = 0,
-        on_spawn: Callable[[Worker], None] | None = None,
+        on_spawn: OnSpawn | None = None,
         spawn: Spawn = spawn_process,
         probe: Callable[[int, str], Awaitable[bool]] = probe_http,
         clock: Callable[[], float] = time.monotonic,
@@ -154,25 +148,36 @@ class Worker:
 
     async def start(self) -> None:
         """Spawn and wait until ready. On any failure, or if cancelled, the process is
-        killed before this returns; failures raise LoadError with what the log said."""
-        fd = logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
+        killed before this returns; failures raise a LoadError saying what the log said."""
+        try:
+            fd = logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
+        except OSError as exc:
+            raise SpawnFailed(f"cannot write the log {self.log_path}: {exc.strerror}") from None
         try:
             self._proc = await self._spawn(self.plan.command, self.plan.env, fd)
-            logfiles.write_pid_line(fd, self._proc.pid)
         except OSError as exc:
-            raise LoadError(f"cannot start worker {self.plan.command[0]}: {exc.strerror}") from None
+            raise SpawnFailed(
+                f"cannot start worker {self.plan.command[0]}: {exc.strerror}") from None
         except (ValueError, subprocess.SubprocessError) as exc:  # a NUL in an argument, say
-            raise LoadError(f"cannot start worker {self.plan.command[0]}: {exc}") from None
+            raise SpawnFailed(f"cannot start worker {self.plan.command[0]}: {exc}") from None
         finally:
-            os.close(fd)  # the child holds its own copy
-        self._exited = asyncio.ensure_future(self._proc.wait())
-        self._exited.add_done_callback(self._on_exit)
-        if self._on_spawn is not None:
-            self._on_spawn(self)
+            if self._proc is None:
+                os.close(fd)
+        # From here on a process exists: whatever fails (the pid line on a full disk, the
+        # state file, the wait) kills it before the error goes on, so a model listed as
+        # failed never leaves a worker running.
         try:
+            self._exited = asyncio.ensure_future(self._proc.wait())
+            self._exited.add_done_callback(self._on_exit)
+            try:
+                logfiles.write_pid_line(fd, self._proc.pid)
+            finally:
+                os.close(fd)  # the child holds its own copy
+            if self._on_spawn is not None:
+                await self._on_spawn(self)
             await self._wait_ready()
         except BaseException:
-            await self._kill()
+            await self.kill()
             raise
 
     async def _wait_ready(self) -> None:
@@ -184,25 +189,22 @@ class Worker:
                 return
             if self._exited.done():
                 code = self._exited.result()
-                raise LoadError(
-                    f"worker {describe_exit(code)} while starting; {self.log_tail()}",
-                    exit_code=code,
-                )
+                headline, detail = self.log_excerpt()
+                raise WorkerExited(f"worker {describe_exit(code)} while starting: {headline}",
+                                   exit_code=code, detail=detail)
             now = self._clock()
             if now >= deadline:
-                raise LoadError(
+                headline, detail = self.log_excerpt()
+                raise WorkerTimeout(
                     f"worker not ready after {self.plan.ready_timeout_s:g} s (killed); "
-                    f"{self.log_tail()}"
-                )
+                    f"its log last said: {headline}", detail=detail)
             delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
             # Wake early if the process exits, so a crash is reported at once.
             await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
 
-    def log_tail(self) -> str:
-        lines = [ln for ln in logfiles.tail_lines(self.log_path, LOG_TAIL_LINES * 2) if ln.strip()]
-        if not lines:
-            return f"log {self.log_path} is empty"
-        return f"last lines of {self.log_path}:\n" + "\n".join(lines[-LOG_TAIL_LINES:])
+    def log_excerpt(self) -> tuple[str, str]:
+        """(the one line of the log that says what went wrong, its last lines)."""
+        return logfiles.excerpt(self.log_path, LOG_TAIL_LINES)
 
     def progress_token(self) -> tuple[int, float, int]:
         """Changes while a starting worker does anything: writes its log, uses CPU, or does
@@ -240,9 +242,9 @@ class Worker:
                 "%s: worker pid %s ignored SIGTERM for %g s; sending SIGKILL",
                 self.model_id, self.pid, self.stop_timeout_s,
             )
-            await self._kill()
+            await self.kill()
 
-    async def _kill(self) -> None:
+    async def kill(self) -> None:
         if self._exited is None or self._exited.done():
             return
         self._signal_group(signal.SIGKILL)

@@ -1,0 +1,192 @@
+"""Every error the node answers a client with: its HTTP status, its OpenAI `type` and `code`.
+
+One class per thing that can go wrong, so a status is decided once, where the error is
+raised, and both answer shapes are rendered from the same object:
+
+* the control API (`/models/...`): `{"error": "message", "type": ..., "code": ..., ...}`,
+  wire-compatible with the original service, whose clients read only `error`;
+* the OpenAI-compatible router (`/v1/...`):
+  `{"error": {"message", "type", "param", "code"}}`, which OpenAI's client libraries parse.
+
+The message is always one line an operator can act on; longer context (a worker's last log
+lines) travels in `detail`, never in the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+# OpenAI's error types: a client's mistake (a bad key and an unknown model included, as
+# OpenAI itself answers them) or the server's; its client libraries branch on the status.
+INVALID_REQUEST = "invalid_request_error"
+SERVER = "server_error"
+
+
+class NeuronError(Exception):
+    """Base of every error a client may see. Subclasses set the three class attributes."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = SERVER
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        detail: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.detail = detail  # more lines of context, shown where there is room for them
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def control_body(self, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.message, "type": self.type, "code": self.code}
+        if self.detail:
+            body["detail"] = self.detail
+        return {**body, **extra}
+
+    def openai_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+# --- the client's request ----------------------------------------------------------------
+
+class BadRequest(NeuronError):
+    status, type, code = 400, INVALID_REQUEST, "invalid_request"
+
+
+class InvalidJson(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidValue(BadRequest):
+    code = "invalid_value"
+
+
+class InvalidSpec(BadRequest):
+    """A model spec (a config entry or a load request) that cannot be run as written."""
+
+    code = "invalid_spec"
+
+
+class UnknownHarness(InvalidSpec):
+    code = "unknown_harness"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown harness: {name}", param="harness")
+        self.name = name
+
+
+class InvalidConfig(BadRequest):
+    """A reload whose new config does not validate: nothing was changed."""
+
+    code = "invalid_config"
+
+
+class Unauthorized(NeuronError):
+    status, type, code = 401, INVALID_REQUEST, "invalid_api_key"
+
+
+class NotFound(NeuronError):
+    status, type, code = 404, INVALID_REQUEST, "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(NeuronError):
+    """The request contradicts what the model is doing (loaded with other settings, being
+    unloaded); refused rather than queued, so the client knows at once."""
+
+    status, type, code = 409, INVALID_REQUEST, "conflict"
+
+
+class MethodNotAllowed(NeuronError):
+    status, type, code = 405, INVALID_REQUEST, "method_not_allowed"
+
+
+class PayloadTooLarge(NeuronError):
+    status, type, code = 413, INVALID_REQUEST, "request_too_large"
+
+
+# --- loading a model ---------------------------------------------------------------------
+
+class LoadError(NeuronError):
+    """A model could not be loaded. `exit_code` is the worker's, when it exited."""
+
+    code = "load_failed"
+
+    def __init__(self, message: str, exit_code: int | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.exit_code = exit_code
+
+
+class ModelFileError(LoadError):
+    """The model file is not there (or not what the spec says): the request must change."""
+
+    status, type, code = 400, INVALID_REQUEST, "model_file_not_found"
+
+
+class DownloadError(LoadError):
+    """Hugging Face could not be reached or broke off: may work when tried again."""
+
+    status, code = 502, "download_failed"
+
+
+class NotEnoughVram(LoadError):
+    status, code = 503, "insufficient_vram"
+
+
+class HarnessUnavailable(LoadError):
+    """The harness's program is not installed on this node."""
+
+    status, code = 503, "harness_unavailable"
+
+
+class SpawnFailed(LoadError):
+    """The worker process could not be started at all (exec failed, log unwritable)."""
+
+    status, code = 500, "worker_spawn_failed"
+
+
+class WorkerExited(LoadError):
+    """The worker started and exited before it answered: its log says why."""
+
+    status, code = 502, "worker_exited"
+
+
+class WorkerTimeout(LoadError):
+    status, code = 504, "worker_timeout"
+
+
+class LoadCancelled(LoadError):
+    """The model was unloaded, or the node began to stop, while the load was under way."""
+
+    status, code = 503, "load_cancelled"
+
+
+class InternalError(LoadError):
+    """A bug: logged with its traceback; the client gets one line."""
+
+    status, code = 500, "internal_error"
+
+
+# --- serving requests through /v1 --------------------------------------------------------
+
+class ModelNotReady(NeuronError):
+    status, code = 503, "model_not_ready"
+
+
+class ModelFailed(NeuronError):
+    status, code = 503, "model_failed"
+
+
+class WorkerUnavailable(NeuronError):
+    status, code = 502, "worker_unavailable"

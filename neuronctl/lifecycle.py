@@ -1,0 +1,383 @@
+"""One model's whole life, owned by one object: first start, ready, crash, backoff,
+restart, give up, stop.
+
+A `ModelLifecycle` owns its state, every transition (one `_set_state`, which publishes the
+event), its restart history and its worker. A load is a row of plain calls into the
+modules that own each stage: the files (modelfiles), the VRAM gate (admission), the
+harness's plan, and the worker's spawn. What it shares with the other models on the node
+(the load lock, the event bus, the config a reload replaces) comes in as `Services`.
+
+The first start is never retried: a model that cannot start at all fails at once, so
+activation moves on to the next one. Restarts follow the restart policy (policy.py) once
+a worker has been ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import logfiles, modelfiles, resolve
+from .admission import Admission, StopReading
+from .config import ModelSpec, NeuronConfig
+from .errors import InternalError, LoadCancelled, LoadError, SpawnFailed, UnknownHarness
+from .events import EventBus, ModelEvent
+from .harness import Harness
+from .policy import GiveUp, History, RestartPolicy, describe_exit
+from .statefile import StateFile
+from .states import LIVE_STATES, TRANSITIONS, InvalidTransition, ModelStatus, WorkerState
+from .worker import Worker, free_port
+
+log = logging.getLogger("neuronctl.models")
+
+WorkerFactory = Callable[..., Worker]
+
+
+@dataclass(eq=False)
+class Services:
+    """What every model on the node shares. `config` and `harnesses` are replaced by a
+    reload; a lifecycle reads them at each start, so a restart uses the new settings."""
+
+    config: NeuronConfig
+    harnesses: Mapping[str, Harness]
+    admission: Admission
+    events: EventBus = field(default_factory=EventBus)
+    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one start at a time
+    state: StateFile | None = None
+    worker_factory: WorkerFactory = Worker
+    fetcher_factory: modelfiles.FetcherFactory = modelfiles.default_fetcher
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+
+class ModelLifecycle:
+    def __init__(self, spec: ModelSpec, services: Services) -> None:
+        self.spec = spec
+        self._s = services
+        self.log_path = logfiles.log_path(services.config.log_dir, spec.model_id)
+        self.state = WorkerState.PENDING
+        self.since = time.time()  # wall clock: shown to people
+        self.worker: Worker | None = None
+        self.load_ms: int | None = None
+        self.restarts = 0
+        self.history = History()
+        # The latest failure ever (kept after a restart succeeds, so a crash is not lost):
+        # one line, the worker's last log lines, its exit code.
+        self.last_error: str | None = None
+        self.last_detail: str | None = None
+        self.last_exit_code: int | None = None
+        self.resolved: resolve.Resolved | None = None  # the local file(s) its workers load
+        self.download: resolve.Progress | None = None  # while DOWNLOADING
+        self.vram_estimate_mb: int | None = None  # from the GGUF header, at admission
+        self._log_started = False  # a download began a fresh log: the first start appends
+        self._run_task: asyncio.Task[None] | None = None
+        self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
+        self._stop_task: asyncio.Task[None] | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    @property
+    def status(self) -> ModelStatus:
+        return self.state.status
+
+    @property
+    def serving_worker(self) -> Worker | None:
+        """The worker that may take requests now; None unless the model is ready."""
+        return self.worker if self.state is WorkerState.READY else None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_task is not None
+
+    @property
+    def loading(self) -> bool:
+        """The first start is under way (a caller may join it)."""
+        return self._loaded is not None and not self._loaded.done()
+
+    # --- driving it --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin the first start, in a task of its own; `wait_loaded` for its outcome."""
+        assert self._run_task is None, "a lifecycle is started once"
+        self._loaded = asyncio.get_running_loop().create_future()
+        self._run_task = asyncio.create_task(self._run(), name=f"model {self.model_id}")
+
+    async def wait_loaded(self) -> None:
+        """Return once the first start is ready; raise its LoadError otherwise."""
+        assert self._loaded is not None, "lifecycle not started"
+        # asyncio.wait, not shield: a caller that goes away (a client disconnecting) must
+        # not cancel a load others may be waiting on.
+        await asyncio.wait({self._loaded})
+        self._loaded.result()
+
+    async def stop(self, reason: str, release_vram: bool = True) -> None:
+        """Stop whatever it is doing: a load in progress is cancelled and its process
+        killed; a backoff ends with no restart. Done once: a second caller (an unload racing
+        a shutdown) waits for the first stop rather than stopping it again."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(
+                self._stop_now(reason, release_vram), name=f"stop {self.model_id}")
+        await asyncio.shield(self._stop_task)
+
+    def cancel_load(self) -> None:
+        """Make waiters of a first start answer now (the node is stopping)."""
+        if self.loading and self._run_task is not None:
+            self._run_task.cancel()
+
+    # --- the life of it ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._first_start()
+        except asyncio.CancelledError:
+            self._settle(LoadCancelled(
+                "load cancelled: the model was unloaded or the node is stopping"))
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, LoadError) else self._bug("load", exc)
+            await self._kill_worker()
+            self._failed(error)
+            self._settle(error)
+            return
+        self._settle(None)
+        try:
+            await self._supervise()
+        except Exception as exc:  # a bug: never leave it `loaded` with nobody watching
+            error = self._bug("supervising the worker", exc)
+            await self._kill_worker()
+            self._failed(error)
+
+    async def _first_start(self) -> None:
+        harness = self._harness()
+        if getattr(harness, "needs_model_file", False) and resolve.needs_download(self.spec):
+            # Outside the load lock: a long download must not hold up other loads.
+            self._set_state(WorkerState.DOWNLOADING)  # PENDING -> DOWNLOADING
+            await self._download()
+            self._set_state(WorkerState.PENDING, "model file ready")  # DOWNLOADING -> PENDING
+        async with self._s.load_lock:
+            self._set_state(WorkerState.STARTING)  # PENDING -> STARTING
+            started = self._s.clock()
+            ready_s = await self._start_worker(harness)
+            self.load_ms = round((self._s.clock() - started) * 1000)
+            self.history = History().ready(self._s.clock())
+            self._set_state(WorkerState.READY, ready_s=ready_s)  # STARTING -> READY
+
+    async def _download(self) -> None:
+        config = self._s.config
+        path = self.log_path
+        self.download = resolve.Progress(log=lambda line: modelfiles.append_line(path, line))
+        self.resolved = await modelfiles.download(
+            self.spec, self._s.fetcher_factory, config.harness_config(self.spec.harness),
+            self.log_path, config.log_keep, self.download)
+        self._log_started = True
+
+    async def _supervise(self) -> None:
+        """While ready: notice an exit at once (the process's own wait, not a poll) and
+        restart under the model's policy, until it gives up."""
+        while True:
+            worker = self.worker
+            assert worker is not None
+            code = await worker.wait_exit()
+            crashed_at = self._s.clock()
+            # An exit we asked for cancels this task before the worker is signalled.
+            await self._worker_gone(worker)
+            headline, detail = worker.log_excerpt()
+            self._note(f"worker {describe_exit(code)} unexpectedly: {headline}", detail, code)
+            if not await self._restart(code, crashed_at):
+                return
+
+    async def _restart(self, exit_code: int | None, crashed_at: float) -> bool:
+        """Back off and start again until a worker is ready (True) or the policy gives up."""
+        while True:
+            # Read at each exit: a reload's new policy applies here too.
+            policy = RestartPolicy.for_model(self._s.config, self.spec)
+            decision = policy.decide(self.history, exit_code, crashed_at)
+            if isinstance(decision, GiveUp):
+                # READY/STARTING -> FAILED: out of restarts, or restart = never
+                self._set_state(WorkerState.FAILED, decision.reason, logging.WARNING)
+                return False
+            self._set_state(  # READY or STARTING -> BACKOFF
+                WorkerState.BACKOFF,
+                f"{self.last_error}; restart {self.restarts + 1} in {decision.after_s:g} s",
+                logging.WARNING,
+            )
+            await self._s.sleep(decision.after_s)
+            self.history = self.history.restarted(policy, crashed_at, self._s.clock())
+            self.restarts += 1
+            try:
+                async with self._s.load_lock:
+                    self._set_state(WorkerState.STARTING)  # BACKOFF -> STARTING
+                    ready_s = await self._start_worker(self._harness())
+            except LoadError as exc:
+                self._note(exc.message, exc.detail, exc.exit_code)
+                exit_code, crashed_at = exc.exit_code, self._s.clock()
+                continue
+            self.history = self.history.ready(self._s.clock())
+            self._set_state(WorkerState.READY, f"restart {self.restarts}", ready_s=ready_s)
+            return True
+
+    async def _start_worker(self, harness: Harness) -> float:
+        """Start one worker and wait until it answers; seconds from spawn to ready.
+        The caller holds the load lock. Raises LoadError, with the process gone."""
+        s = self._s
+        try:
+            await s.admission.await_release()
+            needs_file = bool(getattr(harness, "needs_model_file", False))
+            spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
+            admitted = await s.admission.admit(
+                spec, parts, s.config.harness_config(spec.harness),
+                getattr(harness, "default_n_ctx", None))
+            self.vram_estimate_mb = admitted.estimate_mb
+            port = free_port()
+            plan = harness.plan(admitted.spec, port)
+            # The first start after a download appends to the log the download began.
+            keep = 0 if self._log_started else s.config.log_keep
+            self._log_started = False
+            worker = s.worker_factory(
+                self.model_id, plan, port, self.log_path, s.config.stop_timeout_s,
+                log_keep=keep, on_spawn=self._on_spawn)
+        except LoadError:
+            raise
+        except Exception as exc:  # a bug
+            raise self._bug("preparing the worker", exc) from exc
+        self.worker = worker
+        started = s.clock()
+        try:
+            await worker.start()
+        except LoadError:
+            raise
+        except OSError as exc:
+            raise SpawnFailed(f"cannot start worker: {exc}") from exc
+        except Exception as exc:  # a bug; the worker killed itself on the way out
+            raise self._bug("starting the worker", exc) from exc
+        finally:
+            if worker.returncode is not None:
+                await self._worker_gone(worker)
+        return s.clock() - started
+
+    async def _on_spawn(self, worker: Worker) -> None:
+        if self._s.state is not None and worker.pid is not None:
+            await self._s.state.add(self.model_id, worker.pid)
+
+    async def _worker_gone(self, worker: Worker, reading: StopReading | None = None) -> None:
+        """Bookkeeping once a worker's process has exited, however it ended."""
+        if self._s.state is not None and worker.pid is not None:
+            await self._s.state.remove(worker.pid)
+        self._s.admission.released(
+            self.model_id, worker.pid, self.spec.devices, self.vram_estimate_mb, reading)
+
+    async def _kill_worker(self) -> None:
+        worker = self.worker
+        if worker is not None and worker.pid is not None and worker.returncode is None:
+            await worker.kill()
+            await self._worker_gone(worker)
+
+    async def _stop_now(self, reason: str, release_vram: bool) -> None:
+        task = self._run_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.state in (WorkerState.PENDING, WorkerState.DOWNLOADING, WorkerState.FAILED):
+            self._set_state(WorkerState.STOPPED, reason)  # PENDING/DOWNLOADING/FAILED -> STOPPED
+            return
+        if self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF):
+            self._set_state(WorkerState.STOPPING, reason)  # -> STOPPING
+        worker = self.worker
+        if self.state is WorkerState.STOPPING and worker is not None:
+            # A shutdown loads nothing next: no need to watch the VRAM come back.
+            reading = None
+            if release_vram and worker.returncode is None:
+                reading = await self._s.admission.before_stop(worker.pid, self.spec.devices)
+            running = worker.returncode is None
+            await worker.stop()
+            if running:
+                await self._worker_gone(worker, reading if release_vram else None)
+        if self.state is WorkerState.STOPPING:
+            self._set_state(WorkerState.STOPPED)  # STOPPING -> STOPPED
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _set_state(self, new: WorkerState, reason: str = "", level: int = logging.INFO,
+                   ready_s: float | None = None) -> None:
+        """The one place a model changes state: checked, timestamped, logged, published."""
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"{self.model_id}: {old} -> {new}")
+        self.state = new
+        self.since = time.time()
+        log.log(level, "%s: %s -> %s%s", self.model_id, old, new,
+                f" ({reason})" if reason else "")
+        self._s.events.publish(ModelEvent(self.model_id, old, new, reason, self.since, ready_s))
+
+    def _note(self, message: str, detail: str | None, exit_code: int | None) -> None:
+        self.last_error, self.last_detail, self.last_exit_code = message, detail, exit_code
+
+    def _failed(self, error: LoadError) -> None:
+        self._note(error.message, error.detail, error.exit_code)
+        if self.state is not WorkerState.FAILED:
+            self._set_state(WorkerState.FAILED, error.message, logging.WARNING)
+
+    def _settle(self, error: LoadError | None) -> None:
+        if self._loaded is not None and not self._loaded.done():
+            if error is None:
+                self._loaded.set_result(None)
+            else:
+                self._loaded.set_exception(error)
+                self._loaded.exception()  # retrieved: nobody may be waiting on it
+
+    def _bug(self, doing: str, exc: Exception) -> InternalError:
+        log.error("%s: internal error %s", self.model_id, doing, exc_info=exc)
+        return InternalError(f"internal error {doing}: {exc!r}; see the neuron service log")
+
+    def _harness(self) -> Harness:
+        harness = self._s.harnesses.get(self.spec.harness)
+        if harness is None:
+            raise UnknownHarness(self.spec.harness)
+        return harness
+
+    # --- what others read ------------------------------------------------------------------
+
+    def progress_token(self) -> object | None:
+        """What a load in progress is doing (see Worker.progress_token); None otherwise."""
+        if self.state is WorkerState.STARTING and self.worker is not None:
+            return self.worker.progress_token()
+        if self.state is WorkerState.DOWNLOADING and self.download is not None:
+            return ("download", self.download.done_bytes)
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        worker = self.worker if self.state in LIVE_STATES else None
+        serving = self.serving_worker
+        failed = self.state is WorkerState.FAILED
+        return {
+            "id": self.model_id,
+            "harness": self.spec.harness,
+            "status": self.status.value,
+            "devices": list(self.spec.devices),
+            "vram_used_mb": self._s.admission.used_mb(worker.pid) if worker else None,
+            "pid": worker.pid if worker else None,
+            "port": worker.port if worker else None,
+            "endpoint": serving.endpoint if serving else None,
+            "load_ms": self.load_ms,
+            "restarts": self.restarts,
+            # `error`/`exit_code`: why it is failed now; `last_*`: the latest failure ever,
+            # kept after a successful restart so a crash is not forgotten.
+            "error": self.last_error if failed else None,
+            "error_detail": self.last_detail if failed else None,
+            "exit_code": self.last_exit_code if failed else None,
+            "last_error": self.last_error,
+            "last_exit_code": self.last_exit_code,
+            "log_path": str(self.log_path),
+            "download": (self.download.as_json()
+                         if self.download and self.state is WorkerState.DOWNLOADING else None),
+            "since": self.since,
+            "uptime_s": round(time.time() - self.since, 3) if serving else None,
+        }
