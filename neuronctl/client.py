@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_CONFIG_PATH, ConfigError, NeuronConfig, tomllib
+from .config import DEFAULT_CONFIG_PATH, NeuronConfig, read_keys_leniently
 
 DEFAULT_URL = "http://127.0.0.1:13131"
 
@@ -43,32 +43,22 @@ class ClientSettings:
 
 
 def client_settings(path: Path) -> ClientSettings:
-    """What a client needs from a config file, read leniently: a daemon that runs must stay
-    reachable when the file has a mistake elsewhere (the daemon reports those on reload)
-    or when this user may not read the key file (NEURON_API_KEY is the way then)."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("", "config file not found", str(path)) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError("", f"cannot read config file: {exc}", str(path)) from None
-
-    def pick(key: str, kind: type) -> Any:
-        value = raw.get(key)
-        return value if isinstance(value, kind) and not isinstance(value, bool) else None
-
+    """What a client needs from a config file, read leniently with the daemon's own
+    converter: a daemon that runs must stay reachable when the file has a mistake elsewhere
+    (the daemon reports those on reload) or when this user may not read the key file
+    (NEURON_API_KEY is the way then)."""
+    found = read_keys_leniently(path, ("host", "port", "log_dir", "api_key", "api_key_file"))
     defaults = ClientSettings()
-    port = pick("port", int)
-    key = pick("api_key", str)
-    key_file = pick("api_key_file", str)
+    port = found.get("port")
+    key = found.get("api_key")
+    key_file = found.get("api_key_file")
     if key is None and key_file is not None:
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            key = (path.parent / key_file).read_text(encoding="utf-8").strip() or None
-    log_dir = pick("log_dir", str)
+            key = key_file.read_text(encoding="utf-8").strip() or None
     return ClientSettings(
-        host=pick("host", str) or defaults.host,
+        host=found.get("host") or defaults.host,
         port=port if port is not None and 1 <= port <= 65535 else defaults.port,
-        log_dir=path.parent / log_dir if log_dir else defaults.log_dir,
+        log_dir=found.get("log_dir", defaults.log_dir),
         api_key=key,
     )
 

@@ -151,6 +151,29 @@ def load_config(
     return _with_env(raw, environ, source, path.parent.resolve())
 
 
+def read_keys_leniently(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The top-level `keys` of the config file at `path` that are valid, converted exactly
+    as `load_config` converts them (`~` expanded, relative paths next to the file); a key
+    with a bad value is left out rather than failing the whole read. For clients (the CLI),
+    which must reach a running daemon when the file has a mistake elsewhere."""
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("", "config file not found", source) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file: {exc}", source) from None
+    hints = typing.get_type_hints(NeuronConfig)
+    values: dict[str, Any] = {}
+    for key in keys:
+        if key in raw:
+            try:
+                values[key] = _convert(raw[key], hints[key], key, path.parent.resolve())
+            except ConfigError:
+                continue
+    return values
+
+
 def config_from_env(environ: Mapping[str, str] | None = None) -> NeuronConfig:
     """The defaults plus `NEURON_*` overrides: for a CLI run on a host without a config."""
     return _with_env({}, environ, "defaults", None)

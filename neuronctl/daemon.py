@@ -102,6 +102,11 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
     def _on_sighup(self) -> None:
         if not self.serving:
             # Activation is loading the config's models already; a reload now would race it.
@@ -187,6 +192,7 @@ class Daemon:
             for task in self._tasks:
                 task.cancel()
             self.notifier.close()
+            self._remove_signals()
 
 
 def _stop_orphans(state: StateFile, timeout_s: float) -> None:

@@ -64,7 +64,9 @@ class Reloader:
         config_path: Path | None,
         notifier: Notifier | None = None,
         build: Callable[[NeuronConfig], dict[str, Harness]] = build_harnesses,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
+        self._read_timeout_s = read_timeout_s
         self.registry = registry
         self.config_path = config_path
         self._notifier = notifier or Notifier({})
@@ -145,10 +147,10 @@ class Reloader:
         # Its outcome may come after this reload gave up on it: retrieved, never "lost".
         self._read.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            return await bounded(asyncio.shield(self._read), READ_TIMEOUT_S)
+            return await bounded(asyncio.shield(self._read), self._read_timeout_s)
         except asyncio.TimeoutError:
             raise ConfigError("", f"reading the config file {self.config_path} did not finish "
-                              f"within {READ_TIMEOUT_S:g} s") from None
+                              f"within {self._read_timeout_s:g} s") from None
 
 
 def _changed(old: NeuronConfig, a: ModelSpec, new: NeuronConfig, b: ModelSpec) -> bool:

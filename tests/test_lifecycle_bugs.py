@@ -9,7 +9,7 @@ import errno
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -30,7 +30,7 @@ FAKE = ModelSpec("m", harness="fake")
 class PidRecordingWorker(Worker):
     """Remembers every pid it spawned, so a test can check none is left running."""
 
-    pids: list[int] = []
+    pids: ClassVar[list[int]] = []
 
     async def start(self) -> None:
         spawn = self._spawn
