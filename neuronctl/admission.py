@@ -61,8 +61,10 @@ class Admission:
         parts: Sequence[Path],
         defaults: HarnessConfig,
         default_n_ctx: int | None,
+        slots: int = 1,
     ) -> Admitted:
-        """Raise NotEnoughVram when the devices cannot hold the model (unless `force`)."""
+        """Raise NotEnoughVram when the devices cannot hold the model (unless `force`).
+        Each of its `slots` has a KV cache of n_ctx tokens."""
         n_gpu_layers = gpu_layers(spec, defaults)
         if not n_gpu_layers:
             return Admitted(spec, None)  # on the CPU, as far as the settings say
@@ -76,6 +78,8 @@ class Admission:
         n_ctx = effective(spec, defaults, "n_ctx")
         if n_ctx is None:
             n_ctx = default_n_ctx
+        if n_ctx and slots > 1:
+            n_ctx *= slots
         try:
             need = await asyncio.to_thread(vram.estimate, parts, n_ctx, n_gpu_layers)
         except Exception as exc:  # not a GGUF we can read; the worker will say more

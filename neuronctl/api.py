@@ -188,9 +188,10 @@ def create_app(
     app.router.add_post("/reload", reload_config)
     if reloader is not None:
         app[RELOADER] = reloader
-    routes = router.setup(app, registry)  # the OpenAI-compatible /v1 routes
-    app.cleanup_ctx.append(idle_unload_ctx(registry))  # ttl_s: unload idle models
     metrics = metrics or Metrics(registry, app[STARTED_AT])
+    # The OpenAI-compatible /v1 routes; their histograms are in the node's metrics.
+    routes = router.setup(app, registry, metrics.registry)
+    app.cleanup_ctx.append(idle_unload_ctx(registry))  # ttl_s: unload idle models
     metrics.attach(routes.stats)
 
     async def stop_metrics(app: web.Application) -> None:

@@ -29,6 +29,7 @@ ENV_PREFIX = "NEURON_"
 # NEURON_* variables that belong to the CLI client, not to the config file.
 CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY"})
 MAX_MODEL_ID_LEN = 256
+MAX_PARALLEL = 256
 RESTART_POLICIES = ("on-failure", "always", "never")
 _INT32_MAX = 2**31 - 1
 
@@ -61,6 +62,8 @@ class HarnessConfig:
     chat_format: str | None = None
     args: tuple[str, ...] = ()
     ready_timeout_s: float | None = None
+    # Requests its worker serves at once (llama-server's slots); llama-cpp-python: 1.
+    parallel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ class ModelSpec:
     # Unload after this long without a request through /v1; a default model only idles out
     # when its own entry sets this (the node's ttl_s does not apply to it).
     ttl_s: float | None = None
+    # Requests in flight to its worker at once (unset: the harness's, else 1); the rest wait
+    # in its queue, at most `max_queue` of them for at most `queue_timeout_s` (unset: the
+    # node's values).
+    parallel: int | None = None
+    max_queue: int | None = None
+    queue_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,17 @@ class NeuronConfig:
     # report its memory free again.
     vram_release_timeout_s: float = 30.0
     gpu_poll_interval_s: float = 5.0  # nvidia-smi readings are refreshed this often
+    # Per model: requests waiting for a slot of its worker (beyond `parallel` in flight);
+    # one more is a 429. A request waits at most queue_timeout_s (then 503), a model that is
+    # loading or restarting included.
+    max_queue: int = 64
+    queue_timeout_s: float = 120.0
+    # While a model is ready its worker is probed this often; after `liveness_failures`
+    # probes in a row that fail or take over `liveness_timeout_s`, it is killed and handled
+    # as a crash.
+    liveness_interval_s: float = 10.0
+    liveness_timeout_s: float = 5.0
+    liveness_failures: int = 3
     default_models: tuple[ModelSpec, ...] = ()
     harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
 
@@ -383,10 +403,18 @@ def _check_values(obj: Any, key: str) -> None:
     if max_request_bytes is not None and max_request_bytes < 1024:
         raise ConfigError(_join(key, "max_request_bytes"),
                           f"must be at least 1024, got {max_request_bytes}")
-    for name in ("max_restarts", "log_keep"):
+    for name in ("max_restarts", "log_keep", "max_queue"):
         value = getattr(obj, name, None)
         if value is not None and value < 0:
             raise ConfigError(_join(key, name), f"must be >= 0, got {value}")
+    for name, most in (("parallel", MAX_PARALLEL), ("liveness_failures", 1000)):
+        value = getattr(obj, name, None)
+        if value is not None and not 1 <= value <= most:
+            raise ConfigError(_join(key, name), f"must be between 1 and {most}, got {value}")
+    if isinstance(obj, ModelSpec) and (obj.parallel or 1) > 1 and obj.harness == DEFAULT_HARNESS:
+        raise ConfigError(_join(key, "parallel"),
+                          f"{DEFAULT_HARNESS} serves one request at a time; use "
+                          'harness = "llama-server" for parallel slots')
     for name in ("n_ctx", "n_gpu_layers"):
         value = getattr(obj, name, None)
         # llama.cpp reads both as 32-bit ints: a bigger number wraps instead of failing.
@@ -394,7 +422,8 @@ def _check_values(obj: Any, key: str) -> None:
             raise ConfigError(_join(key, name), f"must be at most {_INT32_MAX}, got {value}")
     for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s", "restart_window_s", "ttl_s",
                  "restart_delay_s", "restart_delay_max_s", "restart_reset_s",
-                 "vram_release_timeout_s", "gpu_poll_interval_s"):
+                 "vram_release_timeout_s", "gpu_poll_interval_s", "queue_timeout_s",
+                 "liveness_interval_s", "liveness_timeout_s"):
         value = getattr(obj, name, None)
         if value is None:
             continue

@@ -116,6 +116,12 @@ class PayloadTooLarge(NeuronError):
     status, type, code = 413, INVALID_REQUEST, "request_too_large"
 
 
+class QueueFull(NeuronError):
+    """The model's queue is at `max_queue`: back off (Retry-After) and try again."""
+
+    status, type, code = 429, INVALID_REQUEST, "queue_full"
+
+
 # --- loading a model ---------------------------------------------------------------------
 
 class LoadError(NeuronError):
@@ -186,6 +192,12 @@ class ModelNotReady(NeuronError):
 
 class ModelFailed(NeuronError):
     status, code = 503, "model_failed"
+
+
+class QueueTimeout(NeuronError):
+    """Waited `queue_timeout_s` for a slot (or for the model to be ready) and got none."""
+
+    status, code = 503, "queue_timeout"
 
 
 class WorkerUnavailable(NeuronError):

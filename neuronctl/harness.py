@@ -34,6 +34,10 @@ class WorkerPlan:
 class Harness(Protocol):
     name: str
 
+    def slots(self, spec: ModelSpec) -> int:
+        """Requests one worker for `spec` serves at once; the router sends no more."""
+        ...
+
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         """Raise a LoadError for a spec this harness cannot run (a missing file, say)."""
         ...
@@ -42,6 +46,7 @@ class Harness(Protocol):
 # Optional harness attributes the registry reads with getattr:
 #   needs_model_file: bool - the model must be resolved to a local GGUF (`spec.path`) first
 #   default_n_ctx: int     - the context size the server uses when n_ctx is unset (VRAM sizing)
+#   serves_metrics: bool   - its workers answer GET /metrics (merged into the node's)
 
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"
@@ -83,10 +88,12 @@ def _shares(split: tuple[float, ...]) -> list[str]:
 
 
 class LlamaCppPythonHarness:
-    """llama-cpp-python's OpenAI-compatible server, one model per process.
+    """llama-cpp-python's OpenAI-compatible server, one model per process, run through
+    workers/llama_cpp_server.py: with interrupt_requests off (the stock server cancels the
+    stream in progress for each new request) and a lock-free GET /health, which exists
+    once the model has loaded (ready) and answers while a generation runs (alive).
 
-    It loads the model before it opens its port and has no /health, so the first 200 from
-    /v1/models means ready.
+    It serves one request at a time: the router queues the rest.
     """
 
     name = LLAMA_CPP_PYTHON
@@ -94,7 +101,14 @@ class LlamaCppPythonHarness:
     default_n_ctx = 2048  # llama-cpp-python's own default
 
     def __init__(self, defaults: HarnessConfig) -> None:
+        if (defaults.parallel or 1) > 1:
+            raise ConfigError(f"harness.{LLAMA_CPP_PYTHON}.parallel",
+                              f"{LLAMA_CPP_PYTHON} serves one request at a time; use "
+                              f"[harness.{LLAMA_SERVER}] for parallel slots")
         self._defaults = defaults
+
+    def slots(self, spec: ModelSpec) -> int:
+        return 1
 
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         d = self._defaults
@@ -114,7 +128,7 @@ class LlamaCppPythonHarness:
             cmd += ["--chat_format", chat_format]
         cmd += [*d.args, *spec.args]
         timeout = effective(spec, d, "ready_timeout_s") or DEFAULT_READY_TIMEOUT_S
-        return WorkerPlan(tuple(cmd), _device_env(spec), "/v1/models", timeout)
+        return WorkerPlan(tuple(cmd), _device_env(spec), "/health", timeout)
 
 
 class LlamaServerHarness:
@@ -122,14 +136,20 @@ class LlamaServerHarness:
 
     It opens its port at once and answers GET /health with 503 while it loads and 200 once
     ready; its /v1/models answers even while loading, so only /health tells readiness.
+    With `parallel` N it serves N slots with continuous batching; each slot gets the whole
+    `n_ctx` (llama-server splits `-c` among its slots, so it is given n_ctx x N).
     """
 
     name = LLAMA_SERVER
     needs_model_file = True
     default_n_ctx = None  # without -c it takes the model's own context length
+    serves_metrics = True  # run with --metrics
 
     def __init__(self, defaults: HarnessConfig) -> None:
         self._defaults = defaults
+
+    def slots(self, spec: ModelSpec) -> int:
+        return int(effective(spec, self._defaults, "parallel") or 1)
 
     def binary(self) -> Path:
         configured = self._defaults.binary or "llama-server"
@@ -147,10 +167,14 @@ class LlamaServerHarness:
         d = self._defaults
         binary = self.binary()
         cmd = [str(binary), "-m", str(_model_file(spec)), "--host", "127.0.0.1",
-               "--port", str(port), "--alias", spec.model_id]
+               "--port", str(port), "--alias", spec.model_id, "--metrics"]
+        slots = self.slots(spec)
+        cmd += ["--parallel", str(slots), "--cont-batching"]
         n_ctx = effective(spec, d, "n_ctx")
-        if n_ctx is not None:
-            cmd += ["-c", str(n_ctx)]
+        if n_ctx:
+            cmd += ["-c", str(n_ctx * slots)]
+        elif n_ctx is not None:
+            cmd += ["-c", "0"]  # the model's own context, shared by the slots
         n_gpu_layers = _gpu_layers(spec, d, ALL_LAYERS_LLAMA_SERVER)
         if n_gpu_layers is not None:
             cmd += ["-ngl", str(n_gpu_layers)]

@@ -61,7 +61,7 @@ class IdleReaper:
                 continue
             counters = self.stats.models.get(record.model_id)
             requests = counters.requests if counters else 0
-            busy = counters is not None and counters.in_flight > 0
+            busy = counters is not None and (counters.in_flight > 0 or counters.queue.queued > 0)
             seen = self._seen.get(record)
             if seen is None or seen[0] != requests or busy:
                 self._seen[record] = (requests, now)

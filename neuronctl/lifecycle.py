@@ -74,6 +74,8 @@ class ModelLifecycle:
         self.resolved: resolve.Resolved | None = None  # the local file(s) its workers load
         self.download: resolve.Progress | None = None  # while DOWNLOADING
         self.vram_estimate_mb: int | None = None  # from the GGUF header, at admission
+        self.slots = 1  # requests its worker serves at once (the harness says, at each start)
+        self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
         self._log_started = False  # a download began a fresh log: the first start appends
         self._run_task: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
@@ -91,6 +93,13 @@ class ModelLifecycle:
     def serving_worker(self) -> Worker | None:
         """The worker that may take requests now; None unless the model is ready."""
         return self.worker if self.state is WorkerState.READY else None
+
+    def queue_limits(self) -> tuple[int, float]:
+        """(max_queue, queue_timeout_s): its own, else the node's (a reload applies)."""
+        config = self._s.config
+        max_queue = config.max_queue if self.spec.max_queue is None else self.spec.max_queue
+        timeout = self.spec.queue_timeout_s or config.queue_timeout_s
+        return max_queue, timeout
 
     @property
     def stopping(self) -> bool:
@@ -179,19 +188,54 @@ class ModelLifecycle:
         self._log_started = True
 
     async def _supervise(self) -> None:
-        """While ready: notice an exit at once (the process's own wait, not a poll) and
-        restart under the model's policy, until it gives up."""
+        """While ready: notice an exit at once (the process's own wait, not a poll), kill a
+        worker that stops answering, and restart under the model's policy until it gives
+        up."""
         while True:
             worker = self.worker
             assert worker is not None
-            code = await worker.wait_exit()
+            hung: list[str] = []  # why liveness killed it, if it did
+            liveness = asyncio.create_task(self._watch_liveness(worker, hung),
+                                           name=f"liveness {self.model_id}")
+            try:
+                code = await worker.wait_exit()
+            finally:
+                liveness.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await liveness
             crashed_at = self._s.clock()
             # An exit we asked for cancels this task before the worker is signalled.
             await self._worker_gone(worker)
-            headline, detail = worker.log_excerpt()
-            self._note(f"worker {describe_exit(code)} unexpectedly: {headline}", detail, code)
+            headline, detail = worker.log_excerpt(fallback=False)
+            if hung:
+                self._note(f"worker {hung[0]}; killed", detail, code)
+            else:
+                said = f": {headline}" if headline else ""
+                self._note(f"worker {describe_exit(code)} unexpectedly{said}", detail, code)
             if not await self._restart(code, crashed_at):
                 return
+
+    async def _watch_liveness(self, worker: Worker, hung: list[str]) -> None:
+        """Probe a ready worker; kill it (its whole group) after `liveness_failures` probes
+        in a row that fail or time out, saying why in `hung` first. A busy worker still
+        answers: its probe route takes no lock (see the harnesses)."""
+        failures = 0
+        while True:
+            config = self._s.config  # read at each probe: a reload applies
+            await self._s.sleep(config.liveness_interval_s)
+            if await worker.answers(config.liveness_timeout_s):
+                failures = 0
+                continue
+            failures += 1
+            if failures < config.liveness_failures:
+                continue
+            why = (f"stopped answering health checks ({failures} probes in a row failed or "
+                   f"took over {config.liveness_timeout_s:g} s)")
+            log.warning("%s: worker pid %s %s; killing it", self.model_id, worker.pid, why)
+            modelfiles.append_line(self.log_path, f"neuronctl: worker {why}; killed")
+            hung.append(why)  # before the kill: its exit wakes the supervisor at once
+            await worker.kill()
+            return
 
     async def _restart(self, exit_code: int | None, crashed_at: float) -> bool:
         """Back off and start again until a worker is ready (True) or the policy gives up."""
@@ -231,9 +275,11 @@ class ModelLifecycle:
             await s.admission.await_release()
             needs_file = bool(getattr(harness, "needs_model_file", False))
             spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
+            self.slots = harness.slots(spec)
+            self.serves_metrics = bool(getattr(harness, "serves_metrics", False))
             admitted = await s.admission.admit(
                 spec, parts, s.config.harness_config(spec.harness),
-                getattr(harness, "default_n_ctx", None))
+                getattr(harness, "default_n_ctx", None), self.slots)
             self.vram_estimate_mb = admitted.estimate_mb
             port = free_port()
             plan = harness.plan(admitted.spec, port)

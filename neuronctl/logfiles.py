@@ -101,17 +101,20 @@ _ERRORISH = re.compile(
 _HEADLINE_MAX = 300
 
 
-def excerpt(path: Path, n: int) -> tuple[str, str]:
+def excerpt(path: Path, n: int, fallback: bool = True) -> tuple[str | None, str]:
     """What a worker's log says about its end: (the one line that says what went wrong,
     the last `n` lines with the file named). The headline is the last line that reads like
-    an error (a traceback's last line, argparse's complaint), else the last line; never one
-    of neuronctl's own `===` header lines."""
+    an error (a traceback's last line, argparse's complaint), never one of neuronctl's own
+    `===` header lines; without one, the last line (or None, without `fallback`: a worker
+    killed while serving has only access-log lines, which explain nothing)."""
     lines = [ln for ln in tail_lines(path, n * 2) if ln.strip()]
     said = [ln.strip() for ln in lines if not ln.startswith("=== ")]
     if not said:
-        return f"it wrote nothing to its log {path}", f"log {path} has no output"
-    headline = next((ln for ln in reversed(said) if _ERRORISH.search(ln)), said[-1])
-    if len(headline) > _HEADLINE_MAX:
+        return (f"it wrote nothing to its log {path}" if fallback else None,
+                f"log {path} has no output")
+    headline = next((ln for ln in reversed(said) if _ERRORISH.search(ln)),
+                    said[-1] if fallback else None)
+    if headline is not None and len(headline) > _HEADLINE_MAX:
         headline = headline[: _HEADLINE_MAX - 3] + "..."
     return headline, f"last lines of {path}:\n" + "\n".join(lines[-n:])
 

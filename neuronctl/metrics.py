@@ -7,28 +7,34 @@ duration histogram accumulates, from the events of workers becoming ready.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import psutil
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
+        Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .events import ModelEvent, Subscription
 from .lifecycle import ModelLifecycle
 from .registry import ModelRegistry
-from .router import LATENCY_BUCKETS_S, RouterStats
+from .router import RouterStats
 from .states import ModelStatus, WorkerState
 
 LOAD_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+WORKER_SCRAPE_TIMEOUT_S = 1.0
+WORKER_METRIC_PREFIX = "llamacpp:"
+
+log = logging.getLogger(__name__)
 
 
 class NodeCollector(Collector):
@@ -69,22 +75,24 @@ class NodeCollector(Collector):
         in_flight = GaugeMetricFamily(
             "neuron_requests_in_flight", "Requests forwarded to the model's worker, not done.",
             labels=["model"])
-        latency = HistogramMetricFamily(
-            "neuron_request_duration_seconds",
-            "Time from a /v1 request reaching the router to the last byte of its answer.",
+        queued = GaugeMetricFamily(
+            "neuron_requests_queued", "Requests waiting in the model's queue for a slot.",
             labels=["model"])
+        rejected = CounterMetricFamily(
+            "neuron_requests_rejected",
+            "Requests the router answered itself, by reason (queue_full, queue_timeout, "
+            "model_failed, model_not_ready, ...).", labels=["model", "reason"])
         for model_id, counters in sorted(self.stats.models.items()):
             for code, count in sorted(counters.responses.items()):
                 requests.add_metric([model_id, str(code)], count)
             in_flight.add_metric([model_id], counters.in_flight)
-            cumulative, buckets = 0, []
-            for bound, count in zip(LATENCY_BUCKETS_S, counters.latency_counts, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            latency.add_metric([model_id], buckets, counters.latency_sum_s)
+            queued.add_metric([model_id], counters.queue.queued)
+            for reason, count in sorted(counters.rejections.items()):
+                rejected.add_metric([model_id, reason], count)
         yield requests
         yield in_flight
-        yield latency
+        yield queued
+        yield rejected
 
 
 def _rss(record: ModelLifecycle) -> int | None:
@@ -128,5 +136,62 @@ class Metrics:
             self.load_duration.labels(event.model).observe(event.ready_s)
 
     async def handle(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        own = generate_latest(self.registry)
+        workers = await scrape_workers(self._collector.registry.models())
+        return web.Response(body=own + workers, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def scrape_workers(models: Iterable[ModelLifecycle],
+                         timeout_s: float = WORKER_SCRAPE_TIMEOUT_S) -> bytes:
+    """The metrics of every ready worker that serves them (llama-server's `llamacpp:*`),
+    read at once, each bounded by `timeout_s`, merged with a `model` label. A slow or
+    broken worker is left out of this scrape; it never stalls the node's own metrics."""
+    targets = [(m.model_id, w.endpoint) for m in models
+               if m.serves_metrics and (w := m.serving_worker) is not None]
+    if not targets:
+        return b""
+    async with ClientSession(timeout=ClientTimeout(total=timeout_s)) as session:
+
+        async def fetch(model_id: str, endpoint: str) -> tuple[str, str] | None:
+            try:
+                async with session.get(endpoint + "/metrics") as resp:
+                    if resp.status != 200:
+                        return None
+                    return model_id, await resp.text()
+            except (ClientError, OSError, asyncio.TimeoutError, UnicodeDecodeError):
+                return None
+
+        answers = await asyncio.gather(*(fetch(m, e) for m, e in targets))
+    return merge_worker_metrics([a for a in answers if a is not None])
+
+
+def merge_worker_metrics(answers: Sequence[tuple[str, str]]) -> bytes:
+    """Workers' Prometheus texts as one, each sample labelled with its model. Only
+    `llamacpp:` families are taken: a worker cannot pass itself off as the node."""
+    families: dict[str, Metric] = {}
+    for model_id, text in answers:
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except (ValueError, TypeError, IndexError):
+            log.debug("unreadable /metrics from the worker of %s", model_id, exc_info=True)
+            continue
+        for family in parsed:
+            if not family.name.startswith(WORKER_METRIC_PREFIX):
+                continue
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type)
+            merged.samples.extend(
+                sample._replace(labels={**sample.labels, "model": model_id})
+                for sample in family.samples)
+    if not families:
+        return b""
+
+    class Merged(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield from families.values()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)

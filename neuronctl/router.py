@@ -12,10 +12,8 @@ middleware never sees one to rewrite.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -30,13 +28,16 @@ from aiohttp import (
     TCPConnector,
     web,
 )
+from prometheus_client import CollectorRegistry, Histogram
 
 from . import errors
 from .errors import NeuronError
+from .events import ModelEvent
 from .lifecycle import ModelLifecycle
 from .policy import describe_exit
 from .registry import ModelRegistry
-from .states import ModelStatus
+from .states import ModelStatus, WorkerState
+from .traffic import ModelQueue
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -68,45 +69,54 @@ _DROP_FROM_RESPONSE = _HOP_BY_HOP | {"content-length", "date", "server"}
 _UPSTREAM_ERRORS = (ClientError, OSError, asyncio.TimeoutError)
 
 
-# Upper bounds, in seconds; the last catches everything (a long stream).
+# Upper bounds, in seconds (prometheus-client adds +Inf, which catches a long stream).
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                     60.0, 120.0, math.inf)
+                     60.0, 120.0)
+QUEUE_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
 
 
 @dataclass
 class ModelStats:
     """What the router did for one model; read by a metrics endpoint, written only here."""
 
+    queue: ModelQueue
     requests: int = 0  # every request naming this model, whatever became of it
     in_flight: int = 0  # forwarded to the worker and not yet answered in full
     worker_errors: int = 0  # the worker could not be reached or broke off its answer
     client_disconnects: int = 0  # the client left before the answer was complete
     responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
-
-    # Request latency through the router, as a histogram: counts per LATENCY_BUCKETS_S
-    # bucket (not cumulative), their sum, and how many.
-    latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))
-    latency_sum_s: float = 0.0
+    rejections: dict[str, int] = field(default_factory=dict)  # the router's refusals, by code
 
     def count(self, status: int) -> None:
         self.responses[status] = self.responses.get(status, 0) + 1
 
-    def observe(self, seconds: float) -> None:
-        self.latency_sum_s += seconds
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+    def reject(self, refusal: NeuronError) -> None:
+        self.count(refusal.status)
+        self.rejections[refusal.code] = self.rejections.get(refusal.code, 0) + 1
 
 
 class RouterStats:
-    """Per-model counters. Only models the node knows get an entry, so a client naming
-    made-up models cannot grow this without bound."""
+    """Per-model counters and queues. Only models the node knows get an entry, so a client
+    naming made-up models cannot grow this without bound. The two histograms live in
+    `registry`, the node's metrics registry (or one of their own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.models: dict[str, ModelStats] = {}
+        self.registry = registry or CollectorRegistry()
+        self.latency = Histogram(
+            "neuron_request_duration_seconds",
+            "Time from a /v1 request reaching the router to the last byte of its answer.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.queue_wait = Histogram(
+            "neuron_request_queue_seconds",
+            "Time a /v1 request waited in its model's queue for a slot of the worker.",
+            ["model"], buckets=QUEUE_BUCKETS_S, registry=self.registry)
 
     def model(self, model_id: str) -> ModelStats:
         stats = self.models.get(model_id)
         if stats is None:
-            stats = self.models[model_id] = ModelStats()
+            stats = self.models[model_id] = ModelStats(ModelQueue(model_id, time.monotonic))
         return stats
 
 
@@ -151,9 +161,9 @@ def _worker_gone(worker: Worker) -> str:
 
 
 class Router:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: CollectorRegistry | None = None) -> None:
         self.registry = registry
-        self.stats = RouterStats()
+        self.stats = RouterStats(metrics)
         self._session: ClientSession | None = None
         # Handlers waiting on a worker, checked for a client that hung up; see _check_clients.
         self._waiting: dict[asyncio.Task[Any], web.Request] = {}
@@ -264,25 +274,69 @@ class Router:
         record = self.registry.get(model_id)
         if record is None:
             raise self._unknown_model(model_id)
-        stats = self.stats.model(model_id)
+        stats = self._stats_for(record)
         stats.requests += 1
-        worker = record.serving_worker
-        if worker is None:
-            refusal = self._not_ready(record)
-            stats.count(refusal.status)
-            raise refusal
-        stats.in_flight += 1
-        task = self._watch_client(request)
-        started = time.monotonic()
+        task = self._watch_client(request)  # a client that hangs up leaves the queue too
         try:
-            return await self._exchange(request, body, model_id, worker, stats)
-        except asyncio.CancelledError:  # the client left (or the node is shutting down)
-            stats.client_disconnects += 1
+            return await self._admitted(request, body, record, stats)
+        except NeuronError as refusal:
+            stats.reject(refusal)
             raise
         finally:
             del self._waiting[task]
-            stats.in_flight -= 1
-            stats.observe(time.monotonic() - started)  # to the last byte, streams included
+
+    async def _admitted(self, request: web.Request, body: bytes, record: ModelLifecycle,
+                        stats: ModelStats) -> web.StreamResponse:
+        """Wait for a slot of the model's worker (it may still be loading), then forward."""
+        model_id = record.model_id
+        if record.status is ModelStatus.FAILED:
+            raise self._not_ready(record)
+        max_queue, timeout_s = record.queue_limits()
+        async with stats.queue.admit(max_queue, timeout_s) as waited:
+            self.stats.queue_wait.labels(model_id).observe(waited)
+            current = self.registry.get(model_id)  # a reload may have replaced it
+            worker = current.serving_worker if current is not None else None
+            if worker is None:
+                raise self._not_ready(current or record)
+            stats.in_flight += 1
+            started = time.monotonic()
+            try:
+                return await self._exchange(request, body, model_id, worker, stats)
+            except asyncio.CancelledError:  # the client left (or the node is shutting down)
+                stats.client_disconnects += 1
+                raise
+            finally:
+                stats.in_flight -= 1
+                # To the last byte, streams included.
+                self.stats.latency.labels(model_id).observe(time.monotonic() - started)
+
+    def _stats_for(self, record: ModelLifecycle) -> ModelStats:
+        fresh = record.model_id not in self.stats.models
+        stats = self.stats.model(record.model_id)
+        if fresh:  # a queue made now starts from the model's state; events keep it so
+            self._follow(stats.queue, record)
+        return stats
+
+    def on_event(self, event: ModelEvent) -> None:
+        """Keep the model's queue in step with its state (an EventBus callback)."""
+        stats = self.stats.models.get(event.model)
+        model = self.registry.get(event.model)
+        if stats is None:
+            return
+        if event.new in (WorkerState.STOPPING, WorkerState.STOPPED) or model is None:
+            stats.queue.fail(errors.ModelNotReady(
+                f"model {event.model!r} was unloaded while this request waited",
+                param="model"))
+        else:
+            self._follow(stats.queue, model)
+
+    def _follow(self, queue: ModelQueue, model: ModelLifecycle) -> None:
+        if model.serving_worker is not None:
+            queue.ready(model.slots)
+        elif model.status is ModelStatus.FAILED:
+            queue.fail(self._not_ready(model))
+        else:
+            queue.not_ready()  # loading or restarting: requests wait for it
 
     async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
         """The whole body, or None once it is over `limit` (without reading the rest)."""
@@ -416,11 +470,19 @@ class Router:
         return ", ".join(ids) if ids else "none"
 
 
-def setup(app: web.Application, registry: ModelRegistry) -> Router:
-    """Serve the `/v1` routes on `app`; the body limit is the node's `max_request_bytes`."""
-    router = Router(registry)
+def setup(app: web.Application, registry: ModelRegistry,
+          metrics: CollectorRegistry | None = None) -> Router:
+    """Serve the `/v1` routes on `app`; the body limit is the node's `max_request_bytes`.
+    The router's histograms are registered in `metrics`."""
+    router = Router(registry, metrics)
     app[ROUTER_STATS] = router.stats
     app.cleanup_ctx.append(router.client_session)
+    unsubscribe = registry.events.on_event(router.on_event)
+
+    async def stop_following(app: web.Application) -> None:
+        unsubscribe()
+
+    app.on_cleanup.append(stop_following)
     app.router.add_get("/v1/models", router.list_models)
     # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
     app.router.add_get("/v1/models/{model_id:.+}", router.get_model)

@@ -133,6 +133,7 @@ class Worker:
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
+        self.probes = {True: 0, False: 0}  # liveness probes answered, and not
 
     @property
     def pid(self) -> int | None:
@@ -202,9 +203,19 @@ class Worker:
             # Wake early if the process exits, so a crash is reported at once.
             await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
 
-    def log_excerpt(self) -> tuple[str, str]:
-        """(the one line of the log that says what went wrong, its last lines)."""
-        return logfiles.excerpt(self.log_path, LOG_TAIL_LINES)
+    async def answers(self, timeout_s: float) -> bool:
+        """One liveness probe: does the worker answer its probe within `timeout_s`?"""
+        try:
+            ok = await bounded(self._probe(self.port, self.plan.probe_path), timeout_s)
+        except asyncio.TimeoutError:
+            ok = False
+        self.probes[ok] += 1
+        return ok
+
+    def log_excerpt(self, fallback: bool = True) -> tuple[str | None, str]:
+        """(the one line of the log that says what went wrong, its last lines); see
+        logfiles.excerpt."""
+        return logfiles.excerpt(self.log_path, LOG_TAIL_LINES, fallback)
 
     def progress_token(self) -> tuple[int, float, int]:
         """Changes while a starting worker does anything: writes its log, uses CPU, or does

@@ -1,13 +1,24 @@
 """A llama-cpp-python worker: llama-cpp-python's OpenAI server for exactly one model.
 
 The supervisor runs this file by path with the interpreter named in
-`[harness.llama-cpp-python] python`, passing the server's own command-line flags.
+`[harness.llama-cpp-python] python`, passing the server's own command-line flags. It runs
+the server as `python -m llama_cpp.server` would, with two differences the supervisor
+relies on:
+
+* `interrupt_requests` is always off: the stock default cancels the stream in progress
+  whenever another request arrives, so with 8 concurrent streaming clients 7 were cut off.
+  The supervisor's router queues requests per model instead.
+* `GET /health` answers 200 without taking the model's lock. The server's own routes all
+  wait for that lock, which a long generation holds for minutes; a liveness probe must be
+  answered by a busy worker and fail only for a hung one. The app (and so this route)
+  exists only once the model has loaded, so its first 200 also means ready.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import cast
 
 # llama_cpp.server lets these environment variables override --host/--port/--config_file.
 # The supervisor chose the port and the loopback address; an inherited HOST or PORT must
@@ -20,7 +31,10 @@ def main() -> None:
         os.environ.pop(name, None)
     try:
         import llama_cpp
-        from llama_cpp.server.__main__ import main as server_main
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
+        from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
     except ImportError as exc:
         print(
             f"neuron worker: cannot import llama_cpp.server with {sys.executable}: {exc}\n"
@@ -33,7 +47,29 @@ def main() -> None:
         file=sys.stderr,
         flush=True,
     )
-    server_main()
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="llama_cpp_server.py",
+                                     description="llama-cpp-python's server, for neuronctl")
+    add_args_from_model(parser, Settings)
+    args = parser.parse_args()
+    try:
+        # Typed upstream as returning the class it is given; it returns an instance.
+        server_settings = cast(ServerSettings, parse_model_from_args(ServerSettings, args))
+        model_settings = cast(ModelSettings, parse_model_from_args(ModelSettings, args))
+    except Exception as exc:  # pydantic's validation error: one message, then usage
+        print(f"neuron worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+    server_settings.interrupt_requests = False
+    app = create_app(server_settings=server_settings, model_settings=[model_settings])
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    uvicorn.run(app, host=server_settings.host, port=server_settings.port,
+                ssl_keyfile=server_settings.ssl_keyfile,
+                ssl_certfile=server_settings.ssl_certfile)
 
 
 if __name__ == "__main__":
