@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/activation.py
 	$(PY) bench/recovery.py
 	$(PY) bench/proxy.py
+	$(PY) bench/traffic.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
