@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,12 @@ from aiohttp.test_utils import TestServer
 from neuronctl import errors
 from neuronctl.api import create_app
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.harness import LLAMA_CPP_PYTHON, LlamaCppPythonHarness
+from neuronctl.harness import (
+    LLAMA_CPP_PYTHON,
+    LLAMA_SERVER,
+    LlamaCppPythonHarness,
+    LlamaServerHarness,
+)
 from neuronctl.metrics import merge_worker_metrics
 from neuronctl.registry import ModelRegistry
 from neuronctl.states import WorkerState
@@ -349,3 +355,40 @@ async def _wait_metric(n: Node, line: str, timeout_s: float = 5.0) -> None:
         assert time.monotonic() < deadline, f"never saw {line}"
         await asyncio.sleep(0.02)
 
+
+
+def real_llama_server() -> str | None:
+    configured = os.environ.get("NEURON_HARNESS__LLAMA_SERVER__BINARY")
+    return shutil.which(configured or "llama-server")
+
+
+@pytest.mark.llama_server
+@pytest.mark.skipif(real_llama_server() is None,
+                    reason="no llama-server binary on PATH (bash .ci/llama-server.sh builds one)")
+async def test_llama_server_slots_serve_in_parallel_and_its_metrics_reach_the_node(
+    make_registry: MakeRegistry, node_config: NeuronConfig, tiny_gguf: Path
+) -> None:
+    binary = real_llama_server()
+    assert binary is not None
+    harness = LlamaServerHarness(HarnessConfig(binary=binary))
+    registry = make_registry(node_config, {LLAMA_SERVER: harness})
+    model = await registry.load(ModelSpec("tiny", harness=LLAMA_SERVER, path=tiny_gguf,
+                                          n_ctx=256, parallel=3, ready_timeout_s=120.0))
+    assert model.slots == 3
+    assert model.worker is not None
+    command = model.worker.plan.command
+    assert command[command.index("--parallel") + 1] == "3"
+    assert command[command.index("-c") + 1] == "768"  # each slot gets the whole n_ctx
+    server = TestServer(create_app(registry), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            n = Node(registry, str(server.make_url("")).rstrip("/"), session)
+            results = await asyncio.gather(*(n.stream("tiny", max_tokens=16) for _ in range(9)))
+            assert all(status == 200 and finish for status, finish in results), results
+            async with session.get(f"{n.url}/metrics") as resp:
+                metrics = await resp.text()
+    finally:
+        await server.close()
+    assert 'llamacpp:requests_processing{model="tiny"}' in metrics
+    assert 'neuron_requests_queued{model="tiny"} 0.0' in metrics
