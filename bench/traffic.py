@@ -91,17 +91,24 @@ async def one_stream(session: aiohttp.ClientSession, url: str, model: str, i: in
 async def batch(url: str, model: str, concurrency: int, requests: int,
                 max_tokens: int) -> Batch:
     gate = asyncio.Semaphore(concurrency)
+    errors: list[str] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
 
         async def run(i: int) -> tuple[int, float | None, bool]:
             async with gate:
-                return await one_stream(session, url, model, i, max_tokens)
+                try:
+                    return await one_stream(session, url, model, i, max_tokens)
+                except aiohttp.ClientError as exc:  # counted as not completed
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    return 0, None, False
 
         started = time.monotonic()
         results = await asyncio.gather(*(run(i) for i in range(requests)))
         wall = time.monotonic() - started
+    for error in sorted(set(errors)):
+        print(f"  {url}: {errors.count(error)} x {error}")
     return Batch(sum(r[0] for r in results), wall, [r[1] for r in results if r[1] is not None],
                  sum(r[2] for r in results), requests)
 
