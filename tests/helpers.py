@@ -1,15 +1,32 @@
-"""Shared test helpers: bounded polling, ports, process checks."""
+"""Shared test helpers: bounded polling, ports, process checks, the console script and its
+environment."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from neuronctl.config import NeuronConfig
 
 T = TypeVar("T")
+
+NEURONCTL = Path(sys.executable).parent / "neuronctl"
+
+# Checked without importing: llama_cpp opens files at import that it never closes.
+llama_required = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="needs llama-cpp-python[server] (the `server` extra)",
+)
 
 
 def poll_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
@@ -43,3 +60,19 @@ def pid_alive(pid: int) -> bool:
 def kill_quietly(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 9)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without NEURON_* overrides or anything that widens Rich's
+    console, plus `extra`: what systemd would give the CLI."""
+    drop = {"COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_") and k not in drop}
+    return {**env, **extra}
+
+
+def fast_restarts(config: NeuronConfig, **overrides: Any) -> NeuronConfig:
+    values: dict[str, Any] = {
+        "restart_delay_s": 0.2, "restart_delay_max_s": 1.0, "restart_window_s": 60.0,
+        **overrides,
+    }
+    return dataclasses.replace(config, **values)

@@ -16,7 +16,7 @@ from neuronctl.api import MAX_BODY_BYTES, create_app
 from neuronctl.config import NeuronConfig
 from neuronctl.registry import ModelRegistry
 
-from .conftest import FakeHarness
+from .fakes import FakeHarness
 from .helpers import pid_alive, poll_until
 
 Scenario = Callable[[TestClient[Any, Any], ModelRegistry], Awaitable[None]]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,17 +16,7 @@ import pytest
 from neuronctl import __version__
 from neuronctl.logfiles import log_path
 
-from .helpers import free_port
-
-NEURONCTL = Path(sys.executable).parent / "neuronctl"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without NEURON_* variables or anything that widens Rich's
-    console, plus `extra`."""
-    drop = {"COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_") and k not in drop}
-    return {**env, **extra}
+from .helpers import NEURONCTL, clean_env, free_port
 
 
 def neuronctl(
@@ -335,8 +323,8 @@ def test_logs_without_a_log_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_start_help_and_bad_port_without_a_daemon(tmp_path: Path) -> None:
-    exe = str(Path(sys.executable).parent / "neuronctl")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+    exe = str(NEURONCTL)
+    env = clean_env()
     shown = subprocess.run([exe, "start", "--help"], capture_output=True, text=True,
                            timeout=30, env=env)
     assert shown.returncode == 0
@@ -351,8 +339,8 @@ def test_start_help_and_bad_port_without_a_daemon(tmp_path: Path) -> None:
 
 
 def test_start_reports_a_port_in_use_before_loading_anything(tmp_path: Path) -> None:
-    exe = str(Path(sys.executable).parent / "neuronctl")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+    exe = str(NEURONCTL)
+    env = clean_env()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -370,8 +358,8 @@ def test_start_reports_a_port_in_use_before_loading_anything(tmp_path: Path) -> 
 
 
 def test_logs_previous_prints_the_log_from_before_the_last_start(tmp_path: Path) -> None:
-    exe = str(Path(sys.executable).parent / "neuronctl")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
+    exe = str(NEURONCTL)
+    env = clean_env()
     current = log_path(tmp_path, "org/m")
     current.write_text("after the restart\n")
     current.with_name(current.name + ".1").write_text("before the crash\n")

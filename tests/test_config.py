@@ -6,7 +6,6 @@ import dataclasses
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,11 @@ from neuronctl.config import (
 )
 from neuronctl.harness import build_harnesses
 
+from .helpers import NEURONCTL, clean_env
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "neuron.example.toml"
 DEMO = REPO / "config" / "neuron.demo.toml"
-NEURONCTL = Path(sys.executable).parent / "neuronctl"
 EX_CONFIG = 78
 
 
@@ -338,13 +338,6 @@ def test_build_harnesses_knows_the_default_harness() -> None:
 
 
 # --- the CLI contract: a bad config is one line on stderr and exit 78 -----------------------
-
-
-def clean_env() -> dict[str, str]:
-    """The test's environment without NEURON_* overrides or anything that widens Rich's
-    console, so the CLI sees what systemd would give it."""
-    drop = {"COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"}
-    return {k: v for k, v in os.environ.items() if not k.startswith("NEURON_") and k not in drop}
 
 
 def run_start(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from neuronctl.discovery import (
 )
 from neuronctl.registry import ModelRegistry
 
-from .conftest import FakeHarness
+from .fakes import FakeHarness
 from .gpu_fakes import DATA, FakeSmi, gpu, hide_nvidia_smi, install_fake_smi
 from .helpers import poll_until
 

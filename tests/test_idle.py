@@ -14,7 +14,7 @@ from neuronctl.idle import IdleReaper
 from neuronctl.registry import ModelRegistry
 from neuronctl.router import RouterStats
 
-from .conftest import FakeHarness
+from .fakes import FakeHarness
 from .helpers import poll_until
 
 

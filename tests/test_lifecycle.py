@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,20 +13,17 @@ from typing import Any
 
 import pytest
 
-from .helpers import free_port, kill_quietly, pid_alive, poll_until
-
-# Checked without importing: llama_cpp opens files at import that it never closes.
-llama_required = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None,
-    reason="needs llama-cpp-python[server] (the `server` extra)",
+from .helpers import (
+    NEURONCTL,
+    clean_env,
+    free_port,
+    kill_quietly,
+    llama_required,
+    pid_alive,
+    poll_until,
 )
+
 pytestmark = [pytest.mark.llama, llama_required]
-
-NEURONCTL = str(Path(sys.executable).parent / "neuronctl")
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 60) -> tuple[int, Any]:

@@ -18,10 +18,8 @@ from neuronctl.harness import build_harnesses
 from neuronctl.registry import ModelRegistry
 from neuronctl.states import ModelStatus
 
-from .conftest import FakeHarness
-from .helpers import poll_until
-from .test_lifecycle import llama_required
-from .test_reliability import fast_restarts
+from .fakes import FakeHarness
+from .helpers import fast_restarts, llama_required, poll_until
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,7 +15,7 @@ from neuronctl.registry import Conflict, ModelRegistry, NotFound
 from neuronctl.states import ModelStatus
 from neuronctl.worker import Worker
 
-from .conftest import FakeHarness
+from .fakes import FakeHarness
 from .helpers import pid_alive, poll_until
 
 

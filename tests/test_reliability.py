@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -26,19 +25,19 @@ from neuronctl.registry import Conflict, ModelRegistry
 from neuronctl.statefile import StateFile
 from neuronctl.states import ModelStatus, WorkerState
 
-from .conftest import FAKE_WORKER, FakeHarness
-from .helpers import free_port, kill_quietly, pid_alive, poll_until
-from .test_lifecycle import NEURONCTL, clean_env, llama_required
+from .fakes import FAKE_WORKER, FakeHarness
+from .helpers import (
+    NEURONCTL,
+    clean_env,
+    fast_restarts,
+    free_port,
+    kill_quietly,
+    llama_required,
+    pid_alive,
+    poll_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def fast_restarts(config: NeuronConfig, **overrides: Any) -> NeuronConfig:
-    values: dict[str, Any] = {
-        "restart_delay_s": 0.2, "restart_delay_max_s": 1.0, "restart_window_s": 60.0,
-        **overrides,
-    }
-    return dataclasses.replace(config, **values)
 
 
 def fake(model_id: str, *args: str, **kw: Any) -> ModelSpec:
@@ -229,7 +228,7 @@ def run_daemon_script(tmp_path: Path, models: list[dict[str, Any]], port: int) -
         from neuronctl import daemon
         from neuronctl.config import config_from_mapping
         from neuronctl.logsetup import setup_logging
-        from tests.conftest import FakeHarness
+        from tests.fakes import FakeHarness
         config = config_from_mapping({{
             "host": "127.0.0.1", "port": {port}, "stop_timeout_s": 1.0,
             "log_dir": "{tmp_path}/log", "state_dir": "{tmp_path}/state",

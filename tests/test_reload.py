@@ -19,9 +19,8 @@ from neuronctl.harness import Harness, build_harnesses
 from neuronctl.registry import ModelRegistry
 from neuronctl.reload import Reloader
 
-from .conftest import FakeHarness
-from .helpers import free_port, poll_until
-from .test_lifecycle import NEURONCTL, clean_env
+from .fakes import FakeHarness
+from .helpers import NEURONCTL, clean_env, free_port, poll_until
 
 
 def write(path: Path, models: dict[str, list[str]], extra: str = "") -> None:

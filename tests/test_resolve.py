@@ -22,10 +22,9 @@ from neuronctl.registry import ModelRegistry
 from neuronctl.resolve import Fetcher, Progress, ResolveError, in_thread, local_file, select
 from neuronctl.states import ModelStatus, WorkerState
 
-from .conftest import FakeHarness
+from .fakes import FakeHarness
 from .gpu_fakes import hide_nvidia_smi, lay_out_hf_cache
-from .helpers import poll_until
-from .test_lifecycle import llama_required
+from .helpers import llama_required, poll_until
 
 REPO = "Qwen/Qwen3-0.6B-GGUF"
 FILES = {

@@ -29,8 +29,7 @@ from neuronctl.registry import ModelRegistry
 from neuronctl.router import ROUTER_STATS, RouterStats
 from neuronctl.worker import Worker
 
-from .helpers import pid_alive, poll_until
-from .test_lifecycle import llama_required
+from .helpers import llama_required, pid_alive, poll_until
 from .tiny_gguf import write_tiny_gguf
 
 Client = aiohttp.ClientSession

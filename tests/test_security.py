@@ -18,9 +18,8 @@ from neuronctl.api import create_app
 from neuronctl.config import ConfigError, NeuronConfig, load_config
 from neuronctl.registry import ModelRegistry
 
-from .conftest import FakeHarness
-from .helpers import free_port, poll_until
-from .test_lifecycle import NEURONCTL, clean_env
+from .fakes import FakeHarness
+from .helpers import NEURONCTL, clean_env, free_port, poll_until
 
 KEY = "s3cret-key"
 # Every route and a body that gets past the key check; what matters is 401 or not.

@@ -17,8 +17,7 @@ import pytest
 from neuronctl.activation import ActivationResult
 from neuronctl.systemd import Notifier, summary
 
-from .helpers import free_port, kill_quietly, poll_until
-from .test_lifecycle import NEURONCTL, clean_env, llama_required
+from .helpers import NEURONCTL, clean_env, free_port, kill_quietly, llama_required, poll_until
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from neuronctl.registry import ModelRegistry
 from neuronctl.states import ModelStatus, WorkerState
 from neuronctl.vram import MIB, Estimate, NotEnoughVram, Release, admit, estimate, split_by_free
 
-from .conftest import FakeHarness
+from .fakes import FakeHarness
 from .gpu_fakes import FakeSmi, gpu, install_fake_smi
 from .helpers import poll_until
 from .tiny_gguf import N_EMBD, N_LAYERS

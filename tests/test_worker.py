@@ -16,7 +16,7 @@ import pytest
 from neuronctl.harness import LoadError, WorkerPlan
 from neuronctl.worker import Worker, free_port
 
-from .conftest import FAKE_WORKER
+from .fakes import FAKE_WORKER
 from .helpers import kill_quietly, pid_alive, poll_until
 
 

@@ -1,0 +1,28 @@
+"""Stand-ins for a model server: the harness that runs tests/fake_worker.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from neuronctl.config import ModelSpec
+from neuronctl.harness import WorkerPlan
+
+FAKE_WORKER = Path(__file__).parent / "fake_worker.py"
+
+
+class FakeHarness:
+    """Runs tests/fake_worker.py; the spec's `args` choose its behaviour (`--mode crash`)."""
+
+    name = "fake"
+
+    def __init__(self, ready_timeout_s: float = 10.0) -> None:
+        self.ready_timeout_s = ready_timeout_s
+        self.planned: list[str] = []
+
+    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
+        self.planned.append(spec.model_id)
+        command = (sys.executable, str(FAKE_WORKER), "--port", str(port), *spec.args)
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, spec.devices))} if spec.devices else {}
+        timeout = spec.ready_timeout_s or self.ready_timeout_s
+        return WorkerPlan(command, env, "/health", timeout)
