@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from neuronctl.config import NeuronConfig
+from neuronctl.harness import Harness
+from neuronctl.registry import ModelRegistry
 
 from .fakes import FakeHarness
+from .helpers import MakeRegistry
 from .tiny_gguf import write_tiny_gguf
 
 
@@ -21,6 +27,32 @@ def node_config(tmp_path: Path) -> NeuronConfig:
         host="127.0.0.1", log_dir=tmp_path / "log", state_dir=tmp_path / "state",
         stop_timeout_s=2.0,
     )
+
+
+@pytest.fixture
+async def make_registry(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> AsyncIterator[MakeRegistry]:
+    """`make_registry(config=None, harnesses=None, **kwargs)`: a ModelRegistry over
+    `node_config` and `{"fake": fake_harness}` unless told otherwise, keyword arguments
+    passed on as they are. Every registry it made is shut down after the test, even a
+    failed one, so no worker outlives it."""
+    async with contextlib.AsyncExitStack() as made:
+
+        def make(
+            config: NeuronConfig | None = None,
+            harnesses: Mapping[str, Harness] | None = None,
+            **kwargs: Any,
+        ) -> ModelRegistry:
+            registry = ModelRegistry(
+                node_config if config is None else config,
+                {"fake": fake_harness} if harnesses is None else harnesses,
+                **kwargs,
+            )
+            made.push_async_callback(registry.shutdown)
+            return registry
+
+        yield make
 
 
 @pytest.fixture(scope="session")

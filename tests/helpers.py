@@ -1,5 +1,5 @@
 """Shared test helpers: bounded polling, ports, process checks, the console script and its
-environment."""
+environment, and the registry factory's type."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
 from neuronctl.config import NeuronConfig
+from neuronctl.harness import Harness
+from neuronctl.registry import ModelRegistry
 
 T = TypeVar("T")
 
@@ -27,6 +29,17 @@ llama_required = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
     reason="needs llama-cpp-python[server] (the `server` extra)",
 )
+
+
+class MakeRegistry(Protocol):
+    """The `make_registry` fixture: a registry it shuts down when the test is over."""
+
+    def __call__(
+        self,
+        config: NeuronConfig | None = None,
+        harnesses: Mapping[str, Harness] | None = None,
+        **kwargs: Any,
+    ) -> ModelRegistry: ...
 
 
 def poll_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:

@@ -16,6 +16,8 @@ from neuronctl.harness import LoadError, WorkerPlan
 from neuronctl.registry import ModelRegistry
 from neuronctl.states import ModelStatus
 
+from .helpers import MakeRegistry
+
 
 class ScriptedWorker:
     """A worker without a process: start() succeeds or fails as the test says, and
@@ -57,16 +59,17 @@ class PlanOnlyHarness:
         return WorkerPlan(("true",), {}, "/health", 5.0)
 
 
-def make_registry(config: NeuronConfig) -> ModelRegistry:
+@pytest.fixture
+def registry(make_registry: MakeRegistry, node_config: NeuronConfig) -> ModelRegistry:
     ScriptedWorker.timeline = []
     ScriptedWorker.failing = set()
-    return ModelRegistry(
-        config, {"scripted": PlanOnlyHarness()}, worker_factory=ScriptedWorker  # type: ignore[arg-type]
+    return make_registry(
+        node_config, {"scripted": PlanOnlyHarness()}, worker_factory=ScriptedWorker
     )
 
 
-def test_unknown_harness_entries_fail_fast_without_spawning_or_network(
-    node_config: NeuronConfig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+async def test_unknown_harness_entries_fail_fast_without_spawning_or_network(
+    registry: ModelRegistry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_network(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("activation touched the network")
@@ -75,13 +78,8 @@ def test_unknown_harness_entries_fail_fast_without_spawning_or_network(
     monkeypatch.setattr(socket, "create_connection", no_network)
     specs = [ModelSpec("org/first", harness="no-such-a"), ModelSpec("second", harness="no-such-b")]
 
-    async def scenario() -> tuple[list[ActivationResult], ModelRegistry]:
-        registry = make_registry(node_config)
-        results = await asyncio.wait_for(load_default_models(registry, specs), 5)
-        return results, registry
-
     with caplog.at_level(logging.INFO, logger="neuronctl"):
-        results, registry = asyncio.run(scenario())
+        results = await asyncio.wait_for(load_default_models(registry, specs), 5)
 
     assert [r.model_id for r in results] == ["org/first", "second"]  # the second was still tried
     errors = [r.error for r in results]
@@ -94,32 +92,25 @@ def test_unknown_harness_entries_fail_fast_without_spawning_or_network(
     assert "second" in warnings[1].getMessage()
 
 
-def test_empty_list_is_a_silent_no_op(
-    node_config: NeuronConfig, caplog: pytest.LogCaptureFixture
+async def test_empty_list_is_a_silent_no_op(
+    registry: ModelRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.DEBUG):
-        results = asyncio.run(load_default_models(make_registry(node_config), []))
+        results = await load_default_models(registry, [])
     assert results == []
     # asyncio itself says which selector it uses at DEBUG; nothing else may speak.
     assert [r.getMessage() for r in caplog.records if r.name != "asyncio"] == []
 
 
-def test_loads_one_at_a_time_and_continues_past_a_failure(
-    node_config: NeuronConfig, caplog: pytest.LogCaptureFixture
+async def test_loads_one_at_a_time_and_continues_past_a_failure(
+    registry: ModelRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     specs = [ModelSpec(m, harness="scripted") for m in ("a", "b", "c")]
-
-    async def scenario() -> tuple[list[ActivationResult], dict[str, ModelStatus]]:
-        registry = make_registry(node_config)
-        ScriptedWorker.failing = {"b"}
-        try:
-            results = await load_default_models(registry, specs)
-            return results, {r.spec.model_id: r.status for r in registry.models()}
-        finally:
-            await registry.shutdown()
+    ScriptedWorker.failing = {"b"}
 
     with caplog.at_level(logging.INFO, logger="neuronctl.activation"):
-        results, status = asyncio.run(scenario())
+        results = await load_default_models(registry, specs)
+    status = {r.spec.model_id: r.status for r in registry.models()}
 
     # Strictly sequential: each load ends before the next one starts.
     assert ScriptedWorker.timeline == [
@@ -135,7 +126,7 @@ def test_loads_one_at_a_time_and_continues_past_a_failure(
     assert len(warnings) == 1 and "b" in warnings[0] and "code 3" in warnings[0]
 
 
-def test_observer_sees_each_entry_in_order(node_config: NeuronConfig) -> None:
+async def test_observer_sees_each_entry_in_order(registry: ModelRegistry) -> None:
     events: list[str] = []
 
     class Observer:
@@ -147,14 +138,7 @@ def test_observer_sees_each_entry_in_order(node_config: NeuronConfig) -> None:
 
     specs = [ModelSpec("a", harness="scripted"), ModelSpec("b", harness="missing")]
 
-    async def scenario() -> None:
-        registry = make_registry(node_config)
-        try:
-            await load_default_models(registry, specs, Observer())
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    await load_default_models(registry, specs, Observer())
     assert events == [
         "before 1/2 a", "after 1/2 a ok=True", "before 2/2 b", "after 2/2 b ok=False",
     ]

@@ -17,27 +17,22 @@ from neuronctl.config import NeuronConfig
 from neuronctl.registry import ModelRegistry
 
 from .fakes import FakeHarness
-from .helpers import pid_alive, poll_until
+from .helpers import MakeRegistry, pid_alive, poll_until
 
 Scenario = Callable[[TestClient[Any, Any], ModelRegistry], Awaitable[None]]
 
 
-def run_api(config: NeuronConfig, harness: FakeHarness, scenario: Scenario) -> list[int]:
+async def run_api(make_registry: MakeRegistry, scenario: Scenario) -> list[int]:
     """Serve the app on 127.0.0.1, run `scenario` against it, stop every worker; return the
     pids of every worker that was started, all checked to be gone."""
-    pids: list[int] = []
-
-    async def main() -> None:
-        registry = ModelRegistry(config, {"fake": harness})
-        try:
-            async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
-                await scenario(client, registry)
-        finally:
-            pids.extend(r.worker.pid for r in registry.models() if r.worker and r.worker.pid)
-            await registry.shutdown()
-
-    asyncio.run(main())
-    poll_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=5)
+    registry = make_registry()
+    async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
+        await scenario(client, registry)
+    pids = [r.worker.pid for r in registry.models() if r.worker and r.worker.pid]
+    await registry.shutdown()
+    await asyncio.to_thread(
+        poll_until, lambda: not any(pid_alive(pid) for pid in pids), timeout=5
+    )
     return pids
 
 
@@ -73,14 +68,14 @@ async def post_raw(
 FAKE = {"model_id": "m", "harness": "fake"}
 
 
-def test_models_is_an_empty_list(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_models_is_an_empty_list(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         assert await get_json(client, "/models") == []
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
-def test_load_fake_worker(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_load_fake_worker(node_config: NeuronConfig, make_registry: MakeRegistry) -> None:
     seen: dict[str, Any] = {}
 
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
@@ -106,14 +101,12 @@ def test_load_fake_worker(node_config: NeuronConfig, fake_harness: FakeHarness) 
         assert endpoint == {"url": model["endpoint"]}
         seen.update(model)
 
-    pids = run_api(node_config, fake_harness, scenario)
+    pids = await run_api(make_registry, scenario)
     assert pids == [seen["pid"]]
     assert "neuronctl starting:" in Path(seen["log_path"]).read_text(encoding="utf-8")
 
 
-def test_endpoint_route_takes_ids_with_slashes(
-    node_config: NeuronConfig, fake_harness: FakeHarness
-) -> None:
+async def test_endpoint_route_takes_ids_with_slashes(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         await post_json(client, "/models/load", {"model_id": "Org/Model-GGUF", "harness": "fake"})
         (model,) = await get_json(client, "/models")
@@ -122,11 +115,11 @@ def test_endpoint_route_takes_ids_with_slashes(
         missing = await get_json(client, "/models/Org/Other/endpoint", 404)
         assert "Org/Other" in missing["error"]
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
-def test_load_of_a_loaded_model_is_one_process(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_load_of_a_loaded_model_is_one_process(
+    fake_harness: FakeHarness, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         first, second = await asyncio.gather(
@@ -137,12 +130,12 @@ def test_load_of_a_loaded_model_is_one_process(
         other = await post_json(client, "/models/load", {**FAKE, "n_ctx": 8}, 409)
         assert "different settings" in other["error"]
 
-    pids = run_api(node_config, fake_harness, scenario)
+    pids = await run_api(make_registry, scenario)
     assert fake_harness.planned == ["m"]
     assert len(pids) == 1
 
 
-def test_crashing_worker(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_crashing_worker(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         spec = {**FAKE, "args": ["--mode", "crash", "--code", "7"]}
         body = await post_json(client, "/models/load", spec, 400)
@@ -157,16 +150,16 @@ def test_crashing_worker(node_config: NeuronConfig, fake_harness: FakeHarness) -
         endpoint = await get_json(client, "/models/m/endpoint", 404)
         assert "failed" in endpoint["error"]
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
-def test_unknown_harness(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_unknown_harness(fake_harness: FakeHarness, make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         body = await post_json(client, "/models/load", {"model_id": "m", "harness": "nope"}, 400)
         assert body["error"] == "unknown harness: nope"
         assert await get_json(client, "/models") == []
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
     assert fake_harness.planned == []
 
 
@@ -188,19 +181,19 @@ def test_unknown_harness(node_config: NeuronConfig, fake_harness: FakeHarness) -
     ],
     ids=lambda v: v.decode("latin-1") if isinstance(v, bytes) else None,
 )
-def test_load_rejects_bad_bodies(
-    node_config: NeuronConfig, fake_harness: FakeHarness, data: bytes, needle: str
+async def test_load_rejects_bad_bodies(
+    fake_harness: FakeHarness, data: bytes, needle: str, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         body = await post_raw(client, "/models/load", data, 400)
         assert needle in body["error"]
         assert await get_json(client, "/models") == []
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
     assert fake_harness.planned == []
 
 
-def test_unload(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_unload(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         loaded = await post_json(client, "/models/load", FAKE)
         pid = loaded["model"]["pid"]
@@ -213,34 +206,28 @@ def test_unload(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
         again = await post_json(client, "/models/unload", {"model_id": "m"}, 404)
         assert "m" in again["error"]
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
-def test_unload_unknown_model_is_404(
-    node_config: NeuronConfig, fake_harness: FakeHarness
-) -> None:
+async def test_unload_unknown_model_is_404(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         body = await post_json(client, "/models/unload", {"model_id": "ghost"}, 404)
         assert "ghost" in body["error"]
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
 @pytest.mark.parametrize(
     "data", [b"{}", b'{"model_id": ""}', b'{"model_id": 5}', b"{nope", b"[]"]
 )
-def test_unload_needs_a_model_id(
-    node_config: NeuronConfig, fake_harness: FakeHarness, data: bytes
-) -> None:
+async def test_unload_needs_a_model_id(data: bytes, make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         await post_raw(client, "/models/unload", data, 400)
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
-def test_unload_of_a_failed_model_removes_it(
-    node_config: NeuronConfig, fake_harness: FakeHarness
-) -> None:
+async def test_unload_of_a_failed_model_removes_it(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         await post_json(client, "/models/load", {**FAKE, "args": ["--mode", "crash"]}, 400)
         (model,) = await get_json(client, "/models")
@@ -253,7 +240,7 @@ def test_unload_of_a_failed_model_removes_it(
         (model,) = await get_json(client, "/models")
         assert model["status"] == "loaded"
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
 @pytest.mark.parametrize(
@@ -267,8 +254,8 @@ def test_unload_of_a_failed_model_removes_it(
         ("POST", "/health", 405),
     ],
 )
-def test_unknown_route_and_wrong_method_are_json(
-    node_config: NeuronConfig, fake_harness: FakeHarness, method: str, path: str, status: int
+async def test_unknown_route_and_wrong_method_are_json(
+    method: str, path: str, status: int, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         resp = await client.request(method, path)
@@ -278,10 +265,12 @@ def test_unknown_route_and_wrong_method_are_json(
         assert isinstance(body["error"], str)
         assert body["error"]
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
-def test_body_over_1_mib_is_413(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_body_over_1_mib_is_413(
+    fake_harness: FakeHarness, make_registry: MakeRegistry
+) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         data = b'{"model_id": "' + b"x" * (MAX_BODY_BYTES + 1) + b'", "harness": "fake"}'
         # BytesIO: aiohttp warns (an error here) about large raw-bytes bodies.
@@ -289,7 +278,7 @@ def test_body_over_1_mib_is_413(node_config: NeuronConfig, fake_harness: FakeHar
         assert "too large" in body["error"]
         assert await get_json(client, "/models") == []
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
     assert fake_harness.planned == []
 
 
@@ -302,7 +291,7 @@ def no_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_nvidia_smi")
-def test_health(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_health(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         body = await get_json(client, "/health")
         assert body["status"] == "ok"
@@ -323,11 +312,11 @@ def test_health(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
             "failed": 1,
         }
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
 @pytest.mark.usefixtures("no_nvidia_smi")
-def test_discovery(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
+async def test_discovery(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         body = await get_json(client, "/discovery")
         assert {"hostname", "os", "kernel", "cuda_version", "driver_version"} <= set(body)
@@ -340,12 +329,10 @@ def test_discovery(node_config: NeuronConfig, fake_harness: FakeHarness) -> None
         assert body["cuda_version"] is None
         assert body["driver_version"] is None
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)
 
 
-def test_wrong_method_keeps_allow_header(
-    node_config: NeuronConfig, fake_harness: FakeHarness
-) -> None:
+async def test_wrong_method_keeps_allow_header(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         resp = await client.get("/models/load")
         assert resp.status == 405
@@ -353,4 +340,4 @@ def test_wrong_method_keeps_allow_header(
         body = await resp.json()
         assert "no such route" not in body["error"]
 
-    run_api(node_config, fake_harness, scenario)
+    await run_api(make_registry, scenario)

@@ -19,11 +19,9 @@ from neuronctl.discovery import (
     parse_cuda_version,
     parse_gpu_csv,
 )
-from neuronctl.registry import ModelRegistry
 
-from .fakes import FakeHarness
 from .gpu_fakes import DATA, FakeSmi, gpu, hide_nvidia_smi, install_fake_smi
-from .helpers import poll_until
+from .helpers import MakeRegistry, poll_until
 
 SMI = DATA / "nvidia-smi"
 
@@ -72,86 +70,68 @@ def test_parse_compute_apps() -> None:
     assert parse_compute_apps("") == {}
 
 
-def test_no_nvidia_smi_means_no_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_nvidia_smi_means_no_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hide_nvidia_smi(tmp_path, monkeypatch)
-
-    async def scenario() -> None:
-        discovery = Discovery()
-        try:
-            assert await discovery.refresh() == []
-            assert discovery.listed_pids() is None
-            assert discovery.process_vram_mb([1]) is None
-            host = await discovery.host(["x"])
-            assert host["devices"] == [] and host["cuda_version"] is None
-        finally:
-            await discovery.close()
-
-    asyncio.run(scenario())
+    discovery = Discovery()
+    try:
+        assert await discovery.refresh() == []
+        assert discovery.listed_pids() is None
+        assert discovery.process_vram_mb([1]) is None
+        host = await discovery.host(["x"])
+        assert host["devices"] == [] and host["cuda_version"] is None
+    finally:
+        await discovery.close()
 
 
-def test_a_failing_nvidia_smi_means_no_devices(fake_smi: FakeSmi) -> None:
+async def test_a_failing_nvidia_smi_means_no_devices(fake_smi: FakeSmi) -> None:
     fake_smi.set(gpus=[gpu(0, 1000)], exit=9)
-
-    async def scenario() -> None:
-        discovery = Discovery()
-        try:
-            assert await discovery.refresh() == []
-        finally:
-            await discovery.close()
-
-    asyncio.run(scenario())
+    discovery = Discovery()
+    try:
+        assert await discovery.refresh() == []
+    finally:
+        await discovery.close()
 
 
-def test_fake_nvidia_smi_drives_discovery_health_and_background_polling(
-    fake_smi: FakeSmi, node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_fake_nvidia_smi_drives_discovery_health_and_background_polling(
+    fake_smi: FakeSmi, node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:
     fake_smi.set(gpus=[gpu(0, 30000), gpu(1, 40000, util=12)], cuda="12.4")
     config = dataclasses.replace(node_config, gpu_poll_interval_s=0.1)
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": fake_harness})
-        try:
-            async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
-                resp = await client.get("/discovery")
-                body = await resp.json()
-                assert body["cuda_version"] == "12.4"
-                assert body["driver_version"] == "535.129.03"
-                assert [d["index"] for d in body["devices"]] == [0, 1]
-                assert body["devices"][1]["memory_free_mb"] == 40000
-                assert body["devices"][1]["utilization_pct"] == 12
-                # The poller refreshes in the background; /health reads the cache.
-                fake_smi.set(gpus=[gpu(0, 1234)])
-                await asyncio.to_thread(poll_until, lambda: [
-                    g.memory_free_mb for g in registry.discovery.cached_gpus()] == [1234], 10)
-                health = await (await client.get("/health")).json()
-                assert [g["memory_free_mb"] for g in health["gpus"]] == [1234]
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config)
+    async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
+        resp = await client.get("/discovery")
+        body = await resp.json()
+        assert body["cuda_version"] == "12.4"
+        assert body["driver_version"] == "535.129.03"
+        assert [d["index"] for d in body["devices"]] == [0, 1]
+        assert body["devices"][1]["memory_free_mb"] == 40000
+        assert body["devices"][1]["utilization_pct"] == 12
+        # The poller refreshes in the background; /health reads the cache.
+        fake_smi.set(gpus=[gpu(0, 1234)])
+        await asyncio.to_thread(poll_until, lambda: [
+            g.memory_free_mb for g in registry.discovery.cached_gpus()] == [1234], 10)
+        health = await (await client.get("/health")).json()
+        assert [g["memory_free_mb"] for g in health["gpus"]] == [1234]
     polls = [c for c in fake_smi.calls() if c.startswith("--query-gpu=")]
     assert len(polls) >= 2
 
 
-def test_vram_used_mb_comes_from_per_process_accounting(
-    fake_smi: FakeSmi, node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_vram_used_mb_comes_from_per_process_accounting(
+    fake_smi: FakeSmi, make_registry: MakeRegistry
 ) -> None:
     fake_smi.set(gpus=[gpu(0, 30000)])
 
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            record = await registry.load(ModelSpec("m", harness="fake"))
-            assert record.worker is not None and record.worker.pid is not None
-            await registry.discovery.refresh()
-            assert record.to_json()["vram_used_mb"] is None  # not listed: not known
-            fake_smi.set(apps={str(record.worker.pid): 5120, "999999": 7})
-            await registry.discovery.refresh()
-            assert record.to_json()["vram_used_mb"] == 5120
-            async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
-                models: list[dict[str, Any]] = await (await client.get("/models")).json()
-                assert models[0]["vram_used_mb"] == 5120
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry()
+    record = await registry.load(ModelSpec("m", harness="fake"))
+    assert record.worker is not None and record.worker.pid is not None
+    await registry.discovery.refresh()
+    assert record.to_json()["vram_used_mb"] is None  # not listed: not known
+    fake_smi.set(apps={str(record.worker.pid): 5120, "999999": 7})
+    await registry.discovery.refresh()
+    assert record.to_json()["vram_used_mb"] == 5120
+    async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
+        models: list[dict[str, Any]] = await (await client.get("/models")).json()
+        assert models[0]["vram_used_mb"] == 5120

@@ -11,64 +11,50 @@ from aiohttp.test_utils import TestClient, TestServer
 from neuronctl.api import create_app
 from neuronctl.config import ModelSpec, NeuronConfig
 from neuronctl.idle import IdleReaper
-from neuronctl.registry import ModelRegistry
 from neuronctl.router import RouterStats
 
-from .fakes import FakeHarness
-from .helpers import poll_until
+from .helpers import MakeRegistry, poll_until
 
 
-def test_ttl_counts_from_the_last_request_and_spares_pinned_defaults(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_ttl_counts_from_the_last_request_and_spares_pinned_defaults(
+    node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:
     defaults = (ModelSpec("pinned", harness="fake"),
                 ModelSpec("default-with-ttl", harness="fake", ttl_s=5.0))
     config = dataclasses.replace(node_config, ttl_s=5.0, default_models=defaults)
     now = [0.0]
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": fake_harness})
-        stats = RouterStats()
-        reaper = IdleReaper(registry, stats, clock=lambda: now[0])
-        try:
-            for spec in (*defaults, ModelSpec("busy", harness="fake", ttl_s=5.0),
-                         ModelSpec("by-hand", harness="fake")):
-                await registry.load(spec)
-            assert reaper.ttl_for(registry.get("pinned")) is None  # type: ignore[arg-type]
-            await reaper.reap()  # t=0: everything starts its clock
-            now[0] = 4.0
-            stats.model("busy").requests += 1  # a request at t=4
-            await reaper.reap()
-            now[0] = 6.0
-            await reaper.reap()
-            # Past 5 s idle: the default with its own ttl_s and the by-hand model (the
-            # node's ttl_s). The pinned default stays; "busy" was used 2 s ago.
-            assert {r.model_id for r in registry.models()} == {"pinned", "busy"}
-            stats.model("busy").in_flight = 1  # a long request in flight is not idleness
-            now[0] = 60.0
-            await reaper.reap()
-            assert registry.get("busy") is not None
-            stats.model("busy").in_flight = 0
-            await reaper.reap()  # idle from now on
-            now[0] = 66.0
-            await reaper.reap()
-            assert {r.model_id for r in registry.models()} == {"pinned"}
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config)
+    stats = RouterStats()
+    reaper = IdleReaper(registry, stats, clock=lambda: now[0])
+    for spec in (*defaults, ModelSpec("busy", harness="fake", ttl_s=5.0),
+                 ModelSpec("by-hand", harness="fake")):
+        await registry.load(spec)
+    assert reaper.ttl_for(registry.get("pinned")) is None  # type: ignore[arg-type]
+    await reaper.reap()  # t=0: everything starts its clock
+    now[0] = 4.0
+    stats.model("busy").requests += 1  # a request at t=4
+    await reaper.reap()
+    now[0] = 6.0
+    await reaper.reap()
+    # Past 5 s idle: the default with its own ttl_s and the by-hand model (the
+    # node's ttl_s). The pinned default stays; "busy" was used 2 s ago.
+    assert {r.model_id for r in registry.models()} == {"pinned", "busy"}
+    stats.model("busy").in_flight = 1  # a long request in flight is not idleness
+    now[0] = 60.0
+    await reaper.reap()
+    assert registry.get("busy") is not None
+    stats.model("busy").in_flight = 0
+    await reaper.reap()  # idle from now on
+    now[0] = 66.0
+    await reaper.reap()
+    assert {r.model_id for r in registry.models()} == {"pinned"}
 
 
-def test_the_app_unloads_an_idle_model(node_config: NeuronConfig) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": FakeHarness()})
-        try:
-            async with TestClient(TestServer(create_app(registry))) as client:
-                body: dict[str, Any] = {"model_id": "m", "harness": "fake", "ttl_s": 0.2}
-                async with client.post("/models/load", json=body) as resp:
-                    assert resp.status == 200
-                await asyncio.to_thread(poll_until, lambda: registry.get("m") is None, 10)
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+async def test_the_app_unloads_an_idle_model(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    async with TestClient(TestServer(create_app(registry))) as client:
+        body: dict[str, Any] = {"model_id": "m", "harness": "fake", "ttl_s": 0.2}
+        async with client.post("/models/load", json=body) as resp:
+            assert resp.status == 200
+        await asyncio.to_thread(poll_until, lambda: registry.get("m") is None, 10)

