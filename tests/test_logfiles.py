@@ -58,7 +58,7 @@ def test_hostile_ids_give_a_plain_file_name(tmp_path: Path, model_id: str) -> No
     assert name not in ("", ".", "..", ".log")
     assert len(name) <= 200
     assert name.isprintable()
-    assert safe_name(model_id) == safe_name(model_id)  # stable across calls
+    assert name == f"{safe_name(model_id)}.log"  # the stem is safe_name's, every call
     # Really creating it leaves exactly one file, directly in the log dir.
     os.close(open_for_worker(path, ["true"]))
     assert [p.name for p in tmp_path.iterdir()] == [name]

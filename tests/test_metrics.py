@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ async def test_names_follow_prometheus_conventions(make_registry: MakeRegistry) 
     async with TestClient(TestServer(create_app(registry))) as client:
         async with client.post("/models/load", json={"model_id": "m", "harness": "fake"}):
             pass
+        # One request naming the model, so its latency histogram has samples to show.
+        async with client.post("/v1/chat/completions", json={"model": "m", "messages": []}):
+            pass
         async with client.get("/metrics") as resp:
             text = await resp.text()
     families = list(text_string_to_metric_families(text))
@@ -54,13 +58,19 @@ async def test_names_follow_prometheus_conventions(make_registry: MakeRegistry) 
     assert kinds["neuron_model_load_duration_seconds"] == "histogram"
     assert kinds["neuron_request_duration_seconds"] == "histogram"
     assert kinds["neuron_worker_resident_memory_bytes"] == "gauge"
+    found = samples(text)
+    assert value(found, "neuron_model_restarts_total", model="m") == 0
+    assert value(found, "neuron_request_duration_seconds_count", model="m") == 1
+    assert value(found, "neuron_request_duration_seconds_bucket", model="m", le="+Inf") == 1
 
 
 async def test_restarts_and_load_durations_after_a_crash(
     node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:
     registry = make_registry(fast_restarts(node_config))
+    before_app = time.monotonic()
     async with TestClient(TestServer(create_app(registry))) as client:
+        after_app = time.monotonic()
         async with client.post("/models/load", json={"model_id": "m", "harness": "fake"}):
             pass
         record = registry.get("m")
@@ -69,13 +79,17 @@ async def test_restarts_and_load_durations_after_a_crash(
         await asyncio.to_thread(
             poll_until, lambda: record.status is ModelStatus.LOADED and record.restarts, 15
         )
+        before_scrape = time.monotonic()
         found = await scrape(client)
+        after_scrape = time.monotonic()
     assert value(found, "neuron_model_restarts_total", model="m") == 1
     assert value(found, "neuron_model_load_duration_seconds_count", model="m") == 2
     assert value(found, "neuron_model_status", model="m", status="loaded") == 1
     assert value(found, "neuron_model_status", model="m", status="failed") == 0
     assert value(found, "neuron_worker_resident_memory_bytes", model="m") > 1_000_000
-    assert value(found, "neuron_uptime_seconds") > 0
+    # Counted from the app's creation, in seconds of the monotonic clock.
+    uptime = value(found, "neuron_uptime_seconds")
+    assert before_scrape - after_app <= uptime <= after_scrape - before_app
 
 
 @pytest.mark.llama
