@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import (
+    ClientConnectorError,
     ClientError,
+    ClientOSError,
     ClientResponse,
     ClientSession,
     ClientTimeout,
     DummyCookieJar,
+    ServerDisconnectedError,
     TCPConnector,
     web,
 )
@@ -67,6 +70,11 @@ _DROP_FROM_REQUEST = _HOP_BY_HOP | {"host", "content-length", "expect", "authori
 # aiohttp's server stamps its own Date and Server; the length follows the body it sends.
 _DROP_FROM_RESPONSE = _HOP_BY_HOP | {"content-length", "date", "server"}
 _UPSTREAM_ERRORS = (ClientError, OSError, asyncio.TimeoutError)
+# The pooled connection broke before any answer came: a keep-alive connection the worker
+# closed. Not ClientConnectorError (nothing listens: the worker is gone), which is a
+# ClientOSError too, hence the explicit check in _exchange.
+_STALE_CONNECTION = (ServerDisconnectedError, ClientOSError)
+STALE_RETRIES = 2
 
 
 # Upper bounds, in seconds (prometheus-client adds +Inf, which catches a long stream).
@@ -357,13 +365,26 @@ class Router:
         stats: ModelStats,
     ) -> web.StreamResponse:
         assert self._session is not None, "router used outside its app's lifetime"
-        try:
-            upstream = await self._session.post(
-                worker.endpoint + request.raw_path, data=body,
-                headers=_request_headers(request.headers), allow_redirects=False,
-            )
-        except _UPSTREAM_ERRORS as exc:
-            return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+        headers = _request_headers(request.headers)
+        for attempt in range(1, STALE_RETRIES + 2):
+            try:
+                upstream = await self._session.post(
+                    worker.endpoint + request.raw_path, data=body, headers=headers,
+                    allow_redirects=False,
+                )
+                break
+            except ClientConnectorError as exc:
+                return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+            except _STALE_CONNECTION as exc:
+                # A pooled connection the worker had closed (llama-server's HTTP server
+                # drops keep-alive connections on its own): nothing reached the worker, so
+                # it is sent again on another connection.
+                if attempt > STALE_RETRIES or worker.returncode is not None:
+                    return self._bad_gateway(model_id, worker, stats, "could not be reached",
+                                             exc)
+                log.debug("router: %s: stale connection (%s); sending again", model_id, exc)
+            except _UPSTREAM_ERRORS as exc:
+                return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
         try:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await self._stream(request, upstream, model_id, worker, stats)

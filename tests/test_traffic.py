@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -392,3 +393,70 @@ async def test_llama_server_slots_serve_in_parallel_and_its_metrics_reach_the_no
         await server.close()
     assert 'llamacpp:requests_processing{model="tiny"}' in metrics
     assert 'neuron_requests_queued{model="tiny"} 0.0' in metrics
+
+
+RUDE_WORKER = r"""
+import socket, sys, threading
+port = int(sys.argv[1])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port)); srv.listen(64)
+
+def serve(conn):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return conn.close()
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        rest += conn.recv(65536)
+    body = b'{"ok": true}'
+    # Promises keep-alive, answers one request, then drops the next unanswered: what a
+    # pooled client meets as a stale connection.
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Connection: keep-alive\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    conn.settimeout(1.0)
+    try:
+        conn.recv(65536)
+    except OSError:
+        pass
+    conn.close()
+
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+class RudeHarness:
+    name = "rude"
+
+    def slots(self, spec: ModelSpec) -> int:
+        return 1
+
+    def plan(self, spec: ModelSpec, port: int) -> Any:
+        from neuronctl.harness import WorkerPlan
+
+        return WorkerPlan((sys.executable, "-c", RUDE_WORKER, str(port)), {}, "/health", 10.0)
+
+
+async def test_a_connection_the_worker_closed_behind_keep_alive_is_sent_again(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = make_registry(harnesses={"rude": RudeHarness()})
+    await registry.load(ModelSpec("m", harness="rude"))
+    server = TestServer(create_app(registry), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(6):  # each after the first goes out on a connection now closed
+                async with session.post(server.make_url("/v1/completions"),
+                                        json={"model": "m", "prompt": "x"}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert await resp.json() == {"ok": True}
+    finally:
+        await server.close()
