@@ -34,10 +34,6 @@ class WorkerPlan:
 class Harness(Protocol):
     name: str
 
-    def slots(self, spec: ModelSpec) -> int:
-        """Requests one worker for `spec` serves at once; the router sends no more."""
-        ...
-
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         """Raise a LoadError for a spec this harness cannot run (a missing file, say)."""
         ...
@@ -47,6 +43,13 @@ class Harness(Protocol):
 #   needs_model_file: bool - the model must be resolved to a local GGUF (`spec.path`) first
 #   default_n_ctx: int     - the context size the server uses when n_ctx is unset (VRAM sizing)
 #   serves_metrics: bool   - its workers answer GET /metrics (merged into the node's)
+#   slots(spec) -> int     - requests one worker serves at once (default 1); the router
+#                            sends it no more
+
+
+def slots_of(harness: Harness, spec: ModelSpec) -> int:
+    slots = getattr(harness, "slots", None)
+    return int(slots(spec)) if slots is not None else 1
 
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"

@@ -27,7 +27,7 @@ from .admission import Admission, StopReading
 from .config import ModelSpec, NeuronConfig
 from .errors import InternalError, LoadCancelled, LoadError, SpawnFailed, UnknownHarness
 from .events import EventBus, ModelEvent
-from .harness import Harness
+from .harness import Harness, slots_of
 from .policy import GiveUp, History, RestartPolicy, describe_exit
 from .statefile import StateFile
 from .states import LIVE_STATES, TRANSITIONS, InvalidTransition, ModelStatus, WorkerState
@@ -106,6 +106,11 @@ class ModelLifecycle:
         return self._stop_task is not None
 
     @property
+    def finished(self) -> bool:
+        """Its task (first start, then supervision and restarts) is over."""
+        return self._run_task is None or self._run_task.done()
+
+    @property
     def loading(self) -> bool:
         """The first start is under way (a caller may join it)."""
         return self._loaded is not None and not self._loaded.done()
@@ -151,9 +156,13 @@ class ModelLifecycle:
             raise
         except Exception as exc:
             error = exc if isinstance(exc, LoadError) else self._bug("load", exc)
-            await self._kill_worker()
-            self._failed(error)
-            self._settle(error)
+            try:
+                # A LoadError from Worker.start comes with its process gone already.
+                if not isinstance(exc, LoadError):
+                    await self._kill_worker()
+                self._failed(error)
+            finally:
+                self._settle(error)  # whatever happens, the waiters get their answer
             return
         self._settle(None)
         try:
@@ -195,7 +204,7 @@ class ModelLifecycle:
             worker = self.worker
             assert worker is not None
             hung: list[str] = []  # why liveness killed it, if it did
-            liveness = asyncio.create_task(self._watch_liveness(worker, hung),
+            liveness = asyncio.create_task(self._liveness_or_log(worker, hung),
                                            name=f"liveness {self.model_id}")
             try:
                 code = await worker.wait_exit()
@@ -214,6 +223,13 @@ class ModelLifecycle:
                 self._note(f"worker {describe_exit(code)} unexpectedly{said}", detail, code)
             if not await self._restart(code, crashed_at):
                 return
+
+    async def _liveness_or_log(self, worker: Worker, hung: list[str]) -> None:
+        try:
+            await self._watch_liveness(worker, hung)
+        except Exception:  # a bug: the worker goes on unwatched rather than killed
+            log.exception("%s: liveness probing failed; the worker is no longer probed",
+                          self.model_id)
 
     async def _watch_liveness(self, worker: Worker, hung: list[str]) -> None:
         """Probe a ready worker; kill it (its whole group) after `liveness_failures` probes
@@ -275,7 +291,7 @@ class ModelLifecycle:
             await s.admission.await_release()
             needs_file = bool(getattr(harness, "needs_model_file", False))
             spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
-            self.slots = harness.slots(spec)
+            self.slots = slots_of(harness, spec)
             self.serves_metrics = bool(getattr(harness, "serves_metrics", False))
             admitted = await s.admission.admit(
                 spec, parts, s.config.harness_config(spec.harness),
@@ -320,10 +336,15 @@ class ModelLifecycle:
             self.model_id, worker.pid, self.spec.devices, self.vram_estimate_mb, reading)
 
     async def _kill_worker(self) -> None:
+        """After a bug: make sure no process is left running behind a failed model."""
         worker = self.worker
-        if worker is not None and worker.pid is not None and worker.returncode is None:
+        if worker is None or worker.pid is None or worker.returncode is not None:
+            return
+        try:
             await worker.kill()
             await self._worker_gone(worker)
+        except Exception:  # a second bug must not keep the model from being failed
+            log.exception("%s: cannot kill worker pid %s", self.model_id, worker.pid)
 
     async def _stop_now(self, reason: str, release_vram: bool) -> None:
         task = self._run_task
@@ -391,10 +412,10 @@ class ModelLifecycle:
 
     # --- what others read ------------------------------------------------------------------
 
-    def progress_token(self) -> object | None:
+    def progress_token(self) -> tuple[object, ...] | None:
         """What a load in progress is doing (see Worker.progress_token); None otherwise."""
         if self.state is WorkerState.STARTING and self.worker is not None:
-            return self.worker.progress_token()
+            return (self.worker.progress_token(),)
         if self.state is WorkerState.DOWNLOADING and self.download is not None:
             return ("download", self.download.done_bytes)
         return None

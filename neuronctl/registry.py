@@ -85,7 +85,7 @@ class ModelRegistry:
     def load_progress(self) -> tuple[object, ...]:
         """What the loads in progress are doing, downloads included: bytes arriving are
         progress, so the start-up heartbeat keeps going."""
-        return tuple((m.model_id, token) for m in self._models.values()
+        return tuple((m.model_id, *token) for m in self._models.values()
                      if (token := m.progress_token()) is not None)
 
     async def load(self, spec: ModelSpec) -> ModelLifecycle:

@@ -51,9 +51,18 @@ class ScriptedWorker:
         if not self._exit.done():
             self._exit.set_result(0)
 
+    async def kill(self) -> None:
+        await self.stop()
+
+    async def answers(self, timeout_s: float) -> bool:
+        return True
+
 
 class PlanOnlyHarness:
     name = "scripted"
+
+    def slots(self, spec: ModelSpec) -> int:
+        return 1
 
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         return WorkerPlan(("true",), {}, "/health", 5.0)
@@ -120,8 +129,9 @@ async def test_loads_one_at_a_time_and_continues_past_a_failure(
     # Each load waited out its worker's start, which sleeps 0.01 s, failing or not.
     assert all(r.elapsed_s >= 0.01 for r in results), results
     assert status == {"a": ModelStatus.LOADED, "b": ModelStatus.FAILED, "c": ModelStatus.LOADED}
-    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    mine = [r for r in caplog.records if r.name == "neuronctl.activation"]
+    infos = [r.getMessage() for r in mine if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in mine if r.levelno == logging.WARNING]
     assert any(m.startswith("loaded default model a in ") and m.endswith(" s") for m in infos)
     assert any(m.startswith("loaded default model c in ") for m in infos)
     assert len(warnings) == 1 and "b" in warnings[0] and "code 3" in warnings[0]

@@ -138,7 +138,8 @@ async def test_load_of_a_loaded_model_is_one_process(
 async def test_crashing_worker(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
         spec = {**FAKE, "args": ["--mode", "crash", "--code", "7"]}
-        body = await post_json(client, "/models/load", spec, 400)
+        body = await post_json(client, "/models/load", spec, 502)
+        assert body["code"] == "worker_exited"
         assert "exited with code 7" in body["error"]
         assert "simulated load failure" in body["error"]  # the log's last lines
         (model,) = await get_json(client, "/models")
@@ -229,7 +230,7 @@ async def test_unload_needs_a_model_id(data: bytes, make_registry: MakeRegistry)
 
 async def test_unload_of_a_failed_model_removes_it(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
-        await post_json(client, "/models/load", {**FAKE, "args": ["--mode", "crash"]}, 400)
+        await post_json(client, "/models/load", {**FAKE, "args": ["--mode", "crash"]}, 502)
         (model,) = await get_json(client, "/models")
         assert model["status"] == "failed"
         body = await post_json(client, "/models/unload", {"model_id": "m"})
@@ -305,7 +306,7 @@ async def test_health(make_registry: MakeRegistry) -> None:
         assert body["gpus"] == []
         await post_json(client, "/models/load", FAKE)
         crash = {**FAKE, "model_id": "c", "args": ["--mode", "crash"]}
-        await post_json(client, "/models/load", crash, 400)
+        await post_json(client, "/models/load", crash, 502)
         body = await get_json(client, "/health")
         assert body["models"] == {
             "downloading": 0, "loading": 0, "loaded": 1, "restarting": 0, "unloading": 0,

@@ -39,13 +39,17 @@ def harness_for(binary: Path | str, **defaults: object) -> LlamaServerHarness:
 def test_plan_maps_settings_to_llama_server_flags(fake_binary: Path, tiny_gguf: Path) -> None:
     harness = harness_for(fake_binary, n_ctx=2048, args=("--threads", "4"))
     spec = ModelSpec("org/m", harness="llama-server", path=tiny_gguf, devices=(0, 2),
-                     tensor_split=(3.0, 1.0), chat_format="chatml", args=("--parallel", "2"))
+                     tensor_split=(3.0, 1.0), chat_format="chatml", parallel=2,
+                     args=("--ubatch-size", "256"))
     plan = harness.plan(spec, 41234)
     assert plan.command == (
         str(fake_binary), "-m", str(tiny_gguf), "--host", "127.0.0.1", "--port", "41234",
-        "--alias", "org/m", "-c", "2048", "-ngl", "999", "--tensor-split", "3,1",
-        "--chat-template", "chatml", "--threads", "4", "--parallel", "2",
+        "--alias", "org/m", "--metrics", "--parallel", "2", "--cont-batching",
+        "-c", "4096",  # n_ctx for each of the 2 slots
+        "-ngl", "999", "--tensor-split", "3,1", "--chat-template", "chatml",
+        "--threads", "4", "--ubatch-size", "256",
     )
+    assert harness.slots(spec) == 2
     assert plan.probe_path == "/health"  # not /v1/models: it answers while loading
     assert plan.env == {"CUDA_VISIBLE_DEVICES": "0,2"}
     # No devices: the operator's n_gpu_layers decides, and without one llama-server's own.

@@ -161,7 +161,7 @@ async def test_unload_during_backoff_stops_the_restarts(
     await registry.unload("m")
     assert registry.get("m") is None and record.state is WorkerState.STOPPED
     # Only the supervisor task restarts a worker, and it is over.
-    assert record.supervisor is not None and record.supervisor.done()
+    assert record.finished
     assert fake_worker_pids() == [] and fake_harness.planned == ["m"]
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
+from neuronctl.aio import in_thread
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.harness import LlamaCppPythonHarness, LoadError, WorkerPlan, build_harnesses
-from neuronctl.resolve import Fetcher, Progress, ResolveError, in_thread, local_file, select
+from neuronctl.resolve import Fetcher, Progress, ResolveError, local_file, select
 from neuronctl.states import ModelStatus, WorkerState
 
 from .fakes import FakeHarness

@@ -87,8 +87,14 @@ class StandInWorker:
             await self.stand_in.runner.cleanup()
         self._stopped.set()
 
-    def log_tail(self) -> str:
-        return ""
+    async def kill(self) -> None:
+        await self.stop()
+
+    async def answers(self, timeout_s: float) -> bool:
+        return True
+
+    def log_excerpt(self, fallback: bool = True) -> tuple[str | None, str]:
+        return None, ""
 
     def progress_token(self) -> tuple[int, float, int]:
         return (0, 0.0, 0)
@@ -521,23 +527,28 @@ async def test_unknown_or_missing_model_is_404_and_reaches_no_worker(
     await run(make_registry, node_config, scenario, StandIns(m=StandIn(worker)))
 
 
-async def test_loading_model_is_503_with_retry_after(
+async def test_a_request_for_a_loading_model_waits_then_times_out_with_a_503(
     node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:
     async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
         loading = asyncio.create_task(registry.load(stand_in_spec("slow")))
         await eventually(lambda: registry.get("slow") is not None)
+        started = asyncio.get_running_loop().time()
         async with client.post("/v1/chat/completions", json={"model": "slow"}) as resp:
             error = await error_of(resp, 503)
-            assert resp.headers["Retry-After"] == "5"
-        assert error["code"] == "model_not_ready"
-        assert "loading" in error["message"]
+        # It waited in the model's queue for the load, queue_timeout_s long.
+        assert asyncio.get_running_loop().time() - started >= 0.3
+        assert error["code"] == "queue_timeout"
+        assert "not ready yet" in error["message"]
         assert stats.models["slow"].responses == {503: 1}
+        assert stats.models["slow"].rejections == {"queue_timeout": 1}
+        assert stats.models["slow"].queue.queued == 0
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError, LoadError):
             await loading
 
-    await run(make_registry, node_config, scenario, StandIns(slow=StandIn(load="hang")))
+    config = dataclasses.replace(node_config, queue_timeout_s=0.3)
+    await run(make_registry, config, scenario, StandIns(slow=StandIn(load="hang")))
 
 
 async def test_failed_model_is_503_naming_the_failure(

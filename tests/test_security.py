@@ -109,7 +109,7 @@ async def test_hostile_ids_over_http_stay_inside_log_dir(
     async def scenario(client: TestClient[Any, Any]) -> None:
         body = {"model_id": model_id, "harness": "fake", "args": ["--mode", "crash"]}
         async with client.post("/models/load", json=body) as resp:
-            assert resp.status == 400  # the fake worker crashes; never a 500
+            assert resp.status == 502  # the fake worker crashes (worker_exited); never a 500
             answer = await resp.json()
         log_path = Path(answer["model"]["log_path"])
         assert log_path.parent == node_config.log_dir and log_path.exists()

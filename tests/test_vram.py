@@ -128,7 +128,7 @@ async def test_the_next_load_waits_until_the_driver_frees_the_memory(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake_smi.set(gpus=[gpu(0, 30000)])
-    caplog.set_level(logging.INFO, logger="neuronctl.registry")
+    caplog.set_level(logging.INFO, logger="neuronctl")
 
     registry = make_registry()
     first = await registry.load(fake("a", tiny_gguf, devices=(0,)))

@@ -62,7 +62,7 @@ def test_exit_during_start_fails_at_once_with_code_and_log_tail(tmp_path: Path) 
     assert error.exit_code == 7
     assert "exited with code 7 while starting" in error.message
     assert "fatal: simulated load failure" in error.message
-    assert str(tmp_path / "model.log") in error.message
+    assert str(tmp_path / "model.log") in (error.detail or "")  # its last lines
 
 
 def test_never_ready_is_killed_at_the_timeout(tmp_path: Path) -> None:
