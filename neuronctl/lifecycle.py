@@ -92,7 +92,9 @@ class ModelLifecycle:
     @property
     def serving_worker(self) -> Worker | None:
         """The worker that may take requests now; None unless the model is ready."""
-        return self.worker if self.state is WorkerState.READY else None
+        worker = self.worker
+        ready = self.state is WorkerState.READY and not self.stopping
+        return worker if ready and worker is not None and worker.returncode is None else None
 
     def queue_limits(self) -> tuple[int, float]:
         """(max_queue, queue_timeout_s): its own, else the node's (a reload applies)."""
@@ -210,8 +212,9 @@ class ModelLifecycle:
                 code = await worker.wait_exit()
             finally:
                 liveness.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await liveness
+                # asyncio.wait never raises: a stop that cancels this task meanwhile must
+                # not be swallowed here (a suppress would eat it and restart the worker).
+                await asyncio.wait({liveness})
             crashed_at = self._s.clock()
             # An exit we asked for cancels this task before the worker is signalled.
             await self._worker_gone(worker)
