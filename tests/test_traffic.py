@@ -46,6 +46,12 @@ def queue(slots: int = 1, serving: bool = True) -> ModelQueue:
     return q
 
 
+async def turns(n: int = 20) -> None:
+    """Let the other tasks run: the queue is pure asyncio, so loop turns, not time."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 async def hold(q: ModelQueue, order: list[int], i: int, release: asyncio.Event,
                max_queue: int = 10, timeout_s: float = 5.0) -> None:
     async with q.admit(max_queue, timeout_s):
@@ -58,7 +64,7 @@ async def test_requests_beyond_the_slots_wait_in_order() -> None:
     order: list[int] = []
     release = asyncio.Event()
     tasks = [asyncio.create_task(hold(q, order, i, release)) for i in range(5)]
-    await asyncio.sleep(0.01)
+    await turns()
     assert order == [0, 1] and q.in_flight == 2 and q.queued == 3
     release.set()
     await asyncio.gather(*tasks)
@@ -71,7 +77,7 @@ async def test_a_full_queue_refuses_with_retry_after() -> None:
     release = asyncio.Event()
     order: list[int] = []
     tasks = [asyncio.create_task(hold(q, order, i, release, max_queue=2)) for i in range(3)]
-    await asyncio.sleep(0.01)
+    await turns()
     with pytest.raises(errors.QueueFull) as refused:
         async with q.admit(2, 5.0):
             pass
@@ -84,7 +90,7 @@ async def test_a_request_that_waits_too_long_gets_a_503_and_leaves() -> None:
     q = queue()
     release = asyncio.Event()
     holder = asyncio.create_task(hold(q, [], 0, release))
-    await asyncio.sleep(0.01)
+    await turns()
     with pytest.raises(errors.QueueTimeout, match="slots stayed busy"):
         async with q.admit(5, 0.05):
             pass
@@ -98,10 +104,10 @@ async def test_a_cancelled_waiter_leaves_at_once_and_a_slot_granted_to_it_passes
     release = asyncio.Event()
     order: list[int] = []
     first = asyncio.create_task(hold(q, order, 0, release))
-    await asyncio.sleep(0.01)
+    await turns()
     gone = asyncio.create_task(hold(q, order, 1, release))
     after = asyncio.create_task(hold(q, order, 2, release))
-    await asyncio.sleep(0.01)
+    await turns()
     assert q.queued == 2
     gone.cancel()  # the client hung up while queued
     await asyncio.sleep(0)
@@ -112,9 +118,9 @@ async def test_a_cancelled_waiter_leaves_at_once_and_a_slot_granted_to_it_passes
     # Granted and cancelled in the same turn: the slot is not lost.
     hold_again = asyncio.Event()
     busy = asyncio.create_task(hold(q, order, 3, hold_again))
-    await asyncio.sleep(0.01)
+    await turns()
     racer = asyncio.create_task(hold(q, order, 4, hold_again))
-    await asyncio.sleep(0.01)
+    await turns()
     hold_again.set()
     await asyncio.sleep(0)  # `busy` releases: the slot is granted to `racer`...
     racer.cancel()  # ...which is cancelled before it runs
@@ -128,14 +134,14 @@ async def test_requests_wait_for_a_model_that_is_not_ready_and_hear_if_it_fails(
     release = asyncio.Event()
     release.set()
     waiting = asyncio.create_task(hold(q, order, 0, release))
-    await asyncio.sleep(0.01)
+    await turns()
     assert order == [] and q.queued == 1
     q.ready(1)
     await waiting
     assert order == [0]
     q.not_ready()  # restarting
     doomed = [asyncio.create_task(hold(q, order, i, release)) for i in (1, 2)]
-    await asyncio.sleep(0.01)
+    await turns()
     q.fail(errors.ModelFailed("model 'm' failed: CUDA out of memory"))
     for task in doomed:
         with pytest.raises(errors.ModelFailed, match="CUDA out of memory"):
