@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -34,6 +35,8 @@ _PROBE_TIMEOUT_S = 5.0
 _POLL_MIN_S = 0.005
 _POLL_MAX_S = 0.25
 _POLL_FRACTION = 0.01
+
+TOKEN_ENV = "NEURON_WORKER_TOKEN"
 
 Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
 OnSpawn = Callable[["Worker"], Awaitable[None]]
@@ -134,6 +137,9 @@ class Worker:
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self.probes = {True: 0, False: 0}  # liveness probes answered, and not
+        # In the worker's environment, inherited by anything it starts: proves, after a
+        # supervisor crash, which processes are ours (statefile.stop_orphans).
+        self.token = secrets.token_hex(16)
 
     @property
     def pid(self) -> int | None:
@@ -155,7 +161,8 @@ class Worker:
         except OSError as exc:
             raise SpawnFailed(f"cannot write the log {self.log_path}: {exc.strerror}") from None
         try:
-            self._proc = await self._spawn(self.plan.command, self.plan.env, fd)
+            env = {**self.plan.env, TOKEN_ENV: self.token}
+            self._proc = await self._spawn(self.plan.command, env, fd)
         except OSError as exc:
             raise SpawnFailed(
                 f"cannot start worker {self.plan.command[0]}: {exc.strerror}") from None
