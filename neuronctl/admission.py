@@ -5,6 +5,11 @@ It owns the GPU-side bookkeeping the load pipeline needs (vram.py has the arithm
 the estimate from the GGUF header against the devices' free memory, a tensor split for
 several devices, and the releases of stopped workers that the next load waits out. A CPU
 host (no nvidia-smi, or a model with no layers offloaded) passes through untouched.
+
+The header is read in two steps so that the load lock is never held while a file is
+parsed: `read_header`, before the lock, runs ggufinfo's bounded child and keeps what it
+read (by the files' identity); `admit`, under the lock, only compares. A header that lies
+about its sizes is refused there and then, as a ModelFileError.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import vram
+from . import ggufinfo, vram
 from .config import HarnessConfig, ModelSpec, effective, gpu_layers
 from .discovery import Discovery
-from .errors import NotEnoughVram
+from .errors import ModelFileError, NotEnoughVram
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # while waiting for a stopped worker's memory to be released
+_HEADERS_KEPT = 32  # headers read, by file identity; a restart reads none again
+
+HeaderReader = Callable[[Sequence[Path]], Awaitable[ggufinfo.Header]]
+_FileKey = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,48 @@ class Admission:
         release_timeout_s: Callable[[], float],
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        header_reader: HeaderReader = ggufinfo.read_bounded,
     ) -> None:
         self.discovery = discovery
         self._release_timeout_s = release_timeout_s  # read at each wait: reload changes it
         self._clock = clock
         self._sleep = sleep
         self._releases: list[vram.Release] = []  # stopped workers' VRAM not yet seen free
+        self._read_header = header_reader
+        # What each model file's header said; None: it cannot be sized (harmlessly).
+        self._headers: dict[_FileKey, ggufinfo.Header | None] = {}
+
+    async def read_header(
+        self, spec: ModelSpec, parts: Sequence[Path], defaults: HarnessConfig
+    ) -> None:
+        """Before the load lock: read the header `admit` will need, when it will need one
+        (layers on a GPU this host has). Raises ModelFileError for a header that lies."""
+        if not parts or not gpu_layers(spec, defaults) or not await self.discovery.gpus():
+            return
+        await self._header(spec.model_id, parts)
+
+    async def _header(self, model_id: str, parts: Sequence[Path]) -> ggufinfo.Header | None:
+        """The header of `parts`, read once per version of the files (in a bounded child)."""
+        try:
+            key = _file_key(parts)
+        except OSError as exc:
+            raise ModelFileError(f"{model_id}: cannot read {exc.filename}: {exc.strerror}",
+                                 param="path") from exc
+        if key in self._headers:
+            return self._headers[key]
+        try:
+            header: ggufinfo.Header | None = await self._read_header(parts)
+        except ggufinfo.BadHeader as exc:
+            raise ModelFileError(
+                f"{model_id}: refused: the GGUF header of {parts[0]} cannot be trusted: {exc}",
+                param="path") from None
+        except ggufinfo.CannotEstimate as exc:  # the worker will say more, if anything
+            log.warning("%s: cannot estimate its VRAM from %s: %s", model_id, parts[0], exc)
+            header = None
+        while len(self._headers) >= _HEADERS_KEPT:
+            del self._headers[next(iter(self._headers))]
+        self._headers[key] = header
+        return header
 
     async def admit(
         self,
@@ -64,7 +110,8 @@ class Admission:
         slots: int = 1,
     ) -> Admitted:
         """Raise NotEnoughVram when the devices cannot hold the model (unless `force`).
-        Each of its `slots` has a KV cache of n_ctx tokens."""
+        Each of its `slots` has a KV cache of n_ctx tokens. The caller holds the load lock:
+        the header was read before it (`read_header`), unless the files changed since."""
         n_gpu_layers = gpu_layers(spec, defaults)
         if not n_gpu_layers:
             return Admitted(spec, None)  # on the CPU, as far as the settings say
@@ -80,11 +127,10 @@ class Admission:
             n_ctx = default_n_ctx
         if n_ctx and slots > 1:
             n_ctx *= slots
-        try:
-            need = await asyncio.to_thread(vram.estimate, parts, n_ctx, n_gpu_layers)
-        except Exception as exc:  # not a GGUF we can read; the worker will say more
-            log.warning("%s: cannot estimate its VRAM from %s: %s", spec.model_id, parts[0], exc)
+        header = await self._header(spec.model_id, parts)
+        if header is None:
             return Admitted(spec, None)
+        need = vram.estimate(header, n_ctx, n_gpu_layers)
         devices = list(spec.devices) or [g.index for g in gpus]
         try:
             vram.admit(spec.model_id, need, gpus, devices)
@@ -156,6 +202,12 @@ class Admission:
                 log.info("waiting for the driver to free the VRAM of %s", names)
                 waited = True
             await self._sleep(POLL_S)
+
+
+def _file_key(parts: Sequence[Path]) -> _FileKey:
+    """Which version of each file: a file replaced at the same path is read again."""
+    stats = [(os.fspath(p), os.stat(p)) for p in parts]
+    return tuple((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats)
 
 
 def process_tree(pid: int) -> set[int]:

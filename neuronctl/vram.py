@@ -3,7 +3,8 @@ memory is free again.
 
 The estimate is what llama.cpp allocates for the bulk of a model: its tensors, as the GGUF
 header lists them, plus an f16 KV cache for the context size. Compute buffers come on top,
-so it is a floor, not a promise; `force = true` loads regardless.
+so it is a floor, not a promise; `force = true` loads regardless. The header itself is read
+by ggufinfo.py, in a bounded child process; this module only does the arithmetic.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from .discovery import Gpu
 from .errors import NotEnoughVram
+from .ggufinfo import Header
 
 MIB = 1024 * 1024
 _KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
@@ -39,61 +39,44 @@ class Estimate:
         return f"weights {weights} MiB + KV cache {kv} MiB for n_ctx {self.n_ctx}{share}"
 
 
-def _value(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    if hasattr(field, "contents"):
-        return field.contents()
-    # gguf < 0.11: the value sits in `parts`, indexed by `data`.
-    values = [field.parts[i].tolist() for i in field.data]
-    flat = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in values]
-    return flat[0] if len(flat) == 1 else flat
-
-
-def _per_layer(value: Any, n_layers: int) -> list[int]:
+def _first(value: int | list[int]) -> int:
     # Some architectures give a head count per layer (an array) rather than one number.
     if isinstance(value, list):
-        return [int(v) for v in value][:n_layers]
-    return [int(value)] * n_layers
+        return value[0] if value else 0
+    return value
 
 
-def estimate(parts: Sequence[Path], n_ctx: int | None, n_gpu_layers: int | None) -> Estimate:
-    """Read the GGUF header(s) of a model (all parts of a split one) and size it.
+def _over_layers(value: int | list[int], n_layers: int) -> int:
+    """The sum over the layers of a per-layer value (an array longer than the model is cut
+    short, as llama.cpp reads only its layers' entries)."""
+    if isinstance(value, list):
+        return sum(value[:n_layers])
+    return value * n_layers
+
+
+def estimate(header: Header, n_ctx: int | None, n_gpu_layers: int | None) -> Estimate:
+    """Size a model from its GGUF header (ggufinfo.read_model: all parts of a split one).
 
     `n_ctx` None or 0 means the model's own context length; `n_gpu_layers` None or
     negative means all layers.
     """
-    from gguf import GGUFReader
-
-    weights = 0
-    first: Any = None
-    for path in parts:
-        reader = GGUFReader(str(path))
-        weights += sum(int(t.n_bytes) for t in reader.tensors)
-        if first is None:
-            first = reader
-    arch = _value(first, "general.architecture")
-    n_layers = _value(first, f"{arch}.block_count")
-    ctx = n_ctx or _value(first, f"{arch}.context_length")
+    n_layers = header.block_count
+    ctx = n_ctx or header.context_length
     kv = 0
-    if isinstance(n_layers, int) and isinstance(ctx, int) and n_layers > 0:
-        n_embd = _value(first, f"{arch}.embedding_length")
-        heads = _value(first, f"{arch}.attention.head_count")
-        heads_kv = _value(first, f"{arch}.attention.head_count_kv")
-        if heads_kv is None:
-            heads_kv = heads
-        if isinstance(n_embd, int) and heads is not None:
-            head_dim = n_embd // max(1, _per_layer(heads, 1)[0])
-            k_len = _value(first, f"{arch}.attention.key_length") or head_dim
-            v_len = _value(first, f"{arch}.attention.value_length") or head_dim
-            kv = sum(h * (int(k_len) + int(v_len)) for h in _per_layer(heads_kv, n_layers))
-            kv *= ctx * _KV_BYTES_PER_ELEMENT
+    if n_layers is not None and ctx is not None and n_layers > 0:
+        heads = header.head_count
+        heads_kv = heads if header.head_count_kv is None else header.head_count_kv
+        n_embd = header.embedding_length
+        if n_embd is not None and heads is not None and heads_kv is not None:
+            head_dim = n_embd // max(1, _first(heads))
+            k_len = header.key_length or head_dim
+            v_len = header.value_length or head_dim
+            kv = _over_layers(heads_kv, n_layers) * (k_len + v_len) * ctx * _KV_BYTES_PER_ELEMENT
     fraction = 1.0
-    layers = n_layers if isinstance(n_layers, int) else 0
+    layers = n_layers or 0
     if n_gpu_layers is not None and 0 <= n_gpu_layers < layers:
         fraction = n_gpu_layers / layers
-    return Estimate(weights, kv, ctx if isinstance(ctx, int) else None, fraction)
+    return Estimate(header.weights_bytes, kv, ctx, fraction)
 
 
 def admit(model_id: str, need: Estimate, gpus: Sequence[Gpu], devices: Sequence[int]) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from neuronctl.config import ModelSpec, NeuronConfig
 from neuronctl.discovery import Gpu
+from neuronctl.ggufinfo import read_model
 from neuronctl.harness import LoadError
 from neuronctl.states import ModelStatus, WorkerState
 from neuronctl.vram import MIB, Estimate, NotEnoughVram, Release, admit, estimate, split_by_free
@@ -32,19 +33,21 @@ def fake_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSmi:
 
 
 def test_estimate_reads_tensors_and_sizes_the_kv_cache(tiny_gguf: Path) -> None:
-    need = estimate([tiny_gguf], 4096, None)
+    header = read_model([tiny_gguf])
+    need = estimate(header, 4096, None)
     assert need.weights_bytes == TINY_WEIGHTS
     assert need.kv_bytes == 4096 * KV_PER_TOKEN
     assert need.n_ctx == 4096
     # n_ctx unset or 0: the model's own context length.
-    assert estimate([tiny_gguf], None, None).kv_bytes == 256 * KV_PER_TOKEN
-    assert estimate([tiny_gguf], 0, -1).n_ctx == 256
+    assert estimate(header, None, None).kv_bytes == 256 * KV_PER_TOKEN
+    assert estimate(header, 0, -1).n_ctx == 256
     # Half the layers offloaded: half of it on the GPU.
-    half = estimate([tiny_gguf], 4096, 1)
+    half = estimate(header, 4096, 1)
     assert half.gpu_fraction == 0.5
     assert half.total_mb == -(-(TINY_WEIGHTS + 4096 * KV_PER_TOKEN) // 2 // MIB)
     # Every part of a split model counts.
-    assert estimate([tiny_gguf, tiny_gguf], 256, None).weights_bytes == 2 * TINY_WEIGHTS
+    split = read_model([tiny_gguf, tiny_gguf])
+    assert estimate(split, 256, None).weights_bytes == 2 * TINY_WEIGHTS
 
 
 def test_admit_refuses_with_both_numbers() -> None:
