@@ -181,6 +181,7 @@ class ModelLifecycle:
             self._set_state(WorkerState.DOWNLOADING)  # PENDING -> DOWNLOADING
             await self._download()
             self._set_state(WorkerState.PENDING, "model file ready")  # DOWNLOADING -> PENDING
+        await self._read_header(harness)
         async with self._s.load_lock:
             self._set_state(WorkerState.STARTING)  # PENDING -> STARTING
             started = self._s.clock()
@@ -188,6 +189,15 @@ class ModelLifecycle:
             self.load_ms = round((self._s.clock() - started) * 1000)
             self.history = History().ready(self._s.clock())
             self._set_state(WorkerState.READY, ready_s=ready_s)  # STARTING -> READY
+
+    async def _read_header(self, harness: Harness) -> None:
+        """Outside the load lock: the GGUF header the VRAM check needs, read by a bounded
+        child process (admission keeps it for the start under the lock). A header that lies
+        about its sizes fails the load here, with nothing held."""
+        needs_file = bool(getattr(harness, "needs_model_file", False))
+        spec, _, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
+        await self._s.admission.read_header(
+            spec, parts, self._s.config.harness_config(spec.harness))
 
     async def _download(self) -> None:
         config = self._s.config
