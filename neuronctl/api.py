@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 
 from . import __version__, errors, router
 from .auth import api_key_middleware
-from .config import ConfigError, model_spec_from_mapping
+from .config import ConfigError, model_id_problem, model_spec_from_mapping
 from .discovery import Discovery
 from .errors import NeuronError
 from .idle import idle_unload_ctx
@@ -82,6 +82,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise errors.InvalidJson("request body is not valid JSON") from None
+    except RecursionError:
+        raise errors.InvalidJson("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise errors.InvalidJson("request body must be a JSON object")
     return body
@@ -113,8 +115,11 @@ async def load_model(request: web.Request) -> web.Response:
 async def unload_model(request: web.Request) -> web.Response:
     body = await _json_object(request)
     model_id = body.get("model_id")
-    if not isinstance(model_id, str) or not model_id:
+    if model_id is None:
         raise errors.InvalidValue("model_id: required, a string", param="model_id")
+    problem = model_id_problem(model_id)
+    if problem is not None:
+        raise errors.InvalidValue(f"model_id: {problem}", param="model_id")
     await request.app[REGISTRY].unload(model_id)  # ModelNotFound, Conflict
     return web.json_response({"status": "unloaded", "model_id": model_id})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import string
 import sys
 import types
 import typing
@@ -32,6 +33,13 @@ MAX_MODEL_ID_LEN = 256
 MAX_PARALLEL = 256
 RESTART_POLICIES = ("on-failure", "always", "never")
 _INT32_MAX = 2**31 - 1
+# Upper bounds of times (seconds): a week for anything, tighter where a wait holds
+# something others need.
+MAX_SECONDS = 7 * 24 * 3600.0
+_MAX_SECONDS = {"ready_timeout_s": 3600.0, "stop_timeout_s": 600.0,
+                "queue_timeout_s": 3600.0, "liveness_timeout_s": 600.0,
+                "vram_release_timeout_s": 3600.0}
+MAX_QUEUE = 100_000
 
 
 class ConfigError(Exception):
@@ -168,6 +176,8 @@ def load_config(
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"invalid TOML: {exc}", source) from None
+    except RecursionError:
+        raise ConfigError("", "invalid TOML: nested too deeply", source) from None
     return _with_env(raw, environ, source, path.parent.resolve())
 
 
@@ -181,7 +191,7 @@ def read_keys_leniently(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("", "config file not found", source) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError("", f"cannot read config file: {exc}", source) from None
     hints = typing.get_type_hints(NeuronConfig)
     values: dict[str, Any] = {}
@@ -291,7 +301,7 @@ def _match_key(table: Mapping[str, Any], part: str) -> str:
 def _parse_env_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
@@ -403,10 +413,11 @@ def _check_values(obj: Any, key: str) -> None:
     if max_request_bytes is not None and max_request_bytes < 1024:
         raise ConfigError(_join(key, "max_request_bytes"),
                           f"must be at least 1024, got {max_request_bytes}")
-    for name in ("max_restarts", "log_keep", "max_queue"):
+    for name, most in (("max_restarts", _INT32_MAX), ("log_keep", 1000),
+                       ("max_queue", MAX_QUEUE)):
         value = getattr(obj, name, None)
-        if value is not None and value < 0:
-            raise ConfigError(_join(key, name), f"must be >= 0, got {value}")
+        if value is not None and not 0 <= value <= most:
+            raise ConfigError(_join(key, name), f"must be between 0 and {most}, got {value}")
     for name, most in (("parallel", MAX_PARALLEL), ("liveness_failures", 1000)):
         value = getattr(obj, name, None)
         if value is not None and not 1 <= value <= most:
@@ -430,6 +441,12 @@ def _check_values(obj: Any, key: str) -> None:
         # A context of 0 means "the model's own"; a timeout of 0 would never succeed.
         if value < 0 or (name.endswith("_s") and value == 0):
             raise ConfigError(_join(key, name), f"must be positive, got {value}")
+        # Every time has a ceiling: a load spec from a client must not hold the node-wide
+        # load lock (ready_timeout_s) or a queue slot for days.
+        ceiling = _MAX_SECONDS.get(name, MAX_SECONDS) if name.endswith("_s") else None
+        if ceiling is not None and value > ceiling:
+            raise ConfigError(_join(key, name),
+                              f"must be at most {ceiling:g} s, got {value:g}")
 
 
 def _check_model_source(spec: ModelSpec, key: str) -> None:
@@ -453,13 +470,42 @@ def _check_model_source(spec: ModelSpec, key: str) -> None:
             raise ConfigError(_join(key, "tensor_split"), "shares must be >= 0, not all 0")
 
 
+# What a Hugging Face repo id can be (`org/name`, letters, digits, `.`, `_`, `-`) plus what
+# aliases commonly use (`llama3:8b`, `qwen+lora@v2`). ASCII only: an id is part of file
+# names, URLs and journal lines, where look-alike or invisible characters mislead.
+_ID_CHARS = frozenset(string.ascii_letters + string.digits + "._-:+@=/")
+
+
 def check_model_id(model_id: str, key: str = "model_id") -> None:
+    """The one rule for model ids, used by the config, the API and the CLI: 1-256 of
+    `_ID_CHARS`, `/`-separated segments that are neither empty nor `.` or `..`, starting
+    with a letter or digit."""
     if not model_id.strip():
         raise ConfigError(key, "must not be empty")
     if len(model_id) > MAX_MODEL_ID_LEN:
         raise ConfigError(key, f"longer than {MAX_MODEL_ID_LEN} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in model_id):
-        raise ConfigError(key, "contains control characters")
+    bad = sorted({c for c in model_id if c not in _ID_CHARS})
+    if bad:
+        shown = ", ".join(repr(c) if c.isprintable() and c != " " else f"U+{ord(c):04X}"
+                          for c in bad[:5])
+        raise ConfigError(key, f"may hold only ASCII letters, digits and . _ - : + @ = /; "
+                               f"got {shown}")
+    segments = model_id.split("/")
+    if "" in segments or "." in segments or ".." in segments:
+        raise ConfigError(key, f"{model_id!r}: no empty, '.' or '..' path segments")
+    if not model_id[0].isalnum():
+        raise ConfigError(key, f"{model_id!r}: must start with a letter or a digit")
+
+
+def model_id_problem(model_id: object) -> str | None:
+    """Why `model_id` (from a request) is not a valid id, or None."""
+    if not isinstance(model_id, str):
+        return "expected a string"
+    try:
+        check_model_id(model_id)
+    except ConfigError as exc:
+        return exc.message
+    return None
 
 
 def effective(spec: ModelSpec, harness: HarnessConfig, name: str) -> Any:

@@ -11,12 +11,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import workers
 
 from .config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective, gpu_layers
-from .errors import HarnessUnavailable, LoadError, ModelFileError, UnknownHarness
+from .errors import HarnessUnavailable, LoadError, UnknownHarness
+from .resolve import check_model_file
 
 __all__ = ["Harness", "LoadError", "UnknownHarness", "WorkerPlan", "build_harnesses"]
 
@@ -47,6 +48,37 @@ class Harness(Protocol):
 #                            sends it no more
 
 
+#   reserved_flags: {flag: why} - flags the harness sets itself; `args` may not hold them
+
+
+def _normal_flag(arg: str) -> str:
+    flag = arg.split("=", 1)[0]
+    return "--" + flag[2:].replace("_", "-").lower() if flag.startswith("--") else flag
+
+
+def check_args(harness: Harness, args: tuple[str, ...], key: str) -> None:
+    """Refuse `args` that would override what the harness itself sets: where the worker
+    listens (host, port: a worker on 0.0.0.0 is reachable without the API key), which model
+    it serves, its alias and slots. A ConfigError naming the argument."""
+    reserved: Mapping[str, str] = getattr(harness, "reserved_flags", {})
+    for i, arg in enumerate(args):
+        why = reserved.get(_normal_flag(arg))
+        if why is not None:
+            raise ConfigError(f"{key}[{i}]", f"{arg.split('=', 1)[0]} cannot be set in args: "
+                                             f"{why}")
+
+
+def check_spec_args(harnesses: Mapping[str, Harness], spec: ModelSpec, key: str = "") -> None:
+    harness = harnesses.get(spec.harness)
+    if harness is not None:
+        check_args(harness, spec.args, f"{key}.args" if key else "args")
+
+
+_LISTEN = "neuronctl picks the worker's address (127.0.0.1 and a free port)"
+_MODEL = "the model file comes from the spec (path, or model_id/file/quant)"
+_PROBE = "neuronctl probes and forwards to the worker over plain HTTP without a key"
+
+
 def slots_of(harness: Harness, spec: ModelSpec) -> int:
     slots = getattr(harness, "slots", None)
     return int(slots(spec)) if slots is not None else 1
@@ -70,8 +102,7 @@ def _model_file(spec: ModelSpec) -> Path:
     # The registry resolves every model to a local file (see resolve.py) before planning.
     if spec.path is None:
         raise LoadError(f"{spec.model_id}: no model file was resolved")  # a bug
-    if not spec.path.is_file():
-        raise ModelFileError(f"model file not found: {spec.path}", param="path")
+    check_model_file(spec.path)
     return spec.path
 
 
@@ -101,6 +132,12 @@ class LlamaCppPythonHarness:
 
     name = LLAMA_CPP_PYTHON
     needs_model_file = True
+    reserved_flags: ClassVar[Mapping[str, str]] = {
+        "--host": _LISTEN, "--port": _LISTEN, "--model": _MODEL,
+        "--model-alias": "the alias is the model_id", "--config-file": _LISTEN,
+        "--api-key": _PROBE, "--ssl-keyfile": _PROBE, "--ssl-certfile": _PROBE,
+        "--interrupt-requests": "neuronctl's queue needs requests never cancelled",
+    }
     default_n_ctx = 2048  # llama-cpp-python's own default
 
     def __init__(self, defaults: HarnessConfig) -> None:
@@ -145,6 +182,16 @@ class LlamaServerHarness:
 
     name = LLAMA_SERVER
     needs_model_file = True
+    reserved_flags: ClassVar[Mapping[str, str]] = {
+        **{flag: _LISTEN for flag in ("--host", "--port", "--reuse-port")},
+        **{flag: _MODEL for flag in (
+            "-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff",
+            "--hf-file", "-dr", "--docker-repo", "--models-dir", "--models-preset")},
+        "-a": "the alias is the model_id", "--alias": "the alias is the model_id",
+        "-np": "set the model's `parallel` key", "--parallel": "set the model's `parallel` key",
+        "--path": "a worker serves no files", "--api-key": _PROBE, "--api-key-file": _PROBE,
+        "--ssl-key-file": _PROBE, "--ssl-cert-file": _PROBE,
+    }
     default_n_ctx = None  # without -c it takes the model's own context length
     serves_metrics = True  # run with --metrics
 
@@ -209,4 +256,7 @@ def build_harnesses(config: NeuronConfig) -> dict[str, Harness]:
         if name not in harnesses:
             known = ", ".join(sorted(harnesses))
             raise ConfigError(f"harness.{name}", f"unknown harness (known: {known})")
+        check_args(harnesses[name], config.harness[name].args, f"harness.{name}.args")
+    for i, spec in enumerate(config.default_models):
+        check_spec_args(harnesses, spec, f"default_models[{i}]")
     return harnesses

@@ -433,6 +433,12 @@ class ModelLifecycle:
             return ("download", self.download.done_bytes)
         return None
 
+    @property
+    def log_problem(self) -> str | None:
+        """Why the live worker's log file could not be written; None when it can."""
+        worker = self.worker if self.state in LIVE_STATES else None
+        return worker.log_problem if worker is not None else None
+
     def to_json(self) -> dict[str, Any]:
         worker = self.worker if self.state in LIVE_STATES else None
         serving = self.serving_worker
@@ -456,6 +462,8 @@ class ModelLifecycle:
             "last_error": self.last_error,
             "last_exit_code": self.last_exit_code,
             "log_path": str(self.log_path),
+            # Something wrong that does not stop it serving (its log cannot be written).
+            "warning": self.log_problem,
             "download": (self.download.as_json()
                          if self.download and self.state is WorkerState.DOWNLOADING else None),
             "since": self.since,

@@ -66,9 +66,14 @@ def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     rotate(path, keep)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
-    os.write(fd, f"\n=== {stamp} neuronctl starting: {shlex.join(command)}\n".encode())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
+        header = f"\n=== {stamp} neuronctl starting: {shlex.join(command)}\n"
+        os.write(fd, header.encode("utf-8", "backslashreplace"))
+    except BaseException:
+        os.close(fd)  # a full disk must not leak a descriptor per attempt
+        raise
     return fd
 
 

@@ -58,16 +58,22 @@ class NodeCollector(Collector):
         rss = GaugeMetricFamily(
             "neuron_worker_resident_memory_bytes", "Resident memory of the model's worker.",
             labels=["model"])
+        log_unwritable = GaugeMetricFamily(
+            "neuron_model_log_unwritable",
+            "1 while the model's worker cannot write its log file (its output goes to the "
+            "journal).", labels=["model"])
         for record in records:
             for value in ModelStatus:
                 status.add_metric([record.model_id, value.value], float(record.status is value))
             restarts.add_metric([record.model_id], record.restarts)
+            log_unwritable.add_metric([record.model_id], float(record.log_problem is not None))
             memory = _rss(record)
             if memory is not None:
                 rss.add_metric([record.model_id], memory)
         yield status
         yield restarts
         yield rss
+        yield log_unwritable
 
         requests = CounterMetricFamily(
             "neuron_requests", "Requests through /v1 naming the model, by HTTP status.",

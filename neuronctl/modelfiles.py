@@ -19,7 +19,7 @@ from pathlib import Path
 from . import logfiles, resolve
 from .aio import in_thread
 from .config import HarnessConfig, ModelSpec
-from .errors import InternalError, LoadError, SpawnFailed
+from .errors import InternalError, LoadError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ async def download(
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         logfiles.rotate(log_path, log_keep)
-    except OSError as exc:
-        raise SpawnFailed(f"cannot write the log {log_path}: {exc.strerror}") from exc
+    except OSError as exc:  # the worker's start says so again, and goes on without it
+        log.warning("%s: cannot rotate the log %s: %s", spec.model_id, log_path, exc.strerror)
     log.info("%s: finding its GGUF in the Hugging Face cache %s, or downloading it",
              spec.model_id, fetcher.cache)
     try:

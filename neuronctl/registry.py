@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from . import modelfiles
 from .admission import Admission
-from .config import ModelSpec, NeuronConfig
+from .config import ConfigError, ModelSpec, NeuronConfig
 from .discovery import Discovery
-from .errors import Conflict, ModelNotFound, UnknownHarness
+from .errors import Conflict, InvalidSpec, ModelNotFound, UnknownHarness
 from .events import EventBus
-from .harness import Harness
+from .harness import Harness, check_spec_args
 from .lifecycle import ModelLifecycle, Services, WorkerFactory
 from .statefile import StateFile
 from .states import WorkerState
@@ -95,6 +95,10 @@ class ModelRegistry:
         """
         if spec.harness not in self.harnesses:
             raise UnknownHarness(spec.harness)
+        try:
+            check_spec_args(self.harnesses, spec)
+        except ConfigError as exc:
+            raise InvalidSpec(str(exc), param=exc.key) from None
         model = self._models.get(spec.model_id)
         if model is None or model.state is WorkerState.FAILED:
             # New, or failed before: a fresh attempt replaces the failed entry.

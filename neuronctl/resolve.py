@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -58,11 +59,47 @@ def needs_download(spec: ModelSpec) -> bool:
 
 
 def local_file(spec: ModelSpec) -> Resolved:
-    """The entry's own `path`; a clear error when it is not a file."""
+    """The entry's own `path`; a clear error when it is not a GGUF file."""
     assert spec.path is not None
-    if not spec.path.is_file():
-        raise ResolveError(f"model file not found: {spec.path}")
-    return Resolved(spec.path, _split_parts(spec.path), str(spec.path))
+    parts = _split_parts(spec.path)
+    for part in parts:
+        check_model_file(part)
+    return Resolved(spec.path, parts, str(spec.path))
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_model_file(path: Path) -> None:
+    """A ModelFileError unless `path` is a regular file that starts like a GGUF. Opened
+    without blocking and checked with fstat before anything is read, so a FIFO or a
+    device (`/dev/zero`) is refused rather than read from."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ResolveError(f"model file not found: {path}") from None
+    except IsADirectoryError:
+        raise ResolveError(f"model path is a directory, not a GGUF file: {path}") from None
+    except OSError as exc:
+        raise ResolveError(f"cannot open model file {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ResolveError(f"model path is a directory, not a GGUF file: {path}")
+        if not stat.S_ISREG(info.st_mode):
+            raise ResolveError(f"model path is not a regular file (a device, FIFO or "
+                               f"socket): {path}")
+        try:
+            magic = os.pread(fd, len(GGUF_MAGIC), 0)
+        except OSError as exc:
+            raise ResolveError(f"cannot read model file {path}: {exc.strerror}") from None
+        if magic != GGUF_MAGIC:
+            raise ResolveError(f"not a GGUF file (it starts with {magic!r}, not "
+                               f"{GGUF_MAGIC!r}): {path}")
+    finally:
+        os.close(fd)
+
+
 
 
 def _split_parts(path: Path) -> tuple[Path, ...]:

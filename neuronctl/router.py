@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import (
     ClientConnectorError,
@@ -168,6 +169,15 @@ def _worker_gone(worker: Worker) -> str:
     return f"; it {describe_exit(code)}" if code is not None else ""
 
 
+def _check_path(request: web.Request) -> None:
+    """Refuse a path a worker would resolve outside /v1 (`/v1/../props`, with `..` in any
+    spelling): the router forwards the raw path, so it must stay under /v1 as written."""
+    raw = request.raw_path.split("?", 1)[0]
+    segments = unquote(raw).replace("\\", "/").split("/")
+    if "." in segments or ".." in segments:
+        raise errors.BadRequest(f"path {raw[:200]!r} has '.' or '..' segments")
+
+
 class Router:
     def __init__(self, registry: ModelRegistry, metrics: CollectorRegistry | None = None) -> None:
         self.registry = registry
@@ -249,6 +259,7 @@ class Router:
                 raise errors.MethodNotAllowed(
                     f"{request.method} is not allowed on {request.path}; POST a JSON body "
                     "that names a model", headers={"Allow": "POST"})
+            _check_path(request)
             return await self._forward(request)
         except NeuronError as exc:
             return openai_error(exc)

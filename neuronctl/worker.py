@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
-from . import logfiles
+from . import logfiles, portowner
 from .aio import bounded
 from .errors import SpawnFailed, WorkerExited, WorkerTimeout
 from .harness import WorkerPlan
@@ -122,6 +122,7 @@ class Worker:
         on_spawn: OnSpawn | None = None,
         spawn: Spawn = spawn_process,
         probe: Callable[[int, str], Awaitable[bool]] = probe_http,
+        owns_port: Callable[[int, int], bool | None] = portowner.owned_by_group,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model_id = model_id
@@ -133,6 +134,7 @@ class Worker:
         self._on_spawn = on_spawn
         self._spawn = spawn
         self._probe = probe
+        self._owns_port = owns_port
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
@@ -140,6 +142,7 @@ class Worker:
         # In the worker's environment, inherited by anything it starts: proves, after a
         # supervisor crash, which processes are ours (statefile.stop_orphans).
         self.token = secrets.token_hex(16)
+        self.log_problem: str | None = None  # why its log file could not be written
 
     @property
     def pid(self) -> int | None:
@@ -156,10 +159,7 @@ class Worker:
     async def start(self) -> None:
         """Spawn and wait until ready. On any failure, or if cancelled, the process is
         killed before this returns; failures raise a LoadError saying what the log said."""
-        try:
-            fd = logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
-        except OSError as exc:
-            raise SpawnFailed(f"cannot write the log {self.log_path}: {exc.strerror}") from None
+        fd = self._open_log()
         try:
             env = {**self.plan.env, TOKEN_ENV: self.token}
             self._proc = await self._spawn(self.plan.command, env, fd)
@@ -178,7 +178,10 @@ class Worker:
             self._exited = asyncio.ensure_future(self._proc.wait())
             self._exited.add_done_callback(self._on_exit)
             try:
-                logfiles.write_pid_line(fd, self._proc.pid)
+                if self.log_problem is None:
+                    logfiles.write_pid_line(fd, self._proc.pid)
+            except OSError as exc:
+                self._log_failed(exc)
             finally:
                 os.close(fd)  # the child holds its own copy
             if self._on_spawn is not None:
@@ -188,18 +191,43 @@ class Worker:
             await self.kill()
             raise
 
+    def _open_log(self) -> int:
+        """The descriptor the worker writes to: its log file, or, when that cannot be
+        written (a full or read-only log_dir), the supervisor's own stderr (the journal),
+        so a full disk costs the log, never the model."""
+        try:
+            return logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
+        except OSError as exc:
+            self._log_failed(exc)
+        return os.dup(2)
+
+    def _log_failed(self, exc: OSError) -> None:
+        self.log_problem = (f"cannot write the log {self.log_path}: "
+                            f"{exc.strerror or exc}; its output goes to the service's journal")
+        log.error("%s: %s", self.model_id, self.log_problem)
+
     async def _wait_ready(self) -> None:
         assert self._exited is not None
         started = self._clock()
         deadline = started + self.plan.ready_timeout_s
+        squatter: str | None = None  # who else answered on our port, if anyone did
         while True:
             if await self._probe(self.port, self.plan.probe_path):
-                return
+                if self._proves_ours():
+                    return
+                if squatter is None:
+                    squatter = portowner.describe_holder(self.port)
+                    log.warning("%s: port %d answered, but from %s, not worker pid %s; "
+                                "waiting for the worker itself", self.model_id, self.port,
+                                squatter, self.pid)
             if self._exited.done():
                 code = self._exited.result()
                 headline, detail = self.log_excerpt()
-                raise WorkerExited(f"worker {describe_exit(code)} while starting: {headline}",
-                                   exit_code=code, detail=detail)
+                taken = (f" (port {self.port} was taken by {squatter})"
+                         if squatter is not None else "")
+                raise WorkerExited(
+                    f"worker {describe_exit(code)} while starting{taken}: {headline}",
+                    exit_code=code, detail=detail)
             now = self._clock()
             if now >= deadline:
                 headline, detail = self.log_excerpt()
@@ -209,6 +237,12 @@ class Worker:
             delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
             # Wake early if the process exits, so a crash is reported at once.
             await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
+
+    def _proves_ours(self) -> bool:
+        """The listener on our port belongs to the worker's process group (its session:
+        a wrapper's children count), not to a process that took the port first."""
+        assert self._proc is not None
+        return self._owns_port(self.port, self._proc.pid) is not False
 
     async def answers(self, timeout_s: float) -> bool:
         """One liveness probe: does the worker answer its probe within `timeout_s`?"""
@@ -222,6 +256,8 @@ class Worker:
     def log_excerpt(self, fallback: bool = True) -> tuple[str | None, str]:
         """(the one line of the log that says what went wrong, its last lines); see
         logfiles.excerpt."""
+        if self.log_problem is not None:
+            return self.log_problem, ""
         return logfiles.excerpt(self.log_path, LOG_TAIL_LINES, fallback)
 
     def progress_token(self) -> tuple[int, float, int]:

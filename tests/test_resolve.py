@@ -149,7 +149,10 @@ def test_local_path(tmp_path: Path) -> None:
     with pytest.raises(ResolveError, match=f"model file not found: {tmp_path}/x.gguf"):
         local_file(ModelSpec("m", path=tmp_path / "x.gguf"))
     first = tmp_path / "big-00001-of-00002.gguf"
-    first.write_bytes(b"1")
+    first.write_bytes(b"GGUF")
+    with pytest.raises(ResolveError, match="model file not found: .*big-00002-of-00002"):
+        local_file(ModelSpec("m", path=first))  # every part of a split model must be there
+    (tmp_path / "big-00002-of-00002.gguf").write_bytes(b"GGUF")
     resolved = local_file(ModelSpec("m", path=first))
     assert resolved.path == first
     assert [p.name for p in resolved.parts] == [first.name, "big-00002-of-00002.gguf"]
@@ -346,7 +349,7 @@ async def test_in_thread_delivers_results_and_errors() -> None:
 
 def test_llama_cpp_python_gets_a_local_file_never_a_repo(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"x")
+    model.write_bytes(b"GGUF")
     harness = LlamaCppPythonHarness(HarnessConfig())
     plan = harness.plan(ModelSpec(REPO, path=model, devices=(1, 3), tensor_split=(3.0, 1.0)),
                         4000)

@@ -58,6 +58,7 @@ class StandInWorker:
         self.port = port
         self.pid: int | None = None
         self.returncode: int | None = None
+        self.log_problem: str | None = None
         self._stopped = asyncio.Event()
 
     @property
