@@ -196,12 +196,15 @@ class Daemon:
 
 
 def _stop_orphans(state: StateFile, timeout_s: float) -> None:
-    """Workers a crashed predecessor left behind hold VRAM the new ones need."""
+    """Workers a crashed predecessor left behind hold VRAM the new ones need. Never
+    fatal: a state file that is not what we write is set aside by `read`, and one that
+    cannot be rewritten (a full or read-only state_dir) only means no orphan records."""
     stop_orphans(state.read(), timeout_s)
     try:
         state.reset()
     except OSError as exc:
-        log.warning("cannot reset %s: %s", state.path, exc)
+        log.warning("cannot reset %s: %s (a worker left running by a crash of this "
+                    "supervisor will not be found)", state.path, exc.strerror or exc)
 
 
 async def serve(
