@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -20,6 +21,8 @@ from .logsetup import FORMATS, setup_logging
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,33 +68,50 @@ def run(argv: Sequence[str]) -> int:
         if exc.source is None:
             exc.source = str(args.config or DEFAULT_CONFIG_PATH)
         return _fail(f"config error: {exc}")
-    for key in ("log_dir", "state_dir"):
-        directory: Path = getattr(config, key)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            return _fail(f"config error: {key}: cannot create {directory}: {exc.strerror}")
+    try:
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"config error: log_dir: cannot create {config.log_dir}: {exc.strerror}")
+    # Before the state_dir checks: what they warn about belongs in the journal.
+    setup_logging(args.log_level.upper(), args.log_format)
 
     from . import daemon
     from .statefile import AlreadyRunning, StateFile, SupervisorLock
 
-    lock = SupervisorLock(config.state_dir)
+    lock: SupervisorLock | None = None
+    state: StateFile | None = None
+    if _make_state_dir(config.state_dir):
+        lock = SupervisorLock(config.state_dir)
+        try:
+            lock.acquire()
+        except AlreadyRunning as exc:
+            sys.stderr.write(f"neuronctl: {exc}\n")
+            return 1
+        # The daemon's first step stops workers a crashed predecessor left behind.
+        state = StateFile(config.state_dir)
     try:
-        lock.acquire()
-    except AlreadyRunning as exc:
-        sys.stderr.write(f"neuronctl: {exc}\n")
-        return 1
-    try:
-        setup_logging(args.log_level.upper(), args.log_format)
         try:
             sock = daemon.bind_listener(config.host, config.port)
         except OSError as exc:
             where = f"{config.host}:{config.port}"
             sys.stderr.write(f"neuronctl: cannot listen on {where}: {exc.strerror}\n")
             return 1
-        # The daemon's first step stops workers a crashed predecessor left behind.
-        state = StateFile(config.state_dir)
         path = args.config or DEFAULT_CONFIG_PATH
         return asyncio.run(daemon.serve(config, harnesses, sock, state, path))
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _make_state_dir(state_dir: Path) -> bool:
+    """Whether `state_dir` exists or was made. One that cannot be (a path under a file, a
+    read-only mount) is not fatal: models still serve, without what the directory gives."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("state_dir: cannot create %s: %s; running without workers.json and "
+                    "neuron.lock: a worker left running by a crash of this supervisor will "
+                    "not be found, and a second neuronctl start will not be refused",
+                    state_dir, exc.strerror or exc)
+        return False
+    return True
