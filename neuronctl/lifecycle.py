@@ -339,7 +339,9 @@ class ModelLifecycle:
 
     async def _on_spawn(self, worker: Worker) -> None:
         if self._s.state is not None and worker.pid is not None:
-            await self._s.state.add(self.model_id, worker.pid)
+            # The token proves, after a crash of this supervisor, which processes of the
+            # worker's group are ours (a wrapper script's child outlives the wrapper).
+            await self._s.state.add(self.model_id, worker.pid, worker.token)
 
     async def _worker_gone(self, worker: Worker, reading: StopReading | None = None) -> None:
         """Bookkeeping once a worker's process has exited, however it ended."""
