@@ -337,6 +337,11 @@ def parse_state(data: bytes) -> tuple[list[WorkerEntry], list[str]]:
         except BadStateFile as exc:
             problems.append(f"entry {i}: {exc}")
         else:
+            if entry.pid == os.getpid() or entry.pgid == os.getpgrp():
+                # Left from before a reboot, with our pid now: stale, not forged, and
+                # never a process to stop.
+                log.debug("skipping entry %d of workers.json: it names this supervisor", i)
+                continue
             entries.setdefault(entry.pid, entry)
     return list(entries.values()), problems
 
@@ -348,8 +353,6 @@ def _entry(raw: object) -> WorkerEntry:
     if not isinstance(model_id, str):
         raise BadStateFile(f"model_id {_show(model_id)} is not a string")
     pid = _process_id(raw.get("pid"), "pid")
-    if pid == os.getpid():
-        raise BadStateFile(f"pid {pid} is this supervisor")
     create_time = raw.get("create_time")
     if (isinstance(create_time, bool) or not isinstance(create_time, (int, float))
             or not math.isfinite(create_time) or create_time < 0):
@@ -360,8 +363,6 @@ def _entry(raw: object) -> WorkerEntry:
     pgid = 0
     if "pgid" in raw:
         pgid = _process_id(raw["pgid"], "pgid")
-        if pgid == os.getpgrp():
-            raise BadStateFile(f"pgid {pgid} is this supervisor's own process group")
     token = raw.get("token", "")
     if not isinstance(token, str) or len(token) > 128 or not set(token) <= _HEX:
         raise BadStateFile(f"token {_show(token)} is not a hex string")
