@@ -344,9 +344,9 @@ def read_part(path: str) -> _Part:
             if offset + n_bytes > end:
                 end, last = offset + n_bytes, name
         data_start = -(-cur.pos // alignment) * alignment
-        if data_start + end > size:
-            raise BadHeader(f"tensor {last}'s data ends at byte {data_start + end}, past the "
-                            f"end of the {size}-byte file")
+        if end and data_start + end > size:
+            raise BadHeader(f"the data of tensor {last} ends at byte {data_start + end}, past "
+                            f"the end of the {size}-byte file")
         return part
 
 
@@ -455,12 +455,13 @@ async def read_bounded(
         answer = json.loads(out)
         if code == 0:
             return Header.from_json(answer["header"])
-        if code == _EXIT_REFUSED and "refused" in answer:
-            raise BadHeader(str(answer["refused"]))
-        if code == _EXIT_REFUSED and "unknown" in answer:
-            raise CannotEstimate(str(answer["unknown"]))
-    except (ValueError, KeyError, TypeError):
-        pass
+        refused, unknown = answer.get("refused"), answer.get("unknown")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        refused = unknown = None  # not the child's answer: said below
+    if code == _EXIT_REFUSED and isinstance(refused, str):
+        raise BadHeader(refused)
+    if code == _EXIT_REFUSED and isinstance(unknown, str):
+        raise CannotEstimate(unknown)
     lines = err.decode("utf-8", "replace").strip().splitlines()
     said = f": {lines[-1][:200]}" if lines else ""
     raise CannotEstimate(f"the header reader exited with code {code}{said}")
