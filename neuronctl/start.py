@@ -68,12 +68,14 @@ def run(argv: Sequence[str]) -> int:
         if exc.source is None:
             exc.source = str(args.config or DEFAULT_CONFIG_PATH)
         return _fail(f"config error: {exc}")
+    # Before the directory checks: what they warn about belongs in the journal.
+    setup_logging(args.log_level.upper(), args.log_format)
     try:
         config.log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        return _fail(f"config error: log_dir: cannot create {config.log_dir}: {exc.strerror}")
-    # Before the state_dir checks: what they warn about belongs in the journal.
-    setup_logging(args.log_level.upper(), args.log_format)
+        # Not fatal either: each worker's output then goes to the journal (worker.py).
+        log.warning("log_dir: cannot create %s: %s; model output goes to the journal",
+                    config.log_dir, exc.strerror or exc)
 
     from . import daemon
     from .statefile import AlreadyRunning, StateFile, SupervisorLock

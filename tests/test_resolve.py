@@ -150,7 +150,7 @@ def test_local_path(tmp_path: Path) -> None:
         local_file(ModelSpec("m", path=tmp_path / "x.gguf"))
     first = tmp_path / "big-00001-of-00002.gguf"
     first.write_bytes(b"GGUF")
-    with pytest.raises(ResolveError, match="model file not found: .*big-00002-of-00002"):
+    with pytest.raises(ResolveError, match=r"model file not found: .*big-00002-of-00002"):
         local_file(ModelSpec("m", path=first))  # every part of a split model must be there
     (tmp_path / "big-00002-of-00002.gguf").write_bytes(b"GGUF")
     resolved = local_file(ModelSpec("m", path=first))

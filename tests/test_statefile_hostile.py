@@ -604,3 +604,22 @@ def test_kill_9_of_the_supervisor_then_a_restart_stops_the_wrapped_server(
                 kill_quietly(proc.pid)
         kill_quietly(first.pid)
         first.wait(10)
+
+
+def test_a_log_dir_that_cannot_be_created_sends_worker_output_to_the_journal(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    config = write_config(tmp_path, tmp_path / "state", tiny_gguf)
+    config.write_text(config.read_text().replace(f'log_dir = "{tmp_path}/log"',
+                                                 f'log_dir = "{tmp_path}/a-file/log"'))
+    node = start_node(config, tmp_path / "daemon.log")
+    try:
+        [model] = models(config)
+        assert model["status"] == "loaded"
+        assert "cannot write the log" in model["warning"]
+        log = (tmp_path / "daemon.log").read_text()
+        assert "log_dir: cannot create" in log and "Traceback" not in log
+        assert "fake worker pid" in log  # the worker's own output, here
+    finally:
+        stop_node(node)
