@@ -107,9 +107,15 @@ class EventBus:
         self._subscriptions: list[Subscription] = []
 
     def on_event(self, callback: Callback) -> Callable[[], None]:
-        """Call `callback` with every event from now on; returns the unsubscribe call."""
+        """Call `callback` with every event from now on; returns the unsubscribe call
+        (which may be called more than once: an app cleaned up twice, say)."""
         self._callbacks.append(callback)
-        return lambda: self._callbacks.remove(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+        return unsubscribe
 
     def subscribe(self, backlog: int = DEFAULT_BACKLOG) -> Subscription:
         sub = Subscription(self, backlog)

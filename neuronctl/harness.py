@@ -49,6 +49,8 @@ class Harness(Protocol):
 
 
 #   reserved_flags: {flag: why} - flags the harness sets itself; `args` may not hold them
+#   finishes_abandoned_answers: bool - a non-streamed answer runs to its end even when its
+#                            client hung up (the router then keeps its slot until it does)
 
 
 def _normal_flag(arg: str) -> str:
@@ -132,6 +134,8 @@ class LlamaCppPythonHarness:
 
     name = LLAMA_CPP_PYTHON
     needs_model_file = True
+    # Its server generates a non-streamed answer in a thread that nothing interrupts.
+    finishes_abandoned_answers = True
     reserved_flags: ClassVar[Mapping[str, str]] = {
         "--host": _LISTEN, "--port": _LISTEN, "--model": _MODEL,
         "--model-alias": "the alias is the model_id", "--config-file": _LISTEN,

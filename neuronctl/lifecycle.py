@@ -15,7 +15,6 @@ a worker has been ready.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -124,6 +123,10 @@ class ModelLifecycle:
         assert self._run_task is None, "a lifecycle is started once"
         self._loaded = asyncio.get_running_loop().create_future()
         self._run_task = asyncio.create_task(self._run(), name=f"model {self.model_id}")
+        # A task cancelled before its first step never runs `_run`'s handlers: its waiters
+        # must still get an answer.
+        self._run_task.add_done_callback(lambda _: self._settle(LoadCancelled(
+            "load cancelled: the model was unloaded or the node is stopping")))
 
     async def wait_loaded(self) -> None:
         """Return once the first start is ready; raise its LoadError otherwise."""
@@ -365,8 +368,12 @@ class ModelLifecycle:
         task = self._run_task
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, not await: whatever the task ends with (a bug included), the
+            # worker below must still be stopped.
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s: its task failed while stopping", self.model_id,
+                          exc_info=task.exception())
         if self.state in (WorkerState.PENDING, WorkerState.DOWNLOADING, WorkerState.FAILED):
             self._set_state(WorkerState.STOPPED, reason)  # PENDING/DOWNLOADING/FAILED -> STOPPED
             return

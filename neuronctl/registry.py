@@ -100,6 +100,8 @@ class ModelRegistry:
         except ConfigError as exc:
             raise InvalidSpec(str(exc), param=exc.key) from None
         model = self._models.get(spec.model_id)
+        if model is not None and model.stopping:
+            raise Conflict(f"{spec.model_id} is being unloaded; load it again when it is done")
         if model is None or model.state is WorkerState.FAILED:
             # New, or failed before: a fresh attempt replaces the failed entry.
             model = ModelLifecycle(spec, self.services)

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -186,6 +186,7 @@ class Router:
         # Handlers waiting on a worker, checked for a client that hung up; see _check_clients.
         self._waiting: dict[asyncio.Task[Any], web.Request] = {}
         self._check_handle: asyncio.TimerHandle | None = None
+        self._stopping: NeuronError | None = None  # set once the node begins to stop
 
     async def client_session(self, app: web.Application) -> AsyncIterator[None]:
         """cleanup_ctx: one pooled, keep-alive client for every worker, for the app's life."""
@@ -290,22 +291,36 @@ class Router:
                 param="model")
         if not isinstance(model_id, str):
             raise errors.InvalidValue("model: expected a string", param="model")
+        if self._stopping is not None:
+            raise self._stopping
         record = self.registry.get(model_id)
         if record is None:
             raise self._unknown_model(model_id)
         stats = self._stats_for(record)
         stats.requests += 1
         task = self._watch_client(request)  # a client that hangs up leaves the queue too
+        # A worker that cannot stop an answer its client no longer waits for (see
+        # harness.py) keeps its slot until it is done: the request is not cancelled once
+        # it is forwarded, or the next one would reach a worker still busy.
+        finishes = (payload.get("stream") is not True
+                    and getattr(self.registry.harnesses.get(record.spec.harness),
+                                "finishes_abandoned_answers", False))
+
+        def admitted() -> None:
+            if finishes:
+                del self._waiting[task]  # no longer cancelled when its client hangs up
+
         try:
-            return await self._admitted(request, body, record, stats)
+            return await self._admitted(request, body, record, stats, admitted)
         except NeuronError as refusal:
             stats.reject(refusal)
             raise
         finally:
-            del self._waiting[task]
+            self._waiting.pop(task, None)
 
     async def _admitted(self, request: web.Request, body: bytes, record: ModelLifecycle,
-                        stats: ModelStats) -> web.StreamResponse:
+                        stats: ModelStats, on_admitted: Callable[[], None]
+                        ) -> web.StreamResponse:
         """Wait for a slot of the model's worker (it may still be loading), then forward."""
         model_id = record.model_id
         if record.status is ModelStatus.FAILED:
@@ -317,6 +332,7 @@ class Router:
             worker = current.serving_worker if current is not None else None
             if worker is None:
                 raise self._not_ready(current or record)
+            on_admitted()
             stats.in_flight += 1
             started = time.monotonic()
             try:
@@ -335,6 +351,14 @@ class Router:
         if fresh:  # a queue made now starts from the model's state; events keep it so
             self._follow(stats.queue, record)
         return stats
+
+    def stop_admitting(self) -> None:
+        """The node is stopping: requests waiting in a queue answer 503 now, while their
+        connections are still open (the listener's shutdown would otherwise cancel them
+        into a reset); requests already at a worker finish."""
+        self._stopping = errors.ModelNotReady("the node is stopping; retry on another node")
+        for stats in self.stats.models.values():
+            stats.queue.fail(self._stopping)
 
     def on_event(self, event: ModelEvent) -> None:
         """Keep the model's queue in step with its state (an EventBus callback)."""
@@ -515,6 +539,13 @@ def setup(app: web.Application, registry: ModelRegistry,
         unsubscribe()
 
     app.on_cleanup.append(stop_following)
+
+    async def stop_admitting(app: web.Application) -> None:
+        router.stop_admitting()
+
+    # on_shutdown runs after the listener closed and before in-flight handlers are waited
+    # for (and, past shutdown_timeout, cancelled).
+    app.on_shutdown.append(stop_admitting)
     app.router.add_get("/v1/models", router.list_models)
     # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
     app.router.add_get("/v1/models/{model_id:.+}", router.get_model)

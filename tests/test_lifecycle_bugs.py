@@ -15,8 +15,9 @@ import pytest
 
 from neuronctl import logfiles
 from neuronctl.config import ModelSpec, NeuronConfig
-from neuronctl.errors import InternalError, WorkerExited
+from neuronctl.errors import Conflict, InternalError, LoadCancelled, WorkerExited
 from neuronctl.harness import WorkerPlan
+from neuronctl.lifecycle import ModelLifecycle
 from neuronctl.reload import Reloader
 from neuronctl.statefile import StateFile
 from neuronctl.states import ModelStatus, WorkerState
@@ -169,3 +170,33 @@ async def test_the_line_that_says_why_reaches_the_error_the_api_and_the_journal(
     assert listed["exit_code"] == 2
     journal = [r.getMessage() for r in caplog.records if r.name == "neuronctl.models"]
     assert f"m: starting -> failed ({raised.value.message})" in journal
+
+
+async def test_a_load_cancelled_before_its_task_ran_still_answers_its_waiters(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = make_registry()
+    model = ModelLifecycle(FAKE, registry.services)
+    model.start()
+    model.cancel_load()  # the same loop turn: the task is cancelled before its first step
+    with pytest.raises(LoadCancelled):
+        await asyncio.wait_for(model.wait_loaded(), 5)
+
+
+async def test_loading_a_model_that_is_being_unloaded_is_a_conflict(
+    make_registry: MakeRegistry, node_config: NeuronConfig
+) -> None:
+    # A worker that ignores SIGTERM: its unload takes the whole stop_timeout_s.
+    spec = ModelSpec("m", harness="fake", args=("--mode", "ignore-term"))
+    registry = make_registry(worker_factory=PidRecordingWorker)
+    await registry.load(spec)
+    unload = asyncio.create_task(registry.unload("m"))
+    model = registry.get("m")
+    await asyncio.to_thread(poll_until, lambda: model is not None and model.stopping, 5.0)
+    with pytest.raises(Conflict, match="being unloaded"):
+        await registry.load(spec)  # not 200 for a model about to be gone
+    await unload
+    assert registry.get("m") is None
+    await registry.load(spec)  # once it is gone, a load starts it again
+    await registry.unload("m")
+    await assert_all_gone(PidRecordingWorker.pids)

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from neuronctl import errors
@@ -31,10 +32,11 @@ from neuronctl.harness import (
 )
 from neuronctl.metrics import merge_worker_metrics
 from neuronctl.registry import ModelRegistry
+from neuronctl.router import HANG_UP_CHECK_S
 from neuronctl.states import WorkerState
 from neuronctl.traffic import ModelQueue
 
-from .helpers import MakeRegistry, llama_required, pid_alive
+from .helpers import MakeRegistry, free_port, llama_required, pid_alive
 
 # --- the queue's rules ------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class Node:
     registry: ModelRegistry
     url: str
     session: aiohttp.ClientSession
+    runner: web.AppRunner | None = None
 
     async def stream(self, model: str, max_tokens: int = 24) -> tuple[int, str | None]:
         """(status, finish_reason of a streamed chat completion, or the error code)."""
@@ -193,22 +196,26 @@ class Node:
 @pytest.fixture
 async def node(make_registry: MakeRegistry, node_config: NeuronConfig) -> AsyncIterator[
         Any]:
-    """`await node(**config)`: a registry with the real llama-cpp-python harness, served."""
-    made: list[tuple[TestServer, aiohttp.ClientSession]] = []
+    """`await node(**config)`: a registry with the real llama-cpp-python harness, served as
+    the daemon serves it (aiohttp's TestServer cancels a handler whose client hangs up; the
+    daemon's server does not, and the router handles hang-ups itself)."""
+    made: list[tuple[web.AppRunner, aiohttp.ClientSession]] = []
 
     async def start(**config: Any) -> Node:
         cfg = dataclasses.replace(node_config, **config)
         registry = make_registry(cfg, {LLAMA_CPP_PYTHON: LlamaCppPythonHarness(HarnessConfig())})
-        server = TestServer(create_app(registry), host="127.0.0.1")
-        await server.start_server()
+        runner = web.AppRunner(create_app(registry), access_log=None, shutdown_timeout=5.0)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
         session = aiohttp.ClientSession()
-        made.append((server, session))
-        return Node(registry, str(server.make_url("")).rstrip("/"), session)
+        made.append((runner, session))
+        return Node(registry, f"http://127.0.0.1:{port}", session, runner)
 
     yield start
-    for server, session in made:
+    for runner, session in made:
         await session.close()
-        await server.close()
+        await runner.cleanup()
 
 
 def tiny(model_id: str, path: Path, **kw: Any) -> ModelSpec:
@@ -466,3 +473,47 @@ async def test_a_connection_the_worker_closed_behind_keep_alive_is_sent_again(
                     assert await resp.json() == {"ok": True}
     finally:
         await server.close()
+
+
+# The tiny model's random weights often end an answer early; without its end-of-text token
+# (id 2) 3000 tokens take seconds here.
+NO_EOS = {"2": -100}
+
+
+@llama_required
+async def test_a_non_streamed_answer_whose_client_left_keeps_its_slot_until_done(
+    node: Any, tiny_gguf: Path
+) -> None:
+    """llama-cpp-python finishes a non-streamed answer whatever the client does: its slot
+    stays taken until then, so the next request waits in the queue, not inside a busy
+    worker."""
+    n = await node()
+    await n.registry.load(tiny("tiny", tiny_gguf, n_ctx=4096))
+    long = asyncio.create_task(n.complete("tiny", max_tokens=3000, logit_bias=NO_EOS))
+    await _wait_metric(n, 'neuron_requests_in_flight{model="tiny"} 1.0')
+    long.cancel()  # the client hangs up
+    await asyncio.sleep(3 * HANG_UP_CHECK_S)  # the router has looked for hang-ups since
+    queued = asyncio.create_task(n.complete("tiny"))
+    await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 1.0')
+    await _wait_metric(n, 'neuron_requests_in_flight{model="tiny"} 1.0')
+    status, _ = await asyncio.wait_for(queued, 60)  # served once the worker is free
+    assert status == 200
+
+
+@llama_required
+async def test_requests_queued_when_the_node_stops_get_a_503_not_a_reset(
+    node: Any, tiny_gguf: Path
+) -> None:
+    n = await node()
+    await n.registry.load(tiny("tiny", tiny_gguf, n_ctx=4096))
+    long = asyncio.create_task(n.complete("tiny", max_tokens=3000, logit_bias=NO_EOS))
+    await _wait_metric(n, 'neuron_requests_in_flight{model="tiny"} 1.0')
+    queued = asyncio.create_task(n.complete("tiny"))
+    await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 1.0')
+    assert n.runner is not None
+    stopping = asyncio.create_task(n.runner.cleanup())  # the daemon's shutdown of it
+    status, answer = await asyncio.wait_for(queued, 10)
+    assert status == 503 and answer["error"]["code"] == "model_not_ready"
+    assert "node is stopping" in answer["error"]["message"]
+    await stopping
+    long.cancel()
