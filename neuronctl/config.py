@@ -150,6 +150,13 @@ class NeuronConfig:
     liveness_interval_s: float = 10.0
     liveness_timeout_s: float = 5.0
     liveness_failures: int = 3
+    # The API's listener (neuronctl/guard.py): a request head must be in this long after
+    # the connection opened (or after its first byte, on a kept-alive connection); a body
+    # must bring 1 KiB (or end) every body_timeout_s; beyond max_connections open at once a
+    # new connection gets a 503. None: sized from the open files limit.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int | None = None
     default_models: tuple[ModelSpec, ...] = ()
     harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
 
@@ -397,6 +404,14 @@ def _check_values(obj: Any, key: str) -> None:
             raise ConfigError(_join(key, "port"), f"must be between 1 and 65535, got {obj.port}")
         if not obj.host:
             raise ConfigError(_join(key, "host"), "must not be empty")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            seconds = getattr(obj, name)
+            if not 0 < seconds <= 3600:
+                raise ConfigError(_join(key, name),
+                                  f"must be positive and at most 3600 s, got {seconds:g}")
+        if obj.max_connections is not None and not 1 <= obj.max_connections <= 1_000_000:
+            raise ConfigError(_join(key, "max_connections"),
+                              f"must be between 1 and 1000000, got {obj.max_connections}")
     if isinstance(obj, ModelSpec):
         check_model_id(obj.model_id, _join(key, "model_id"))
         if not obj.harness:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -21,6 +22,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+from . import listener
 from .activation import ActivationResult, load_default_models
 from .aio import in_thread
 from .config import NeuronConfig
@@ -39,17 +41,9 @@ SHUTDOWN_GRACE_S = 5.0
 
 def bind_listener(host: str, port: int) -> socket.socket:
     """Bind, but do not listen yet: until activation ends, connections are refused, and a
-    port already in use is reported before any model is loaded."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    port already in use (by any process, or by another neuronctl still activating) is
+    reported before any model is loaded: an OSError whose strerror is one line."""
+    return listener.bind(host, port)
 
 
 def _import_api_quietly() -> types.ModuleType:
@@ -120,6 +114,7 @@ class Daemon:
         """Up to READY=1; False when a stop signal came first."""
         loop = asyncio.get_running_loop()
         started_at = loop.time()
+        listener.raise_fd_limit()  # before any worker starts, so that all see the same
         self._tasks.append(asyncio.create_task(watchdog(self.notifier), name="watchdog"))
         self.step = "cleaning up after a previous supervisor"
         if self.state is not None:
@@ -143,7 +138,14 @@ class Daemon:
         app = api.create_app(self.registry, started_at, self.reloader, metrics)
         self._runner = api.web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
         await self._runner.setup()
-        await api.web.SockSite(self._runner, self.sock).start()
+        from . import guard  # aiohttp is imported by now
+
+        limits = guard.Limits(
+            self.config.header_timeout_s, self.config.body_timeout_s,
+            listener.max_connections(self.config.max_connections, listener.fd_limit()))
+        log.debug("listener: header_timeout_s %g, body_timeout_s %g, max_connections %d",
+                  *dataclasses.astuple(limits))
+        await guard.GuardedSockSite(self._runner, self.sock, guard.ConnectionGuard(limits)).start()
         # READY=1 only now: systemd's "started" then means the API answers.
         self.notifier.send("READY=1", f"STATUS={summary(results)}")
         self.registry.events.on_event(NodeStatus(self.notifier, self.registry.models))
@@ -193,6 +195,7 @@ class Daemon:
                 task.cancel()
             self.notifier.close()
             self._remove_signals()
+            listener.release(self.sock)  # the port's claim, held until the workers stopped
 
 
 def _stop_orphans(state: StateFile, timeout_s: float) -> None:
