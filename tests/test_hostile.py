@@ -4,6 +4,7 @@ survived, and the node goes on serving another model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -178,6 +179,8 @@ async def raw_post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
         answer = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
     head, _, payload = answer.partition(b"\r\n\r\n")
     return int(head.split()[1]), payload
 

@@ -5,6 +5,7 @@ workers on the tiny GGUF take many concurrent clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -354,6 +355,8 @@ async def test_a_client_that_hangs_up_while_queued_frees_its_place(
     queued = asyncio.create_task(n.complete("tiny"))
     await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 1.0')
     queued.cancel()  # the client hangs up while waiting
+    with contextlib.suppress(asyncio.CancelledError):
+        await queued
     await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 0.0')
     status, _ = await n.complete("tiny")  # its place is free again
     assert status == 200
@@ -492,6 +495,8 @@ async def test_a_non_streamed_answer_whose_client_left_keeps_its_slot_until_done
     long = asyncio.create_task(n.complete("tiny", max_tokens=3000, logit_bias=NO_EOS))
     await _wait_metric(n, 'neuron_requests_in_flight{model="tiny"} 1.0')
     long.cancel()  # the client hangs up
+    with contextlib.suppress(asyncio.CancelledError):
+        await long
     await asyncio.sleep(3 * HANG_UP_CHECK_S)  # the router has looked for hang-ups since
     queued = asyncio.create_task(n.complete("tiny"))
     await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 1.0')
@@ -517,3 +522,5 @@ async def test_requests_queued_when_the_node_stops_get_a_503_not_a_reset(
     assert "node is stopping" in answer["error"]["message"]
     await stopping
     long.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+        await long
