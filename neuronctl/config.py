@@ -152,8 +152,9 @@ class NeuronConfig:
     liveness_failures: int = 3
     # The API's listener (neuronctl/guard.py): a request head must be in this long after
     # the connection opened (or after its first byte, on a kept-alive connection); a body
-    # must bring 1 KiB (or end) every body_timeout_s; beyond max_connections open at once a
-    # new connection gets a 503. None: sized from the open files limit.
+    # must bring 1 KiB (or end) every body_timeout_s; at max_connections open a new one
+    # takes the place of the one waiting longest for its head, or gets a 503. None: sized
+    # from the open files limit.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int | None = None

@@ -15,9 +15,11 @@ protocol the event loop gets is a `RequestHandler` with one timer, by phase:
 * then the request is complete and its handler runs untimed: /v1 streams and
   POST /models/load last minutes.
 
-A connection that misses its deadline is closed. Beyond `max_connections` open at once, a
-new connection is answered a 503 and closed at once; the kernel's listen backlog bounds
-what waits to be accepted.
+A connection that misses its deadline is closed. With `max_connections` open, a new one
+closes the connection that has waited longest for its request head (a slowloris's, as a
+real client sends its head at once) and takes its slot; with none waiting, the new one is
+answered a 503 and closed at once. The kernel's listen backlog bounds what waits to be
+accepted.
 
 The guard reads two of RequestHandler's internals, `_request_count` and `_messages`, and
 aiohttp's `Server._kwargs` (tests/test_listener.py pins them).
@@ -67,11 +69,16 @@ class ConnectionGuard:
         self.limits = limits
         self.open = 0
         self.refused = 0
+        self.evicted = 0
         self.head_timeouts = 0
         self.body_timeouts = 0
         self._clock = clock
         self._reported_at: float | None = None
-        self._reported = (0, 0, 0)
+        self._reported: dict[str, int] = {}
+        # Connections waiting for a request head, oldest first. At the cap the oldest makes
+        # room for the new one: a slowloris's connections are exactly those, while a real
+        # client's head arrives in the same packet as its connection, or the next.
+        self._waiting: dict[GuardedRequestHandler, None] = {}
         body = {"error": f"too many connections (max_connections = {limits.max_connections});"
                 " retry later", "type": errors.SERVER, "code": "too_many_connections"}
         payload = json.dumps(body).encode()
@@ -81,15 +88,28 @@ class ConnectionGuard:
                         % (len(payload), payload))
 
     def admit(self) -> bool:
+        """Whether a new connection may have a slot; at the cap, one waiting for its request
+        head the longest is closed to make room, and without one the answer is no."""
         if self.open >= self.limits.max_connections:
-            self.refused += 1
+            if not self._waiting:
+                self.refused += 1
+                self._report()
+                return False
+            self.evicted += 1
+            next(iter(self._waiting)).evict()
             self._report()
-            return False
         self.open += 1
         return True
 
     def release(self) -> None:
         self.open -= 1
+
+    def awaits_head(self, handler: GuardedRequestHandler) -> None:
+        self._waiting.pop(handler, None)
+        self._waiting[handler] = None
+
+    def forget(self, handler: GuardedRequestHandler) -> None:
+        self._waiting.pop(handler, None)
 
     def timed_out(self, phase: str, peer: Any) -> None:
         if phase == _HEAD:
@@ -108,14 +128,20 @@ class ConnectionGuard:
         now = self._clock()
         if self._reported_at is not None and now - self._reported_at < REPORT_EVERY_S:
             return
-        totals = (self.refused, self.head_timeouts, self.body_timeouts)
-        refused, heads, bodies = (t - r for t, r in zip(totals, self._reported, strict=True))
+        limits = self.limits
+        totals = {
+            f"closed without a complete request head in {limits.header_timeout_s:g} s":
+                self.head_timeouts,
+            "closed for room while still sending their head": self.evicted,
+            f"refused (all max_connections = {limits.max_connections} busy)": self.refused,
+            f"closed for a stalled body ({limits.body_timeout_s:g} s)": self.body_timeouts,
+        }
+        parts = [f"{count - self._reported.get(what, 0)} {what}"
+                 for what, count in totals.items() if count != self._reported.get(what, 0)]
         since = "" if self._reported_at is None else f" in the last {now - self._reported_at:.0f} s"
         self._reported_at, self._reported = now, totals
-        log.warning("slow or too many clients%s: %d connections refused over max_connections "
-                    "= %d, %d closed without a complete request head in %g s, %d with a "
-                    "stalled body; %d open", since, refused, self.limits.max_connections,
-                    heads, self.limits.header_timeout_s, bodies, self.open)
+        log.warning("slow or too many clients%s: connections %s; %d open", since,
+                    ", ".join(parts), self.open)
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -124,7 +150,8 @@ class GuardedRequestHandler(RequestHandler):
     def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
-        self._admitted = False
+        self._refused = False
+        self._holds_slot = False
         self._phase = _HEAD
         self._deadline: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
@@ -132,27 +159,42 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._guard.admit():
+            self._refused = True
             assert isinstance(transport, asyncio.Transport)
             transport.write(self._guard.refusal)
             transport.close()
             return
-        self._admitted = True
+        self._holds_slot = True
         super().connection_made(transport)
-        self._arm(self._guard.limits.header_timeout_s)  # from the connection's opening
+        self._await_head()  # from the connection's opening
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
-        if not self._admitted:
-            return  # refused: aiohttp never knew of it
-        self._admitted = False
-        self._guard.release()
+        if self._refused:
+            return  # aiohttp never knew of it
+        self._give_up_slot()
         super().connection_lost(exc)
+
+    def evict(self) -> None:
+        """Close this connection, its slot free at once: the cap is reached, and it is the
+        one that has waited longest for its request head."""
+        log.debug("closed the connection from %s to make room: no request head yet",
+                  self.transport.get_extra_info("peername") if self.transport else None)
+        self._give_up_slot()
+        self.force_close()
+
+    def _give_up_slot(self) -> None:
+        self._disarm()
+        self._guard.forget(self)
+        if self._holds_slot:
+            self._holds_slot = False
+            self._guard.release()
 
     def data_received(self, data: bytes) -> None:
         requests = self._request_count
         super().data_received(data)
         if self._request_count != requests:
             # A request head is complete; its body may still be coming.
+            self._guard.forget(self)
             body = self._messages[-1][1] if self._messages else None
             if isinstance(body, StreamReader) and not body.is_eof():
                 self._phase, self._body, self._window_bytes = _BODY, body, 0
@@ -165,10 +207,9 @@ class GuardedRequestHandler(RequestHandler):
                 self._complete()
             else:
                 self._window_bytes += len(data)
-        elif self._phase == _HANDLING and data:
+        elif self._phase == _HANDLING and data and self.transport is not None:
             # The next request's first byte on a kept-alive connection.
-            self._phase = _HEAD
-            self._arm(self._guard.limits.header_timeout_s)
+            self._await_head()
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # Called after every read of the body, paused or not.
@@ -178,6 +219,12 @@ class GuardedRequestHandler(RequestHandler):
             # The handler read what was buffered: the client gets a fresh window.
             self._window_bytes = 0
             self._arm(self._guard.limits.body_timeout_s)
+
+    def _await_head(self) -> None:
+        self._phase = _HEAD
+        if not self._request_in_progress:  # a pipelined head must not cost that request
+            self._guard.awaits_head(self)
+        self._arm(self._guard.limits.header_timeout_s)
 
     def _complete(self) -> None:
         self._phase, self._body = _HANDLING, None

@@ -200,9 +200,13 @@ async def test_beyond_max_connections_new_ones_are_refused_at_once(
     make_registry: MakeRegistry,
 ) -> None:
     async with guarded_api(make_registry(), max_connections=5,
-                           header_timeout_s=30.0) as (port, guard):
-        async with connections(port, 5):
-            await wait_for_value(lambda: guard.open == 5)
+                           body_timeout_s=30.0) as (port, guard):
+        async with connections(port, 5) as busy:
+            # Heads in, bodies pending: nothing to make room with.
+            for _, writer in busy:
+                writer.write(b"POST /models/unload HTTP/1.1\r\nHost: t\r\n"
+                             b"Content-Length: 100\r\n\r\n")
+            await wait_for_value(lambda: guard.open == 5 and not guard._waiting)
             async with connections(port, 5) as extra:
                 started = time.monotonic()
                 answers = await asyncio.gather(*(until_closed(r, 2.0) for r, _ in extra))
@@ -211,9 +215,34 @@ async def test_beyond_max_connections_new_ones_are_refused_at_once(
             for answer in answers:
                 status, body = parse(answer)
                 assert status == 503 and body["code"] == "too_many_connections"
-            assert guard.refused == 5 and guard.open == 5
+            assert guard.refused == 5 and guard.open == 5 and guard.evicted == 0
         await wait_for_value(lambda: guard.open == 0)
         assert await exchange(port, GET_MODELS) == (200, [])
+
+
+async def test_at_the_cap_the_oldest_connection_without_a_request_head_makes_room(
+    make_registry: MakeRegistry,
+) -> None:
+    async with guarded_api(make_registry(), max_connections=50,
+                           header_timeout_s=30.0) as (port, guard), \
+            connections(port, 100) as slow:
+        writers = [writer for _, writer in slow]
+        dripping = asyncio.create_task(drip(writers, 0.2))
+        try:
+            await wait_for_value(lambda: guard.evicted == 50)
+            started = time.monotonic()
+            assert await exchange(port, GET_MODELS, timeout=2.0) == (200, [])
+            answered_in = time.monotonic() - started
+            # The first 50 made room for the next 50, and the oldest of those for this one.
+            oldest = await asyncio.gather(*(until_closed(r, 2.0) for r, _ in slow[:51]))
+        finally:
+            dripping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dripping
+        assert oldest == [b""] * 51
+        assert answered_in < 0.5, answered_in
+        assert guard.evicted == 51 and guard.refused == 0  # 50, and one for the GET
+        assert guard.open <= 50
 
 
 async def test_long_requests_and_idle_kept_alive_connections_outlast_the_timeouts(
@@ -240,17 +269,6 @@ async def test_long_requests_and_idle_kept_alive_connections_outlast_the_timeout
             status, models = parse(await asyncio.wait_for(reader.read(), 5.0))
         assert status == 200 and models[0]["id"] == "slow"
         assert guard.head_timeouts == 0 and guard.body_timeouts == 0
-
-
-async def test_a_pending_close_costs_nothing_to_others(make_registry: MakeRegistry) -> None:
-    """Connections that open and send nothing count against the cap until header_timeout_s,
-    then their slots are free again."""
-    async with guarded_api(make_registry(), max_connections=3,
-                           header_timeout_s=0.5) as (port, guard), connections(port, 3) as idle:
-        await wait_for_value(lambda: guard.open == 3)
-        assert await asyncio.gather(*(until_closed(r, 3.0) for r, _ in idle)) == [b""] * 3
-        await wait_for_value(lambda: guard.open == 0)
-        assert await exchange(port, GET_MODELS) == (200, [])
 
 
 def test_the_port_claim_refuses_a_second_holder_until_released() -> None:
