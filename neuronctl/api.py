@@ -72,6 +72,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if "Allow" in exc.headers:  # RFC 9110: a 405 names the methods that would work
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    except ConnectionError:  # the client left, or its body stalled (guard.BodyTimeout)
+        return web.Response(status=400)  # nobody will read it
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(NeuronError("internal error; see the neuron service log"))
