@@ -101,7 +101,11 @@ def owned_by_group(port: int, pgid: int, proc: Path = _PROC) -> bool | None:
     inodes = _listeners(port, proc)
     if not inodes:
         return False
-    ours: set[int] = set()
+    # The usual case first: the group's leader (the worker itself) holds the socket, and
+    # no scan of every process is needed.
+    ours = _sockets(pgid, proc) & inodes if _pgid(pgid, proc) == pgid else set()
+    if ours == inodes:
+        return True
     for pid in _pids(proc):
         if _pgid(pid, proc) == pgid:
             ours |= _sockets(pid, proc) & inodes

@@ -213,10 +213,10 @@ class Worker:
         squatter: str | None = None  # who else answered on our port, if anyone did
         while True:
             if await self._probe(self.port, self.plan.probe_path):
-                if self._proves_ours():
+                if await self._proves_ours():
                     return
                 if squatter is None:
-                    squatter = portowner.describe_holder(self.port)
+                    squatter = await asyncio.to_thread(portowner.describe_holder, self.port)
                     log.warning("%s: port %d answered, but from %s, not worker pid %s; "
                                 "waiting for the worker itself", self.model_id, self.port,
                                 squatter, self.pid)
@@ -238,11 +238,13 @@ class Worker:
             # Wake early if the process exits, so a crash is reported at once.
             await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
 
-    def _proves_ours(self) -> bool:
+    async def _proves_ours(self) -> bool:
         """The listener on our port belongs to the worker's process group (its session:
-        a wrapper's children count), not to a process that took the port first."""
+        a wrapper's children count), not to a process that took the port first. In a
+        thread: reading /proc/net/tcp takes milliseconds on some kernels."""
         assert self._proc is not None
-        return self._owns_port(self.port, self._proc.pid) is not False
+        owned = await asyncio.to_thread(self._owns_port, self.port, self._proc.pid)
+        return owned is not False
 
     async def answers(self, timeout_s: float) -> bool:
         """One liveness probe: does the worker answer its probe within `timeout_s`?"""
