@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from . import __version__, errors, router
+from . import __version__, errors, events_api, router
 from .auth import api_key_middleware
 from .config import ConfigError, model_id_problem, model_spec_from_mapping
 from .discovery import Discovery
@@ -92,8 +92,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
-    return web.json_response([r.to_json() for r in registry.models()])
+    return web.json_response(request.app[REGISTRY].listing())
 
 
 async def load_model(request: web.Request) -> web.Response:
@@ -106,6 +105,7 @@ async def load_model(request: web.Request) -> web.Response:
         # Relative to what? The daemon's working directory is / under systemd.
         raise errors.InvalidSpec(f"path: must be absolute, got {str(spec.path)!r}", param="path")
     registry = request.app[REGISTRY]
+    spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
     try:
         model = await registry.load(spec)
     except errors.LoadError as exc:
@@ -140,8 +140,8 @@ async def model_endpoint(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     app = request.app
     counts: dict[str, int] = {s.value: 0 for s in ModelStatus}
-    for record in app[REGISTRY].models():
-        counts[record.status.value] += 1
+    for model in app[REGISTRY].listing():
+        counts[model["status"]] += 1
     gpus = await app[DISCOVERY].gpus()
     return web.json_response({
         "status": "ok",
@@ -188,6 +188,7 @@ def create_app(
     app.router.add_get("/models", list_models)
     app.router.add_post("/models/load", load_model)
     app.router.add_post("/models/unload", unload_model)
+    events_api.setup(app, registry)  # GET /models/events
     # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
     app.router.add_get("/models/{model_id:.+}/endpoint", model_endpoint)
     app.router.add_get("/health", health)

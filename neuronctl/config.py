@@ -36,7 +36,7 @@ _INT32_MAX = 2**31 - 1
 # Upper bounds of times (seconds): a week for anything, tighter where a wait holds
 # something others need.
 MAX_SECONDS = 7 * 24 * 3600.0
-_MAX_SECONDS = {"ready_timeout_s": 3600.0, "stop_timeout_s": 600.0,
+_MAX_SECONDS = {"ready_timeout_s": 3600.0, "stop_timeout_s": 600.0, "eviction_wait_s": 3600.0,
                 "queue_timeout_s": 3600.0, "liveness_timeout_s": 600.0,
                 "vram_release_timeout_s": 3600.0}
 MAX_QUEUE = 100_000
@@ -81,8 +81,10 @@ class ModelSpec:
     model_id: str
     harness: str = DEFAULT_HARNESS
     path: Path | None = None
-    # Without `path`, model_id is a Hugging Face repo: `file` names the GGUF in it, or
-    # `quant` picks it; `revision` is a branch, tag or commit (default: main).
+    # Without `path`, `repo` (default: model_id) is a Hugging Face repo: `file` names the
+    # GGUF in it, or `quant` picks it; `revision` is a branch, tag or commit (default: main).
+    # With `repo`, ids can be short aliases and two quants of one repo two models.
+    repo: str | None = None
     file: str | None = None
     quant: str | None = None
     revision: str | None = None
@@ -108,6 +110,10 @@ class ModelSpec:
     parallel: int | None = None
     max_queue: int | None = None
     queue_timeout_s: float | None = None
+    # Never evicted to make room for another model (unset: default models are, others not).
+    pinned: bool | None = None
+    # A /v1 request naming it loads it when it is not loaded (unset: the node's `autoload`).
+    autoload: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -159,10 +165,34 @@ class NeuronConfig:
     body_timeout_s: float = 30.0
     max_connections: int | None = None
     default_models: tuple[ModelSpec, ...] = ()
+    # The catalogue: models this node may serve besides the default ones, loaded by id
+    # (`POST /models/load {"model_id": ...}`) or on demand by a /v1 request naming them.
+    models: tuple[ModelSpec, ...] = ()
+    autoload: bool = True
+    # At most this many models loaded at once (None: no limit but VRAM); a load beyond it
+    # first unloads the least recently used model that is idle and not pinned.
+    max_loaded_models: int | None = None
+    # How long a load waits for a model to become idle enough to evict, then a 503.
+    eviction_wait_s: float = 120.0
     harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
 
     def harness_config(self, name: str) -> HarnessConfig:
         return self.harness.get(name) or HarnessConfig()
+
+    def catalogue(self) -> dict[str, ModelSpec]:
+        """Every model this node may serve, by id: the default models, then `models`."""
+        return {spec.model_id: spec for spec in (*self.default_models, *self.models)}
+
+    def is_default(self, model_id: str) -> bool:
+        return any(spec.model_id == model_id for spec in self.default_models)
+
+    def pinned(self, spec: ModelSpec) -> bool:
+        """Whether eviction may never pick this model: its own `pinned`, else whether it is
+        one of the default models (the operator listed them to be up)."""
+        return self.is_default(spec.model_id) if spec.pinned is None else spec.pinned
+
+    def autoloads(self, spec: ModelSpec) -> bool:
+        return self.autoload if spec.autoload is None else spec.autoload
 
 
 def load_config(
@@ -233,10 +263,12 @@ def _with_env(
 def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) -> NeuronConfig:
     config: NeuronConfig = _convert_dataclass(NeuronConfig, raw, "", base_dir)
     seen: set[str] = set()
-    for i, spec in enumerate(config.default_models):
-        if spec.model_id in seen:
-            raise ConfigError(f"default_models[{i}].model_id", f"duplicate model {spec.model_id!r}")
-        seen.add(spec.model_id)
+    for table, specs in (("default_models", config.default_models), ("models", config.models)):
+        for i, spec in enumerate(specs):
+            if spec.model_id in seen:
+                raise ConfigError(f"{table}[{i}].model_id",
+                                  f"duplicate model {spec.model_id!r}")
+            seen.add(spec.model_id)
     if config.api_key_file is not None:
         if config.api_key is not None:
             raise ConfigError("api_key_file", "set api_key or api_key_file, not both")
@@ -434,7 +466,8 @@ def _check_values(obj: Any, key: str) -> None:
         value = getattr(obj, name, None)
         if value is not None and not 0 <= value <= most:
             raise ConfigError(_join(key, name), f"must be between 0 and {most}, got {value}")
-    for name, most in (("parallel", MAX_PARALLEL), ("liveness_failures", 1000)):
+    for name, most in (("parallel", MAX_PARALLEL), ("liveness_failures", 1000),
+                       ("max_loaded_models", 10_000)):
         value = getattr(obj, name, None)
         if value is not None and not 1 <= value <= most:
             raise ConfigError(_join(key, name), f"must be between 1 and {most}, got {value}")
@@ -450,7 +483,7 @@ def _check_values(obj: Any, key: str) -> None:
     for name in ("n_ctx", "ready_timeout_s", "stop_timeout_s", "restart_window_s", "ttl_s",
                  "restart_delay_s", "restart_delay_max_s", "restart_reset_s",
                  "vram_release_timeout_s", "gpu_poll_interval_s", "queue_timeout_s",
-                 "liveness_interval_s", "liveness_timeout_s"):
+                 "liveness_interval_s", "liveness_timeout_s", "eviction_wait_s"):
         value = getattr(obj, name, None)
         if value is None:
             continue
@@ -466,6 +499,10 @@ def _check_values(obj: Any, key: str) -> None:
 
 
 def _check_model_source(spec: ModelSpec, key: str) -> None:
+    if spec.repo is not None:
+        if spec.path is not None:
+            raise ConfigError(_join(key, "repo"), "a model has a `path` or a `repo`, not both")
+        check_model_id(spec.repo, _join(key, "repo"))
     if spec.file is not None:
         parts = spec.file.split("/")
         if spec.file.startswith("/") or "" in parts or ".." in parts or "." in parts:

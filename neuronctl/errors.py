@@ -150,6 +150,13 @@ class NotEnoughVram(LoadError):
     status, code = 503, "insufficient_vram"
 
 
+class NoRoom(LoadError):
+    """`max_loaded_models` (or VRAM) is taken by models that are pinned, or stayed busy for
+    the whole `eviction_wait_s`: nothing could be unloaded without cutting a request."""
+
+    status, code = 503, "no_room"
+
+
 class HarnessUnavailable(LoadError):
     """The harness's program is not installed on this node."""
 
@@ -202,3 +209,11 @@ class QueueTimeout(NeuronError):
 
 class WorkerUnavailable(NeuronError):
     status, code = 502, "worker_unavailable"
+
+
+# --- streaming events --------------------------------------------------------------------
+
+class TooManyStreams(NeuronError):
+    """`GET /models/events` is at its bound of open streams (each holds a connection)."""
+
+    status, code = 503, "too_many_streams"

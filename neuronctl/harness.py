@@ -261,6 +261,7 @@ def build_harnesses(config: NeuronConfig) -> dict[str, Harness]:
             known = ", ".join(sorted(harnesses))
             raise ConfigError(f"harness.{name}", f"unknown harness (known: {known})")
         check_args(harnesses[name], config.harness[name].args, f"harness.{name}.args")
-    for i, spec in enumerate(config.default_models):
-        check_spec_args(harnesses, spec, f"default_models[{i}]")
+    for table, specs in (("default_models", config.default_models), ("models", config.models)):
+        for i, spec in enumerate(specs):
+            check_spec_args(harnesses, spec, f"{table}[{i}]")
     return harnesses

@@ -24,7 +24,15 @@ from typing import Any
 from . import logfiles, modelfiles, resolve
 from .admission import Admission, StopReading
 from .config import ModelSpec, NeuronConfig
-from .errors import InternalError, LoadCancelled, LoadError, SpawnFailed, UnknownHarness
+from .errors import (
+    InternalError,
+    LoadCancelled,
+    LoadError,
+    NoRoom,
+    NotEnoughVram,
+    SpawnFailed,
+    UnknownHarness,
+)
 from .events import EventBus, ModelEvent
 from .harness import Harness, slots_of
 from .policy import GiveUp, History, RestartPolicy, describe_exit
@@ -52,6 +60,13 @@ class Services:
     fetcher_factory: modelfiles.FetcherFactory = modelfiles.default_fetcher
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # Under the load lock, before a start: unload idle models so it fits (the registry's
+    # `make_room`); False means wait and ask again. None: nothing is ever evicted.
+    make_room: Callable[[ModelLifecycle, NotEnoughVram | None], Awaitable[bool]] | None = None
+
+
+# While every model that could make room is busy, a load asks again this often.
+ROOM_POLL_S = 0.1
 
 
 class ModelLifecycle:
@@ -101,6 +116,11 @@ class ModelLifecycle:
         max_queue = config.max_queue if self.spec.max_queue is None else self.spec.max_queue
         timeout = self.spec.queue_timeout_s or config.queue_timeout_s
         return max_queue, timeout
+
+    @property
+    def holds_a_slot(self) -> bool:
+        """Counts against max_loaded_models: it has (or is about to have) a worker."""
+        return self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF)
 
     @property
     def stopping(self) -> bool:
@@ -185,13 +205,44 @@ class ModelLifecycle:
             await self._download()
             self._set_state(WorkerState.PENDING, "model file ready")  # DOWNLOADING -> PENDING
         await self._read_header(harness)
-        async with self._s.load_lock:
-            self._set_state(WorkerState.STARTING)  # PENDING -> STARTING
+        waiting_since = self._s.clock()
+        while True:
+            async with self._s.load_lock:
+                ready_s = await self._start_with_room(harness)
+                if ready_s is not None:
+                    self.history = History().ready(self._s.clock())
+                    self._set_state(WorkerState.READY, ready_s=ready_s)  # STARTING -> READY
+                    return
+            # Only busy models could make room: wait outside the lock, so restarts and
+            # other loads go on meanwhile, and never cut their requests.
+            if self._s.clock() - waiting_since >= self._s.config.eviction_wait_s:
+                raise NoRoom(f"{self.model_id}: no room: every model that could be unloaded "
+                             f"for it stayed busy for eviction_wait_s "
+                             f"({self._s.config.eviction_wait_s:g} s)")
+            await self._s.sleep(ROOM_POLL_S)
+
+    async def _start_with_room(self, harness: Harness) -> float | None:
+        """Holding the load lock: make room (evicting idle models), then start; seconds to
+        ready, or None when the room is held by busy models."""
+        shortage: NotEnoughVram | None = None
+        while True:
+            if self._s.make_room is not None and not await self._s.make_room(self, shortage):
+                return None
+            if self.state is WorkerState.PENDING:
+                self._set_state(WorkerState.STARTING)  # PENDING -> STARTING
             started = self._s.clock()
-            ready_s = await self._start_worker(harness)
+            try:
+                ready_s = await self._start_worker(harness)
+            except NotEnoughVram as exc:
+                # Each pass evicts one model (or raises): a shortage that reads the same
+                # after an eviction means the memory did not come back.
+                if self._s.make_room is None or (shortage is not None
+                                                 and shortage.message == exc.message):
+                    raise
+                shortage = exc
+                continue
             self.load_ms = round((self._s.clock() - started) * 1000)
-            self.history = History().ready(self._s.clock())
-            self._set_state(WorkerState.READY, ready_s=ready_s)  # STARTING -> READY
+            return ready_s
 
     async def _read_header(self, harness: Harness) -> None:
         """Outside the load lock: the GGUF header the VRAM check needs, read by a bounded
@@ -473,6 +524,7 @@ class ModelLifecycle:
             "log_path": str(self.log_path),
             # Something wrong that does not stop it serving (its log cannot be written).
             "warning": self.log_problem,
+            "pinned": self._s.config.pinned(self.spec),
             "download": (self.download.as_json()
                          if self.download and self.state is WorkerState.DOWNLOADING else None),
             "since": self.since,

@@ -70,6 +70,12 @@ class NodeCollector(Collector):
             memory = _rss(record)
             if memory is not None:
                 rss.add_metric([record.model_id], memory)
+        evictions = CounterMetricFamily(
+            "neuron_model_evictions", "Times the model was unloaded to make room for another, "
+            "by reason (max_loaded_models, vram).", labels=["model", "reason"])
+        for (model_id, reason), count in self.registry.evictions.items():
+            evictions.add_metric([model_id, reason], count)
+        yield evictions
         yield status
         yield restarts
         yield rss

@@ -10,23 +10,41 @@ workers for one model.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
 
 from . import modelfiles
 from .admission import Admission
 from .config import ConfigError, ModelSpec, NeuronConfig
 from .discovery import Discovery
-from .errors import Conflict, InvalidSpec, ModelNotFound, UnknownHarness
+from .errors import Conflict, InvalidSpec, ModelNotFound, NoRoom, NotEnoughVram, UnknownHarness
 from .events import EventBus
+from .eviction import IDLE, Activity, Candidate, choose
 from .harness import Harness, check_spec_args
 from .lifecycle import ModelLifecycle, Services, WorkerFactory
 from .statefile import StateFile
-from .states import WorkerState
+from .states import ModelStatus, WorkerState
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+# Keys that say where a model's file comes from: a load request with one of them is a
+# model of its own, not the catalogue entry of the same id.
+_SOURCE_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness"})
+
+
+def unloaded_json(spec: ModelSpec, pinned: bool) -> dict[str, Any]:
+    """A catalogue model with no lifecycle, in the shape `ModelLifecycle.to_json` has."""
+    return {"id": spec.model_id, "harness": spec.harness, "status": ModelStatus.UNLOADED.value,
+            "devices": list(spec.devices), "vram_used_mb": None, "pid": None, "port": None,
+            "endpoint": None, "load_ms": None, "restarts": 0, "error": None,
+            "error_detail": None, "exit_code": None, "last_error": None,
+            "last_exit_code": None, "log_path": None, "warning": None, "download": None,
+            "since": None, "uptime_s": None, "pinned": pinned}
 
 # Kept importable from here: callers catch the registry's refusals by these names.
 NotFound = ModelNotFound
@@ -57,6 +75,10 @@ class ModelRegistry:
             clock=clock, sleep=sleep,
         )
         self._models: dict[str, ModelLifecycle] = {}
+        self.services.make_room = self.make_room
+        # The router's counts per model (eviction takes only idle models); set by the router.
+        self.activity: Callable[[str], Activity] = lambda model_id: IDLE
+        self.evictions: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @property
     def config(self) -> NeuronConfig:
@@ -88,6 +110,98 @@ class ModelRegistry:
         return tuple((m.model_id, *token) for m in self._models.values()
                      if (token := m.progress_token()) is not None)
 
+    # --- the catalogue ---------------------------------------------------------------------
+
+    @property
+    def catalogue(self) -> dict[str, ModelSpec]:
+        return self.config.catalogue()
+
+    def listing(self) -> list[dict[str, Any]]:
+        """What `GET /models` lists: every model with a lifecycle, then the catalogue's
+        models that have none (`unloaded`)."""
+        listed = [m.to_json() for m in self._models.values()]
+        listed += [unloaded_json(spec, self.config.pinned(spec))
+                   for model_id, spec in self.catalogue.items() if model_id not in self._models]
+        return listed
+
+    def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
+        """The spec a load request means. A catalogue id without a source of its own (no
+        path, repo, file, quant or revision) is the catalogue's entry, with whatever other
+        keys the request sets (`ttl_s`, `force`, ...); anything else is taken as written."""
+        entry = self.catalogue.get(parsed.model_id)
+        if entry is None or _SOURCE_KEYS.intersection(keys):
+            return parsed
+        overrides = {k: getattr(parsed, k) for k in keys if k != "model_id"}
+        return dataclasses.replace(entry, **overrides)
+
+    async def demand(self, model_id: str) -> ModelLifecycle | None:
+        """A /v1 request names `model_id`: its lifecycle, or a load started for it when it
+        is a catalogue model with autoload that is not loaded, or being unloaded (evicted,
+        say: that stop is waited for first). The request then waits in its queue. None
+        when it is neither loaded nor loadable on demand."""
+        model = self._models.get(model_id)
+        spec = self.catalogue.get(model_id)
+        loadable = spec is not None and self.config.autoloads(spec)
+        if model is not None and (not model.stopping or not loadable):
+            return model
+        if model is not None:
+            await model.stop("")  # joins the stop under way (a stop is done once)
+            while self._models.get(model_id) is model:  # its entry goes right after
+                await asyncio.sleep(0)
+            again = self._models.get(model_id)
+            if again is not None:
+                return again  # someone else loaded it meanwhile
+        if spec is None or not loadable:
+            return None
+        log.info("%s: requested through /v1; loading it on demand", model_id)
+        return self._begin(spec)
+
+    def _begin(self, spec: ModelSpec) -> ModelLifecycle:
+        model = ModelLifecycle(spec, self.services)
+        self._models[spec.model_id] = model  # listed as `loading` while it waits its turn
+        model.start()
+        return model
+
+    # --- eviction -----------------------------------------------------------------------
+
+    async def make_room(self, incoming: ModelLifecycle, shortage: NotEnoughVram | None) -> bool:
+        """Under the load lock, before `incoming` starts: unload idle models until it fits
+        `max_loaded_models` (and, after `shortage`, the VRAM of its devices). True: go on;
+        False: only busy models could make room, wait and ask again. Raises when nothing
+        ever could (every candidate pinned)."""
+        limit = self.config.max_loaded_models
+        while True:
+            others = [m for m in self._models.values()
+                      if m is not incoming and m.holds_a_slot and not m.stopping]
+            if shortage is not None:
+                devices: tuple[int, ...] | None = incoming.spec.devices
+                why = f"VRAM for {incoming.model_id}"
+            elif limit is not None and len(others) >= limit:
+                devices, why = None, f"max_loaded_models {limit}, for {incoming.model_id}"
+            else:
+                return True
+            choice = choose((self._candidate(m) for m in others), devices)
+            if choice.victim is None:
+                if choice.busy:
+                    return False
+                if shortage is not None:
+                    raise shortage
+                raise NoRoom(f"{incoming.model_id}: max_loaded_models ({limit}) is taken by "
+                             "pinned models; unload one or raise max_loaded_models")
+            victim = self._models[choice.victim.model_id]
+            log.info("%s: evicting it (least recently used, idle) to make room: %s",
+                     victim.model_id, why)
+            self.evictions[(victim.model_id, "vram" if shortage else "max_loaded_models")] += 1
+            # No await between the idle check and this call: stop() marks it stopping at
+            # once, so no request can be admitted to it after it was judged idle.
+            await self._stop(victim, f"evicted: {why}")
+            if shortage is not None:
+                return True  # the caller waits for the memory and judges the fit again
+
+    def _candidate(self, model: ModelLifecycle) -> Candidate:
+        return Candidate(model.model_id, self.activity(model.model_id),
+                         self.config.pinned(model.spec), model.spec.devices)
+
     async def load(self, spec: ModelSpec) -> ModelLifecycle:
         """Load `spec` and return once its worker is ready; raise LoadError otherwise.
 
@@ -104,9 +218,7 @@ class ModelRegistry:
             raise Conflict(f"{spec.model_id} is being unloaded; load it again when it is done")
         if model is None or model.state is WorkerState.FAILED:
             # New, or failed before: a fresh attempt replaces the failed entry.
-            model = ModelLifecycle(spec, self.services)
-            self._models[spec.model_id] = model  # listed as `loading` while it waits its turn
-            model.start()
+            model = self._begin(spec)
         elif model.spec != spec:
             raise Conflict(f"{spec.model_id} is {model.status.value} with different settings; "
                            "unload it first")

@@ -358,7 +358,7 @@ class Fetcher:
         self._download = download
 
     def resolve(self, spec: ModelSpec, progress: Progress) -> Resolved:
-        repo_id = spec.model_id
+        repo_id = spec.repo or spec.model_id  # an alias id names its repo in `repo`
         where = f"Hugging Face repo {repo_id}" + (f"@{spec.revision}" if spec.revision else "")
         # The cache first: a model fetched once loads with no network at all.
         snapshot = cached_snapshot(self.cache, repo_id, spec.revision)

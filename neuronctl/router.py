@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from . import errors
 from .errors import NeuronError
 from .events import ModelEvent
+from .eviction import IDLE, Activity
 from .lifecycle import ModelLifecycle
 from .policy import describe_exit
 from .registry import ModelRegistry
@@ -94,6 +95,7 @@ class ModelStats:
     in_flight: int = 0  # forwarded to the worker and not yet answered in full
     worker_errors: int = 0  # the worker could not be reached or broke off its answer
     client_disconnects: int = 0  # the client left before the answer was complete
+    last_used: float = 0.0  # monotonic time a request last arrived or finished (eviction)
     responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
     rejections: dict[str, int] = field(default_factory=dict)  # the router's refusals, by code
 
@@ -121,6 +123,14 @@ class RouterStats:
             "neuron_request_queue_seconds",
             "Time a /v1 request waited in its model's queue for a slot of the worker.",
             ["model"], buckets=QUEUE_BUCKETS_S, registry=self.registry)
+
+    def activity(self, model_id: str) -> Activity:
+        """What eviction needs to know of a model's traffic, right now."""
+        stats = self.models.get(model_id)
+        if stats is None:
+            return IDLE
+        return Activity(max(stats.in_flight, stats.queue.in_flight), stats.queue.queued,
+                        stats.last_used)
 
     def model(self, model_id: str) -> ModelStats:
         stats = self.models.get(model_id)
@@ -294,10 +304,15 @@ class Router:
         if self._stopping is not None:
             raise self._stopping
         record = self.registry.get(model_id)
+        if record is None or record.stopping:
+            # Not loaded (or being unloaded): a catalogue model with autoload is loaded for
+            # it, and the request waits in its queue like any other.
+            record = await self.registry.demand(model_id)
         if record is None:
             raise self._unknown_model(model_id)
         stats = self._stats_for(record)
         stats.requests += 1
+        stats.last_used = time.monotonic()
         task = self._watch_client(request)  # a client that hangs up leaves the queue too
         # A worker that cannot stop an answer its client no longer waits for (see
         # harness.py) keeps its slot until it is done: the request is not cancelled once
@@ -342,6 +357,7 @@ class Router:
                 raise
             finally:
                 stats.in_flight -= 1
+                stats.last_used = time.monotonic()
                 # To the last byte, streams included.
                 self.stats.latency.labels(model_id).observe(time.monotonic() - started)
 
@@ -532,6 +548,7 @@ def setup(app: web.Application, registry: ModelRegistry,
     The router's histograms are registered in `metrics`."""
     router = Router(registry, metrics)
     app[ROUTER_STATS] = router.stats
+    registry.activity = router.stats.activity  # eviction takes only idle models
     app.cleanup_ctx.append(router.client_session)
     unsubscribe = registry.events.on_event(router.on_event)
 

@@ -20,6 +20,8 @@ class ModelStatus(str, enum.Enum):
     RESTARTING = "restarting"
     UNLOADING = "unloading"
     FAILED = "failed"
+    # In the catalogue, no worker: loaded by id or by the first /v1 request naming it.
+    UNLOADED = "unloaded"
 
     def __str__(self) -> str:
         return self.value

@@ -301,7 +301,7 @@ async def test_health(make_registry: MakeRegistry) -> None:
         started_up = body["uptime_s"]
         assert body["models"] == {
             "downloading": 0, "loading": 0, "loaded": 0, "restarting": 0, "unloading": 0,
-            "failed": 0,
+            "failed": 0, "unloaded": 0,
         }
         assert body["gpus"] == []
         await post_json(client, "/models/load", FAKE)
@@ -310,7 +310,7 @@ async def test_health(make_registry: MakeRegistry) -> None:
         body = await get_json(client, "/health")
         assert body["models"] == {
             "downloading": 0, "loading": 0, "loaded": 1, "restarting": 0, "unloading": 0,
-            "failed": 1,
+            "failed": 1, "unloaded": 0,
         }
         # Two worker starts later (each a Python process), the clock has moved on.
         assert body["uptime_s"] > started_up
