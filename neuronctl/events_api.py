@@ -127,7 +127,7 @@ class EventStreams:
         self._closing.set()
         for stream in self._streams:
             if stream.writing:  # suspended in a write: its client stopped reading
-                pass
+                stream.abort()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.open >= self.limit:
@@ -162,7 +162,7 @@ class EventStreams:
                 wake_at = min(next_progress, stream.last_write + self.keepalive_s)
                 await asyncio.wait({closing, arrived}, timeout=max(0.0, wake_at - loop.time()),
                                    return_when=asyncio.FIRST_COMPLETED)
-                if closing.done():
+                if closing.done() or stream.hung_up:
                     return
                 if arrived.done():
                     batch = [arrived.result(), *events.pending()]
