@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -109,29 +112,19 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-@app.command()
-def status(
-    json_: Annotated[bool, typer.Option("--json", help="Print the /models list as JSON.")] = False,
-    url: UrlOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Show every model on the node."""
-    models = _call(_client(url, config).models)
-    if json_:
-        print(json.dumps(models, indent=2))
-        return
-    if not models:
-        out.print("no models")
-        return
+def _status_table(models: list[dict[str, Any]], downloads: bool = False) -> Table:
+    """The models as `status` shows them; `downloads` adds the bytes of each download."""
     table = Table(box=None, header_style="bold")
     # Ids are what people grep for and paste: never cut one short.
     table.add_column("MODEL", no_wrap=True, min_width=max(len(m["id"]) for m in models))
     for column in ("STATUS", "PID", "PORT", "UPTIME", "LOAD TIME", "RESTARTS"):
         table.add_column(column)
+    if downloads:
+        table.add_column("DOWNLOAD")
     for m in models:
         style = STATUS_STYLES.get(m["status"], "")
         load_ms = m.get("load_ms")
-        table.add_row(
+        cells: list[RenderableType] = [
             Text(m["id"]),
             Text(m["status"], style=style),
             str(m.get("pid") or "-"),
@@ -139,14 +132,178 @@ def status(
             _fmt_duration(m.get("uptime_s")),
             f"{load_ms / 1000:.1f}s" if load_ms is not None else "-",
             str(m.get("restarts", 0)),
-        )
-    out.print(table)
+        ]
+        if downloads:
+            cells.append(_fmt_download(m.get("download")))
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def status(
+    json_: Annotated[bool, typer.Option("--json", help="Print the /models list as JSON.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Keep the table up to date until Ctrl-C.")
+    ] = False,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show every model on the node."""
+    if watch:
+        if json_:
+            fail("--watch draws a table; for JSON as it happens, use neuronctl events --json")
+        _watch_status(_client(url, config))
+    models = _call(_client(url, config).models)
+    if json_:
+        print(json.dumps(models, indent=2))
+        return
+    if not models:
+        out.print("no models")
+        return
+    out.print(_status_table(models))
     for m in models:
         if m.get("error"):
             first = m["error"].splitlines()[0]
             err.print(
                 f"{m['id']}: {first}", style="red", markup=False, highlight=False, soft_wrap=True
             )
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_download(download: dict[str, Any] | None) -> str:
+    if not download:
+        return "-"
+    return f"{_fmt_bytes(download.get('done_bytes'))} / {_fmt_bytes(download.get('total_bytes'))}"
+
+
+def _clock(when: float | None = None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(when))
+
+
+def _event_lines(name: str, data: Any) -> list[str]:
+    """One readable line per event (a snapshot: one per model)."""
+    now = _clock()
+    if name == "snapshot":
+        models = data.get("models") or []
+        return [f"{now}  {m['id']}  {m['status']}" for m in models] or [f"{now}  no models"]
+    if name == "state":
+        reason = (str(data.get("reason") or "").splitlines() or [""])[0]
+        line = f"{_clock(data.get('time'))}  {data['model']}  {data['from']} → {data['to']}"
+        return [f"{line}  {reason}" if reason else line]
+    if name == "progress":
+        download = data.get("download") or {}
+        file = download.get("file") or ""
+        return [f"{now}  {data['model']}  downloading {file}  {_fmt_download(download)}"]
+    if name == "resync":
+        return [f"{now}  fell behind, {data.get('dropped')} events lost; the models now:"]
+    return [f"{now}  {name}  {json.dumps(data)}"]
+
+
+def _follow(client: Client, show: Callable[[str, Any], None]) -> NoReturn:
+    """Call `show(event, data)` for each event until the stream ends: Ctrl-C exits 0
+    quietly, a daemon that goes away (or ends the stream: it is stopping) exits 1."""
+    try:
+        for name, data in client.events():
+            show(name, data)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    except BrokenPipeError:  # `neuronctl events | head`: the reader left
+        # Python's own flush at exit would complain about the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except (DaemonNotRunning, ApiError) as exc:
+        fail(str(exc))
+    fail(f"the daemon at {client.url} ended the stream (it is stopping)")
+
+
+@app.command()
+def events(
+    json_: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line, with its `event`.")
+    ] = False,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print every model state change as it happens, the models as they are first;
+    Ctrl-C ends it."""
+    def show(name: str, data: Any) -> None:
+        if json_:
+            lines = [json.dumps({"event": name, **data} if isinstance(data, dict)
+                                else {"event": name, "data": data})]
+        else:
+            lines = _event_lines(name, data)
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+
+    try:
+        _follow(_client(url, config), show)
+    except KeyboardInterrupt:  # before the stream was open
+        raise typer.Exit(0) from None
+
+
+# A transition after which pid, port, error or listing differ: the list is read again.
+_REREAD_AFTER = frozenset({"ready", "failed", "stopped"})
+
+
+def _apply_state(models: list[dict[str, Any]], event: dict[str, Any],
+                 client: Client) -> list[dict[str, Any]]:
+    if event["to"] in _REREAD_AFTER:
+        with contextlib.suppress(ApiError, DaemonNotRunning):
+            return client.models()
+    for m in models:
+        if m["id"] == event["model"]:
+            m["status"] = event["status"]
+            if event["to"] != "downloading":
+                m["download"] = None
+            return models
+    return [*models, {"id": event["model"], "status": event["status"]}]
+
+
+def _watch_view(models: list[dict[str, Any]] | None) -> RenderableType:
+    if models is None:
+        return Text("connecting...")
+    if not models:
+        return Text("no models")
+    now = time.time()
+    # Uptime goes on between events: from `since`, at each redraw.
+    shown = [{**m, "uptime_s": now - m["since"]} if m.get("uptime_s") is not None
+             and m.get("since") else m for m in models]
+    errors = [Text(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
+              for m in models if m.get("error")]
+    return Group(_status_table(shown, downloads=True), *errors)
+
+
+def _watch_status(client: Client) -> NoReturn:
+    """`status --watch`: the table kept up to date from the event stream. Rich's refresh
+    thread redraws it 4 times a second; each event only changes what it will draw."""
+    from rich.live import Live
+
+    models: list[dict[str, Any]] | None = None
+
+    def show(name: str, data: Any) -> None:
+        nonlocal models
+        if name == "snapshot":
+            models = list(data["models"])
+        elif name == "state":
+            models = _apply_state(models or [], data, client)
+        elif name == "progress":
+            for m in models or []:
+                if m["id"] == data["model"]:
+                    m["download"] = data["download"]
+
+    with Live(console=out, refresh_per_second=4, get_renderable=lambda: _watch_view(models)):
+        try:
+            _follow(client, show)
+        except KeyboardInterrupt:  # before the stream was open
+            raise typer.Exit(0) from None
 
 
 @app.command()

@@ -6,11 +6,13 @@ The standard library is enough here and keeps `neuronctl status` quick to start.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ from typing import Any
 from .config import DEFAULT_CONFIG_PATH, NeuronConfig, read_keys_leniently
 
 DEFAULT_URL = "http://127.0.0.1:13131"
+# Longer than the daemon's keep-alive interval (15 s): a quiet node is not a dead one.
+EVENTS_READ_TIMEOUT_S = 45.0
+Event = tuple[str, Any]  # a server-sent event: its name and its decoded data
 
 
 class DaemonNotRunning(Exception):
@@ -109,16 +114,7 @@ class Client:
             with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            payload: Any = None
-            message = f"HTTP {exc.code} {exc.reason}"
-            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-                payload = json.loads(raw)
-            if isinstance(payload, dict) and payload.get("error"):
-                message = str(payload["error"])
-            if exc.code == 401 and not self._api_key:
-                message = f"{message} (set NEURON_API_KEY, or pass the --config that has it)"
-            raise ApiError(exc.code, message, payload) from None
+            raise self._api_error(exc) from None
         except TimeoutError:
             waited = timeout_s or self.timeout_s
             raise ApiError(0, f"no answer from {self.url} within {waited:g} s") from None
@@ -129,6 +125,18 @@ class Client:
         except ConnectionError:  # refused, or reset before an answer
             raise DaemonNotRunning(self.url) from None
 
+    def _api_error(self, exc: urllib.error.HTTPError) -> ApiError:
+        raw = exc.read()
+        payload: Any = None
+        message = f"HTTP {exc.code} {exc.reason}"
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+            payload = json.loads(raw)
+        if isinstance(payload, dict) and payload.get("error"):
+            message = str(payload["error"])
+        if exc.code == 401 and not self._api_key:
+            message = f"{message} (set NEURON_API_KEY, or pass the --config that has it)"
+        return ApiError(exc.code, message, payload)
+
     def models(self) -> list[dict[str, Any]]:
         result = self.request("GET", "/models")
         return result if isinstance(result, list) else []
@@ -138,3 +146,53 @@ class Client:
 
     def unload(self, model_id: str) -> dict[str, Any]:
         return dict(self.request("POST", "/models/unload", {"model_id": model_id}))
+
+    def events(self, read_timeout_s: float = EVENTS_READ_TIMEOUT_S) -> Iterator[Event]:
+        """`GET /models/events` as (event, data) pairs as they come, the snapshot first;
+        it returns when the daemon ends the stream (it is stopping)."""
+        req = urllib.request.Request(self.url + "/models/events",
+                                     headers={"Accept": "text/event-stream"})
+        if self._api_key:
+            req.add_header("Authorization", f"Bearer {self._api_key}")
+        try:
+            resp = urllib.request.urlopen(req, timeout=read_timeout_s)
+        except urllib.error.HTTPError as exc:
+            raise self._api_error(exc) from None
+        except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
+            if not isinstance(exc, TimeoutError) and not isinstance(
+                getattr(exc, "reason", None), TimeoutError
+            ):
+                raise DaemonNotRunning(self.url) from None
+            raise ApiError(0, f"no answer from {self.url} within {read_timeout_s:g} s") from None
+        with resp:
+            try:
+                yield from read_events(resp)
+            except TimeoutError:
+                raise ApiError(0, f"{self.url} sent nothing, not even a keep-alive, for "
+                               f"{read_timeout_s:g} s") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise ApiError(0, f"lost the connection to {self.url} "
+                               f"({type(exc).__name__})") from None
+
+
+def read_events(lines: Iterable[bytes]) -> Iterator[Event]:
+    """Server-sent events from `lines`, each (event, data) with `data` decoded from JSON;
+    comments (the keep-alives) are skipped."""
+    name, data = "message", list[str]()
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:  # the blank line that ends an event
+            if data:
+                text = "\n".join(data)
+                try:
+                    yield name, json.loads(text)
+                except json.JSONDecodeError:
+                    yield name, text
+            name, data = "message", list[str]()
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)

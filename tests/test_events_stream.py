@@ -8,24 +8,34 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
+import pty
+import queue
+import re
+import select
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from neuronctl.api import create_app
+from neuronctl.client import read_events
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.events import ModelEvent
 from neuronctl.events_api import STREAMS, EventStreams
 from neuronctl.registry import ModelRegistry
 from neuronctl.states import WorkerState
 
-from .gpu_fakes import hide_nvidia_smi
-from .helpers import MakeRegistry
+from .gpu_fakes import hide_nvidia_smi, wrapper
+from .helpers import NEURONCTL, MakeRegistry, clean_env, free_port, kill_quietly, poll_until
+from .test_llama_server import FAKE_LLAMA_SERVER
 from .test_resolve import REPO, FakeHub, FileHarness
 
 FAKE = {"model_id": "m", "harness": "fake"}
@@ -345,3 +355,156 @@ async def test_the_stream_needs_the_api_key(
         assert (await refused.json())["code"] == "invalid_api_key"
         async with stream(served, Authorization="Bearer sesame") as events:
             assert (await events.frame())[0] == "snapshot"
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+def test_read_events_parses_what_the_daemon_sends_and_skips_comments() -> None:
+    raw = [b"event: snapshot\n", b'data: {"models": []}\n', b"\n", b": keep-alive\n", b"\n",
+           b"event: state\r\n", b'data: {"model": "m",\r\n', b'data: "to": "ready"}\r\n',
+           b"\r\n", b"data: plain\n", b"\n"]
+    assert list(read_events(raw)) == [
+        ("snapshot", {"models": []}), ("state", {"model": "m", "to": "ready"}),
+        ("message", "plain"),
+    ]
+
+
+class Lines:
+    """A child's output line by line, each wait bounded (a thread reads the pipe)."""
+
+    def __init__(self, pipe: IO[str]) -> None:
+        self._pipe = pipe
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Once the child is gone: the reader has seen the end; the pipe is closed."""
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+        self._pipe.close()
+
+    def _read(self, pipe: IO[str]) -> None:
+        for line in pipe:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def next(self, timeout_s: float = 20.0) -> str | None:
+        """The next line; None at the end of the output."""
+        try:
+            return self._lines.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout_s} s") from None
+
+
+def in_a_terminal(argv: list[str], until: Callable[[str], bool]) -> tuple[int, str]:
+    """Run `argv` in a pseudo-terminal until its screen text meets `until`, then Ctrl-C;
+    its exit status and what it drew (escape sequences removed)."""
+    main, tty = pty.openpty()
+    try:
+        child = subprocess.Popen(argv, stdin=tty, stdout=tty, stderr=tty,
+                                 env=clean_env(COLUMNS="120"))
+    finally:
+        os.close(tty)
+    screen = b""
+
+    def read() -> None:
+        nonlocal screen
+        if select.select([main], [], [], 0.1)[0]:
+            with contextlib.suppress(OSError):  # EIO once the child is gone
+                screen += os.read(main, 65536)
+
+    try:
+        deadline = time.monotonic() + 20
+        while not until(text := ANSI.sub("", screen.decode(errors="replace"))):
+            assert time.monotonic() < deadline, f"not drawn within 20 s: {text[-500:]!r}"
+            assert child.poll() is None, text
+            read()
+        child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while child.poll() is None:
+            assert time.monotonic() < deadline, "no exit within 10 s of Ctrl-C"
+            read()
+        return child.returncode, text
+    finally:
+        if child.poll() is None:
+            kill_quietly(child.pid)
+        child.wait(10)
+        os.close(main)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_neuronctl_events_and_status_watch_against_a_real_daemon(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    binary = wrapper(tmp_path / "llama-server", FAKE_LLAMA_SERVER)
+    config = tmp_path / "neuron.toml"
+    config.write_text(
+        f'host = "127.0.0.1"\nport = {free_port()}\nlog_dir = "log"\nstate_dir = "state"\n'
+        f'stop_timeout_s = 2.0\n[harness.llama-server]\nbinary = "{binary}"\n')
+    log = tmp_path / "daemon.log"
+    client = [str(NEURONCTL), "--config", str(config)]  # the options go after the command
+    children: list[tuple[subprocess.Popen[str], Lines]] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen[str], Lines]:
+        child = subprocess.Popen([*args], env=clean_env(), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert child.stdout is not None
+        children.append((child, Lines(child.stdout)))
+        return children[-1]
+
+    with log.open("wb") as out:
+        daemon = subprocess.Popen([NEURONCTL, "start", "--config", str(config)],
+                                  env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        poll_until(lambda: b"listening" in log.read_bytes(), 30)
+        # `events --json`: the snapshot, a load's transitions, then Ctrl-C: exit 0, quietly.
+        watcher, lines = start(client[0], "events", "--json", *client[1:])
+        assert watcher.stderr is not None
+        assert json.loads(lines.next() or "") == {"event": "snapshot", "models": []}
+        load = subprocess.run([client[0], "load", "tiny", "--harness", "llama-server",
+                               "--path", str(tiny_gguf), *client[1:]],
+                              env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert load.returncode == 0, load.stderr
+        seen = [json.loads(lines.next() or "") for _ in range(2)]
+        assert [(e["event"], e["model"], e["from"], e["to"]) for e in seen] == [
+            ("state", "tiny", "pending", "starting"), ("state", "tiny", "starting", "ready")]
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 0
+        assert watcher.stderr.read() == ""
+
+        # `status --watch` draws the table from the stream; Ctrl-C exits 0.
+        code, screen = in_a_terminal([client[0], "status", "--watch", *client[1:]],
+                                     lambda text: "loaded" in text)
+        assert code == 0, screen
+        assert "MODEL" in screen and "tiny" in screen and "DOWNLOAD" in screen
+
+        # Readable lines; a daemon that stops ends the stream: one line, exit 1.
+        follower, readable = start(client[0], "events", *client[1:])
+        assert follower.stderr is not None
+        assert re.fullmatch(r"\d\d:\d\d:\d\d  tiny  loaded", readable.next() or ""), readable
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert follower.wait(10) == 1
+        assert follower.stderr.read().splitlines() == [
+            f"neuronctl: the daemon at {stream_url(config)} ended the stream (it is stopping)"]
+    finally:
+        for child, output in children:
+            if child.poll() is None:  # never a signal to a pid that is reaped: it is reused
+                kill_quietly(child.pid)
+            child.wait(10)
+            output.close()
+            assert child.stderr is not None
+            child.stderr.close()
+        if daemon.poll() is None:
+            kill_quietly(daemon.pid)
+        daemon.wait(30)
+
+
+def stream_url(config: Path) -> str:
+    port = re.search(r"port = (\d+)", config.read_text())
+    assert port is not None
+    return f"http://127.0.0.1:{port[1]}"
