@@ -295,7 +295,7 @@ async def test_shutdown_ends_the_streams_at_once(make_registry: MakeRegistry) ->
         await second.frame()
         started = time.monotonic()
         await served.stop()
-        assert time.monotonic() - started < 1.0  # not the runner's 5 s grace
+        assert time.monotonic() - started < 2.5  # well under the runner's 5 s grace
         assert await first.frame() == ("eof", None)
         assert await second.frame() == ("eof", None)
         assert served.streams.open == 0
@@ -322,7 +322,7 @@ async def test_shutdown_does_not_wait_for_a_client_that_stopped_reading(
             await until(lambda: stream_.writing)
             started = time.monotonic()
             await served.stop()
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 2.5  # well under the 5 s grace
             assert served.streams.open == 0
         finally:
             writer.close()
