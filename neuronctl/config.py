@@ -194,6 +194,14 @@ class NeuronConfig:
     def autoloads(self, spec: ModelSpec) -> bool:
         return self.autoload if spec.autoload is None else spec.autoload
 
+    def ttl_for(self, spec: ModelSpec) -> float | None:
+        """The idle TTL that applies to `spec`: its own `ttl_s`, else the node's, except
+        for a default model, which only idles out by its own entry (the operator listed it
+        to be up)."""
+        if spec.ttl_s is not None:
+            return spec.ttl_s
+        return None if self.is_default(spec.model_id) else self.ttl_s
+
 
 def load_config(
     path: Path | None = None, environ: Mapping[str, str] | None = None

@@ -42,10 +42,7 @@ class IdleReaper:
         self._seen: dict[ModelLifecycle, tuple[int, float]] = {}
 
     def ttl_for(self, record: ModelLifecycle) -> float | None:
-        if record.spec.ttl_s is not None:
-            return record.spec.ttl_s
-        defaults = {s.model_id for s in self.registry.config.default_models}
-        return None if record.model_id in defaults else self.registry.config.ttl_s
+        return self.registry.config.ttl_for(record.spec)
 
     def idle(self) -> list[tuple[ModelLifecycle, float]]:
         """Loaded models past their TTL, with how long they have been idle."""

@@ -15,6 +15,7 @@ a worker has been ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,7 +24,7 @@ from typing import Any
 
 from . import logfiles, modelfiles, resolve
 from .admission import Admission, StopReading
-from .config import ModelSpec, NeuronConfig
+from .config import ModelSpec, NeuronConfig, effective
 from .errors import (
     InternalError,
     LoadCancelled,
@@ -499,10 +500,30 @@ class ModelLifecycle:
         worker = self.worker if self.state in LIVE_STATES else None
         return worker.log_problem if worker is not None else None
 
+    def rss_bytes(self) -> int | None:
+        """Resident memory of its worker's process tree (a wrapper's child counts); None
+        without a running worker."""
+        worker = self.worker if self.state in LIVE_STATES else None
+        if worker is None or worker.pid is None or worker.returncode is not None:
+            return None
+        import psutil  # not at import: `neuronctl start` reaches its first spawn sooner
+
+        try:
+            root = psutil.Process(worker.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return None
+        total = 0
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):  # a child that just exited
+                total += proc.memory_info().rss
+        return total
+
     def to_json(self) -> dict[str, Any]:
         worker = self.worker if self.state in LIVE_STATES else None
         serving = self.serving_worker
         failed = self.state is WorkerState.FAILED
+        config = self._s.config
         return {
             "id": self.model_id,
             "harness": self.spec.harness,
@@ -524,7 +545,11 @@ class ModelLifecycle:
             "log_path": str(self.log_path),
             # Something wrong that does not stop it serving (its log cannot be written).
             "warning": self.log_problem,
-            "pinned": self._s.config.pinned(self.spec),
+            "pinned": config.pinned(self.spec),
+            # The context it runs with; None: the server's own default.
+            "n_ctx": effective(self.spec, config.harness_config(self.spec.harness), "n_ctx"),
+            "rss_bytes": self.rss_bytes(),
+            "ttl_s": config.ttl_for(self.spec),
             "download": (self.download.as_json()
                          if self.download and self.state is WorkerState.DOWNLOADING else None),
             "since": self.since,

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-import psutil
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
@@ -56,7 +55,8 @@ class NodeCollector(Collector):
             "neuron_model_restarts", "Restarts of the model's worker since it was loaded.",
             labels=["model"])
         rss = GaugeMetricFamily(
-            "neuron_worker_resident_memory_bytes", "Resident memory of the model's worker.",
+            "neuron_worker_resident_memory_bytes",
+            "Resident memory of the model's worker (its process tree).",
             labels=["model"])
         log_unwritable = GaugeMetricFamily(
             "neuron_model_log_unwritable",
@@ -67,7 +67,7 @@ class NodeCollector(Collector):
                 status.add_metric([record.model_id, value.value], float(record.status is value))
             restarts.add_metric([record.model_id], record.restarts)
             log_unwritable.add_metric([record.model_id], float(record.log_problem is not None))
-            memory = _rss(record)
+            memory = record.rss_bytes()
             if memory is not None:
                 rss.add_metric([record.model_id], memory)
         evictions = CounterMetricFamily(
@@ -105,16 +105,6 @@ class NodeCollector(Collector):
         yield in_flight
         yield queued
         yield rejected
-
-
-def _rss(record: ModelLifecycle) -> int | None:
-    worker = record.worker
-    if worker is None or worker.pid is None or worker.returncode is not None:
-        return None
-    try:
-        return int(psutil.Process(worker.pid).memory_info().rss)
-    except psutil.Error:
-        return None
 
 
 class Metrics:

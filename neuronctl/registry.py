@@ -19,7 +19,7 @@ from typing import Any
 
 from . import modelfiles
 from .admission import Admission
-from .config import ConfigError, ModelSpec, NeuronConfig
+from .config import ConfigError, ModelSpec, NeuronConfig, effective
 from .discovery import Discovery
 from .errors import Conflict, InvalidSpec, ModelNotFound, NoRoom, NotEnoughVram, UnknownHarness
 from .events import EventBus
@@ -37,14 +37,33 @@ log = logging.getLogger(__name__)
 _SOURCE_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness"})
 
 
-def unloaded_json(spec: ModelSpec, pinned: bool) -> dict[str, Any]:
+def unloaded_json(spec: ModelSpec, config: NeuronConfig) -> dict[str, Any]:
     """A catalogue model with no lifecycle, in the shape `ModelLifecycle.to_json` has."""
+    n_ctx = effective(spec, config.harness_config(spec.harness), "n_ctx")
     return {"id": spec.model_id, "harness": spec.harness, "status": ModelStatus.UNLOADED.value,
             "devices": list(spec.devices), "vram_used_mb": None, "pid": None, "port": None,
             "endpoint": None, "load_ms": None, "restarts": 0, "error": None,
             "error_detail": None, "exit_code": None, "last_error": None,
             "last_exit_code": None, "log_path": None, "warning": None, "download": None,
-            "since": None, "uptime_s": None, "pinned": pinned}
+            "since": None, "uptime_s": None, "pinned": config.pinned(spec), "n_ctx": n_ctx,
+            "rss_bytes": None, "ttl_s": config.ttl_for(spec)}
+
+
+def with_traffic(entry: dict[str, Any], activity: Activity) -> dict[str, Any]:
+    """`entry` (a listing's) with what the router counts for it: `in_flight`, `queued`,
+    and `idle_until`, the Unix time the idle reaper (idle.py) would unload it: `ttl_s`
+    after its last /v1 request or its becoming loaded, whichever is later. None without
+    a TTL, unless loaded, or while busy (the countdown starts when it is idle again)."""
+    idle_until = None
+    ttl, since = entry.get("ttl_s"), entry.get("since")
+    if (ttl is not None and since is not None and not activity.busy
+            and entry["status"] == ModelStatus.LOADED.value):
+        last = since
+        if activity.last_used:  # the router's clock is monotonic
+            last = max(last, time.time() - (time.monotonic() - activity.last_used))
+        idle_until = round(last + ttl, 3)
+    return {**entry, "in_flight": activity.in_flight, "queued": activity.queued,
+            "idle_until": idle_until}
 
 # Kept importable from here: callers catch the registry's refusals by these names.
 NotFound = ModelNotFound
@@ -117,12 +136,13 @@ class ModelRegistry:
         return self.config.catalogue()
 
     def listing(self) -> list[dict[str, Any]]:
-        """What `GET /models` lists: every model with a lifecycle, then the catalogue's
-        models that have none (`unloaded`)."""
+        """What `GET /models` lists (and an event stream's snapshot): every model with a
+        lifecycle, then the catalogue's models that have none (`unloaded`), each with the
+        router's counts."""
         listed = [m.to_json() for m in self._models.values()]
-        listed += [unloaded_json(spec, self.config.pinned(spec))
+        listed += [unloaded_json(spec, self.config)
                    for model_id, spec in self.catalogue.items() if model_id not in self._models]
-        return listed
+        return [with_traffic(entry, self.activity(entry["id"])) for entry in listed]
 
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no
