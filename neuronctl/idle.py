@@ -70,6 +70,8 @@ class IdleReaper:
         for record, idle_s in self.idle():
             if self.registry.get(record.model_id) is not record:
                 continue  # reloaded or unloaded meanwhile
+            if self.registry.activity(record.model_id).busy:
+                continue  # a request came while an earlier one was being unloaded
             log.info("%s: no request for %.0f s (ttl_s %g); unloading",
                      record.model_id, idle_s, self.ttl_for(record) or 0)
             with contextlib.suppress(ModelNotFound, Conflict):  # someone else unloaded it first
