@@ -251,18 +251,27 @@ class Router:
             loop = asyncio.get_running_loop()
             self._check_handle = loop.call_later(HANG_UP_CHECK_S, self._check_clients)
 
+    def _servable(self) -> dict[str, dict[str, Any]]:
+        """What a request may name: loaded models, and catalogue models that a request
+        would load (autoload), as `unloaded`."""
+        entries = {r.model_id: _model_entry(r) for r in self.registry.models()
+                   if r.serving_worker is not None}
+        config = self.registry.config
+        for model_id, spec in self.registry.catalogue.items():
+            if model_id not in entries and config.autoloads(spec):
+                entries[model_id] = {"id": model_id, "object": "model", "created": 0,
+                                     "owned_by": "neuron", "status": "unloaded"}
+        return entries
+
     async def list_models(self, request: web.Request) -> web.Response:
-        data = [
-            _model_entry(r) for r in self.registry.models() if r.serving_worker is not None
-        ]
-        return web.json_response({"object": "list", "data": data})
+        return web.json_response({"object": "list", "data": list(self._servable().values())})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
-        record = self.registry.get(model_id)
-        if record is None or record.serving_worker is None:
+        entry = self._servable().get(model_id)
+        if entry is None:
             return openai_error(self._unknown_model(model_id))
-        return web.json_response(_model_entry(record))
+        return web.json_response(entry)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         try:

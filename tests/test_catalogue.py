@@ -370,3 +370,24 @@ async def test_two_quants_of_one_repo_are_two_models_by_alias(
         command = record.worker.plan.command
         assert Path(command[command.index("--model") + 1]).name == file
     assert sorted(m["id"] for m in n.registry.listing()) == ["tiny-f32", "tiny-q8"]
+
+
+async def test_v1_models_lists_what_a_request_may_name(
+    node_config: NeuronConfig, make_registry: MakeRegistry,
+) -> None:
+    config = catalogue(node_config, fake("on-demand"), fake("manual", autoload=False))
+    registry = make_registry(config)
+    await registry.load(fake("loaded"))
+    runner = web.AppRunner(create_app(registry))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/v1/models") as resp:
+                listed = {m["id"]: m["status"] for m in (await resp.json())["data"]}
+            async with session.get(f"http://127.0.0.1:{port}/v1/models/manual") as resp:
+                assert resp.status == 404
+        assert listed == {"loaded": "loaded", "on-demand": "unloaded"}
+    finally:
+        await runner.cleanup()
