@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
@@ -34,7 +35,7 @@ err = Console(stderr=True)
 
 STATUS_STYLES = {
     "loaded": "green", "loading": "yellow", "downloading": "yellow", "restarting": "yellow",
-    "unloading": "yellow", "failed": "red",
+    "unloading": "yellow", "failed": "red", "unloaded": "dim",
 }
 
 ConfigOpt = Annotated[
@@ -112,30 +113,93 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _status_table(models: list[dict[str, Any]], downloads: bool = False) -> Table:
-    """The models as `status` shows them; `downloads` adds the bytes of each download."""
-    table = Table(box=None, header_style="bold")
-    # Ids are what people grep for and paste: never cut one short.
-    table.add_column("MODEL", no_wrap=True, min_width=max(len(m["id"]) for m in models))
-    for column in ("STATUS", "PID", "PORT", "UPTIME", "LOAD TIME", "RESTARTS"):
-        table.add_column(column)
-    if downloads:
-        table.add_column("DOWNLOAD")
+def _fmt_span(seconds: float) -> str:
+    """A coarse span for a countdown or a TTL: `45s`, `5m`, `2h05m`."""
+    s = round(seconds)
+    if s < 100:
+        return f"{s}s"
+    if s < 6000:
+        return f"{round(s / 60)}m"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _fmt_memory(m: dict[str, Any]) -> str:
+    """RSS, and VRAM on a line of its own, or the bytes of a download: the column stays
+    narrow at 80 columns."""
+    download = m.get("download")
+    if m["status"] == "downloading" and download:
+        return (f"{_fmt_bytes(download.get('done_bytes'))}\n"
+                f"of {_fmt_bytes(download.get('total_bytes'))}")
+    lines = []
+    if m.get("rss_bytes") is not None:
+        lines.append(_fmt_bytes(m["rss_bytes"]))
+    if m.get("vram_used_mb"):
+        lines.append(f"{_fmt_bytes(m['vram_used_mb'] << 20)} VRAM")
+    return "\n".join(lines) or "-"
+
+
+def _fmt_devices(m: dict[str, Any]) -> str:
+    if m.get("devices"):
+        return "GPU " + ",".join(str(d) for d in m["devices"])
+    if m.get("vram_used_mb"):
+        return "GPU"  # no devices named: the server chose
+    return "-" if m["status"] == "unloaded" else "CPU"
+
+
+def _fmt_until(m: dict[str, Any], now: float) -> str:
+    """When it goes: the idle countdown; a TTL that has not begun counting (busy, or not
+    loaded); `pinned` for a model never unloaded but by hand; else `-` (evictable)."""
+    if m.get("idle_until") is not None:
+        return f"in {_fmt_span(max(0.0, m['idle_until'] - now))}"
+    if m.get("ttl_s") is not None:
+        return f"ttl {_fmt_span(m['ttl_s'])}"
+    return "pinned" if m.get("pinned") else "-"
+
+
+def _fmt_traffic(m: dict[str, Any]) -> str:
+    queued, in_flight = m.get("queued"), m.get("in_flight")
+    if queued is None or in_flight is None or (m["status"] == "unloaded"
+                                               and not queued and not in_flight):
+        return "-"
+    return f"{queued}/{in_flight}"
+
+
+_COLUMNS = ("STATUS", "MEMORY", "DEVICES", "CTX", "UNTIL", "Q/RUN", "UPTIME", "RESTARTS")
+_RIGHT = frozenset({"CTX", "RESTARTS"})
+
+
+def _status_table(models: list[dict[str, Any]], width: int | None = None,
+                  now: float | None = None) -> Table:
+    """The models as `status` and `status --watch` show them. Within `width` columns the
+    MODEL column folds long ids, never the others; None: as wide as the ids (output that
+    is not a terminal, for grep)."""
+    now = time.time() if now is None else now
+    rows = []
     for m in models:
+        cells = [m["status"], _fmt_memory(m), _fmt_devices(m),
+                 str(m["n_ctx"]) if m.get("n_ctx") else "-", _fmt_until(m, now),
+                 _fmt_traffic(m), _fmt_duration(m.get("uptime_s")), str(m.get("restarts", 0))]
+        rows.append(cells)
+    # Every column but MODEL is as wide as its widest line; MODEL gets the rest.
+    widths = [max([len(h), *(len(line) for r in rows for line in r[i].splitlines())])
+              for i, h in enumerate(_COLUMNS)]
+    longest = max([5, *(cell_len(m["id"]) for m in models)])
+    gap, model_width = 2, longest
+    if width is not None:
+        room = width - sum(widths) - gap * len(_COLUMNS)
+        if room < min(longest, 24):  # tight: one space between columns
+            gap, room = 1, room + len(_COLUMNS)
+        model_width = max(8, min(longest, room))
+    table = Table(box=None, header_style="bold", pad_edge=False,
+                  padding=(0, 1) if gap == 2 else (0, 1, 0, 0))
+    # Ids are what people grep for and paste: folded onto more lines, never cut short.
+    table.add_column("MODEL", overflow="fold", width=model_width)
+    for header in _COLUMNS:
+        table.add_column(header, no_wrap=True, justify="right" if header in _RIGHT else "left")
+    for m, cells in zip(models, rows, strict=True):
         style = STATUS_STYLES.get(m["status"], "")
-        load_ms = m.get("load_ms")
-        cells: list[RenderableType] = [
-            Text(m["id"]),
-            Text(m["status"], style=style),
-            str(m.get("pid") or "-"),
-            str(m.get("port") or "-"),
-            _fmt_duration(m.get("uptime_s")),
-            f"{load_ms / 1000:.1f}s" if load_ms is not None else "-",
-            str(m.get("restarts", 0)),
-        ]
-        if downloads:
-            cells.append(_fmt_download(m.get("download")))
-        table.add_row(*cells)
+        table.add_row(Text(m["id"]), Text(cells[0], style=style), *cells[1:],
+                      style="dim" if m["status"] == "unloaded" else None)
     return table
 
 
@@ -160,7 +224,12 @@ def status(
     if not models:
         out.print("no models")
         return
-    out.print(_status_table(models))
+    if out.is_terminal or os.environ.get("COLUMNS"):
+        out.print(_status_table(models, width=out.width))
+    else:  # piped (to grep, awk): every id whole, on its row's one line
+        table = _status_table(models)
+        Console(width=out.measure(table, options=out.options.update(width=1 << 16)).maximum,
+                force_terminal=False).print(table)
     for m in models:
         if m.get("error"):
             first = m["error"].splitlines()[0]
@@ -169,12 +238,20 @@ def status(
             )
 
 
+# `ps`, as in `ollama ps` and `lms ps`: the same command, not listed twice in --help.
+app.command("ps", hidden=True)(status)
+
+
 def _fmt_bytes(n: int | None) -> str:
+    """Binary units, as nvidia-smi and free count: `412 MiB`, `1.2 GiB`."""
     if n is None:
         return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.0f} {unit}"
     return f"{n} B"
 
 
@@ -278,7 +355,7 @@ def _watch_view(models: list[dict[str, Any]] | None) -> RenderableType:
              and m.get("since") else m for m in models]
     errors = [Text(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
               for m in models if m.get("error")]
-    return Group(_status_table(shown, downloads=True), *errors)
+    return Group(_status_table(shown, width=out.width), *errors)
 
 
 def _watch_status(client: Client) -> NoReturn:
@@ -306,6 +383,25 @@ def _watch_status(client: Client) -> NoReturn:
             raise typer.Exit(0) from None
 
 
+LOAD_POLL_S = 0.5
+LOAD_POLL_TIMEOUT_S = 2.0
+
+
+def _loading_what(client: Client, model_id: str) -> str | None:
+    """What the spinner says while `model_id` loads: its download's bytes while it
+    downloads; None when GET /models does not say (the spinner keeps its words)."""
+    try:
+        models = client.request("GET", "/models", timeout_s=LOAD_POLL_TIMEOUT_S)
+    except (ApiError, DaemonNotRunning):
+        return None
+    for m in models if isinstance(models, list) else []:
+        download = m.get("download")
+        if m.get("id") == model_id and m.get("status") == "downloading" and download:
+            file = escape(str(download.get("file") or "?"))
+            return f"downloading {file} {_fmt_download(download)}"
+    return f"loading {escape(model_id)}"
+
+
 @app.command()
 def load(
     model_id: Annotated[str, typer.Argument(help="The id clients will use.")],
@@ -324,16 +420,30 @@ def load(
     ready_timeout: Annotated[
         float | None, typer.Option(help="Seconds to wait for the worker.")
     ] = None,
+    ttl: Annotated[
+        float | None, typer.Option(help="Unload after this many seconds without a request.")
+    ] = None,
+    file: Annotated[
+        str | None, typer.Option(help="The GGUF file of its Hugging Face repo.")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch, tag or commit of its Hugging Face repo.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Load even if the VRAM estimate says it does not fit.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds this command waits.")] = 1800.0,
     url: UrlOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Load a model and wait until it is ready."""
+    """Load a model and wait until it is ready. A catalogue model's id alone loads its
+    entry in the config; options such as --ttl and --force override it."""
     spec: dict[str, Any] = {"model_id": model_id}
     options = {
         "path": str(path.resolve()) if path else None, "quant": quant, "harness": harness,
         "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "chat_format": chat_format,
         "devices": device or None, "args": arg or None, "ready_timeout_s": ready_timeout,
+        "ttl_s": ttl, "file": file, "revision": revision, "force": force or None,
     }
     spec.update({k: v for k, v in options.items() if v is not None})
     client = _client(url, config)
@@ -348,11 +458,15 @@ def load(
     thread = threading.Thread(target=call, daemon=True)
     started = time.monotonic()
     thread.start()
-    shown = escape(model_id)
-    with err.status(f"loading {shown}", spinner="dots") as spinner:
+    # The load call blocks until ready; meanwhile GET /models says what it is doing.
+    doing, polled = f"loading {escape(model_id)}", started
+    with err.status(doing, spinner="dots") as spinner:
         while thread.is_alive():
             thread.join(0.1)
-            spinner.update(f"loading {shown} ({time.monotonic() - started:.0f}s)")
+            if time.monotonic() - polled >= LOAD_POLL_S:
+                doing = _loading_what(client, model_id) or doing
+                polled = time.monotonic()
+            spinner.update(f"{doing} ({time.monotonic() - started:.0f}s)")
     exc = result.get("error")
     if isinstance(exc, DaemonNotRunning):
         fail(str(exc))
@@ -369,18 +483,46 @@ def load(
         f" -> {model.get('endpoint', '?')}",
         markup=False,
         highlight=False,
+        soft_wrap=True,  # one line, for grep, however long the id
     )
 
 
 @app.command()
 def unload(
-    model_id: Annotated[str, typer.Argument(help="The model to stop.")],
+    model_id: Annotated[str | None, typer.Argument(help="The model to stop.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every loaded model.")] = False,
     url: UrlOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Stop a model's worker."""
-    _call(_client(url, config, timeout_s=120.0).unload, model_id)
-    out.print(f"{model_id} unloaded", markup=False, highlight=False)
+    """Stop a model's worker (or, with --all, every model's)."""
+    if model_id is not None and all_:
+        fail("give a MODEL_ID or --all, not both", 2)
+    if model_id is None and not all_:
+        fail("give a MODEL_ID, or --all", 2)
+    client = _client(url, config, timeout_s=120.0)
+    if model_id is not None:
+        _call(client.unload, model_id)
+        out.print(f"{model_id} unloaded", markup=False, highlight=False, soft_wrap=True)
+        return
+    loaded = [m["id"] for m in _call(client.models) if m["status"] != "unloaded"]
+    if not loaded:
+        out.print("no models loaded")
+        return
+    failed = False
+    for each in loaded:  # one at a time: each unload answers once its worker is gone
+        try:
+            client.unload(each)
+        except DaemonNotRunning as exc:
+            fail(str(exc))
+        except ApiError as exc:
+            if exc.status != 404:  # a 404: gone meanwhile (idled out, or unloaded by another)
+                failed = True
+                err.print(f"{each}: {exc.message}", style="red", markup=False,
+                          highlight=False, soft_wrap=True)
+                continue
+        out.print(f"{each} unloaded", markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

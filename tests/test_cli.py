@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from neuronctl import __version__
+from neuronctl.cli import _loading_what
+from neuronctl.client import Client
 from neuronctl.logfiles import log_path
 
 from .helpers import NEURONCTL, clean_env, free_port
@@ -222,7 +224,11 @@ def test_status_table(stub: Stub) -> None:
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
     assert rows["MODEL"][:2] == ["MODEL", "STATUS"]
-    assert rows["Qwen/Qwen3-0.6B-GGUF"][1:] == ["loaded", "4242", "40001", "1m15s", "1.5s", "0"]
+    # Fields this listing lacks (rss_bytes, n_ctx, ...) show as "-".
+    assert rows["MODEL"] == ["MODEL", "STATUS", "MEMORY", "DEVICES", "CTX", "UNTIL", "Q/RUN",
+                             "UPTIME", "RESTARTS"]
+    assert rows["Qwen/Qwen3-0.6B-GGUF"][1:] == ["loaded", "-", "GPU", "0", "-", "-", "-",
+                                               "1m15s", "0"]
     assert rows["gemma-3-270m"][1] == "failed"
     assert rows["tiny"][1] == "loading"
     # A failed model's error, first line only, goes to stderr.
@@ -283,6 +289,73 @@ def test_unload_unknown_model(stub: Stub) -> None:
     result = neuronctl("unload", "m", "--url", stub.url)
     assert result.returncode == 1
     assert stderr_lines(result) == ["neuronctl: model not loaded: m"]
+
+
+def test_load_by_id_with_the_catalogue_overrides(stub: Stub) -> None:
+    stub.routes[("POST", "/models/load")] = (200, {"status": "loaded", "model": {}})
+    only_id = neuronctl("load", "cat", "--url", stub.url)
+    assert only_id.returncode == 0, only_id.stderr
+    result = neuronctl("load", "cat", "--ttl", "90", "--file", "m-Q4_K_M.gguf",
+                       "--revision", "v2", "--force", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert [body for _, path, body in stub.requests if path == "/models/load"] == [
+        {"model_id": "cat"},  # the server takes the catalogue's entry
+        {"model_id": "cat", "ttl_s": 90.0, "file": "m-Q4_K_M.gguf", "revision": "v2",
+         "force": True},
+    ]
+
+
+def test_the_load_spinner_shows_a_download(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [
+        {**MODELS[2], "id": "other", "status": "downloading"},
+        {**MODELS[2], "id": "m", "status": "downloading", "download": {
+            "file": "m-Q4_K_M.gguf", "done_bytes": 123 << 20, "total_bytes": 396 << 20}},
+    ])
+    client = Client(stub.url)
+    assert _loading_what(client, "m") == "downloading m-Q4_K_M.gguf 123 MiB / 396 MiB"
+    stub.routes[("GET", "/models")] = (200, [{**MODELS[2], "id": "m"}])
+    assert _loading_what(client, "m") == "loading m"  # done downloading: starting
+    stub.routes[("GET", "/models")] = (500, {"error": "boom"})
+    assert _loading_what(client, "m") is None  # the spinner keeps what it said
+
+
+def test_unload_all(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [
+        MODELS[0], MODELS[1], {**MODELS[2], "id": "cat", "status": "unloaded"}])
+    stub.routes[("POST", "/models/unload")] = (200, {"status": "unloaded"})
+    result = neuronctl("unload", "--all", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Qwen/Qwen3-0.6B-GGUF unloaded", "gemma-3-270m unloaded"]
+    assert [body for method, _, body in stub.requests if method == "POST"] == [
+        {"model_id": "Qwen/Qwen3-0.6B-GGUF"}, {"model_id": "gemma-3-270m"}]  # not `cat`
+
+
+def test_unload_all_exits_1_when_one_fails(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, MODELS[:2])
+    stub.routes[("POST", "/models/unload")] = (409, {"error": "already being unloaded"})
+    result = neuronctl("unload", "--all", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == ["Qwen/Qwen3-0.6B-GGUF: already being unloaded",
+                                    "gemma-3-270m: already being unloaded"]
+    stub.routes[("GET", "/models")] = (200, [{**MODELS[0], "status": "unloaded"}])
+    nothing = neuronctl("unload", "--all", "--url", stub.url)
+    assert (nothing.returncode, nothing.stdout.strip()) == (0, "no models loaded")
+
+
+@pytest.mark.parametrize("args", [[], ["m", "--all"]], ids=["neither", "both"])
+def test_unload_takes_an_id_or_all(stub: Stub, args: list[str]) -> None:
+    result = neuronctl("unload", *args, "--url", stub.url)
+    assert result.returncode == 2
+    assert len(stderr_lines(result)) == 1 and "--all" in result.stderr
+    assert stub.requests == []
+
+
+def test_ps_is_status(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, MODELS)
+    ps, status = neuronctl("ps", "--url", stub.url), neuronctl("status", "--url", stub.url)
+    assert ps.returncode == 0, ps.stderr
+    assert (ps.stdout, ps.stderr) == (status.stdout, status.stderr)
+    assert " ps " not in neuronctl("--help").stdout  # hidden: one command, listed once
 
 
 # --- known bugs -------------------------------------------------------------------------------

@@ -480,7 +480,7 @@ def test_neuronctl_events_and_status_watch_against_a_real_daemon(
         code, screen = in_a_terminal([client[0], "status", "--watch", *client[1:]],
                                      lambda text: "loaded" in text)
         assert code == 0, screen
-        assert "MODEL" in screen and "tiny" in screen and "DOWNLOAD" in screen
+        assert "MODEL" in screen and "tiny" in screen and "MEMORY" in screen
 
         # Readable lines; a daemon that stops ends the stream: one line, exit 1.
         follower, readable = start(client[0], "events", *client[1:])
