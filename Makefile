@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/recovery.py
 	$(PY) bench/proxy.py
 	$(PY) bench/traffic.py
+	$(PY) bench/swap.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
