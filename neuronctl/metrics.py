@@ -62,6 +62,12 @@ class NodeCollector(Collector):
             "neuron_model_log_unwritable",
             "1 while the model's worker cannot write its log file (its output goes to the "
             "journal).", labels=["model"])
+        loaded = {record.model_id for record in records}
+        for model_id in self.registry.catalogue:
+            if model_id not in loaded:  # a catalogue model with no lifecycle
+                for value in ModelStatus:
+                    status.add_metric([model_id, value.value],
+                                      float(value is ModelStatus.UNLOADED))
         for record in records:
             for value in ModelStatus:
                 status.add_metric([record.model_id, value.value], float(record.status is value))

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,16 +330,18 @@ async def test_a_model_with_a_stream_in_flight_is_not_evicted(
     n = await node(catalogue(node_config, tiny("a", tiny_gguf, n_ctx=1024),
                              tiny("b", tiny_gguf), max_loaded_models=1))
     await n.registry.load(tiny("a", tiny_gguf, n_ctx=1024))
-    stream = asyncio.create_task(n.stream("a", max_tokens=400, logit_bias=NO_EOS))
-    while n.registry.activity("a").in_flight == 0:
-        await asyncio.sleep(0.01)
-    other = asyncio.create_task(n.complete("b"))
-    await asyncio.sleep(0.3)
-    assert not other.done() and not stream.done()  # b waits: a is streaming
-    a = n.registry.get("a")
-    assert a is not None and a.status is ModelStatus.LOADED
-    status, finish = await asyncio.wait_for(stream, 60)
+    with n.registry.events.subscribe() as events:
+        stream = asyncio.create_task(n.stream("a", max_tokens=300, logit_bias=NO_EOS))
+        while n.registry.activity("a").in_flight == 0:
+            await asyncio.sleep(0.005)
+        other = asyncio.create_task(n.complete("b"))  # needs a's room
+        status, finish = await asyncio.wait_for(stream, 120)
+        stream_done = time.time()
+        evicted = await events.wait_for(
+            lambda e: e.model == "a" and e.new is WorkerState.STOPPING, 60)
     assert (status, finish) == (200, "length")  # the stream ran to its end
+    assert "evicted" in evicted.reason
+    assert evicted.time >= stream_done  # a was stopped only once its stream had ended
     status, answer = await asyncio.wait_for(other, 60)  # then b got the room
     assert status == 200, answer
     assert n.registry.get("a") is None
@@ -388,6 +391,9 @@ async def test_v1_models_lists_what_a_request_may_name(
                 listed = {m["id"]: m["status"] for m in (await resp.json())["data"]}
             async with session.get(f"http://127.0.0.1:{port}/v1/models/manual") as resp:
                 assert resp.status == 404
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                metrics = await resp.text()
         assert listed == {"loaded": "loaded", "on-demand": "unloaded"}
+        assert 'neuron_model_status{model="manual",status="unloaded"} 1.0' in metrics
     finally:
         await runner.cleanup()
