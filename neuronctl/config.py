@@ -569,6 +569,13 @@ def model_id_problem(model_id: object) -> str | None:
     return None
 
 
+def same_worker(a: ModelSpec, b: ModelSpec) -> bool:
+    """Whether two specs run the same worker: they differ at most in what the node reads
+    from the current config when it needs it (`pinned`, `autoload`)."""
+    return dataclasses.replace(a, pinned=None, autoload=None) == \
+        dataclasses.replace(b, pinned=None, autoload=None)
+
+
 def effective(spec: ModelSpec, harness: HarnessConfig, name: str) -> Any:
     """A per-model setting, falling back to the harness table's default."""
     value = getattr(spec, name)

@@ -150,6 +150,10 @@ class NotEnoughVram(LoadError):
     status, code = 503, "insufficient_vram"
 
 
+class NoSuchGpu(NotEnoughVram):
+    """The spec names a device this host does not have."""
+
+
 class NoRoom(LoadError):
     """`max_loaded_models` (or VRAM) is taken by models that are pinned, or stayed busy for
     the whole `eviction_wait_s`: nothing could be unloaded without cutting a request."""

@@ -35,6 +35,7 @@ class Candidate:
     activity: Activity
     pinned: bool
     devices: tuple[int, ...]  # () for a CPU model, or one that may use any device
+    on_gpu: bool = True  # it offloads layers to a GPU: unloading it frees VRAM
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def choose(candidates: Iterable[Candidate], devices: Sequence[int] | None = None
     """The least recently used idle, unpinned candidate; with `devices` (a VRAM shortage
     there), only one holding memory on them."""
     pool = [c for c in candidates if not c.pinned
-            and (devices is None or shares_devices(c, devices))]
+            and (devices is None or (c.on_gpu and shares_devices(c, devices)))]
     idle = [c for c in pool if not c.activity.busy]
     if idle:
         return Choice(min(idle, key=lambda c: (c.activity.last_used, c.model_id)), False)

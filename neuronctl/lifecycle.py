@@ -30,6 +30,7 @@ from .errors import (
     LoadCancelled,
     LoadError,
     NoRoom,
+    NoSuchGpu,
     NotEnoughVram,
     SpawnFailed,
     UnknownHarness,
@@ -67,7 +68,7 @@ class Services:
 
 
 # While every model that could make room is busy, a load asks again this often.
-ROOM_POLL_S = 0.1
+ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
 
 
 class ModelLifecycle:
@@ -78,6 +79,7 @@ class ModelLifecycle:
         self.state = WorkerState.PENDING
         self.since = time.time()  # wall clock: shown to people
         self.worker: Worker | None = None
+        self.failure_code: str | None = None  # the error code of why it is `failed`
         self.load_ms: int | None = None
         self.restarts = 0
         self.history = History()
@@ -120,8 +122,11 @@ class ModelLifecycle:
 
     @property
     def holds_a_slot(self) -> bool:
-        """Counts against max_loaded_models: it has (or is about to have) a worker."""
-        return self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF)
+        """Counts against max_loaded_models: it has a worker, or is restarting one. A first
+        start still waiting for room (no worker yet) does not."""
+        if self.state is WorkerState.STARTING:
+            return self.worker is not None
+        return self.state in (WorkerState.READY, WorkerState.BACKOFF)
 
     @property
     def stopping(self) -> bool:
@@ -206,7 +211,7 @@ class ModelLifecycle:
             await self._download()
             self._set_state(WorkerState.PENDING, "model file ready")  # DOWNLOADING -> PENDING
         await self._read_header(harness)
-        waiting_since = self._s.clock()
+        waiting_since: float | None = None  # since room was first refused, not queued
         while True:
             async with self._s.load_lock:
                 ready_s = await self._start_with_room(harness)
@@ -216,7 +221,9 @@ class ModelLifecycle:
                     return
             # Only busy models could make room: wait outside the lock, so restarts and
             # other loads go on meanwhile, and never cut their requests.
-            if self._s.clock() - waiting_since >= self._s.config.eviction_wait_s:
+            if waiting_since is None:
+                waiting_since = self._s.clock()
+            elif self._s.clock() - waiting_since >= self._s.config.eviction_wait_s:
                 raise NoRoom(f"{self.model_id}: no room: every model that could be unloaded "
                              f"for it stayed busy for eviction_wait_s "
                              f"({self._s.config.eviction_wait_s:g} s)")
@@ -234,6 +241,8 @@ class ModelLifecycle:
             started = self._s.clock()
             try:
                 ready_s = await self._start_worker(harness)
+            except NoSuchGpu:
+                raise  # no eviction makes a missing device appear
             except NotEnoughVram as exc:
                 # Each pass evicts one model (or raises): a shortage that reads the same
                 # after an eviction means the memory did not come back.
@@ -463,6 +472,7 @@ class ModelLifecycle:
 
     def _failed(self, error: LoadError) -> None:
         self._note(error.message, error.detail, error.exit_code)
+        self.failure_code = error.code
         if self.state is not WorkerState.FAILED:
             self._set_state(WorkerState.FAILED, error.message, logging.WARNING)
 

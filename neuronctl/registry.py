@@ -19,7 +19,7 @@ from typing import Any
 
 from . import modelfiles
 from .admission import Admission
-from .config import ConfigError, ModelSpec, NeuronConfig, effective
+from .config import ConfigError, ModelSpec, NeuronConfig, effective, gpu_layers, same_worker
 from .discovery import Discovery
 from .errors import Conflict, InvalidSpec, ModelNotFound, NoRoom, NotEnoughVram, UnknownHarness
 from .events import EventBus
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 # Keys that say where a model's file comes from: a load request with one of them is a
 # model of its own, not the catalogue entry of the same id.
 _SOURCE_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness"})
+
+
+# A model whose last load failed for one of these reasons is loaded again by the next /v1
+# request naming it: the cause was the node's state at the time, not the model.
+_RETRIED_ON_DEMAND = frozenset({"no_room", "load_cancelled", "insufficient_vram"})
 
 
 def unloaded_json(spec: ModelSpec, config: NeuronConfig) -> dict[str, Any]:
@@ -162,6 +167,11 @@ class ModelRegistry:
         model = self._models.get(model_id)
         spec = self.catalogue.get(model_id)
         loadable = spec is not None and self.config.autoloads(spec)
+        if spec is not None and loadable and model is not None \
+                and model.state is WorkerState.FAILED and model.failure_code in _RETRIED_ON_DEMAND:
+            log.info("%s: requested through /v1; loading it again (%s)", model_id,
+                     model.last_error)
+            return self._begin(spec)
         if model is not None and (not model.stopping or not loadable):
             return model
         if model is not None:
@@ -193,6 +203,10 @@ class ModelRegistry:
         while True:
             others = [m for m in self._models.values()
                       if m is not incoming and m.holds_a_slot and not m.stopping]
+            # A model still in its first start cannot be unloaded without failing that
+            # load: it holds its slot, but is no candidate (waiting for it may help).
+            settled = [m for m in others
+                       if m.state in (WorkerState.READY, WorkerState.BACKOFF)]
             if shortage is not None:
                 devices: tuple[int, ...] | None = incoming.spec.devices
                 why = f"VRAM for {incoming.model_id}"
@@ -200,9 +214,9 @@ class ModelRegistry:
                 devices, why = None, f"max_loaded_models {limit}, for {incoming.model_id}"
             else:
                 return True
-            choice = choose((self._candidate(m) for m in others), devices)
+            choice = choose((self._candidate(m) for m in settled), devices)
             if choice.victim is None:
-                if choice.busy:
+                if choice.busy or len(settled) < len(others):
                     return False
                 if shortage is not None:
                     raise shortage
@@ -219,8 +233,11 @@ class ModelRegistry:
                 return True  # the caller waits for the memory and judges the fit again
 
     def _candidate(self, model: ModelLifecycle) -> Candidate:
+        # Pinned as the catalogue says now (a reload may have changed it), else as loaded.
+        entry = self.catalogue.get(model.model_id, model.spec)
+        on_gpu = bool(gpu_layers(model.spec, self.config.harness_config(model.spec.harness)))
         return Candidate(model.model_id, self.activity(model.model_id),
-                         self.config.pinned(model.spec), model.spec.devices)
+                         self.config.pinned(entry), model.spec.devices, on_gpu)
 
     async def load(self, spec: ModelSpec) -> ModelLifecycle:
         """Load `spec` and return once its worker is ready; raise LoadError otherwise.
@@ -239,7 +256,7 @@ class ModelRegistry:
         if model is None or model.state is WorkerState.FAILED:
             # New, or failed before: a fresh attempt replaces the failed entry.
             model = self._begin(spec)
-        elif model.spec != spec:
+        elif not same_worker(model.spec, spec):
             raise Conflict(f"{spec.model_id} is {model.status.value} with different settings; "
                            "unload it first")
         elif model.state is WorkerState.READY:
@@ -261,11 +278,17 @@ class ModelRegistry:
         log.info("unloaded %s", model_id)
 
     async def _stop(self, model: ModelLifecycle, reason: str, release_vram: bool = True) -> None:
-        try:
-            await model.stop(reason, release_vram)
-        finally:
+        stopping = asyncio.ensure_future(model.stop(reason, release_vram))
+
+        def drop(_: object) -> None:
+            # Only once the stop is over, even when the caller was cancelled meanwhile (an
+            # unloaded load that was evicting this one): a model still stopping stays
+            # listed, so nothing loads a second worker for its id.
             if self._models.get(model.model_id) is model:
                 del self._models[model.model_id]
+
+        stopping.add_done_callback(drop)
+        await asyncio.shield(stopping)
 
     def cancel_loads(self) -> None:
         """Make pending load requests answer now (the node is stopping)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from .activation import load_default_models
 from .aio import bounded, in_thread
-from .config import ConfigError, ModelSpec, NeuronConfig, load_config
+from .config import ConfigError, ModelSpec, NeuronConfig, load_config, same_worker
 from .errors import Conflict
 from .harness import Harness, build_harnesses
 from .registry import ModelRegistry
@@ -155,5 +155,6 @@ class Reloader:
 
 
 def _changed(old: NeuronConfig, a: ModelSpec, new: NeuronConfig, b: ModelSpec) -> bool:
-    # A changed harness table changes the worker command as surely as a changed entry.
-    return a != b or old.harness_config(a.harness) != new.harness_config(b.harness)
+    # A changed harness table changes the worker command as surely as a changed entry;
+    # `pinned` and `autoload` alone restart nothing (a restart would cut requests).
+    return not same_worker(a, b) or old.harness_config(a.harness) != new.harness_config(b.harness)

@@ -258,7 +258,8 @@ class Router:
                    if r.serving_worker is not None}
         config = self.registry.config
         for model_id, spec in self.registry.catalogue.items():
-            if model_id not in entries and config.autoloads(spec):
+            if model_id not in entries and config.autoloads(spec) \
+                    and self.registry.get(model_id) is None:
                 entries[model_id] = {"id": model_id, "object": "model", "created": 0,
                                      "owned_by": "neuron", "status": "unloaded"}
         return entries
@@ -319,6 +320,8 @@ class Router:
             record = await self.registry.demand(model_id)
         if record is None:
             raise self._unknown_model(model_id)
+        if record.stopping:  # being unloaded, and not loaded again on demand
+            raise errors.ModelNotReady(f"model {model_id!r} is being unloaded", param="model")
         stats = self._stats_for(record)
         stats.requests += 1
         stats.last_used = time.monotonic()
@@ -391,7 +394,11 @@ class Router:
         model = self.registry.get(event.model)
         if stats is None:
             return
-        if event.new in (WorkerState.STOPPING, WorkerState.STOPPED) or model is None:
+        if model is not None and model.state is not event.new:
+            # An event of an earlier lifecycle of this id (an evicted worker's STOPPED
+            # after its next load began): the queue follows the current one.
+            self._follow(stats.queue, model)
+        elif event.new in (WorkerState.STOPPING, WorkerState.STOPPED) or model is None:
             stats.queue.fail(errors.ModelNotReady(
                 f"model {event.model!r} was unloaded while this request waited",
                 param="model"))

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .discovery import Gpu
-from .errors import NotEnoughVram
+from .errors import NoSuchGpu, NotEnoughVram
 from .ggufinfo import Header
 
 MIB = 1024 * 1024
@@ -85,7 +85,7 @@ def admit(model_id: str, need: Estimate, gpus: Sequence[Gpu], devices: Sequence[
     missing = [d for d in devices if d not in by_index]
     if missing:
         have = ", ".join(str(g.index) for g in gpus) or "none"
-        raise NotEnoughVram(
+        raise NoSuchGpu(
             f"{model_id}: no GPU {', '.join(map(str, missing))} on this host (GPUs: {have}); "
             "set force = true to load anyway"
         )

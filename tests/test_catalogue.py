@@ -397,3 +397,94 @@ async def test_v1_models_lists_what_a_request_may_name(
         assert 'neuron_model_status{model="manual",status="unloaded"} 1.0' in metrics
     finally:
         await runner.cleanup()
+
+
+# --- from review: eviction's corner cases --------------------------------------------------
+
+
+async def test_a_load_cancelled_while_it_evicts_leaves_the_victim_listed_until_it_is_gone(
+    node_config: NeuronConfig, make_registry: MakeRegistry,
+) -> None:
+    slow = fake("a", args=("--mode", "ignore-term"))  # its stop takes stop_timeout_s
+    config = catalogue(node_config, slow, fake("b"), max_loaded_models=1)
+    registry = make_registry(config)
+    old = await registry.load(slow)
+    with registry.events.subscribe() as events:
+        load_b = asyncio.create_task(registry.load(fake("b")))
+        await events.wait_for(lambda e: e.model == "a" and e.new is WorkerState.STOPPING, 5.0)
+    await registry.unload("b")  # cancels b's load inside its eviction of a
+    with contextlib.suppress(Exception):
+        await load_b
+    assert registry.get("a") is old  # still listed while its worker stops: no second one
+    assert old.worker is not None and old.worker.returncode is None
+    again = await registry.demand("a")  # a request now waits for that stop, then reloads
+    assert again is not None and again is not old
+    assert old.worker.returncode is not None  # the old worker was gone first
+    await again.wait_loaded()
+    assert registry.get("a") is again
+
+
+async def test_a_load_waiting_for_vram_is_neither_counted_nor_evicted(
+    node_config: NeuronConfig, make_registry: MakeRegistry, tiny_gguf: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from neuronctl.eviction import Activity
+
+    smi = install_fake_smi(tmp_path, monkeypatch)
+    smi.set(gpus=[gpu(0, 40)])
+    big = {"path": tiny_gguf, "n_ctx": 65536, "devices": (0,)}
+    config = catalogue(node_config, fake("a", **big), fake("b", **big), fake("c"),
+                       max_loaded_models=2, eviction_wait_s=5.0, vram_release_timeout_s=1.0)
+    registry = make_registry(config)
+    busy = {"a": Activity(in_flight=1)}
+    registry.activity = lambda m: busy.get(m, Activity())
+    await registry.load(fake("a", **big))
+    smi.set(gpus=[gpu(0, 7)])
+    load_b = asyncio.create_task(registry.load(fake("b", **big)))  # waits: a is busy
+    while registry.get("b") is None or registry.get("b").state is not WorkerState.STARTING \
+            or registry.services.load_lock.locked():
+        await asyncio.sleep(0.02)
+    await registry.load(fake("c"))  # one model loaded of 2: nothing to evict
+    assert not registry.evictions
+    busy.clear()  # a goes idle: b evicts it and loads
+    smi.set(gpus=[gpu(0, 40)])
+    await asyncio.wait_for(load_b, 20)
+    # Two loaded of 2 by then (a, c): b's slot and memory both come from evicting a.
+    assert sum(n for (m, _), n in registry.evictions.items() if m == "a") == 1
+    assert {m.model_id for m in registry.models()} == {"b", "c"}
+
+
+async def test_for_vram_only_models_on_that_gpu_are_evicted_and_a_missing_gpu_evicts_none(
+    node_config: NeuronConfig, make_registry: MakeRegistry, tiny_gguf: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from neuronctl.errors import NotEnoughVram
+    from neuronctl.eviction import Activity
+
+    smi = install_fake_smi(tmp_path, monkeypatch)
+    smi.set(gpus=[gpu(0, 40)])
+    big = {"path": tiny_gguf, "n_ctx": 65536, "devices": (0,)}
+    config = catalogue(node_config, fake("g", **big), fake("b", **big), fake("cpu"),
+                       vram_release_timeout_s=5.0)
+    registry = make_registry(config)
+    used = {"cpu": 1.0, "g": 2.0}  # the CPU model is the least recently used
+    registry.activity = lambda m: Activity(last_used=used.get(m, 0.0))
+    await registry.load(fake("cpu"))
+    with pytest.raises(NotEnoughVram, match="no GPU 5"):
+        await registry.load(fake("x", path=tiny_gguf, devices=(5,)))
+    assert not registry.evictions  # no eviction makes a GPU appear
+    await registry.load(fake("g", **big))
+    smi.set(gpus=[gpu(0, 7)])
+
+    async def free_when_g_stops() -> None:
+        with registry.events.subscribe() as events:
+            await events.wait_for(lambda e: e.model == "g" and e.new is WorkerState.STOPPED,
+                                  15.0)
+        smi.set(gpus=[gpu(0, 40)])
+
+    freeing = asyncio.create_task(free_when_g_stops())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(registry.load(fake("b", **big)), 20)
+    await freeing
+    assert registry.evictions == {("g", "vram"): 1}  # not the CPU model
+    assert registry.get("cpu") is not None
