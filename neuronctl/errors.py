@@ -149,6 +149,8 @@ class DownloadError(LoadError):
 class NotEnoughVram(LoadError):
     status, code = 503, "insufficient_vram"
 
+    short_mb: int | None = None  # how much more would fit it, when the estimate says
+
 
 class NoSuchGpu(NotEnoughVram):
     """The spec names a device this host does not have."""

@@ -23,7 +23,7 @@ from .config import ConfigError, ModelSpec, NeuronConfig, effective, gpu_layers,
 from .discovery import Discovery
 from .errors import Conflict, InvalidSpec, ModelNotFound, NoRoom, NotEnoughVram, UnknownHarness
 from .events import EventBus
-from .eviction import IDLE, Activity, Candidate, choose
+from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
 from .lifecycle import ModelLifecycle, Services, WorkerFactory
 from .statefile import StateFile
@@ -214,6 +214,8 @@ class ModelRegistry:
                 devices, why = None, f"max_loaded_models {limit}, for {incoming.model_id}"
             else:
                 return True
+            if shortage is not None and not self._could_fit(shortage, settled, devices):
+                raise shortage  # evicting every candidate would not make it fit
             choice = choose((self._candidate(m) for m in settled), devices)
             if choice.victim is None:
                 if choice.busy or len(settled) < len(others):
@@ -231,6 +233,23 @@ class ModelRegistry:
             await self._stop(victim, f"evicted: {why}")
             if shortage is not None:
                 return True  # the caller waits for the memory and judges the fit again
+
+    def _could_fit(self, shortage: NotEnoughVram, models: list[ModelLifecycle],
+                   devices: tuple[int, ...] | None) -> bool:
+        """Whether the memory the unpinned candidates hold (by their estimates) could cover
+        the shortage; True when a size is unknown (nothing to judge by)."""
+        if shortage.short_mb is None:
+            return True
+        held = 0
+        for model in models:
+            candidate = self._candidate(model)
+            if candidate.pinned or not candidate.on_gpu or \
+                    not shares_devices(candidate, devices or ()):
+                continue
+            if model.vram_estimate_mb is None:
+                return True
+            held += model.vram_estimate_mb
+        return held >= shortage.short_mb
 
     def _candidate(self, model: ModelLifecycle) -> Candidate:
         # Pinned as the catalogue says now (a reload may have changed it), else as loaded.

@@ -95,11 +95,13 @@ def admit(model_id: str, need: Estimate, gpus: Sequence[Gpu], devices: Sequence[
     free_mb = sum(f for f in free if f is not None)
     if need.total_mb > free_mb:
         names = ", ".join(map(str, devices))
-        raise NotEnoughVram(
+        short = NotEnoughVram(
             f"{model_id}: not enough free VRAM: needs about {need.total_mb} MiB "
             f"({need.describe()}) but GPU {names} {'has' if len(devices) == 1 else 'have'} "
             f"{free_mb} MiB free; set force = true to load anyway"
         )
+        short.short_mb = need.total_mb - free_mb
+        raise short
 
 
 def split_by_free(devices: Sequence[int], gpus: Sequence[Gpu]) -> tuple[float, ...]:

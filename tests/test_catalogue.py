@@ -488,3 +488,21 @@ async def test_for_vram_only_models_on_that_gpu_are_evicted_and_a_missing_gpu_ev
     await freeing
     assert registry.evictions == {("g", "vram"): 1}  # not the CPU model
     assert registry.get("cpu") is not None
+
+
+async def test_a_model_no_eviction_could_fit_evicts_nothing(
+    node_config: NeuronConfig, make_registry: MakeRegistry, tiny_gguf: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from neuronctl.errors import NotEnoughVram
+
+    smi = install_fake_smi(tmp_path, monkeypatch)
+    smi.set(gpus=[gpu(0, 40)])
+    big = {"path": tiny_gguf, "n_ctx": 65536, "devices": (0,)}  # about 33 MiB
+    huge = {**big, "n_ctx": 262144}  # about 129 MiB: more than the GPU has at all
+    registry = make_registry(catalogue(node_config, fake("g", **big), fake("huge", **huge)))
+    await registry.load(fake("g", **big))
+    smi.set(gpus=[gpu(0, 7)])
+    with pytest.raises(NotEnoughVram, match="not enough free VRAM"):
+        await asyncio.wait_for(registry.load(fake("huge", **huge)), 10)
+    assert not registry.evictions and registry.get("g") is not None
