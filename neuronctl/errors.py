@@ -155,6 +155,8 @@ class NotEnoughVram(LoadError):
 class NoSuchGpu(NotEnoughVram):
     """The spec names a device this host does not have."""
 
+    code = "no_such_gpu"
+
 
 class NoRoom(LoadError):
     """`max_loaded_models` (or VRAM) is taken by models that are pinned, or stayed busy for

@@ -166,10 +166,15 @@ class ModelLifecycle:
         """Stop whatever it is doing: a load in progress is cancelled and its process
         killed; a backoff ends with no restart. Done once: a second caller (an unload racing
         a shutdown) waits for the first stop rather than stopping it again."""
+        await asyncio.shield(self.begin_stop(reason, release_vram))
+
+    def begin_stop(self, reason: str, release_vram: bool = True) -> asyncio.Task[None]:
+        """The stop, started now (synchronously: from this call on it is `stopping` and
+        takes no request) or joined if under way already."""
         if self._stop_task is None:
             self._stop_task = asyncio.create_task(
                 self._stop_now(reason, release_vram), name=f"stop {self.model_id}")
-        await asyncio.shield(self._stop_task)
+        return self._stop_task
 
     def cancel_load(self) -> None:
         """Make waiters of a first start answer now (the node is stopping)."""

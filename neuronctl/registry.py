@@ -297,7 +297,7 @@ class ModelRegistry:
         log.info("unloaded %s", model_id)
 
     async def _stop(self, model: ModelLifecycle, reason: str, release_vram: bool = True) -> None:
-        stopping = asyncio.ensure_future(model.stop(reason, release_vram))
+        stopping = model.begin_stop(reason, release_vram)  # `stopping` from here on
 
         def drop(_: object) -> None:
             # Only once the stop is over, even when the caller was cancelled meanwhile (an
