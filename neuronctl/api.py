@@ -140,8 +140,13 @@ async def model_endpoint(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     app = request.app
     counts: dict[str, int] = {s.value: 0 for s in ModelStatus}
-    for model in app[REGISTRY].listing():
-        counts[model["status"]] += 1
+    registry = app[REGISTRY]
+    # From the states alone: /health is what monitors poll, and listing() measures memory.
+    records = registry.models()
+    for record in records:
+        counts[record.status.value] += 1
+    listed = {r.model_id for r in records}
+    counts[ModelStatus.UNLOADED.value] += sum(m not in listed for m in registry.catalogue)
     gpus = await app[DISCOVERY].gpus()
     return web.json_response({
         "status": "ok",

@@ -506,3 +506,21 @@ async def test_a_model_no_eviction_could_fit_evicts_nothing(
     with pytest.raises(NotEnoughVram, match="not enough free VRAM"):
         await asyncio.wait_for(registry.load(fake("huge", **huge)), 10)
     assert not registry.evictions and registry.get("g") is not None
+
+
+async def test_health_counts_unloaded_catalogue_models(
+    node_config: NeuronConfig, make_registry: MakeRegistry,
+) -> None:
+    registry = make_registry(catalogue(node_config, fake("x"), fake("y")))
+    await registry.load(fake("x"))
+    runner = web.AppRunner(create_app(registry))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{port}/health") as resp:
+            counts = (await resp.json())["models"]
+        assert counts["loaded"] == 1 and counts["unloaded"] == 1
+    finally:
+        await runner.cleanup()
