@@ -60,6 +60,8 @@ def _client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Cl
         return connect(url, config, timeout_s)
     except ConfigError as exc:
         fail(f"config error: {exc}", EX_CONFIG)
+    except ValueError as exc:  # a --url or NEURON_URL that is no URL
+        fail(f"--url: {exc}", 2)
 
 
 def _call(fn: Any, *args: Any) -> Any:

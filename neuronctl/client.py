@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, NeuronConfig, read_keys_leniently
 
-DEFAULT_URL = "http://127.0.0.1:13131"
+DEFAULT_PORT = 13131
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 # Longer than the daemon's keep-alive interval (15 s): a quiet node is not a dead one.
 EVENTS_READ_TIMEOUT_S = 45.0
 Event = tuple[str, Any]  # a server-sent event: its name and its decoded data
@@ -77,6 +79,28 @@ def settings_for(config_path: Path | None) -> ClientSettings | None:
     return None
 
 
+def normalize_url(url: str) -> str:
+    """The daemon's base URL from what an operator may type: `HOST:PORT` or `HOST` (as
+    OLLAMA_HOST is written: http, port 13131), `:PORT`, or the OpenAI base URL clients
+    use (`http://HOST:PORT/v1`), which names the same node."""
+    url = url.strip()
+    if "://" not in url:
+        url = f"http://{url if not url.startswith(':') else '127.0.0.1' + url}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    netloc = parts.netloc if port is not None or parts.scheme == "https" \
+        else f"{parts.netloc}:{DEFAULT_PORT}"
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
+
+
 def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) -> Client:
     """A client for the daemon this CLI invocation means.
 
@@ -87,12 +111,20 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     settings = settings_for(config_path)
     key = os.environ.get("NEURON_API_KEY") or (settings.api_key if settings else None)
     url = url or os.environ.get("NEURON_URL")
-    if not url and settings is not None:
-        # A wildcard listener is reachable on loopback; a specific address only on itself.
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        host = f"[{host}]" if ":" in host else host
-        url = f"http://{host}:{settings.port}"
-    return Client((url or DEFAULT_URL).rstrip("/"), timeout_s, key)
+    if url:
+        return Client(normalize_url(url), timeout_s, key)
+    settings = settings or ClientSettings()
+    # NEURON_PORT overrides the config's port for the daemon, so for its clients too.
+    port = _env_port() or settings.port
+    # A wildcard listener is reachable on loopback; a specific address only on itself.
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return Client(f"http://{host}:{port}", timeout_s, key)
+
+
+def _env_port() -> int | None:
+    value = os.environ.get("NEURON_PORT", "").strip()
+    return int(value) if value.isdigit() and 1 <= int(value) <= 65535 else None
 
 
 class Client:
@@ -133,6 +165,9 @@ class Client:
             payload = json.loads(raw)
         if isinstance(payload, dict) and payload.get("error"):
             message = str(payload["error"])
+        elif exc.code in (404, 405):
+            message = (f"{self.url} answered HTTP {exc.code} {exc.reason}, not as a neuron "
+                       "node does (no JSON error); is --url the node's address?")
         if exc.code == 401 and not self._api_key:
             message = f"{message} (set NEURON_API_KEY, or pass the --config that has it)"
         return ApiError(exc.code, message, payload)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from neuronctl.client import client_settings
+from neuronctl.client import ApiError, client_settings, connect, normalize_url
 from neuronctl.config import load_config
 
 
@@ -36,3 +36,50 @@ def test_a_mistake_elsewhere_leaves_the_keys_a_client_needs(tmp_path: Path) -> N
     assert settings.port == 13131  # the bad value falls back to the default
     assert settings.host == "127.0.0.2"
     assert settings.api_key == "s3cret"  # relative to the config file, as the daemon reads it
+
+
+@pytest.mark.parametrize(("typed", "url"), [
+    ("127.0.0.1:13131", "http://127.0.0.1:13131"),
+    ("localhost", "http://localhost:13131"),  # as OLLAMA_HOST is written
+    (":14000", "http://127.0.0.1:14000"),
+    ("http://node-3:14000/v1", "http://node-3:14000"),  # the OpenAI base URL
+    ("http://node-3:14000/v1/", "http://node-3:14000"),
+    ("https://gw.example/neuron/", "https://gw.example/neuron"),
+    ("http://[::1]:14000", "http://[::1]:14000"),
+])
+def test_url_forms_an_operator_types(typed: str, url: str) -> None:
+    assert normalize_url(typed) == url
+
+
+@pytest.mark.parametrize("bad", ["ftp://x", "http://", "http://h:99999"])
+def test_urls_that_are_no_node_address_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        normalize_url(bad)
+
+
+def test_neuron_port_reaches_client_commands_as_it_reaches_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "neuron.toml"
+    path.write_text("port = 14000\n")
+    monkeypatch.delenv("NEURON_URL", raising=False)
+    assert connect(None, path).url == "http://127.0.0.1:14000"
+    monkeypatch.setenv("NEURON_PORT", "14555")
+    assert connect(None, path).url == "http://127.0.0.1:14555"
+    assert connect("127.0.0.1:1", path).url == "http://127.0.0.1:1"  # --url wins
+
+
+def test_another_http_server_is_named_as_such(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = connect(f"127.0.0.1:{server.server_address[1]}", None)
+        with pytest.raises(ApiError, match="not as a neuron node does"):
+            client.models()
+    finally:
+        server.shutdown()
+        server.server_close()
