@@ -479,10 +479,11 @@ def load(
         detail = isinstance(exc.body, dict) and exc.body.get("detail")
         hint = f" (neuronctl logs {model_id} shows the rest)" if detail else ""
         fail(f"{model_id}: {first}{hint}")
-    model = result["ok"].get("model") or {}
+    # What clients should use: the node's OpenAI base URL and the model's name there (the
+    # worker's own address changes at every restart and bypasses the API key).
     out.print(
-        f"{model_id} loaded in {time.monotonic() - started:.1f}s"
-        f" -> {model.get('endpoint', '?')}",
+        f"{model_id} loaded in {time.monotonic() - started:.1f}s:"
+        f" model {model_id!r} at {client.url}/v1",
         markup=False,
         highlight=False,
         soft_wrap=True,  # one line, for grep, however long the id

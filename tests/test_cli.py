@@ -261,7 +261,9 @@ def test_load_sends_the_spec(stub: Stub, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "m loaded in" in result.stdout
-    assert "http://127.0.0.1:40009" in result.stdout
+    # What clients use: the node's /v1 base URL and the model name, not the worker's port.
+    assert f"model 'm' at {stub.url}/v1" in result.stdout
+    assert "40009" not in result.stdout
     assert stub.requests == [(
         "POST", "/models/load",
         {"model_id": "m", "path": str(model), "harness": "fake", "n_ctx": 512,
