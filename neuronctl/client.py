@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, NeuronConfig, read_keys_leniently
+from .starting import read_starting
 
 DEFAULT_PORT = 13131
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -28,9 +29,16 @@ Event = tuple[str, Any]  # a server-sent event: its name and its decoded data
 
 
 class DaemonNotRunning(Exception):
-    def __init__(self, url: str) -> None:
-        super().__init__(f"neuron is not running at {url}")
+    def __init__(self, url: str, starting: tuple[int, str] | None = None) -> None:
+        if starting is None:
+            message = f"neuron is not running at {url}"
+        else:  # activation: the listener opens once the default models are loaded
+            pid, doing = starting
+            message = (f"neuron is starting (pid {pid}): {doing}; {url} answers once its "
+                       "default models are loaded")
+        super().__init__(message)
         self.url = url
+        self.starting = starting
 
 
 class ApiError(Exception):
@@ -47,6 +55,7 @@ class ClientSettings:
     port: int = 13131
     log_dir: Path = NeuronConfig.log_dir
     api_key: str | None = None
+    state_dir: Path | None = None  # where a starting supervisor leaves its note
 
 
 def client_settings(path: Path) -> ClientSettings:
@@ -54,7 +63,8 @@ def client_settings(path: Path) -> ClientSettings:
     converter: a daemon that runs must stay reachable when the file has a mistake elsewhere
     (the daemon reports those on reload) or when this user may not read the key file
     (NEURON_API_KEY is the way then)."""
-    found = read_keys_leniently(path, ("host", "port", "log_dir", "api_key", "api_key_file"))
+    found = read_keys_leniently(path, ("host", "port", "log_dir", "api_key", "api_key_file",
+                                       "state_dir"))
     defaults = ClientSettings()
     port = found.get("port")
     key = found.get("api_key")
@@ -67,6 +77,7 @@ def client_settings(path: Path) -> ClientSettings:
         port=port if port is not None and 1 <= port <= 65535 else defaults.port,
         log_dir=found.get("log_dir", defaults.log_dir),
         api_key=key,
+        state_dir=found.get("state_dir", NeuronConfig.state_dir),
     )
 
 
@@ -113,13 +124,13 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     url = url or os.environ.get("NEURON_URL")
     if url:
         return Client(normalize_url(url), timeout_s, key)
-    settings = settings or ClientSettings()
+    settings = settings or ClientSettings(state_dir=NeuronConfig.state_dir)
     # NEURON_PORT overrides the config's port for the daemon, so for its clients too.
     port = _env_port() or settings.port
     # A wildcard listener is reachable on loopback; a specific address only on itself.
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     host = f"[{host}]" if ":" in host else host
-    return Client(f"http://{host}:{port}", timeout_s, key)
+    return Client(f"http://{host}:{port}", timeout_s, key, settings.state_dir)
 
 
 def _env_port() -> int | None:
@@ -128,10 +139,16 @@ def _env_port() -> int | None:
 
 
 class Client:
-    def __init__(self, url: str, timeout_s: float = 10.0, api_key: str | None = None) -> None:
+    def __init__(self, url: str, timeout_s: float = 10.0, api_key: str | None = None,
+                 state_dir: Path | None = None) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self._api_key = api_key
+        self._state_dir = state_dir  # known when the URL came from the config
+
+    def _not_running(self) -> DaemonNotRunning:
+        starting = read_starting(self._state_dir) if self._state_dir is not None else None
+        return DaemonNotRunning(self.url, starting)
 
     def request(
         self, method: str, path: str, body: Any = None, timeout_s: float | None = None
@@ -153,9 +170,9 @@ class Client:
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, (TimeoutError, socket.timeout)):
                 raise ApiError(0, f"no answer from {self.url}: {exc.reason}") from None
-            raise DaemonNotRunning(self.url) from None
+            raise self._not_running() from None
         except ConnectionError:  # refused, or reset before an answer
-            raise DaemonNotRunning(self.url) from None
+            raise self._not_running() from None
 
     def _api_error(self, exc: urllib.error.HTTPError) -> ApiError:
         raw = exc.read()

@@ -29,6 +29,7 @@ from .config import NeuronConfig
 from .harness import Harness
 from .registry import ModelRegistry
 from .reload import Reloader
+from .starting import StartingNote
 from .statefile import StateFile, stop_orphans
 from .states import LIVE_STATES
 from .systemd import ActivationStatus, NodeStatus, Notifier, summary, watchdog
@@ -67,6 +68,8 @@ class Daemon:
         self.sock = sock
         self.state = state
         self.registry = ModelRegistry(config, harnesses, state=state)
+        # What `neuronctl status` shows while the API does not answer yet.
+        self.starting = StartingNote(config.state_dir) if state is not None else None
         self.notifier = Notifier()
         self.reloader = Reloader(self.registry, config_path, self.notifier)
         self.stop = asyncio.Event()
@@ -117,6 +120,8 @@ class Daemon:
         listener.raise_fd_limit()  # before any worker starts, so that all see the same
         self._tasks.append(asyncio.create_task(watchdog(self.notifier), name="watchdog"))
         self.step = "cleaning up after a previous supervisor"
+        if self.starting is not None:
+            self.starting.write(self.step)
         if self.state is not None:
             await asyncio.to_thread(_stop_orphans, self.state, self.config.stop_timeout_s)
         if self.stop.is_set():
@@ -153,11 +158,14 @@ class Daemon:
                  summary(results))
         self.serving = True
         self.step = "serving"
+        if self.starting is not None:
+            self.starting.clear()
         return True
 
     async def _activate(self) -> list[ActivationResult] | None:
         """Load the default models; None if a stop signal came first."""
-        observer = ActivationStatus(self.notifier, self.registry.load_progress)
+        note = self.starting.write if self.starting is not None else None
+        observer = ActivationStatus(self.notifier, self.registry.load_progress, note)
         activation = asyncio.create_task(
             load_default_models(self.registry, self.config.default_models, observer))
         stopping = asyncio.create_task(self.stop.wait())
@@ -179,6 +187,8 @@ class Daemon:
         """Close the listener, let requests in flight finish (bounded: the workers still
         serve them), then stop every worker at once. Runs after any step, failed or not."""
         self.step = "shutdown"
+        if self.starting is not None:
+            self.starting.clear()
         running = sum(m.state in LIVE_STATES for m in self.registry.models())
         log.info("stopping: closing the listener and stopping %d workers", running)
         self.notifier.send("STOPPING=1", f"STATUS=stopping {running} workers")

@@ -90,14 +90,18 @@ async def watchdog(notifier: Notifier) -> None:
 class ActivationStatus:
     """An activation observer that keeps `systemctl status` and the start timeout current."""
 
-    def __init__(self, notifier: Notifier, progress: Callable[[], Hashable]) -> None:
+    def __init__(self, notifier: Notifier, progress: Callable[[], Hashable],
+                 on_status: Callable[[str], None] | None = None) -> None:
         self._notifier = notifier
         self._progress = progress
+        self._on_status = on_status  # the same line, for `neuronctl status` (StartingNote)
         self._heartbeat: asyncio.Task[None] | None = None
         self.failed: list[str] = []
 
     def before(self, index: int, total: int, spec: ModelSpec) -> None:
         self._notifier.status(f"loading {index}/{total}: {spec.model_id}")
+        if self._on_status is not None:
+            self._on_status(f"loading {index}/{total} {spec.model_id}")
         if self._notifier.enabled and self._heartbeat is None:
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
