@@ -555,18 +555,22 @@ def logs(
         bool, typer.Option("--previous", "-p", help="The log of the start before this one.")
     ] = False,
     log_dir: Annotated[
-        Path | None, typer.Option(help="Log directory [default: the config's log_dir].")
+        Path | None, typer.Option(help="Log directory [default: the daemon's, else the "
+                                       "config's log_dir].")
     ] = None,
     config: ConfigOpt = None,
+    url: UrlOpt = None,
 ) -> None:
     """Print a model's log file; works whether or not the daemon runs."""
-    if log_dir is None:
+    path = logfiles.log_path(log_dir, model_id) if log_dir is not None else \
+        _log_path_from_daemon(url, config, model_id)
+    if path is None:
         try:
             settings = settings_for(config)
             log_dir = settings.log_dir if settings else config_from_env().log_dir
         except ConfigError as exc:
             fail(f"config error: {exc}", EX_CONFIG)
-    path = logfiles.log_path(log_dir, model_id)
+        path = logfiles.log_path(log_dir, model_id)
     if previous:
         path = logfiles.previous_path(path)
     if not path.exists():
@@ -582,6 +586,19 @@ def logs(
                 sys.stdout.flush()
         except KeyboardInterrupt:
             pass
+
+
+def _log_path_from_daemon(url: str | None, config: Path | None, model_id: str) -> Path | None:
+    """Where the daemon writes this model's log (`log_path` in /models): the daemon knows,
+    whatever config this shell finds. None when it does not answer or does not know."""
+    try:
+        models = connect(url, config, timeout_s=3.0).models()
+    except (ApiError, DaemonNotRunning, ConfigError, ValueError):
+        return None
+    for model in models:
+        if model.get("id") == model_id and model.get("log_path"):
+            return Path(model["log_path"])
+    return None
 
 
 def main() -> None:

@@ -250,6 +250,16 @@ def test_status_api_error_is_one_line(stub: Stub) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_logs_asks_the_daemon_where_the_log_is(stub: Stub, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "srv-logs" / "m.log"  # not where this shell's config says
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("from the daemon's log_dir\n", encoding="utf-8")
+    stub.routes[("GET", "/models")] = (200, [{"id": "m", "log_path": str(elsewhere)}])
+    result = neuronctl("logs", "m", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "from the daemon's log_dir\n"
+
+
 def test_load_sends_the_spec(stub: Stub, tmp_path: Path) -> None:
     stub.routes[("POST", "/models/load")] = (
         200, {"status": "loaded", "model": {"endpoint": "http://127.0.0.1:40009"}},
