@@ -27,8 +27,11 @@ from .start import EX_CONFIG
 app = typer.Typer(
     help="Run and control llama.cpp model servers on this node.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
+    # Help strings hold "[default: ...]": shown as written, never read as rich markup.
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console()
 err = Console(stderr=True)

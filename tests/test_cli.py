@@ -475,3 +475,13 @@ def test_client_reads_the_config_leniently(stub: Stub, tmp_path: Path) -> None:
                                                NEURON_API_KEY="from-env"))
     assert result.returncode == 0, result.stderr
     assert stub.headers[-1].get("Authorization") == "Bearer from-env"
+
+
+def test_help_text_is_shown_as_written() -> None:
+    result = neuronctl("status", "-h")  # -h as well as --help, on every command
+    assert result.returncode == 0, result.stderr
+    help_text = squash(result.stdout)
+    assert squash("[default: $NEURON_URL, else the config's port]") in help_text
+    assert squash("[default: $NEURON_CONFIG, else /etc/neuron/neuron.toml]") in help_text
+    assert "<bool>" not in result.stdout  # flags take no value
+    assert "--install-completion" in neuronctl("--help").stdout
