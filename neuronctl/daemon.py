@@ -22,7 +22,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from . import listener
+from . import __version__, listener
 from .activation import ActivationResult, load_default_models
 from .aio import in_thread
 from .config import NeuronConfig
@@ -71,6 +71,7 @@ class Daemon:
         # What `neuronctl status` shows while the API does not answer yet.
         self.starting = StartingNote(config.state_dir) if state is not None else None
         self.notifier = Notifier()
+        self.config_path = config_path
         self.reloader = Reloader(self.registry, config_path, self.notifier)
         self.stop = asyncio.Event()
         self.serving = False
@@ -81,6 +82,12 @@ class Daemon:
     async def run(self) -> int:
         """The exit status: 0 after a requested stop, 1 when a step failed."""
         self._install_signals()
+        # The one line that says which daemon this is and what it will do.
+        log.info("neuronctl %s starting: config %s, %d default models, %d in the catalogue, "
+                 "the API on %s:%d once they are loaded, API key %s", __version__,
+                 self.config_path or "(none)", len(self.config.default_models),
+                 len(self.config.models), self.config.host, self.config.port,
+                 "required" if self.config.api_key else "not set")
         code = 0
         try:
             if await self._startup():
@@ -151,6 +158,8 @@ class Daemon:
         log.debug("listener: header_timeout_s %g, body_timeout_s %g, max_connections %d",
                   *dataclasses.astuple(limits))
         await guard.GuardedSockSite(self._runner, self.sock, guard.ConnectionGuard(limits)).start()
+        if self.starting is not None:
+            self.starting.clear()  # the API answers from here on
         # READY=1 only now: systemd's "started" then means the API answers.
         self.notifier.send("READY=1", f"STATUS={summary(results)}")
         self.registry.events.on_event(NodeStatus(self.notifier, self.registry.models))
@@ -158,8 +167,6 @@ class Daemon:
                  summary(results))
         self.serving = True
         self.step = "serving"
-        if self.starting is not None:
-            self.starting.clear()
         return True
 
     async def _activate(self) -> list[ActivationResult] | None:
@@ -190,7 +197,8 @@ class Daemon:
         if self.starting is not None:
             self.starting.clear()
         running = sum(m.state in LIVE_STATES for m in self.registry.models())
-        log.info("stopping: closing the listener and stopping %d workers", running)
+        log.info("stopping: closing the listener and stopping %d worker%s", running,
+                 "" if running == 1 else "s")
         self.notifier.send("STOPPING=1", f"STATUS=stopping {running} workers")
         try:
             self.registry.cancel_loads()  # waiting load requests answer now

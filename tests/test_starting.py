@@ -8,6 +8,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from neuronctl import __version__
 from neuronctl.starting import StartingNote, read_starting
 
 from .gpu_fakes import wrapper
@@ -49,6 +50,9 @@ def test_status_during_activation_says_starting_and_what_it_loads(
         assert f"neuron is starting (pid {node.pid}): loading 1/1 tiny" in status.stderr
         poll_until(lambda: b"listening" in log.read_bytes(), 30)
         assert not (tmp_path / "state" / "starting").exists()  # gone once it serves
+        journal = log.read_text()
+        assert f"neuronctl {__version__} starting: config {config}, 1 default models" in journal
+        assert "API key not set" in journal
         status = subprocess.run([NEURONCTL, "status", "--config", str(config)],
                                 env=clean_env(), capture_output=True, text=True, timeout=30)
         assert status.returncode == 0 and "tiny" in status.stdout
