@@ -465,13 +465,20 @@ def load(
     thread.start()
     # The load call blocks until ready; meanwhile GET /models says what it is doing.
     doing, polled = f"loading {escape(model_id)}", started
-    with err.status(doing, spinner="dots") as spinner:
-        while thread.is_alive():
-            thread.join(0.1)
-            if time.monotonic() - polled >= LOAD_POLL_S:
-                doing = _loading_what(client, model_id) or doing
-                polled = time.monotonic()
-            spinner.update(f"{doing} ({time.monotonic() - started:.0f}s)")
+    try:
+        with err.status(doing, spinner="dots") as spinner:
+            while thread.is_alive():
+                thread.join(0.1)
+                if time.monotonic() - polled >= LOAD_POLL_S:
+                    doing = _loading_what(client, model_id) or doing
+                    polled = time.monotonic()
+                spinner.update(f"{doing} ({time.monotonic() - started:.0f}s)")
+    except KeyboardInterrupt:
+        # Only this command stops waiting: the load goes on in the daemon.
+        err.print(f"interrupted: the daemon goes on loading {model_id}; "
+                  f"`neuronctl status` shows it, `neuronctl unload {model_id}` stops it",
+                  markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     exc = result.get("error")
     if isinstance(exc, DaemonNotRunning):
         fail(str(exc))

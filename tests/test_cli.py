@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import threading
@@ -485,3 +486,28 @@ def test_help_text_is_shown_as_written() -> None:
     assert squash("[default: $NEURON_CONFIG, else /etc/neuron/neuron.toml]") in help_text
     assert "<bool>" not in result.stdout  # flags take no value
     assert "--install-completion" in neuronctl("--help").stdout
+
+
+def test_ctrl_c_during_load_says_the_daemon_goes_on(tmp_path: Path) -> None:
+    silent = socket.socket()  # accepts connections (the backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    proc = subprocess.Popen([str(NEURONCTL), "load", "m", "--url", url], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    conn: socket.socket | None = None
+    try:
+        silent.settimeout(15)
+        conn, _ = silent.accept()  # the load request is under way
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=15)
+        assert proc.returncode == 130
+        assert squash("interrupted: the daemon goes on loading m") in squash(stderr)
+        assert "Traceback" not in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if conn is not None:
+            conn.close()
+        silent.close()
