@@ -276,8 +276,11 @@ class ModelRegistry:
             # New, or failed before: a fresh attempt replaces the failed entry.
             model = self._begin(spec)
         elif not same_worker(model.spec, spec):
-            raise Conflict(f"{spec.model_id} is {model.status.value} with different settings; "
-                           "unload it first")
+            differ = [f"{f.name} {getattr(model.spec, f.name)!r} → {getattr(spec, f.name)!r}"
+                      for f in dataclasses.fields(spec) if f.name not in ("pinned", "autoload")
+                      and getattr(model.spec, f.name) != getattr(spec, f.name)]
+            raise Conflict(f"{spec.model_id} is {model.status.value} with different settings "
+                           f"({'; '.join(differ)}); unload it first")
         elif model.state is WorkerState.READY:
             return model
         elif not model.loading:

@@ -35,8 +35,10 @@ async def test_concurrent_loads_of_one_model_start_one_process(
     # Loading it again once loaded is a no-op.
     assert await registry.load(spec) is records[0]
     assert fake_harness.planned == ["org/m"]
-    with pytest.raises(Conflict, match="different settings"):
+    with pytest.raises(Conflict, match="different settings") as conflict:
         await registry.load(fake("org/m", "--delay", "0.1"))
+    # It says which: only the args differ here.
+    assert "(args ('--delay', '0.3') → ('--delay', '0.1'))" in conflict.value.message
 
 
 async def test_loads_of_different_models_are_serialized(make_registry: MakeRegistry) -> None:
