@@ -514,7 +514,10 @@ def unload(
         fail("give a MODEL_ID, or --all", 2)
     client = _client(url, config, timeout_s=120.0)
     if model_id is not None:
-        _call(client.unload, model_id)
+        # A worker that ignores SIGTERM takes the node's stop_timeout_s: say what happens.
+        with err.status(f"unloading {escape(model_id)}: SIGTERM to its worker, SIGKILL if it "
+                        "does not exit in time", spinner="dots"):
+            _call(client.unload, model_id)
         out.print(f"{model_id} unloaded", markup=False, highlight=False, soft_wrap=True)
         return
     loaded = [m["id"] for m in _call(client.models) if m["status"] != "unloaded"]
