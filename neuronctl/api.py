@@ -22,6 +22,7 @@ from .auth import api_key_middleware
 from .config import ConfigError, model_id_problem, model_spec_from_mapping
 from .discovery import Discovery
 from .errors import NeuronError
+from .harness import unavailable
 from .idle import idle_unload_ctx
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -159,8 +160,11 @@ async def health(request: web.Request) -> web.Response:
 
 async def discovery(request: web.Request) -> web.Response:
     app = request.app
-    harnesses = sorted(app[REGISTRY].harnesses)
-    return web.json_response(await app[DISCOVERY].host(harnesses))
+    why_not = {name: unavailable(h) for name, h in app[REGISTRY].harnesses.items()}
+    body = await app[DISCOVERY].host(sorted(n for n, why in why_not.items() if why is None))
+    # Configured, or built in, but not runnable here (llama-server not installed, say).
+    body["harnesses_unavailable"] = {n: why for n, why in sorted(why_not.items()) if why}
+    return web.json_response(body)
 
 
 async def reload_config(request: web.Request) -> web.Response:

@@ -81,6 +81,18 @@ _MODEL = "the model file comes from the spec (path, or model_id/file/quant)"
 _PROBE = "neuronctl probes and forwards to the worker over plain HTTP without a key"
 
 
+def unavailable(harness: Harness) -> str | None:
+    """Why this harness cannot run a worker on this host (its program is missing), or
+    None; for /discovery, which lists only what really runs here."""
+    binary = getattr(harness, "binary", None)
+    if callable(binary):
+        try:
+            binary()
+        except HarnessUnavailable as exc:
+            return exc.message
+    return None
+
+
 def slots_of(harness: Harness, spec: ModelSpec) -> int:
     slots = getattr(harness, "slots", None)
     return int(slots(spec)) if slots is not None else 1

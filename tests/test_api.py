@@ -344,3 +344,17 @@ async def test_wrong_method_keeps_allow_header(make_registry: MakeRegistry) -> N
         assert "no such route" not in body["error"]
 
     await run_api(make_registry, scenario)
+
+
+async def test_discovery_lists_only_harnesses_that_run_here(
+    make_registry: MakeRegistry, fake_harness: Any, tmp_path: Path,
+) -> None:
+    from neuronctl.config import HarnessConfig
+    from neuronctl.harness import LlamaServerHarness
+
+    missing = LlamaServerHarness(HarnessConfig(binary=str(tmp_path / "no-llama-server")))
+    registry = make_registry(harnesses={"fake": fake_harness, "llama-server": missing})
+    async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
+        body = await get_json(client, "/discovery")
+    assert body["harnesses"] == ["fake"]
+    assert "llama-server not found" in body["harnesses_unavailable"]["llama-server"]
