@@ -9,6 +9,7 @@ from neuronctl.config import ModelSpec
 from neuronctl.harness import WorkerPlan
 
 FAKE_WORKER = Path(__file__).parent / "fake_worker.py"
+FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
 
 class FakeHarness:
@@ -26,3 +27,17 @@ class FakeHarness:
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, spec.devices))} if spec.devices else {}
         timeout = spec.ready_timeout_s or self.ready_timeout_s
         return WorkerPlan(command, env, "/health", timeout)
+
+
+class FileHarness(FakeHarness):
+    """The fake worker, but with a model file resolved first, as the real harnesses do."""
+
+    needs_model_file = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.planned_specs: list[ModelSpec] = []
+
+    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
+        self.planned_specs.append(spec)
+        return super().plan(spec, port)

@@ -7,10 +7,14 @@ import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from neuronctl.config import HarnessConfig
+from neuronctl.resolve import Fetcher
 
 TESTS = Path(__file__).parent
 FAKE_NVIDIA_SMI = TESTS / "fake_nvidia_smi.py"
@@ -88,3 +92,58 @@ def lay_out_hf_cache(
     for ref in refs:
         (repo / "refs" / ref).write_text(commit)
     return snapshot
+
+
+class FakeHub:
+    """Stands in for HfApi.list_repo_tree and hf_hub_download: writes into the cache as
+    huggingface_hub does (an .incomplete blob growing, then the snapshot link) and drives
+    the progress bar class it is given. `gate` holds each download midway."""
+
+    def __init__(self, cache: Path, files: dict[str, bytes]) -> None:
+        self.cache, self.files = cache, files
+        self.downloads: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.midway = threading.Event()
+        self.finished = threading.Event()
+
+    def list_repo_tree(self, repo_id: str, revision: str | None = None,
+                       recursive: bool = False) -> list[Any]:
+        from huggingface_hub.hf_api import RepoFile, RepoFolder
+
+        entries: list[Any] = [RepoFolder(path="BF16", oid="0" * 40)]
+        for name, content in self.files.items():
+            entries.append(RepoFile(path=name, size=len(content), oid="0" * 40))
+        return entries
+
+    def download(self, repo_id: str, filename: str, *, revision: str | None,
+                 cache_dir: str, tqdm_class: Any = None) -> str:
+        self.downloads.append(filename)
+        content = self.files[filename]
+        repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+        incomplete = blob.with_name(blob.name + ".incomplete")
+        half = len(content) // 2
+        bar = tqdm_class(total=len(content), initial=0, desc=filename, unit="B",
+                         name="huggingface_hub.http_get")
+        try:
+            incomplete.write_bytes(content[:half])
+            bar.update(half)
+            self.midway.set()
+            self.gate.wait(30)
+            incomplete.write_bytes(content)
+            bar.update(len(content) - half)
+        finally:
+            bar.close()
+        incomplete.rename(blob)
+        link = repo / "snapshots" / ("9" * 40) / filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text("9" * 40)
+        self.finished.set()
+        return str(link)
+
+    def fetcher(self, defaults: HarnessConfig) -> Fetcher:
+        return Fetcher(defaults.hf_cache, offline=False, api=self, download=self.download)

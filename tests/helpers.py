@@ -3,6 +3,7 @@ environment, and the registry factory's type."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import importlib.util
@@ -52,6 +53,19 @@ def poll_until(condition: Callable[[], T], timeout: float = 10.0, interval: floa
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout} s: {condition}")
         time.sleep(interval)
+
+
+async def poll_until_async(condition: Callable[[], T], timeout: float = 10.0,
+                           interval: float = 0.02) -> T:
+    """`poll_until` for a test running in the event loop: it yields between looks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+        await asyncio.sleep(interval)
 
 
 def free_port() -> int:

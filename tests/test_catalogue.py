@@ -27,7 +27,7 @@ from neuronctl.states import ModelStatus, WorkerState
 
 from .fakes import FakeHarness
 from .gpu_fakes import gpu, install_fake_smi, lay_out_hf_cache
-from .helpers import MakeRegistry, free_port, llama_required
+from .helpers import MakeRegistry, free_port, llama_required, poll_until_async
 
 NO_EOS = {"2": -100}  # the tiny model's end-of-text token: long answers stay long
 
@@ -332,8 +332,7 @@ async def test_a_model_with_a_stream_in_flight_is_not_evicted(
     await n.registry.load(tiny("a", tiny_gguf, n_ctx=1024))
     with n.registry.events.subscribe() as events:
         stream = asyncio.create_task(n.stream("a", max_tokens=300, logit_bias=NO_EOS))
-        while n.registry.activity("a").in_flight == 0:
-            await asyncio.sleep(0.005)
+        await poll_until_async(lambda: n.registry.activity("a").in_flight, 30, 0.005)
         other = asyncio.create_task(n.complete("b"))  # needs a's room
         status, finish = await asyncio.wait_for(stream, 120)
         stream_done = time.time()
@@ -441,9 +440,9 @@ async def test_a_load_waiting_for_vram_is_neither_counted_nor_evicted(
     await registry.load(fake("a", **big))
     smi.set(gpus=[gpu(0, 7)])
     load_b = asyncio.create_task(registry.load(fake("b", **big)))  # waits: a is busy
-    while registry.get("b") is None or registry.get("b").state is not WorkerState.STARTING \
-            or registry.services.load_lock.locked():
-        await asyncio.sleep(0.02)
+    await poll_until_async(lambda: (b := registry.get("b")) is not None
+                           and b.state is WorkerState.STARTING
+                           and not registry.services.load_lock.locked())
     await registry.load(fake("c"))  # one model loaded of 2: nothing to evict
     assert not registry.evictions
     busy.clear()  # a goes idle: b evicts it and loads

@@ -33,10 +33,19 @@ from neuronctl.events_api import STREAMS, EventStreams
 from neuronctl.registry import ModelRegistry
 from neuronctl.states import WorkerState
 
-from .gpu_fakes import hide_nvidia_smi, wrapper
-from .helpers import NEURONCTL, MakeRegistry, clean_env, free_port, kill_quietly, poll_until
-from .test_llama_server import FAKE_LLAMA_SERVER
-from .test_resolve import REPO, FakeHub, FileHarness
+from .fakes import FAKE_LLAMA_SERVER, FileHarness
+from .gpu_fakes import FakeHub, hide_nvidia_smi, wrapper
+from .helpers import (
+    NEURONCTL,
+    MakeRegistry,
+    clean_env,
+    free_port,
+    kill_quietly,
+    poll_until,
+    poll_until_async,
+)
+
+REPO = "Qwen/Qwen3-0.6B-GGUF"
 
 FAKE = {"model_id": "m", "harness": "fake"}
 Frame = tuple[str, Any]
@@ -138,13 +147,6 @@ async def stream(served: Served, **headers: str) -> AsyncIterator[Stream]:
         assert resp.status == 200, await resp.text()
         assert resp.headers["Content-Type"] == "text/event-stream"
         yield Stream(resp)
-
-
-async def until(condition: Callable[[], object], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not met within {timeout_s} s: {condition}"
-        await asyncio.sleep(0.02)
 
 
 def edges(states: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -283,9 +285,9 @@ async def test_a_client_that_hangs_up_leaves_no_subscription_or_task(
             assert served.streams.open == 1
             assert len(registry.events._subscriptions) == subscriptions + 1
         # The response is closed: aiohttp drops the connection, as a client that leaves does.
-        await until(lambda: served.streams.open == 0)
+        await poll_until_async(lambda: served.streams.open == 0)
         assert len(registry.events._subscriptions) == subscriptions
-        await until(lambda: len(asyncio.all_tasks()) <= tasks)
+        await poll_until_async(lambda: len(asyncio.all_tasks()) <= tasks)
 
 
 async def test_shutdown_ends_the_streams_at_once(make_registry: MakeRegistry) -> None:
@@ -312,14 +314,14 @@ async def test_shutdown_does_not_wait_for_a_client_that_stopped_reading(
             writer.transport.set_write_buffer_limits(0)
             writer.write(b"GET /models/events HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
-            await until(lambda: served.streams.open == 1)
+            await poll_until_async(lambda: served.streams.open == 1)
             # 40 MB of events the client never reads: the stream blocks in a write.
             reason = "x" * (1024 * 1024)
             for _ in range(40):
                 registry.events.publish(ModelEvent("m", WorkerState.PENDING,
                                                    WorkerState.STARTING, reason))
             (stream_,) = served.streams._streams
-            await until(lambda: stream_.writing)
+            await poll_until_async(lambda: stream_.writing)
             started = time.monotonic()
             await served.stop()
             assert time.monotonic() - started < 2.5  # well under the 5 s grace
@@ -340,7 +342,7 @@ async def test_the_number_of_streams_is_bounded(make_registry: MakeRegistry) -> 
             body = await refused.json()
             assert body["code"] == "too_many_streams"
             assert "limit" in body["error"]
-        await until(lambda: served.streams.open == 0)
+        await poll_until_async(lambda: served.streams.open == 0)
         async with stream(served) as again:  # room again once they left
             assert (await again.frame())[0] == "snapshot"
 

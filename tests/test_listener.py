@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,19 @@ from neuronctl.daemon import bind_listener
 from neuronctl.guard import BODY_PROGRESS_BYTES, ConnectionGuard, GuardedSockSite, Limits
 from neuronctl.registry import ModelRegistry
 
+from .fakes import FAKE_LLAMA_SERVER
 from .gpu_fakes import wrapper
-from .helpers import NEURONCTL, MakeRegistry, clean_env, free_port, kill_quietly, poll_until
+from .helpers import (
+    NEURONCTL,
+    MakeRegistry,
+    clean_env,
+    free_port,
+    kill_quietly,
+    poll_until,
+    poll_until_async,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -99,13 +107,6 @@ def post(path: str, body: bytes) -> bytes:
 GET_MODELS = b"GET /models HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
 
-async def wait_for_value(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        await asyncio.sleep(0.01)
-
-
 async def drip(writers: list[asyncio.StreamWriter], every_s: float) -> None:
     """A slowloris: one more header line on every connection now and then, never the end."""
     for writer in writers:
@@ -126,7 +127,7 @@ async def test_a_slowloris_cannot_stop_others_being_answered_and_is_closed_on_ti
         writers = [writer for _, writer in slow]
         dripping = asyncio.create_task(drip(writers, 0.2))
         try:
-            await wait_for_value(lambda: guard.open == 200)
+            await poll_until_async(lambda: guard.open == 200)
             started = time.monotonic()
             status, models = await exchange(port, GET_MODELS, timeout=2.0)
             answered_in = time.monotonic() - started
@@ -170,7 +171,7 @@ async def test_a_stalled_or_trickling_body_is_closed_and_frees_its_slot(
                 await task
         assert remains == [b"", b""]
         assert 0.9 <= closed_after < 3.5, closed_after
-        await wait_for_value(lambda: guard.open == 0)
+        await poll_until_async(lambda: guard.open == 0)
         assert guard.body_timeouts == 2
         assert (await exchange(port, GET_MODELS))[0] == 200
 
@@ -206,7 +207,7 @@ async def test_beyond_max_connections_new_ones_are_refused_at_once(
             for _, writer in busy:
                 writer.write(b"POST /models/unload HTTP/1.1\r\nHost: t\r\n"
                              b"Content-Length: 100\r\n\r\n")
-            await wait_for_value(lambda: guard.open == 5 and not guard._waiting)
+            await poll_until_async(lambda: guard.open == 5 and not guard._waiting)
             async with connections(port, 5) as extra:
                 started = time.monotonic()
                 answers = await asyncio.gather(*(until_closed(r, 2.0) for r, _ in extra))
@@ -216,7 +217,7 @@ async def test_beyond_max_connections_new_ones_are_refused_at_once(
                 status, body = parse(answer)
                 assert status == 503 and body["code"] == "too_many_connections"
             assert guard.refused == 5 and guard.open == 5 and guard.evicted == 0
-        await wait_for_value(lambda: guard.open == 0)
+        await poll_until_async(lambda: guard.open == 0)
         assert await exchange(port, GET_MODELS) == (200, [])
 
 
@@ -229,7 +230,7 @@ async def test_at_the_cap_the_oldest_connection_without_a_request_head_makes_roo
         writers = [writer for _, writer in slow]
         dripping = asyncio.create_task(drip(writers, 0.2))
         try:
-            await wait_for_value(lambda: guard.evicted == 50)
+            await poll_until_async(lambda: guard.evicted == 50)
             started = time.monotonic()
             assert await exchange(port, GET_MODELS, timeout=2.0) == (200, [])
             answered_in = time.monotonic() - started

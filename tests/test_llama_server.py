@@ -21,10 +21,9 @@ from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.harness import LlamaServerHarness, LoadError, build_harnesses
 from neuronctl.states import ModelStatus
 
+from .fakes import FAKE_LLAMA_SERVER
 from .gpu_fakes import FakeSmi, gpu, hide_nvidia_smi, install_fake_smi, wrapper
 from .helpers import MakeRegistry, pid_alive
-
-FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
 
 @pytest.fixture

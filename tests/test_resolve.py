@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,12 +16,12 @@ import pytest
 
 from neuronctl.aio import in_thread
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.harness import LlamaCppPythonHarness, LoadError, WorkerPlan, build_harnesses
+from neuronctl.harness import LlamaCppPythonHarness, LoadError, build_harnesses
 from neuronctl.resolve import Fetcher, Progress, ResolveError, local_file, select
 from neuronctl.states import ModelStatus, WorkerState
 
-from .fakes import FakeHarness
-from .gpu_fakes import hide_nvidia_smi, lay_out_hf_cache
+from .fakes import FileHarness
+from .gpu_fakes import FakeHub, hide_nvidia_smi, lay_out_hf_cache
 from .helpers import MakeRegistry, llama_required, poll_until
 
 REPO = "Qwen/Qwen3-0.6B-GGUF"
@@ -168,61 +166,6 @@ def test_select_is_pure() -> None:
 # --- downloads ---------------------------------------------------------------------------
 
 
-class FakeHub:
-    """Stands in for HfApi.list_repo_tree and hf_hub_download: writes into the cache as
-    huggingface_hub does (an .incomplete blob growing, then the snapshot link) and drives
-    the progress bar class it is given. `gate` holds each download midway."""
-
-    def __init__(self, cache: Path, files: dict[str, bytes]) -> None:
-        self.cache, self.files = cache, files
-        self.downloads: list[str] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.midway = threading.Event()
-        self.finished = threading.Event()
-
-    def list_repo_tree(self, repo_id: str, revision: str | None = None,
-                       recursive: bool = False) -> list[Any]:
-        from huggingface_hub.hf_api import RepoFile, RepoFolder
-
-        entries: list[Any] = [RepoFolder(path="BF16", oid="0" * 40)]
-        for name, content in self.files.items():
-            entries.append(RepoFile(path=name, size=len(content), oid="0" * 40))
-        return entries
-
-    def download(self, repo_id: str, filename: str, *, revision: str | None,
-                 cache_dir: str, tqdm_class: Any = None) -> str:
-        self.downloads.append(filename)
-        content = self.files[filename]
-        repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
-        incomplete = blob.with_name(blob.name + ".incomplete")
-        half = len(content) // 2
-        bar = tqdm_class(total=len(content), initial=0, desc=filename, unit="B",
-                         name="huggingface_hub.http_get")
-        try:
-            incomplete.write_bytes(content[:half])
-            bar.update(half)
-            self.midway.set()
-            self.gate.wait(30)
-            incomplete.write_bytes(content)
-            bar.update(len(content) - half)
-        finally:
-            bar.close()
-        incomplete.rename(blob)
-        link = repo / "snapshots" / ("9" * 40) / filename
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / "main").write_text("9" * 40)
-        self.finished.set()
-        return str(link)
-
-    def fetcher(self, defaults: HarnessConfig) -> Fetcher:
-        return Fetcher(defaults.hf_cache, offline=False, api=self, download=self.download)
-
-
 def test_download_fetches_every_part_into_the_cache_with_progress(tmp_path: Path) -> None:
     cache = tmp_path / "hf"
     hub = FakeHub(cache, {k: v * 1000 for k, v in FILES.items()})
@@ -238,20 +181,6 @@ def test_download_fetches_every_part_into_the_cache_with_progress(tmp_path: Path
     # A second resolution is served by the cache, with no listing and no download.
     again = Fetcher(cache, offline=True).resolve(spec(quant="BF16"), Progress())
     assert again.parts == resolved.parts and len(hub.downloads) == 3
-
-
-class FileHarness(FakeHarness):
-    """The fake worker, but with a model file resolved first, as the real harnesses do."""
-
-    needs_model_file = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.planned_specs: list[ModelSpec] = []
-
-    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
-        self.planned_specs.append(spec)
-        return super().plan(spec, port)
 
 
 async def test_a_load_shows_downloading_with_bytes_then_loads_the_file(

@@ -11,10 +11,9 @@ from pathlib import Path
 from neuronctl import __version__
 from neuronctl.starting import StartingNote, read_starting
 
+from .fakes import FAKE_LLAMA_SERVER
 from .gpu_fakes import wrapper
 from .helpers import NEURONCTL, clean_env, free_port, kill_quietly, poll_until
-
-FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
 
 def test_the_note_names_a_live_pid_only(tmp_path: Path) -> None:
