@@ -187,12 +187,15 @@ class NeuronConfig:
         return any(spec.model_id == model_id for spec in self.default_models)
 
     def pinned(self, spec: ModelSpec) -> bool:
-        """Whether eviction may never pick this model: its own `pinned`, else whether it is
-        one of the default models (the operator listed them to be up)."""
-        return self.is_default(spec.model_id) if spec.pinned is None else spec.pinned
+        """Whether eviction may never pick this model: its catalogue entry's `pinned` as
+        this config has it (a reload changes it without a restart; else the spec's own),
+        unset meaning whether it is a default model (the operator listed them to be up)."""
+        pinned = self.catalogue().get(spec.model_id, spec).pinned
+        return self.is_default(spec.model_id) if pinned is None else pinned
 
     def autoloads(self, spec: ModelSpec) -> bool:
-        return self.autoload if spec.autoload is None else spec.autoload
+        autoload = self.catalogue().get(spec.model_id, spec).autoload
+        return self.autoload if autoload is None else autoload
 
     def ttl_for(self, spec: ModelSpec) -> float | None:
         """The idle TTL that applies to `spec`: its own `ttl_s`, else the node's, except

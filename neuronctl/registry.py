@@ -252,11 +252,9 @@ class ModelRegistry:
         return held >= shortage.short_mb
 
     def _candidate(self, model: ModelLifecycle) -> Candidate:
-        # Pinned as the catalogue says now (a reload may have changed it), else as loaded.
-        entry = self.catalogue.get(model.model_id, model.spec)
         on_gpu = bool(gpu_layers(model.spec, self.config.harness_config(model.spec.harness)))
         return Candidate(model.model_id, self.activity(model.model_id),
-                         self.config.pinned(entry), model.spec.devices, on_gpu)
+                         self.config.pinned(model.spec), model.spec.devices, on_gpu)
 
     async def load(self, spec: ModelSpec) -> ModelLifecycle:
         """Load `spec` and return once its worker is ready; raise LoadError otherwise.
