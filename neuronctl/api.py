@@ -174,6 +174,9 @@ async def reload_config(request: web.Request) -> web.Response:
     try:
         result = await reloader.reload()
     except ConfigError as exc:
+        # SIGHUP's refusals reach the journal too: whoever reads it later sees both.
+        log.error("reload (POST /reload from %s) refused, nothing changed: %s",
+                  request.remote or "?", exc)
         raise errors.InvalidConfig(f"reload refused, nothing changed: {exc}") from None
     return web.json_response(result.to_json())
 

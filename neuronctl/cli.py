@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, logfiles
+from . import chat as chat_
 from .client import ApiError, Client, DaemonNotRunning, connect, settings_for
 from .config import DEFAULT_CONFIG_PATH, ConfigError, config_from_env
 from .start import EX_CONFIG
@@ -60,11 +61,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def _client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Client:
     try:
-        return connect(url, config, timeout_s)
+        client = connect(url, config, timeout_s)
     except ConfigError as exc:
         fail(f"config error: {exc}", EX_CONFIG)
     except ValueError as exc:  # a --url or NEURON_URL that is no URL
         fail(f"--url: {exc}", 2)
+    if client.note:
+        sys.stderr.write(f"neuronctl: note: {client.note}\n")
+    return client
 
 
 def _call(fn: Any, *args: Any) -> Any:
@@ -557,6 +561,47 @@ def reload(
             err.print(f"{model_id}: {first}", style="red", markup=False, highlight=False,
                       soft_wrap=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def chat(
+    model_id: Annotated[str, typer.Argument(help="The model to talk to.")],
+    prompt: Annotated[
+        str | None, typer.Argument(help="One prompt; without it, stdin when piped, else an "
+                                        "interactive chat (/bye ends it).")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens per answer.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="A plain completion of PROMPT (base models), no "
+                                         "chat template.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the next token (an on-demand load "
+                                 "included).")
+    ] = chat_.DEFAULT_READ_TIMEOUT_S,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Chat with a model through the node's /v1, answers streamed (like `ollama run`)."""
+    options = chat_.ChatOptions(model_id, system, max_tokens, temperature, raw, timeout)
+    client = _client(url, config)
+    conversation = chat_.Conversation(options)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            fail("no prompt: stdin was empty", 2)
+    try:
+        if prompt is not None:
+            _call(chat_.say, client, conversation, prompt, sys.stdout)
+            return
+        err.print(f"chatting with {model_id} at {client.url}/v1; {chat_.HELP}",
+                  markup=False, highlight=False, style="dim", soft_wrap=True)
+        _call(chat_.interactive, client, conversation, input, sys.stdout, sys.stderr)
+    except KeyboardInterrupt:  # at the prompt: Ctrl-C ends the chat, as in a shell
+        sys.stdout.write("\n")
+        raise typer.Exit(130) from None
 
 
 @app.command()

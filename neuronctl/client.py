@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, NeuronConfig, read_keys_leniently
-from .starting import read_starting
+from .starting import local_url, read_listening, read_starting
 
 DEFAULT_PORT = 13131
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -127,10 +127,15 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     settings = settings or ClientSettings(state_dir=NeuronConfig.state_dir)
     # NEURON_PORT overrides the config's port for the daemon, so for its clients too.
     port = _env_port() or settings.port
-    # A wildcard listener is reachable on loopback; a specific address only on itself.
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    host = f"[{host}]" if ":" in host else host
-    return Client(f"http://{host}:{port}", timeout_s, key, settings.state_dir)
+    client = Client(local_url(settings.host, port), timeout_s, key, settings.state_dir)
+    running = read_listening(settings.state_dir) if settings.state_dir is not None else None
+    if running is not None and running[1] != client.url:
+        # The config was edited (a new port) and the daemon not restarted yet: it still
+        # answers where it started; reaching it there beats "not running".
+        client.note = (f"the daemon (pid {running[0]}) listens on {running[1]}; the config "
+                       f"says {client.url}, which applies when it restarts")
+        client.url = running[1]
+    return client
 
 
 def _env_port() -> int | None:
@@ -145,6 +150,7 @@ class Client:
         self.timeout_s = timeout_s
         self._api_key = api_key
         self._state_dir = state_dir  # known when the URL came from the config
+        self.note: str | None = None  # something the operator should know (the CLI says it)
 
     def _not_running(self) -> DaemonNotRunning:
         starting = read_starting(self._state_dir) if self._state_dir is not None else None
@@ -175,13 +181,21 @@ class Client:
             raise self._not_running() from None
 
     def _api_error(self, exc: urllib.error.HTTPError) -> ApiError:
-        raw = exc.read()
+        try:
+            raw = exc.read()
+        except (OSError, http.client.HTTPException):
+            raw = b""
+        finally:
+            exc.close()  # its connection; left open, a long chat leaks one per refusal
         payload: Any = None
         message = f"HTTP {exc.code} {exc.reason}"
         with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
             payload = json.loads(raw)
-        if isinstance(payload, dict) and payload.get("error"):
-            message = str(payload["error"])
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict) and error.get("message"):  # /v1: OpenAI's shape
+            message = str(error["message"])
+        elif error:
+            message = str(error)
         elif exc.code in (404, 405):
             message = (f"{self.url} answered HTTP {exc.code} {exc.reason}, not as a neuron "
                        "node does (no JSON error); is --url the node's address?")
@@ -202,8 +216,17 @@ class Client:
     def events(self, read_timeout_s: float = EVENTS_READ_TIMEOUT_S) -> Iterator[Event]:
         """`GET /models/events` as (event, data) pairs as they come, the snapshot first;
         it returns when the daemon ends the stream (it is stopping)."""
-        req = urllib.request.Request(self.url + "/models/events",
+        return self.stream("GET", "/models/events", None, read_timeout_s)
+
+    def stream(self, method: str, path: str, body: Any,
+               read_timeout_s: float) -> Iterator[Event]:
+        """Server-sent events of `method path` (the events stream, a streamed /v1 answer)
+        as they come; `read_timeout_s` bounds each wait for the next bytes."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Accept": "text/event-stream"})
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
         if self._api_key:
             req.add_header("Authorization", f"Bearer {self._api_key}")
         try:
@@ -214,7 +237,7 @@ class Client:
             if not isinstance(exc, TimeoutError) and not isinstance(
                 getattr(exc, "reason", None), TimeoutError
             ):
-                raise DaemonNotRunning(self.url) from None
+                raise self._not_running() from None
             raise ApiError(0, f"no answer from {self.url} within {read_timeout_s:g} s") from None
         with resp:
             try:

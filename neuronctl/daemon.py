@@ -29,7 +29,7 @@ from .config import NeuronConfig
 from .harness import Harness
 from .registry import ModelRegistry
 from .reload import Reloader
-from .starting import StartingNote
+from .starting import ListeningNote, StartingNote, local_url
 from .statefile import StateFile, stop_orphans
 from .states import LIVE_STATES
 from .systemd import ActivationStatus, NodeStatus, Notifier, summary, watchdog
@@ -70,6 +70,8 @@ class Daemon:
         self.registry = ModelRegistry(config, harnesses, state=state)
         # What `neuronctl status` shows while the API does not answer yet.
         self.starting = StartingNote(config.state_dir) if state is not None else None
+        # Where the API answers, for a CLI whose config names a port not applied yet.
+        self.listening = ListeningNote(config.state_dir) if state is not None else None
         self.notifier = Notifier()
         self.config_path = config_path
         self.reloader = Reloader(self.registry, config_path, self.notifier)
@@ -160,6 +162,8 @@ class Daemon:
         await guard.GuardedSockSite(self._runner, self.sock, guard.ConnectionGuard(limits)).start()
         if self.starting is not None:
             self.starting.clear()  # the API answers from here on
+        if self.listening is not None:
+            self.listening.write(local_url(self.config.host, self.config.port))
         # READY=1 only now: systemd's "started" then means the API answers.
         self.notifier.send("READY=1", f"STATUS={summary(results)}")
         self.registry.events.on_event(NodeStatus(self.notifier, self.registry.models))
@@ -194,8 +198,9 @@ class Daemon:
         """Close the listener, let requests in flight finish (bounded: the workers still
         serve them), then stop every worker at once. Runs after any step, failed or not."""
         self.step = "shutdown"
-        if self.starting is not None:
-            self.starting.clear()
+        for note in (self.starting, self.listening):
+            if note is not None:
+                note.clear()
         running = sum(m.state in LIVE_STATES for m in self.registry.models())
         log.info("stopping: closing the listener and stopping %d worker%s", running,
                  "" if running == 1 else "s")

@@ -262,11 +262,14 @@ class LlamaServerHarness:
         return WorkerPlan(tuple(cmd), env, "/health", timeout)
 
 
-def build_harnesses(config: NeuronConfig) -> dict[str, Harness]:
-    """The harness registry: every harness this node can run, by name."""
+def build_harnesses(config: NeuronConfig,
+                    extra: Mapping[str, Harness] | None = None) -> dict[str, Harness]:
+    """The harness registry: every harness this node can run, by name (`extra`: more, for
+    tests' fakes, checked against the config like the built-in ones)."""
     harnesses: dict[str, Harness] = {
         LLAMA_CPP_PYTHON: LlamaCppPythonHarness(config.harness_config(LLAMA_CPP_PYTHON)),
         LLAMA_SERVER: LlamaServerHarness(config.harness_config(LLAMA_SERVER)),
+        **(extra or {}),
     }
     for name in config.harness:
         if name not in harnesses:
@@ -275,5 +278,9 @@ def build_harnesses(config: NeuronConfig) -> dict[str, Harness]:
         check_args(harnesses[name], config.harness[name].args, f"harness.{name}.args")
     for table, specs in (("default_models", config.default_models), ("models", config.models)):
         for i, spec in enumerate(specs):
+            if spec.harness not in harnesses:  # a typo would otherwise show as `unloaded`
+                known = ", ".join(sorted(harnesses))
+                raise ConfigError(f"{table}[{i}].harness",
+                                  f"unknown harness {spec.harness!r} (known: {known})")
             check_spec_args(harnesses, spec, f"{table}[{i}]")
     return harnesses

@@ -39,7 +39,14 @@ from .events import EventBus, ModelEvent
 from .harness import Harness, slots_of
 from .policy import GiveUp, History, RestartPolicy, describe_exit
 from .statefile import StateFile
-from .states import LIVE_STATES, TRANSITIONS, InvalidTransition, ModelStatus, WorkerState
+from .states import (
+    LIVE_STATES,
+    TRANSITIONS,
+    InvalidTransition,
+    ModelStatus,
+    WorkerState,
+    journal_transition,
+)
 from .worker import Worker, free_port
 
 log = logging.getLogger("neuronctl.models")
@@ -222,7 +229,8 @@ class ModelLifecycle:
                 ready_s = await self._start_with_room(harness)
                 if ready_s is not None:
                     self.history = History().ready(self._s.clock())
-                    self._set_state(WorkerState.READY, ready_s=ready_s)  # STARTING -> READY
+                    self._set_state(WorkerState.READY, self._ready_summary(ready_s),
+                                    ready_s=ready_s)  # STARTING -> READY
                     return
             # Only busy models could make room: wait outside the lock, so restarts and
             # other loads go on meanwhile, and never cut their requests.
@@ -362,7 +370,9 @@ class ModelLifecycle:
                 exit_code, crashed_at = exc.exit_code, self._s.clock()
                 continue
             self.history = self.history.ready(self._s.clock())
-            self._set_state(WorkerState.READY, f"restart {self.restarts}", ready_s=ready_s)
+            self._set_state(WorkerState.READY,
+                            f"restart {self.restarts}, {self._ready_summary(ready_s)}",
+                            ready_s=ready_s)
             return True
 
     async def _start_worker(self, harness: Harness) -> float:
@@ -405,6 +415,24 @@ class ModelLifecycle:
             if worker.returncode is not None:
                 await self._worker_gone(worker)
         return s.clock() - started
+
+    def _ready_summary(self, ready_s: float) -> str:
+        """What a load ended with, for the journal line of every load (activation, API,
+        on demand, restart): the file, the context, the process, where it runs."""
+        parts = [f"in {ready_s:.2f} s"]
+        if self.resolved is not None:
+            parts.append(self.resolved.source)
+        elif self.spec.path is not None:
+            parts.append(str(self.spec.path))
+        n_ctx = effective(self.spec, self._s.config.harness_config(self.spec.harness), "n_ctx")
+        if n_ctx is not None:
+            parts.append(f"n_ctx {n_ctx}")
+        worker = self.worker
+        if worker is not None:
+            parts.append(f"pid {worker.pid} on port {worker.port}")
+        parts.append("GPU " + ",".join(map(str, self.spec.devices)) if self.spec.devices
+                     else "CPU")
+        return ", ".join(parts)
 
     async def _on_spawn(self, worker: Worker) -> None:
         if self._s.state is not None and worker.pid is not None:
@@ -468,7 +496,7 @@ class ModelLifecycle:
             raise InvalidTransition(f"{self.model_id}: {old} -> {new}")
         self.state = new
         self.since = time.time()
-        log.log(level, "%s: %s -> %s%s", self.model_id, old, new,
+        log.log(level, "%s: %s%s", self.model_id, journal_transition(old, new),
                 f" ({reason})" if reason else "")
         self._s.events.publish(ModelEvent(self.model_id, old, new, reason, self.since, ready_s))
 

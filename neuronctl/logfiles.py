@@ -81,6 +81,22 @@ def write_pid_line(fd: int, pid: int) -> None:
     os.write(fd, f"=== worker pid {pid}\n".encode())
 
 
+def write_end_line(path: Path, line: str) -> None:
+    """The last line of a worker's log: how it ended. Never raises (a full disk has
+    already been reported when the log was opened)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"=== {stamp} {line}\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
     """The last `n` lines of `path`, reading at most `max_bytes` from its end (more when
     many lines are asked for)."""

@@ -10,6 +10,25 @@ import time
 
 FORMATS = ("text", "json")
 
+# sd-daemon(3) priorities: journald reads a leading "<N>" on a stream line as the line's
+# priority (SyslogLevelPrefix=yes, the default), so `journalctl -p warning` can filter.
+_SYSLOG_PRIORITY = {
+    logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+# Libraries whose debug lines drown ours at --log-level debug (connection pools, selector
+# chatter, the Hub client). They still log warnings.
+_CHATTY = ("asyncio", "urllib3", "filelock", "huggingface_hub", "httpx", "httpcore",
+           "fsspec", "aiohttp.access")
+
+
+def syslog_priority(levelno: int) -> int:
+    for level, priority in sorted(_SYSLOG_PRIORITY.items(), reverse=True):
+        if levelno >= level:
+            return priority
+    return 7
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers (Loki, Elasticsearch, Vector, ...)."""
@@ -27,14 +46,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class JournalFormatter(logging.Formatter):
+    """Text for journald: no time stamp (the journal adds its own) and the syslog priority
+    prefix on every line of a record, a traceback's lines included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def stderr_is_the_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device and inode of the stream it connected; a
+    redirected stderr (a file, a pipe) inherits the variable but is not that stream."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    text = "%(levelname)s %(name)s: %(message)s"
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
-    else:
-        # The journal stamps every line itself; a terminal or a file needs our own stamp.
-        text = "%(levelname)s %(name)s: %(message)s"
-        if not os.environ.get("JOURNAL_STREAM"):
-            text = "%(asctime)s " + text
-        handler.setFormatter(logging.Formatter(text))
+    elif stderr_is_the_journal():
+        handler.setFormatter(JournalFormatter(text))
+    else:  # a terminal or a file needs our own stamp
+        handler.setFormatter(logging.Formatter("%(asctime)s " + text))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -58,6 +58,21 @@ _STATUS = {
     WorkerState.FAILED: ModelStatus.FAILED,
 }
 
+def journal_transition(old: WorkerState, new: WorkerState) -> str:
+    """An edge in the API's words (`loaded -> restarting`), so the journal greps like
+    `/models`; the worker's finer step is added only where the status itself stays
+    (`loading: pending -> starting`)."""
+    before, after = _journal_name(old), _journal_name(new)
+    if before != after:
+        return f"{before} -> {after}"
+    return f"{after}: {old} -> {new}"
+
+
+def _journal_name(state: WorkerState) -> str:
+    # STOPPED leaves /models (or shows the catalogue's `unloaded`): say where it ends.
+    return ModelStatus.UNLOADED.value if state is WorkerState.STOPPED else state.status.value
+
+
 # Every edge a model's lifecycle may take; anything else is a bug and raises.
 TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.PENDING: frozenset({

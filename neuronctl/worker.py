@@ -143,6 +143,7 @@ class Worker:
         # supervisor crash, which processes are ours (statefile.stop_orphans).
         self.token = secrets.token_hex(16)
         self.log_problem: str | None = None  # why its log file could not be written
+        self._stop_sent: str | None = None  # what neuronctl did to end it, for the log
 
     @property
     def pid(self) -> int | None:
@@ -291,6 +292,7 @@ class Worker:
         """SIGTERM to the process group, a bounded wait, then SIGKILL."""
         if self._exited is None or self._exited.done():
             return
+        self._stop_sent = "neuronctl sent SIGTERM"
         self._signal_group(signal.SIGTERM)
         done, _ = await asyncio.wait({self._exited}, timeout=self.stop_timeout_s)
         if not done:
@@ -303,13 +305,21 @@ class Worker:
     async def kill(self) -> None:
         if self._exited is None or self._exited.done():
             return
+        self._stop_sent = ("neuronctl sent SIGKILL after SIGTERM" if self._stop_sent
+                           else "neuronctl sent SIGKILL")
         self._signal_group(signal.SIGKILL)
         await asyncio.shield(self._exited)
 
-    def _on_exit(self, _: asyncio.Future[int]) -> None:
+    def _on_exit(self, exited: asyncio.Future[int]) -> None:
         # Children the worker left in its group die with it. Done right at the exit, never
         # later: once the group is empty its id may be recycled for an unrelated process.
         self._signal_group(signal.SIGKILL)
+        if self.log_problem is None and not exited.cancelled() and exited.exception() is None:
+            # The log's last line says how it ended: `logs --previous` after a crash.
+            how = describe_exit(exited.result())
+            if self._stop_sent:
+                how += f" ({self._stop_sent})"
+            logfiles.write_end_line(self.log_path, f"worker pid {self.pid} {how}")
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._proc is not None

@@ -169,7 +169,7 @@ async def test_the_line_that_says_why_reaches_the_error_the_api_and_the_journal(
     assert listed["error"] == raised.value.message  # one line, the useful one
     assert listed["exit_code"] == 2
     journal = [r.getMessage() for r in caplog.records if r.name == "neuronctl.models"]
-    assert f"m: starting -> failed ({raised.value.message})" in journal
+    assert f"m: loading -> failed ({raised.value.message})" in journal
 
 
 async def test_a_load_cancelled_before_its_task_ran_still_answers_its_waiters(

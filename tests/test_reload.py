@@ -32,7 +32,7 @@ def write(path: Path, models: dict[str, list[str]], extra: str = "") -> None:
 
 
 def with_fake(config: NeuronConfig) -> dict[str, Harness]:
-    return {**build_harnesses(config), "fake": FakeHarness()}
+    return build_harnesses(config, {"fake": FakeHarness()})
 
 
 def pids(registry: ModelRegistry) -> dict[str, int | None]:
@@ -131,14 +131,19 @@ def test_sighup_and_neuronctl_reload_reread_the_config(tmp_path: Path) -> None:
         assert daemon.wait(30) == 0
 
 
-@pytest.mark.parametrize(("fmt", "journal"), [("json", ""), ("text", "8:42"), ("text", "")])
+@pytest.mark.parametrize(("fmt", "journal"),
+                         [("json", ""), ("text", "journal"), ("text", "stale"), ("text", "")])
 def test_log_formats(tmp_path: Path, fmt: str, journal: str) -> None:
     config = tmp_path / "neuron.toml"
     config.write_text(f'host = "127.0.0.1"\nport = {free_port()}\nlog_dir = "log"\n'
                       'state_dir = "state"\n')
-    env = {"JOURNAL_STREAM": journal} if journal else {}
-    daemon = start_daemon(tmp_path, config, "--log-format", fmt, **env)
     log = tmp_path / "daemon.log"
+    log.touch()
+    # systemd names the stream it connected by device and inode; start_daemon reuses the file.
+    st = log.stat()
+    env = {"journal": {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+           "stale": {"JOURNAL_STREAM": "8:42"}}.get(journal, {})
+    daemon = start_daemon(tmp_path, config, "--log-format", fmt, **env)
     try:
         poll_until(lambda: b"listening" in log.read_bytes(), 30)
     finally:
@@ -151,7 +156,8 @@ def test_log_formats(tmp_path: Path, fmt: str, journal: str) -> None:
         entry = json.loads(listening)
         assert entry["level"] == "info" and entry["logger"] == "neuronctl"
         assert entry["ts"].endswith("Z") and len(entries) == len(lines)
-    elif journal:  # the journal adds its own time stamps
-        assert listening.startswith("INFO neuronctl: listening on")
+    elif journal == "journal":  # the journal adds its own time stamps; <6> is "info"
+        assert listening.startswith("<6>INFO neuronctl: listening on")
+        assert all(line[:3] in {"<6>", "<4>", "<3>"} for line in lines), lines
     else:
         assert listening[:4].isdigit() and " INFO neuronctl: listening on" in listening

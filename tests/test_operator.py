@@ -1,0 +1,321 @@
+"""An operator's first hour: the journal reads well (priorities, the API's state names, one
+summary line per load, refusals logged), the CLI finds a daemon whose config moved on, a
+worker's log says how it ended, and `neuronctl chat` talks to a model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuronctl import chat
+from neuronctl.client import ApiError, Client
+from neuronctl.starting import ListeningNote, local_url, read_listening
+
+from .fakes import FAKE_LLAMA_SERVER
+from .gpu_fakes import wrapper
+from .helpers import NEURONCTL, clean_env, free_port, kill_quietly, llama_required, poll_until
+
+
+def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NEURONCTL, *args], capture_output=True, text=True, timeout=120,
+                          input=stdin, env=clean_env(**env))
+
+
+class Node:
+    def __init__(self, tmp_path: Path, body: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp_path / "neuron.toml"
+        self.head = (f'host = "127.0.0.1"\nport = {self.port}\nlog_dir = "{tmp_path}/log"\n'
+                     f'state_dir = "{tmp_path}/state"\nstop_timeout_s = 2.0\n')
+        self.config.write_text(self.head + body)
+        self.journal = tmp_path / "daemon.log"
+        with self.journal.open("wb") as out:
+            self.proc = subprocess.Popen([NEURONCTL, "start", "--config", str(self.config)],
+                                         env=clean_env(**env), stdout=out,
+                                         stderr=subprocess.STDOUT)
+        poll_until(lambda: b"listening on" in self.journal.read_bytes()
+                   or self.proc.poll() is not None, 60)
+        assert self.proc.poll() is None, self.journal.read_text()
+
+    def get(self, path: str, key: str | None = None) -> Any:
+        req = urllib.request.Request(self.url + path)
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            assert self.proc.wait(30) == 0
+        finally:
+            kill_quietly(self.proc.pid)
+
+
+@pytest.fixture
+def fake_server_harness(tmp_path: Path, tiny_gguf: Path) -> str:
+    binary = wrapper(tmp_path / "llama-server", FAKE_LLAMA_SERVER)
+    return f'[harness.llama-server]\nbinary = "{binary}"\n'
+
+
+def model_entry(table: str, model_id: str, path: Path) -> str:
+    return (f'[[{table}]]\nmodel_id = "{model_id}"\nharness = "llama-server"\n'
+            f'path = "{path}"\n')
+
+
+# --- the journal ----------------------------------------------------------------------------
+
+
+def test_journal_uses_the_api_state_names_and_sums_up_every_load(
+    tmp_path: Path, tiny_gguf: Path, fake_server_harness: str,
+) -> None:
+    node = Node(tmp_path, fake_server_harness + model_entry("models", "tiny", tiny_gguf))
+    try:
+        load = run_cli("load", "tiny", "--config", str(node.config))
+        assert load.returncode == 0, load.stderr
+        model = next(m for m in node.get("/models") if m["id"] == "tiny")
+        pid, port = model["pid"], model["port"]
+        os.kill(pid, signal.SIGKILL)
+        poll_until(lambda: b"restart 1, in " in node.journal.read_bytes(), 30)
+    finally:
+        node.stop()
+    journal = node.journal.read_text()
+    # A load through the API gets the line a default model gets: file, process, placement.
+    assert "tiny: loading -> loaded (in " in journal
+    assert f"{tiny_gguf}, pid {pid} on port {port}, CPU)" in journal
+    # `grep restarting` finds a crash, as `/models` calls it.
+    assert "tiny: loaded -> restarting (worker was killed by SIGKILL unexpectedly" in journal
+    assert "tiny: loaded -> unloading (shutting down)" in journal
+    assert "tiny: unloading -> unloaded" in journal
+    for finer in ("ready", "backoff", "pending ->", "-> starting"):
+        assert f"-> {finer}" not in journal.replace("pending -> starting", ""), finer
+    assert "stopping: closing the listener and stopping 1 worker\n" in journal
+
+
+def test_a_workers_log_ends_with_how_it_ended(
+    tmp_path: Path, tiny_gguf: Path, fake_server_harness: str,
+) -> None:
+    node = Node(tmp_path, fake_server_harness + model_entry("default_models", "tiny", tiny_gguf))
+    try:
+        first = next(m for m in node.get("/models") if m["id"] == "tiny")["pid"]
+        os.kill(first, signal.SIGKILL)
+        poll_until(lambda: b"restart 1, in " in node.journal.read_bytes(), 30)
+        previous = run_cli("logs", "tiny", "--previous", "-n", "1", "--config", str(node.config))
+        assert previous.returncode == 0, previous.stderr
+        assert previous.stdout.rstrip().endswith(f"worker pid {first} was killed by SIGKILL")
+        second = next(m for m in node.get("/models") if m["id"] == "tiny")["pid"]
+        unload = run_cli("unload", "tiny", "--config", str(node.config))
+        assert unload.returncode == 0, unload.stderr
+        last = run_cli("logs", "tiny", "-n", "1", "--config", str(node.config)).stdout.rstrip()
+        assert f"worker pid {second} " in last and last.endswith("(neuronctl sent SIGTERM)")
+    finally:
+        node.stop()
+
+
+def test_refused_keys_and_refused_reloads_are_logged_without_flooding(tmp_path: Path) -> None:
+    node = Node(tmp_path, 'api_key = "s3cret"\n')
+    try:
+        for key in ("wrong", None, "wrong"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                node.get("/models", key)
+            assert refused.value.code == 401
+            refused.value.close()
+        node.config.write_text(node.head + 'api_key = "s3cret"\nnonsense = 1\n')
+        reload = run_cli("reload", "--config", str(node.config))
+        assert reload.returncode == 1 and "reload refused" in reload.stderr
+        poll_until(lambda: b"POST /reload" in node.journal.read_bytes(), 10)
+    finally:
+        node.stop()
+    journal = node.journal.read_text()
+    refusals = [line for line in journal.splitlines() if "refused GET '/models'" in line]
+    # The first is logged with its peer and reason; the next ones, inside the window, not.
+    assert len(refusals) == 1, journal
+    assert "from 127.0.0.1: invalid API key" in refusals[0]
+    assert "s3cret" not in journal and "wrong" not in journal  # keys are never logged
+    assert "reload (POST /reload from 127.0.0.1) refused, nothing changed: " in journal
+    assert "nonsense" in journal
+
+
+def test_a_default_model_naming_an_unknown_harness_is_a_config_error(
+    tmp_path: Path, tiny_gguf: Path,
+) -> None:
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\nlog_dir = "{tmp_path}"\n'
+                      f'[[default_models]]\nmodel_id = "m"\nharness = "lama"\n'
+                      f'path = "{tiny_gguf}"\n')
+    result = run_cli("start", "--config", str(config))
+    assert result.returncode == 78
+    assert "default_models[0].harness: unknown harness 'lama' (known: llama-cpp-python, " \
+           "llama-server)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- finding the daemon ---------------------------------------------------------------------
+
+
+def test_the_listening_note_names_a_live_daemon_only(tmp_path: Path) -> None:
+    assert read_listening(tmp_path) is None
+    ListeningNote(tmp_path).write("http://127.0.0.1:4000")
+    assert read_listening(tmp_path) == (os.getpid(), "http://127.0.0.1:4000")
+    (tmp_path / "listening").write_text("999999999 http://127.0.0.1:4000\n")
+    assert read_listening(tmp_path) is None  # that daemon is gone
+    (tmp_path / "listening").write_text(f"{os.getpid()} file:///etc/passwd\n")
+    assert read_listening(tmp_path) is None  # not an address the CLI would call
+    assert local_url("0.0.0.0", 13131) == "http://127.0.0.1:13131"
+    assert local_url("::1", 13131) == "http://[::1]:13131"
+
+
+def test_after_a_port_change_the_cli_still_finds_the_running_daemon(tmp_path: Path) -> None:
+    node = Node(tmp_path, "")
+    try:
+        assert read_listening(tmp_path / "state") == (node.proc.pid, node.url)
+        moved = free_port()
+        node.config.write_text(node.head.replace(f"port = {node.port}", f"port = {moved}"))
+        reload = run_cli("reload", "--config", str(node.config))
+        assert reload.returncode == 0, reload.stderr
+        assert "needs a restart to apply: port" in reload.stdout
+        assert (f"note: the daemon (pid {node.proc.pid}) listens on {node.url}; the config "
+                f"says http://127.0.0.1:{moved}, which applies when it restarts") in reload.stderr
+        status = run_cli("status", "--config", str(node.config))
+        assert status.returncode == 0 and "no models" in status.stdout
+    finally:
+        node.stop()
+    assert not (tmp_path / "state" / "listening").exists()
+    gone = run_cli("status", "--config", str(node.config))
+    assert gone.returncode == 1 and "not running" in gone.stderr
+
+
+# --- neuronctl chat ------------------------------------------------------------------------
+
+
+class SseStub:
+    """A node's /v1 streaming answers, canned: each POST gets the next entry of `answers`
+    (a list of text chunks, or an (HTTP status, error message) pair)."""
+
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+        self.bodies: list[dict[str, Any]] = []
+        self.url = ""
+
+
+@pytest.fixture
+def sse_stub() -> Iterator[SseStub]:
+    stub = SseStub()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            stub.bodies.append({"path": self.path, **body})
+            answer = stub.answers.pop(0)
+            if isinstance(answer, tuple):
+                status, message = answer
+                data = json.dumps({"error": {"message": message, "type": "x"}}).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for text in answer:
+                if self.path == "/v1/completions":
+                    chunk: dict[str, Any] = {"choices": [{"text": text}]}
+                else:
+                    chunk = {"choices": [{"delta": {"content": text}}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    stub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield stub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_interactive_chat_keeps_the_conversation_and_survives_a_refusal(
+    sse_stub: SseStub,
+) -> None:
+    sse_stub.answers = [["Hel", "lo!"], (429, "model 'm' has 64 requests waiting"), ["4"]]
+    prompts = iter(["hi", "", "busy?", "/clear", "2+2?", "/bye", "never read"])
+
+    def read(prompt: str) -> str:
+        assert prompt == ">>> "
+        return next(prompts)
+
+    out, err = io.StringIO(), io.StringIO()
+    conversation = chat.Conversation(chat.ChatOptions("m", system="be brief", max_tokens=8))
+    chat.interactive(Client(sse_stub.url), conversation, read, out, err)
+    assert out.getvalue() == "Hello!\n(conversation cleared)\n4\n"
+    assert err.getvalue() == "neuronctl: model 'm' has 64 requests waiting\n"
+    first, _, third = sse_stub.bodies
+    assert first["path"] == "/v1/chat/completions" and first["stream"] is True
+    assert first["max_tokens"] == 8 and first["model"] == "m"
+    assert first["messages"] == [{"role": "system", "content": "be brief"},
+                                 {"role": "user", "content": "hi"}]
+    # The refused turn was not remembered, and /clear forgot the first one.
+    assert third["messages"] == [{"role": "system", "content": "be brief"},
+                                 {"role": "user", "content": "2+2?"}]
+    assert next(prompts) == "never read"  # /bye ended the loop
+
+
+def test_chat_one_prompt_from_stdin_and_raw_completions(sse_stub: SseStub) -> None:
+    sse_stub.answers = [[" Paris", "."], [], (404, "model 'x' is not loaded on this node")]
+    raw = run_cli("chat", "m", "--raw", "--url", sse_stub.url,
+                  stdin="The capital of France is\n")
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == " Paris.\n"
+    assert sse_stub.bodies[0]["path"] == "/v1/completions"
+    assert sse_stub.bodies[0]["prompt"] == "The capital of France is"
+    empty = run_cli("chat", "m", "hi", "--url", sse_stub.url)
+    assert empty.returncode == 0 and empty.stdout == chat.EMPTY_ANSWER + "\n"
+    missing = run_cli("chat", "x", "hi", "--url", sse_stub.url)
+    assert missing.returncode == 1
+    assert missing.stderr == "neuronctl: model 'x' is not loaded on this node\n"
+    nothing = run_cli("chat", "m", "--url", sse_stub.url, stdin="")
+    assert nothing.returncode == 2 and "stdin was empty" in nothing.stderr
+
+
+def test_chat_error_inside_the_stream_is_an_api_error(sse_stub: SseStub) -> None:
+    class Broken(Client):
+        def stream(self, method: str, path: str, body: Any,
+                   read_timeout_s: float) -> Iterator[tuple[str, Any]]:
+            yield "message", {"choices": [{"delta": {"content": "par"}}]}
+            yield "message", {"error": {"message": "worker exited with code 139"}}
+
+    conversation = chat.Conversation(chat.ChatOptions("m"))
+    with pytest.raises(ApiError, match="worker exited with code 139"):
+        list(chat.answer_chunks(Broken(sse_stub.url), conversation, "hi"))
+
+
+@llama_required
+def test_chat_with_a_real_worker(tmp_path: Path, tiny_gguf: Path) -> None:
+    node = Node(tmp_path, f'[[default_models]]\nmodel_id = "tiny"\npath = "{tiny_gguf}"\n')
+    try:
+        result = run_cli("chat", "tiny", "hello", "--raw", "--max-tokens", "4",
+                         "--temperature", "0", "--config", str(node.config))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.endswith("\n") and result.stdout.strip()
+    finally:
+        node.stop()
