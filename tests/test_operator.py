@@ -310,12 +310,30 @@ def test_chat_error_inside_the_stream_is_an_api_error(sse_stub: SseStub) -> None
 
 
 @llama_required
-def test_chat_with_a_real_worker(tmp_path: Path, tiny_gguf: Path) -> None:
-    node = Node(tmp_path, f'[[default_models]]\nmodel_id = "tiny"\npath = "{tiny_gguf}"\n')
+def test_chat_and_pooled_embeddings_with_real_workers(tmp_path: Path, tiny_gguf: Path) -> None:
+    models = "".join(
+        f'[[default_models]]\nmodel_id = "{m}"\npath = "{tiny_gguf}"\nargs = {json.dumps(a)}\n'
+        for m, a in (("tiny", []), ("per-token", ["--embedding", "true"]),
+                     ("pooled", ["--embedding", "true", "--pooling", "mean"])))
+    node = Node(tmp_path, models)
     try:
         result = run_cli("chat", "tiny", "hello", "--raw", "--max-tokens", "4",
                          "--temperature", "0", "--config", str(node.config))
         assert result.returncode == 0, result.stderr
         assert result.stdout.endswith("\n") and result.stdout.strip()
+
+        def embed(model: str) -> list[Any]:
+            body = json.dumps({"model": model, "input": ["hello world", "hi"]}).encode()
+            req = urllib.request.Request(node.url + "/v1/embeddings", data=body)
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return [d["embedding"] for d in json.loads(resp.read())["data"]]
+
+        # What docs/guide.md says: without --pooling, one vector per token of each input.
+        per_token = embed("per-token")
+        assert all(isinstance(v, list) and isinstance(v[0], list) for v in per_token)
+        pooled = embed("pooled")
+        assert len(pooled) == 2
+        assert all(isinstance(x, float) for v in pooled for x in v)
+        assert len(pooled[0]) == len(per_token[0][0])  # the model's embedding width
     finally:
         node.stop()

@@ -12,6 +12,11 @@ relies on:
   wait for that lock, which a long generation holds for minutes; a liveness probe must be
   answered by a busy worker and fail only for a hung one. The app (and so this route)
   exists only once the model has loaded, so its first 200 also means ready.
+
+And one flag the stock server lacks: `--pooling none|mean|cls|last|rank` (llama.cpp's
+pooling type, as llama-server's `--pooling`). Without it an embedding model whose GGUF does
+not name a pooling type (most chat models) answers `/v1/embeddings` with one vector per
+token instead of one per input.
 """
 
 from __future__ import annotations
@@ -52,7 +57,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="llama_cpp_server.py",
                                      description="llama-cpp-python's server, for neuronctl")
     add_args_from_model(parser, Settings)
+    pooling_types = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+    parser.add_argument("--pooling", choices=sorted(pooling_types), default=None,
+                        help="pooling of /v1/embeddings vectors (default: the model's own)")
     args = parser.parse_args()
+    if args.pooling is not None:
+        _default_pooling(llama_cpp.Llama, pooling_types[args.pooling])
     try:
         # Typed upstream as returning the class it is given; it returns an instance.
         server_settings = cast(ServerSettings, parse_model_from_args(ServerSettings, args))
@@ -70,6 +80,18 @@ def main() -> None:
     uvicorn.run(app, host=server_settings.host, port=server_settings.port,
                 ssl_keyfile=server_settings.ssl_keyfile,
                 ssl_certfile=server_settings.ssl_certfile)
+
+
+def _default_pooling(llama: type, pooling_type: int) -> None:
+    """The server builds its Llama without a pooling_type argument (as of 0.3.x): give
+    the constructor one, so the model is loaded with it."""
+    init = llama.__init__  # type: ignore[misc]
+
+    def with_pooling(self: object, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("pooling_type", pooling_type)
+        init(self, *args, **kwargs)
+
+    llama.__init__ = with_pooling  # type: ignore[misc]
 
 
 if __name__ == "__main__":
