@@ -229,8 +229,8 @@ class ModelLifecycle:
                 ready_s = await self._start_with_room(harness)
                 if ready_s is not None:
                     self.history = History().ready(self._s.clock())
-                    self._set_state(WorkerState.READY, self._ready_summary(ready_s),
-                                    ready_s=ready_s)  # STARTING -> READY
+                    self._set_state(WorkerState.READY, ready_s=ready_s,
+                                    journal=self._ready_summary(ready_s))  # STARTING -> READY
                     return
             # Only busy models could make room: wait outside the lock, so restarts and
             # other loads go on meanwhile, and never cut their requests.
@@ -370,9 +370,8 @@ class ModelLifecycle:
                 exit_code, crashed_at = exc.exit_code, self._s.clock()
                 continue
             self.history = self.history.ready(self._s.clock())
-            self._set_state(WorkerState.READY,
-                            f"restart {self.restarts}, {self._ready_summary(ready_s)}",
-                            ready_s=ready_s)
+            self._set_state(WorkerState.READY, f"restart {self.restarts}", ready_s=ready_s,
+                            journal=self._ready_summary(ready_s))
             return True
 
     async def _start_worker(self, harness: Harness) -> float:
@@ -489,15 +488,17 @@ class ModelLifecycle:
     # --- state -----------------------------------------------------------------------------
 
     def _set_state(self, new: WorkerState, reason: str = "", level: int = logging.INFO,
-                   ready_s: float | None = None) -> None:
-        """The one place a model changes state: checked, timestamped, logged, published."""
+                   ready_s: float | None = None, journal: str = "") -> None:
+        """The one place a model changes state: checked, timestamped, logged, published.
+        `journal`: more for the log line only (what a load ended with), not the event."""
         old = self.state
         if new not in TRANSITIONS[old]:
             raise InvalidTransition(f"{self.model_id}: {old} -> {new}")
         self.state = new
         self.since = time.time()
+        said = ", ".join(part for part in (reason, journal) if part)
         log.log(level, "%s: %s%s", self.model_id, journal_transition(old, new),
-                f" ({reason})" if reason else "")
+                f" ({said})" if said else "")
         self._s.events.publish(ModelEvent(self.model_id, old, new, reason, self.since, ready_s))
 
     def _note(self, message: str, detail: str | None, exit_code: int | None) -> None:
