@@ -26,7 +26,7 @@ from . import __version__, listener
 from .activation import ActivationResult, load_default_models
 from .aio import in_thread
 from .config import NeuronConfig
-from .harness import Harness
+from .harness import Harness, unavailable
 from .registry import ModelRegistry
 from .reload import Reloader
 from .starting import ListeningNote, StartingNote, local_url
@@ -90,6 +90,7 @@ class Daemon:
                  self.config_path or "(none)", len(self.config.default_models),
                  len(self.config.models), self.config.host, self.config.port,
                  "required" if self.config.api_key else "not set")
+        self._warn_unrunnable()
         code = 0
         try:
             if await self._startup():
@@ -191,6 +192,19 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await activation
         return None
+
+    def _warn_unrunnable(self) -> None:
+        """A harness the config asks for but this host cannot run (llama-server not
+        installed): said once now, not first discovered by a load."""
+        wanted: dict[str, list[str]] = {name: [] for name in self.config.harness}
+        for spec in (*self.config.default_models, *self.config.models):
+            wanted.setdefault(spec.harness, []).append(spec.model_id)
+        for name, models in wanted.items():
+            harness = self.registry.harnesses.get(name)
+            why = unavailable(harness) if harness is not None else None
+            if why is not None:
+                using = f"; {', '.join(models)} will fail to load" if models else ""
+                log.warning("harness %s cannot run here: %s%s", name, why, using)
 
     # --- shutdown ------------------------------------------------------------------------
 

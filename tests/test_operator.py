@@ -337,3 +337,17 @@ def test_chat_and_pooled_embeddings_with_real_workers(tmp_path: Path, tiny_gguf:
         assert len(pooled[0]) == len(per_token[0][0])  # the model's embedding width
     finally:
         node.stop()
+
+
+def test_a_harness_that_cannot_run_here_is_said_at_start(tmp_path: Path, tiny_gguf: Path) -> None:
+    node = Node(tmp_path, f'[harness.llama-server]\nbinary = "{tmp_path}/no-such-llama-server"\n'
+                + model_entry("models", "native", tiny_gguf))
+    try:
+        discovery = node.get("/discovery")
+        assert "llama-server" not in discovery["harnesses"]
+        assert "llama-server" in discovery["harnesses_unavailable"]
+    finally:
+        node.stop()
+    journal = node.journal.read_text()
+    assert "WARNING neuronctl: harness llama-server cannot run here: " in journal
+    assert "; native will fail to load" in journal
