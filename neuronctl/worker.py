@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -161,6 +162,8 @@ class Worker:
         """Spawn and wait until ready. On any failure, or if cancelled, the process is
         killed before this returns; failures raise a LoadError saying what the log said."""
         fd = self._open_log()
+        log.debug("%s: running %s (port %d, log %s)", self.model_id,
+                  shlex.join(self.plan.command), self.port, self.log_path)
         try:
             env = {**self.plan.env, TOKEN_ENV: self.token}
             self._proc = await self._spawn(self.plan.command, env, fd)
