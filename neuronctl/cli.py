@@ -413,7 +413,7 @@ def _loading_what(client: Client, model_id: str) -> str | None:
 
 @app.command()
 def load(
-    model_id: Annotated[str, typer.Argument(help="The id clients will use.")],
+    model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The id clients will use.")],
     path: Annotated[Path | None, typer.Option(help="A local GGUF file.")] = None,
     quant: Annotated[str | None, typer.Option(help="Quant that picks the GGUF.")] = None,
     harness: Annotated[str | None, typer.Option(help="Harness name.")] = None,
@@ -506,7 +506,7 @@ def load(
 
 @app.command()
 def unload(
-    model_id: Annotated[str | None, typer.Argument(help="The model to stop.")] = None,
+    model_id: Annotated[str | None, typer.Argument(metavar="MODEL_ID", help="The model to stop.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Stop every loaded model.")] = False,
     url: UrlOpt = None,
     config: ConfigOpt = None,
@@ -565,9 +565,9 @@ def reload(
 
 @app.command()
 def chat(
-    model_id: Annotated[str, typer.Argument(help="The model to talk to.")],
+    model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The model to talk to.")],
     prompt: Annotated[
-        str | None, typer.Argument(help="One prompt; without it, stdin when piped, else an "
+        str | None, typer.Argument(metavar="PROMPT", help="One prompt; without it, stdin when piped, else an "
                                         "interactive chat (/bye ends it).")
     ] = None,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
@@ -606,7 +606,7 @@ def chat(
 
 @app.command()
 def logs(
-    model_id: Annotated[str, typer.Argument(help="The model whose log to show.")],
+    model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The model whose log to show.")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 50,
     previous: Annotated[

@@ -486,6 +486,9 @@ def test_help_text_is_shown_as_written() -> None:
     assert squash("[default: $NEURON_CONFIG, else /etc/neuron/neuron.toml]") in help_text
     assert "<bool>" not in result.stdout  # flags take no value
     assert "--install-completion" in neuronctl("--help").stdout
+    # Arguments by the names docs/cli.md uses.
+    assert "neuronctl load [OPTIONS] {MODEL_ID}" in neuronctl("load", "-h").stdout
+    assert "neuronctl chat [OPTIONS] {MODEL_ID} [PROMPT]" in neuronctl("chat", "-h").stdout
 
 
 def test_ctrl_c_during_load_says_the_daemon_goes_on(tmp_path: Path) -> None:
