@@ -506,7 +506,9 @@ def load(
 
 @app.command()
 def unload(
-    model_id: Annotated[str | None, typer.Argument(metavar="MODEL_ID", help="The model to stop.")] = None,
+    model_id: Annotated[
+        str | None, typer.Argument(metavar="MODEL_ID", help="The model to stop.")
+    ] = None,
     all_: Annotated[bool, typer.Option("--all", help="Stop every loaded model.")] = False,
     url: UrlOpt = None,
     config: ConfigOpt = None,
@@ -567,8 +569,9 @@ def reload(
 def chat(
     model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The model to talk to.")],
     prompt: Annotated[
-        str | None, typer.Argument(metavar="PROMPT", help="One prompt; without it, stdin when piped, else an "
-                                        "interactive chat (/bye ends it).")
+        str | None,
+        typer.Argument(metavar="PROMPT", help="One prompt; without it, stdin when piped, "
+                                              "else an interactive chat (/bye ends it)."),
     ] = None,
     system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Most tokens per answer.")] = None,
@@ -606,7 +609,9 @@ def chat(
 
 @app.command()
 def logs(
-    model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The model whose log to show.")],
+    model_id: Annotated[
+        str, typer.Argument(metavar="MODEL_ID", help="The model whose log to show.")
+    ],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 50,
     previous: Annotated[

@@ -78,7 +78,19 @@ def _read(path: Path, sep: str) -> tuple[int, str] | None:
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
+    if not _is_neuronctl(pid):  # the daemon died and its pid went to something else
+        return None
     return pid, said
+
+
+def _is_neuronctl(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"neuronctl" in fh.read(4096)
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here, or not ours to read: the live pid is all we know
+        return True
 
 
 def read_starting(state_dir: Path) -> tuple[int, str] | None:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -167,12 +168,22 @@ def test_a_default_model_naming_an_unknown_harness_is_a_config_error(
 
 def test_the_listening_note_names_a_live_daemon_only(tmp_path: Path) -> None:
     assert read_listening(tmp_path) is None
-    ListeningNote(tmp_path).write("http://127.0.0.1:4000")
-    assert read_listening(tmp_path) == (os.getpid(), "http://127.0.0.1:4000")
-    (tmp_path / "listening").write_text("999999999 http://127.0.0.1:4000\n")
+    # A stand-in daemon: a live process whose command line says neuronctl.
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "neuronctl"])
+    try:
+        (tmp_path / "listening").write_text(f"{daemon.pid} http://127.0.0.1:4000\n")
+        # poll: until its exec is done, /proc shows the parent's command line
+        assert poll_until(lambda: read_listening(tmp_path), 10) == (daemon.pid, "http://127.0.0.1:4000")
+        (tmp_path / "listening").write_text(f"{daemon.pid} file:///etc/passwd\n")
+        assert read_listening(tmp_path) is None  # not an address the CLI would call
+    finally:
+        daemon.kill()
+        daemon.wait()
+    (tmp_path / "listening").write_text(f"{daemon.pid} http://127.0.0.1:4000\n")
     assert read_listening(tmp_path) is None  # that daemon is gone
-    (tmp_path / "listening").write_text(f"{os.getpid()} file:///etc/passwd\n")
-    assert read_listening(tmp_path) is None  # not an address the CLI would call
+    # A live pid that is not a neuronctl (the daemon died, its pid was reused).
+    ListeningNote(tmp_path).write("http://127.0.0.1:4000")
+    assert read_listening(tmp_path) is None
     assert local_url("0.0.0.0", 13131) == "http://127.0.0.1:13131"
     assert local_url("::1", 13131) == "http://[::1]:13131"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from neuronctl import __version__
@@ -16,12 +17,19 @@ from .gpu_fakes import wrapper
 from .helpers import NEURONCTL, clean_env, free_port, kill_quietly, poll_until
 
 
-def test_the_note_names_a_live_pid_only(tmp_path: Path) -> None:
+def test_the_note_names_a_live_neuronctl_only(tmp_path: Path) -> None:
     assert read_starting(tmp_path) is None
-    StartingNote(tmp_path).write("loading 2/3 qwen")
-    assert read_starting(tmp_path) == (os.getpid(), "loading 2/3 qwen")
-    (tmp_path / "starting").write_text("999999999: loading 1/1 x\n")  # no such process
+    StartingNote(tmp_path).write("loading 2/3 qwen")  # by this pid: pytest, not a neuronctl
     assert read_starting(tmp_path) is None
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "neuronctl"])
+    try:
+        (tmp_path / "starting").write_text(f"{daemon.pid}: loading 2/3 qwen\n")
+        # poll: until its exec is done, /proc shows the parent's command line
+        assert poll_until(lambda: read_starting(tmp_path), 10) == (daemon.pid, "loading 2/3 qwen")
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert read_starting(tmp_path) is None  # no such process any more
     (tmp_path / "starting").unlink()
     os.mkfifo(tmp_path / "starting")  # a FIFO is never opened
     assert read_starting(tmp_path) is None
