@@ -23,6 +23,7 @@ from .config import ConfigError, model_id_problem, model_spec_from_mapping
 from .discovery import Discovery
 from .errors import NeuronError
 from .harness import unavailable
+from .identity import INCARNATION_HEADER, NODE_HEADER, NodeIdentity
 from .idle import idle_unload_ctx
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -35,6 +36,7 @@ REGISTRY = web.AppKey("registry", ModelRegistry)
 DISCOVERY = web.AppKey("discovery", Discovery)
 STARTED_AT = web.AppKey("started_at", float)
 RELOADER = web.AppKey("reloader", Reloader)
+IDENTITY = web.AppKey("identity", NodeIdentity)
 MAX_BODY_BYTES = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -151,6 +153,7 @@ async def health(request: web.Request) -> web.Response:
     gpus = await app[DISCOVERY].gpus()
     return web.json_response({
         "status": "ok",
+        **app[IDENTITY].to_json(),
         "version": __version__,
         "uptime_s": round(time.monotonic() - app[STARTED_AT], 3),
         "models": counts,
@@ -164,6 +167,7 @@ async def discovery(request: web.Request) -> web.Response:
     body = await app[DISCOVERY].host(sorted(n for n, why in why_not.items() if why is None))
     # Configured, or built in, but not runnable here (llama-server not installed, say).
     body["harnesses_unavailable"] = {n: why for n, why in sorted(why_not.items()) if why}
+    body.update(app[IDENTITY].to_json())
     return web.json_response(body)
 
 
@@ -181,14 +185,24 @@ async def reload_config(request: web.Request) -> web.Response:
     return web.json_response(result.to_json())
 
 
+async def _identity_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer names the node and its incarnation, so a client that reads `/models`
+    (a list) knows whose list it is without a second request."""
+    identity = request.app[IDENTITY]
+    response.headers[NODE_HEADER] = identity.node_id
+    response.headers[INCARNATION_HEADER] = identity.incarnation
+
+
 def create_app(
     registry: ModelRegistry,
     started_at: float | None = None,
     reloader: Reloader | None = None,
     metrics: Metrics | None = None,
+    identity: NodeIdentity | None = None,
 ) -> web.Application:
     """The node's HTTP API. `metrics` is made before activation by the daemon, so the default
-    models' loads are counted; tests may leave it out."""
+    models' loads are counted; tests may leave it out. `identity`: a new incarnation unless
+    given (one app per supervisor start)."""
     middlewares: list[Middleware] = [json_errors]
     if registry.config.api_key is not None:
         # First, so nothing (not even an error page) is served to a caller without the key.
@@ -197,6 +211,8 @@ def create_app(
     app[REGISTRY] = registry
     app[DISCOVERY] = registry.discovery  # one poller for the API and VRAM admission
     app[STARTED_AT] = time.monotonic() if started_at is None else started_at
+    app[IDENTITY] = identity or NodeIdentity.new(registry.config)
+    app.on_response_prepare.append(_identity_headers)
     app.router.add_get("/models", list_models)
     app.router.add_post("/models/load", load_model)
     app.router.add_post("/models/unload", unload_model)

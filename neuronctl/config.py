@@ -120,6 +120,9 @@ class ModelSpec:
 class NeuronConfig:
     port: int = 13131
     host: str = "0.0.0.0"
+    # How gateways and `neuronctl fleet` name this node (docs/fleet.md); unset: host name
+    # and port (`gpu1:13131`), since host names alone collide.
+    node_id: str | None = None
     # When set, every route but GET /health needs `Authorization: Bearer KEY` or `x-api-key`.
     # Never shown in a repr: config objects end up in logs and tracebacks.
     api_key: str | None = field(default=None, repr=False)
@@ -448,6 +451,8 @@ def _check_values(obj: Any, key: str) -> None:
             raise ConfigError(_join(key, "port"), f"must be between 1 and 65535, got {obj.port}")
         if not obj.host:
             raise ConfigError(_join(key, "host"), "must not be empty")
+        if obj.node_id is not None:
+            _check_node_id(obj.node_id, _join(key, "node_id"))
         for name in ("header_timeout_s", "body_timeout_s"):
             seconds = getattr(obj, name)
             if not 0 < seconds <= 3600:
@@ -559,6 +564,19 @@ def check_model_id(model_id: str, key: str = "model_id") -> None:
         raise ConfigError(key, f"{model_id!r}: no empty, '.' or '..' path segments")
     if not model_id[0].isalnum():
         raise ConfigError(key, f"{model_id!r}: must start with a letter or a digit")
+
+
+# A node id travels in HTTP headers and in LiteLLM's deployment ids (`NODE@INCARNATION/MODEL`),
+# hence no `/` or `@`.
+_NODE_ID_CHARS = frozenset(string.ascii_letters + string.digits + "._-:")
+
+
+def _check_node_id(node_id: str, key: str) -> None:
+    if not node_id or len(node_id) > 128:
+        raise ConfigError(key, "must be 1 to 128 characters")
+    if not set(node_id) <= _NODE_ID_CHARS or not node_id[0].isalnum():
+        raise ConfigError(key, f"{node_id!r}: may hold only ASCII letters, digits and . _ - :, "
+                               "starting with a letter or a digit")
 
 
 def model_id_problem(model_id: object) -> str | None:

@@ -147,7 +147,12 @@ class ModelRegistry:
         listed = [m.to_json() for m in self._models.values()]
         listed += [unloaded_json(spec, self.config)
                    for model_id, spec in self.catalogue.items() if model_id not in self._models]
-        return [with_traffic(entry, self.activity(entry["id"])) for entry in listed]
+        catalogue = self.catalogue
+        # `autoload`: a /v1 request naming it loads it when it is not loaded (a gateway may
+        # send it requests while it is unloaded; docs/fleet.md).
+        return [{**with_traffic(entry, self.activity(entry["id"])),
+                 "autoload": entry["id"] in catalogue
+                 and self.config.autoloads(catalogue[entry["id"]])} for entry in listed]
 
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no
