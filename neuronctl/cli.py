@@ -23,6 +23,7 @@ from . import __version__, logfiles
 from . import chat as chat_
 from .client import ApiError, Client, DaemonNotRunning, connect, settings_for
 from .config import DEFAULT_CONFIG_PATH, ConfigError, config_from_env
+from .fleet_cli import app as fleet_app
 from .start import EX_CONFIG
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.add_typer(fleet_app, name="fleet")  # docs/fleet.md
 out = Console()
 err = Console(stderr=True)
 
