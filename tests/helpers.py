@@ -8,9 +8,12 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -103,3 +106,74 @@ def fast_restarts(config: NeuronConfig, **overrides: Any) -> NeuronConfig:
         **overrides,
     }
     return dataclasses.replace(config, **values)
+
+
+# --- a fleet on loopback: nodes as `neuronctl start` and LiteLLM's proxy ------------------
+# (tests/test_fleet_litellm.py and bench/fleet.py)
+
+REPO = Path(__file__).resolve().parent.parent
+# Where .ci/litellm.sh installs the proxy (its own venv); LITELLM_PROXY names another one.
+LITELLM = Path(os.environ.get("LITELLM_PROXY", REPO / ".cache/litellm-venv/bin/litellm"))
+# No cost map download, no telemetry: CI reaches nothing but the package registries.
+LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY_DISABLED": "true",
+               "LITELLM_LOG": "ERROR"}
+
+
+def find_llama_server() -> str | None:
+    import shutil
+
+    found = shutil.which("llama-server")
+    built = REPO / ".cache/llama-server/bin/llama-server"
+    return found or (str(built) if built.is_file() else None)
+
+
+def fleet_node_toml(port: int, node_id: str, model: Path, llama_server: str | None) -> str:
+    """A node serving the tiny GGUF as `tiny`: with llama-server when there is one (ready in
+    milliseconds), else llama-cpp-python. `autoload = false`: once unloaded, a request for
+    it is a 404 there, which the gateway retries on another node."""
+    harness = "llama-server" if llama_server else "llama-cpp-python"
+    table = f'[harness.llama-server]\nbinary = "{llama_server}"\n' if llama_server else ""
+    return (f'port = {port}\nhost = "127.0.0.1"\nnode_id = "{node_id}"\nlog_dir = "log"\n'
+            f'state_dir = "state"\nautoload = false\n{table}'
+            f'[[default_models]]\nmodel_id = "tiny"\nharness = "{harness}"\npath = "{model}"\n'
+            'n_ctx = 256\n')
+
+
+def spawn(command: list[str], log: Path, env: Mapping[str, str], cwd: Path | None = None
+          ) -> subprocess.Popen[bytes]:
+    """A process in a session of its own (so `stop_group` reaches its children), its
+    output to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(env),
+                                cwd=cwd, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM to the process's group, a bounded wait, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+def wait_http(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
+    """Until `url` answers 200; fail at once when `proc` exits, or after `timeout`."""
+    def up() -> bool:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise AssertionError(f"exited with {proc.returncode} before {url} answered:\n{tail}")
+        return http_ok(url)
+
+    poll_until(up, timeout, interval=0.1)
