@@ -34,6 +34,11 @@ ROUTER_SETTINGS: dict[str, Any] = {
 # The key clients send to the proxy; LiteLLM refuses to start without one. From the
 # proxy's environment, so the file holds no secret of the proxy's own.
 GENERAL_SETTINGS: dict[str, Any] = {"master_key": "os.environ/LITELLM_MASTER_KEY"}
+# Several proxies share cooldowns and usage through Redis; where it is comes from each
+# proxy's environment, as LiteLLM's docs write it.
+REDIS_SETTINGS: dict[str, Any] = {"redis_host": "os.environ/REDIS_HOST",
+                                  "redis_port": "os.environ/REDIS_PORT",
+                                  "redis_password": "os.environ/REDIS_PASSWORD"}
 SERVABLE_NOW = "loaded"
 
 
@@ -140,8 +145,10 @@ class FleetConfig:
         return not self.config["model_list"]
 
 
-def litellm_config(nodes: Iterable[Node], api_key: str | None) -> FleetConfig:
-    """LiteLLM proxy config for `nodes`: their deployments and the router settings. A node
+def litellm_config(nodes: Iterable[Node], api_key: str | None,
+                   redis: bool = False) -> FleetConfig:
+    """LiteLLM proxy config for `nodes`: their deployments and the router settings (with
+    `redis`, those that make several proxies one). A node
     that did not answer, or that answers under a node id already seen at another URL (two
     nodes configured alike, or one node named twice), is left out and reported."""
     model_list: list[dict[str, Any]] = []
@@ -157,7 +164,8 @@ def litellm_config(nodes: Iterable[Node], api_key: str | None) -> FleetConfig:
             continue
         seen[node.node_id] = node.url
         model_list += deployments(node, api_key)
-    config = {"model_list": model_list, "router_settings": dict(ROUTER_SETTINGS),
+    router = {**ROUTER_SETTINGS, **(REDIS_SETTINGS if redis else {})}
+    config = {"model_list": model_list, "router_settings": router,
               "general_settings": dict(GENERAL_SETTINGS)}
     return FleetConfig(config, left_out)
 

@@ -95,6 +95,10 @@ def litellm_config(
     ] = None,
     api_key: ApiKeyOpt = None,
     timeout: TimeoutOpt = 5.0,
+    redis: Annotated[
+        bool, typer.Option("--redis", help="Share cooldowns between proxies through Redis "
+                                           "($REDIS_HOST, $REDIS_PORT, $REDIS_PASSWORD)")
+    ] = False,
 ) -> None:
     """Write LiteLLM's proxy config: a deployment per servable model per node.
 
@@ -102,7 +106,7 @@ def litellm_config(
     stderr); 1 nothing written (no node answered, or none serves a model); 2 a bad argument.
     """
     urls = _urls(nodes)
-    result = fleet.litellm_config(fleet.read_nodes(urls, api_key, timeout), api_key)
+    result = fleet.litellm_config(fleet.read_nodes(urls, api_key, timeout), api_key, redis)
     for url, why in result.left_out:
         sys.stderr.write(f"neuronctl: left out {url}: {why}\n")
     if result.empty:

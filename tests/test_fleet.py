@@ -149,6 +149,16 @@ def test_the_router_settings_retry_elsewhere_and_cool_down_at_once() -> None:
     assert config["model_list"][0]["litellm_params"]["api_key"] == "none"
 
 
+def test_several_proxies_share_state_through_redis_named_by_their_environment() -> None:
+    nodes = [answered("http://a:1", "a", entry("m"))]
+    assert "redis_host" not in fleet.litellm_config(nodes, None).config["router_settings"]
+    router = fleet.litellm_config(nodes, None, redis=True).config["router_settings"]
+    assert router["redis_host"] == "os.environ/REDIS_HOST"
+    assert router["redis_port"] == "os.environ/REDIS_PORT"
+    assert router["redis_password"] == "os.environ/REDIS_PASSWORD"
+    assert router["num_retries"] == 2
+
+
 def test_a_restarted_node_gets_new_deployment_ids() -> None:
     before = fleet.litellm_config([answered("http://a:1", "a", entry("m"), incarnation="i1")], None)
     after = fleet.litellm_config([answered("http://a:1", "a", entry("m"), incarnation="i2")], None)
