@@ -181,7 +181,12 @@ def status(
         print(json.dumps([{"url": n.url, "node_id": n.node_id, "incarnation": n.incarnation,
                            "error": n.error, "models": n.models} for n in read], indent=2))
     else:
-        out.print(status_table(fleet.status_rows(read)))
+        table = status_table(fleet.status_rows(read))
+        if out.is_terminal or os.environ.get("COLUMNS"):
+            out.print(table)
+        else:  # piped (to grep): each row on one line, whatever the ids' length
+            width = out.measure(table, options=out.options.update(width=1 << 16)).maximum
+            Console(width=width, force_terminal=False).print(table)
         for node in read:
             if node.error is not None:
                 sys.stderr.write(f"neuronctl: {node.url}: {node.error}\n")

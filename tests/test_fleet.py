@@ -84,6 +84,20 @@ async def test_two_apps_are_two_incarnations(
     assert len(seen) == 2
 
 
+async def test_a_reload_keeps_the_node_id_and_says_it_needs_a_restart(
+    tmp_path: Path, make_registry: MakeRegistry,
+) -> None:
+    from neuronctl.config import load_config
+    from neuronctl.reload import Reloader
+
+    path = tmp_path / "neuron.toml"
+    path.write_text('node_id = "one"\nlog_dir = "log"\nstate_dir = "state"\n')
+    registry = make_registry(load_config(path, {}))
+    path.write_text('node_id = "two"\nlog_dir = "log"\nstate_dir = "state"\n')
+    result = await Reloader(registry, path).reload()
+    assert result.needs_restart == ["node_id"] and registry.config.node_id == "one"
+
+
 def test_autoload_in_the_listing_follows_the_catalogue(
     node_config: NeuronConfig, make_registry: MakeRegistry,
 ) -> None:
@@ -315,6 +329,12 @@ async def test_fleet_status_table_and_json(serve_node: StartNode) -> None:
     assert lines[2].split()[:3] == ["node-a", "other", "unloaded"]
     assert lines[3].split()[:3] == [down, "-", "unreachable"]
     assert f"neuronctl: {down}: not answering" in err
+    env = clean_env()  # piped, no COLUMNS: one line per row, however long the URL
+    proc = await asyncio.create_subprocess_exec(
+        str(NEURONCTL), "fleet", "status", a, f"{down}/{'x' * 120}", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    piped, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert len(piped.decode().splitlines()) == 4
     code, text, _ = await neuronctl("fleet", "status", a, "--json")
     assert code == 0
     (node,) = json.loads(text)
