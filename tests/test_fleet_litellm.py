@@ -40,6 +40,7 @@ from .helpers import (
 )
 
 pytestmark = [
+    pytest.mark.litellm,
     pytest.mark.skipif(not LITELLM.is_file(),
                        reason=f"LiteLLM's proxy is not installed at {LITELLM} (.ci/litellm.sh)"),
     pytest.mark.skipif(find_llama_server() is None
