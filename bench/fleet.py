@@ -118,8 +118,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="clients during a kill")
     parser.add_argument("--kill-requests", type=int, default=120, help="requests per kill run")
     args = parser.parse_args()
-    if not LITELLM.is_file():
-        sys.exit(f"LiteLLM's proxy is not at {LITELLM}: run .ci/litellm.sh first")
+    if not LITELLM.is_file():  # skipped, as its tests are: `make bench` goes on
+        print(f"fleet: skipped, LiteLLM's proxy is not at {LITELLM} (run .ci/litellm.sh)")
+        return
     llama_server = find_llama_server()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
