@@ -60,6 +60,7 @@ NOT_HERE_PATTERNS = {
     r"^NEURON_[A-Z_]+=\S+$": "an environment listing, not a command",
     r"(/etc|/var|/opt|/srv|/home)/": "names a file on a production host",
     r"\b10\.\d+\.\d+\.\d+\b": "names another host",
+    r"localhost:4000\b": "goes through LiteLLM's proxy (tests/test_fleet_litellm.py)",
 }
 COMMAND_WORDS = {"curl", "neuronctl", ".venv/bin/neuronctl", "url=$(curl", *NOT_HERE}
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+s)?$")
