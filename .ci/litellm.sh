@@ -4,7 +4,9 @@
 # versions of its own; keeping it out of .venv keeps neuronctl's environment what
 # pyproject says it is.
 #
-# Pinned to the version the tests were run with. Never 1.107.0 (a compromised release).
+# Pinned to the version the tests were run with: the newest 1.108 whose [proxy] extra
+# resolves from the registry here (later 1.108.x need a litellm-proxy-extras it lacks).
+# Never 1.107.0 (a compromised release).
 # Never fatal: if the install fails, the test module skips with its reason and CI goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
