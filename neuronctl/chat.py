@@ -56,9 +56,16 @@ class Conversation:
                               {"role": "assistant", "content": answer}]
 
 
+def clean_text(text: str) -> str:
+    """Text a worker can parse: bytes that were not UTF-8 (surrogate escapes from stdin or
+    argv) become U+FFFD, where JSON would carry lone surrogates the worker refuses."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def answer_chunks(client: Client, conversation: Conversation, prompt: str) -> Iterator[str]:
     """The answer's text as the worker streams it. ApiError when the node refuses (the
-    message is the node's: no such model, queue full, the model failed)."""
+    message is the node's: no such model, queue full, the model failed) and when the
+    stream ends without `[DONE]`: a node or worker that died mid-answer cut it short."""
     path, body = conversation.request(prompt)
     for _, data in client.stream("POST", path, body, conversation.options.read_timeout_s):
         if data == "[DONE]":
@@ -74,11 +81,14 @@ def answer_chunks(client: Client, conversation: Conversation, prompt: str) -> It
             text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
             if isinstance(text, str) and text:
                 yield text
+    raise ApiError(0, f"the answer was cut off: {client.url} ended the stream before it was "
+                      "complete (the node or its worker stopped)")
 
 
 def say(client: Client, conversation: Conversation, prompt: str, out: TextIO) -> str:
-    """Stream one answer to `out` and remember the turn; the answer's text. A Ctrl-C stops
-    the answer (closing the stream tells the node to stop generating) and keeps what came."""
+    """Stream one answer to `out` and remember the turn; the answer's text. The line is
+    ended whatever happens, so an error or a Ctrl-C (re-raised: the caller says it) never
+    lands on the answer's line; a stopped answer is remembered as far as it came."""
     parts: list[str] = []
     try:
         for text in answer_chunks(client, conversation, prompt):
@@ -86,12 +96,16 @@ def say(client: Client, conversation: Conversation, prompt: str, out: TextIO) ->
             out.write(text)
             out.flush()
     except KeyboardInterrupt:
-        out.write(" [stopped]")
+        conversation.answered(prompt, "".join(parts))
+        raise
     else:
         if not parts:  # an empty line alone reads like a hang or a bug
+            parts.append("")
             out.write(EMPTY_ANSWER if not conversation.options.raw else "(no text)")
-    out.write("\n")
-    out.flush()
+    finally:
+        if parts:  # a refusal before any text leaves stdout alone
+            out.write("\n")
+            out.flush()
     answer = "".join(parts)
     conversation.answered(prompt, answer)
     return answer
@@ -100,10 +114,11 @@ def say(client: Client, conversation: Conversation, prompt: str, out: TextIO) ->
 def interactive(client: Client, conversation: Conversation, read: Callable[[str], str],
                 out: TextIO, err: TextIO) -> None:
     """The loop: read a prompt, stream its answer, until /bye or end of input. A refused
-    prompt (queue full, the model failed) is said and the loop goes on."""
+    prompt (queue full, the model failed) is said and the loop goes on; so does a Ctrl-C
+    during an answer, which stops only that answer (closing the stream tells the node)."""
     while True:
         try:
-            prompt = read(">>> ").strip()
+            prompt = clean_text(read(">>> ")).strip()
         except EOFError:
             out.write("\n")
             return
@@ -120,6 +135,8 @@ def interactive(client: Client, conversation: Conversation, read: Callable[[str]
             continue
         try:
             say(client, conversation, prompt, out)
+        except KeyboardInterrupt:
+            err.write("(answer stopped)\n")
         except ApiError as exc:
             err.write(f"neuronctl: {exc.message}\n")
-            err.flush()
+        err.flush()

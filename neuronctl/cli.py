@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import threading
@@ -590,22 +591,36 @@ def chat(
     config: ConfigOpt = None,
 ) -> None:
     """Chat with a model through the node's /v1, answers streamed (like `ollama run`)."""
-    options = chat_.ChatOptions(model_id, system, max_tokens, temperature, raw, timeout)
+    if not (math.isfinite(timeout) and timeout > 0):
+        fail(f"--timeout: must be a positive number of seconds, got {timeout:g}", 2)
+    if max_tokens is not None and max_tokens < 1:
+        fail(f"--max-tokens: must be at least 1, got {max_tokens}", 2)
+    if raw and system is not None:
+        fail("--system needs a chat; --raw is a plain completion of the prompt", 2)
+    options = chat_.ChatOptions(model=model_id, system=system, max_tokens=max_tokens,
+                                temperature=temperature, raw=raw, read_timeout_s=timeout)
     client = _client(url, config)
     conversation = chat_.Conversation(options)
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read().strip()
-        if not prompt:
+        # Bytes, decoded leniently: a prompt that is not UTF-8 is no reason for a traceback.
+        prompt = sys.stdin.buffer.read().decode("utf-8", "replace")
+        prompt = prompt.rstrip("\n") if raw else prompt.strip()  # a raw prompt keeps its indent
+        if not prompt.strip():
             fail("no prompt: stdin was empty", 2)
     try:
         if prompt is not None:
-            _call(chat_.say, client, conversation, prompt, sys.stdout)
+            _call(chat_.say, client, conversation, chat_.clean_text(prompt), sys.stdout)
             return
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() then has line editing and history)
         err.print(f"chatting with {model_id} at {client.url}/v1; {chat_.HELP}",
                   markup=False, highlight=False, style="dim", soft_wrap=True)
         _call(chat_.interactive, client, conversation, input, sys.stdout, sys.stderr)
-    except KeyboardInterrupt:  # at the prompt: Ctrl-C ends the chat, as in a shell
-        sys.stdout.write("\n")
+    except KeyboardInterrupt:  # one prompt's answer stopped, or Ctrl-C at the >>> prompt
+        sys.stdout.write("\n" if prompt is None else "")
+        sys.stdout.flush()
+        if prompt is not None:
+            sys.stderr.write("neuronctl: answer stopped\n")
         raise typer.Exit(130) from None
 
 

@@ -128,14 +128,33 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     # NEURON_PORT overrides the config's port for the daemon, so for its clients too.
     port = _env_port() or settings.port
     client = Client(local_url(settings.host, port), timeout_s, key, settings.state_dir)
-    running = read_listening(settings.state_dir) if settings.state_dir is not None else None
-    if running is not None and running[1] != client.url:
-        # The config was edited (a new port) and the daemon not restarted yet: it still
-        # answers where it started; reaching it there beats "not running".
-        client.note = (f"the daemon (pid {running[0]}) listens on {running[1]}; the config "
-                       f"says {client.url}, which applies when it restarts")
-        client.url = running[1]
+    if _env_port() is None:
+        _follow_listening(client, settings.state_dir, _config_used(config_path))
     return client
+
+
+def _config_used(config_path: Path | None) -> Path | None:
+    if config_path is not None:
+        return config_path.resolve()
+    return DEFAULT_CONFIG_PATH if os.access(DEFAULT_CONFIG_PATH, os.R_OK) else None
+
+
+def _follow_listening(client: Client, state_dir: Path | None, config: Path | None) -> None:
+    """Reach the daemon where it listens when that is not where this config says: the
+    config's port was edited and no restart applied it yet, or it was started with --port.
+    Only the daemon started from this very config file, on the same host, is followed."""
+    running = read_listening(state_dir) if state_dir is not None else None
+    if running is None or running.url == client.url or config is None:
+        return
+    if running.config != str(config):
+        return  # another node's config that shares the state_dir, or no config at all
+    host = urllib.parse.urlsplit(client.url).hostname
+    if urllib.parse.urlsplit(running.url).hostname != host:
+        return
+    client.note = (f"the daemon (pid {running.pid}) started from {config} listens on "
+                   f"{running.url}, not {client.url} (started with --port, or the port was "
+                   "changed since: a restart applies it)")
+    client.url = running.url
 
 
 def _env_port() -> int | None:

@@ -164,7 +164,8 @@ class Daemon:
         if self.starting is not None:
             self.starting.clear()  # the API answers from here on
         if self.listening is not None:
-            self.listening.write(local_url(self.config.host, self.config.port))
+            self.listening.listening(local_url(self.config.host, self.config.port),
+                                     self.config_path)
         # READY=1 only now: systemd's "started" then means the API answers.
         self.notifier.send("READY=1", f"STATUS={summary(results)}")
         self.registry.events.on_event(NodeStatus(self.notifier, self.registry.models))

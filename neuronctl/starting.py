@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -60,27 +62,61 @@ class StartingNote(Note):
 
 
 class ListeningNote(Note):
-    """`state_dir/listening`: "PID URL", the address its clients reach it at."""
+    """`state_dir/listening`: "PID URL", then the config file it was started from."""
 
     def __init__(self, state_dir: Path) -> None:
         super().__init__(state_dir, LISTENING_FILE, " ")
 
+    def listening(self, url: str, config_path: Path | None) -> None:
+        self.write(f"{url}\n{config_path.resolve() if config_path else ''}")
+
+
+@dataclass(frozen=True)
+class Listening:
+    pid: int
+    url: str
+    config: str  # the absolute path of its config file; "" when it was started without one
+
+
+# What local_url writes, and nothing else: no spaces, user info, paths or queries that a
+# planted note could use to send the CLI (and its API key) somewhere strange.
+_NOTE_URL = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
+_NOTE_MAX_BYTES = 4096
+
 
 def _read(path: Path, sep: str) -> tuple[int, str] | None:
-    """(pid, text) when the note is there and its pid alive. Read without blocking (a FIFO
-    planted there is no note)."""
+    """(pid, text) when the note is there and its pid a live neuronctl. Read without
+    blocking and bounded (a FIFO or a huge file planted there is no note)."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        text = path.read_text(encoding="utf-8", errors="replace")[:500]
-        pid_text, _, said = text.strip().partition(sep)
+        text = os.read(fd, _NOTE_MAX_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    pid_text, _, said = text.strip().partition(sep)
+    try:
         pid = int(pid_text)
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+    except ValueError:
         return None
-    if not _is_neuronctl(pid):  # the daemon died and its pid went to something else
-        return None
+    if pid <= 0 or not _alive(pid) or not _is_neuronctl(pid):
+        return None  # gone, or its pid went to something else
     return pid, said
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # the daemon runs as its own user: alive, not ours to signal
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _is_neuronctl(pid: int) -> bool:
@@ -95,12 +131,20 @@ def _is_neuronctl(pid: int) -> bool:
 
 def read_starting(state_dir: Path) -> tuple[int, str] | None:
     """(pid, what it is doing) of a supervisor that is starting, if one is."""
-    return _read(state_dir / STARTING_FILE, ": ")
-
-
-def read_listening(state_dir: Path) -> tuple[int, str] | None:
-    """(pid, URL) of the supervisor whose API answers, if one runs."""
-    found = _read(state_dir / LISTENING_FILE, " ")
-    if found is None or not found[1].startswith(("http://", "https://")):
+    found = _read(state_dir / STARTING_FILE, ": ")
+    if found is None:
         return None
-    return found
+    pid, doing = found
+    first = doing.splitlines()[0][:200] if doing else ""
+    return pid, "".join(c if c.isprintable() else "?" for c in first)  # no escapes to a tty
+
+
+def read_listening(state_dir: Path) -> Listening | None:
+    """The supervisor whose API answers, if one runs, and where."""
+    found = _read(state_dir / LISTENING_FILE, " ")
+    if found is None:
+        return None
+    url, _, config = found[1].partition("\n")
+    if not _NOTE_URL.fullmatch(url):
+        return None
+    return Listening(found[0], url, config.strip())

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,7 @@ import pytest
 
 from neuronctl import chat
 from neuronctl.client import ApiError, Client
-from neuronctl.starting import ListeningNote, local_url, read_listening
+from neuronctl.starting import Listening, ListeningNote, local_url, read_listening
 
 from .fakes import FAKE_LLAMA_SERVER
 from .gpu_fakes import wrapper
@@ -167,22 +168,35 @@ def test_a_default_model_naming_an_unknown_harness_is_a_config_error(
 
 
 def test_the_listening_note_names_a_live_daemon_only(tmp_path: Path) -> None:
+    note = tmp_path / "listening"
     assert read_listening(tmp_path) is None
     # A stand-in daemon: a live process whose command line says neuronctl.
     daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "neuronctl"])
     try:
-        (tmp_path / "listening").write_text(f"{daemon.pid} http://127.0.0.1:4000\n")
+        note.write_text(f"{daemon.pid} http://127.0.0.1:4000\n/etc/neuron/neuron.toml\n")
         # poll: until its exec is done, /proc shows the parent's command line
-        assert poll_until(lambda: read_listening(tmp_path), 10) == (daemon.pid, "http://127.0.0.1:4000")
-        (tmp_path / "listening").write_text(f"{daemon.pid} file:///etc/passwd\n")
-        assert read_listening(tmp_path) is None  # not an address the CLI would call
+        assert poll_until(lambda: read_listening(tmp_path), 10) == Listening(
+            daemon.pid, "http://127.0.0.1:4000", "/etc/neuron/neuron.toml")
+        for planted in ("file:///etc/passwd", "http://127.0.0.1:4000/a b",
+                        "http://user:pw@127.0.0.1:4000", "http://[::1", "http://h:4000?x=1"):
+            note.write_text(f"{daemon.pid} {planted}\n")
+            assert read_listening(tmp_path) is None, planted  # not what a daemon writes
+        note.write_text(f"{daemon.pid} http://127.0.0.1:4000\n" + "\0" * 10_000_000)
+        assert read_listening(tmp_path) is not None  # read bounded, not whole
+        note.unlink()
+        os.mkfifo(note)
+        assert read_listening(tmp_path) is None  # never opened for a blocking read
+        note.unlink()
+        note.symlink_to(tmp_path / "elsewhere")
+        assert read_listening(tmp_path) is None
+        note.unlink()
     finally:
         daemon.kill()
         daemon.wait()
-    (tmp_path / "listening").write_text(f"{daemon.pid} http://127.0.0.1:4000\n")
+    note.write_text(f"{daemon.pid} http://127.0.0.1:4000\n")
     assert read_listening(tmp_path) is None  # that daemon is gone
     # A live pid that is not a neuronctl (the daemon died, its pid was reused).
-    ListeningNote(tmp_path).write("http://127.0.0.1:4000")
+    ListeningNote(tmp_path).listening("http://127.0.0.1:4000", None)
     assert read_listening(tmp_path) is None
     assert local_url("0.0.0.0", 13131) == "http://127.0.0.1:13131"
     assert local_url("::1", 13131) == "http://[::1]:13131"
@@ -191,16 +205,26 @@ def test_the_listening_note_names_a_live_daemon_only(tmp_path: Path) -> None:
 def test_after_a_port_change_the_cli_still_finds_the_running_daemon(tmp_path: Path) -> None:
     node = Node(tmp_path, "")
     try:
-        assert read_listening(tmp_path / "state") == (node.proc.pid, node.url)
+        assert read_listening(tmp_path / "state") == Listening(
+            node.proc.pid, node.url, str(node.config.resolve()))
         moved = free_port()
         node.config.write_text(node.head.replace(f"port = {node.port}", f"port = {moved}"))
         reload = run_cli("reload", "--config", str(node.config))
         assert reload.returncode == 0, reload.stderr
         assert "needs a restart to apply: port" in reload.stdout
-        assert (f"note: the daemon (pid {node.proc.pid}) listens on {node.url}; the config "
-                f"says http://127.0.0.1:{moved}, which applies when it restarts") in reload.stderr
+        assert (f"note: the daemon (pid {node.proc.pid}) started from {node.config.resolve()} "
+                f"listens on {node.url}, not http://127.0.0.1:{moved}") in reload.stderr
         status = run_cli("status", "--config", str(node.config))
         assert status.returncode == 0 and "no models" in status.stdout
+        # Another node's config sharing the state_dir is not sent to this daemon ...
+        other = tmp_path / "other.toml"
+        other.write_text(node.head.replace(f"port = {node.port}", f"port = {moved}"))
+        elsewhere = run_cli("status", "--config", str(other))
+        assert elsewhere.returncode == 1 and "not running" in elsewhere.stderr
+        # ... nor is a client that names its port itself.
+        named = run_cli("status", "--config", str(node.config), NEURON_PORT=str(moved))
+        assert named.returncode == 1 and f"not running at http://127.0.0.1:{moved}" in \
+            named.stderr
     finally:
         node.stop()
     assert not (tmp_path / "state" / "listening").exists()
@@ -241,13 +265,18 @@ def sse_stub() -> Iterator[SseStub]:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
-            for text in answer:
+            cut = isinstance(answer, dict)  # {"cut": chunks}: the stream ends without [DONE]
+            delay = 0.2 if cut and answer.get("slow") else 0.0
+            for text in answer["cut"] if cut else answer:
+                time.sleep(delay)
                 if self.path == "/v1/completions":
                     chunk: dict[str, Any] = {"choices": [{"text": text}]}
                 else:
                     chunk = {"choices": [{"delta": {"content": text}}]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            if not cut:
+                self.wfile.write(b"data: [DONE]\n\n")
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -306,6 +335,49 @@ def test_chat_one_prompt_from_stdin_and_raw_completions(sse_stub: SseStub) -> No
     assert missing.stderr == "neuronctl: model 'x' is not loaded on this node\n"
     nothing = run_cli("chat", "m", "--url", sse_stub.url, stdin="")
     assert nothing.returncode == 2 and "stdin was empty" in nothing.stderr
+
+
+def test_chat_says_when_an_answer_was_cut_off_or_stopped(sse_stub: SseStub) -> None:
+    sse_stub.answers = [{"cut": ["Once", " upon"]}]
+    cut = run_cli("chat", "m", "hi", "--url", sse_stub.url)
+    assert cut.returncode == 1
+    assert cut.stdout == "Once upon\n"  # the line is ended before the error
+    assert "neuronctl: the answer was cut off: " in cut.stderr
+    sse_stub.answers = [{"cut": ["word "] * 200, "slow": True}]
+    proc = subprocess.Popen([NEURONCTL, "chat", "m", "hi", "--url", sse_stub.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.read(5) == "word "  # streaming, then Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        kill_quietly(proc.pid)
+    assert proc.returncode == 130
+    assert out.endswith("\n") and "stopped" not in out  # stdout holds only the answer
+    assert err == "neuronctl: answer stopped\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--timeout", "0"], "--timeout: must be a positive number of seconds, got 0"),
+    (["--timeout", "nan"], "--timeout: must be a positive number of seconds, got nan"),
+    (["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
+    (["--raw", "--system", "x"], "--system needs a chat"),
+])
+def test_chat_refuses_options_that_cannot_work(args: list[str], message: str) -> None:
+    result = run_cli("chat", "m", "hi", "--url", "http://127.0.0.1:9", *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_sends_a_prompt_that_is_not_utf8_as_text(sse_stub: SseStub) -> None:
+    sse_stub.answers = [["ok"]]
+    result = subprocess.run([NEURONCTL, "chat", "m", "--raw", "--url", sse_stub.url],
+                            input=b"\xff\xfe  indented\n", capture_output=True, timeout=60,
+                            env=clean_env(PYTHONIOENCODING="utf-8"))
+    assert result.returncode == 0, result.stderr
+    assert sse_stub.bodies[0]["prompt"] == "\ufffd\ufffd  indented"  # indent kept for --raw
 
 
 def test_chat_error_inside_the_stream_is_an_api_error(sse_stub: SseStub) -> None:
