@@ -7,6 +7,8 @@
   const KEY = "neuron.apiKey";
   const SAMPLE_MS = 2000;      // the charts' counters (GET /models/stats); state is pushed
   const POINTS = 90;           // 3 minutes of samples per chart
+  const CHART_W = 96;
+  const CHART_H = 24;
   const LOG_MAX_CHARS = 400000; // the log view keeps the newest of what it was sent
   const STATUSES = new Set(["loaded", "loading", "downloading", "restarting", "unloading",
     "failed", "unloaded"]);
@@ -175,10 +177,11 @@
       list = await resp.json();
     } catch (_) { return; }
     const seen = new Set();
+    let stale = false;
     for (const entry of list) {
       seen.add(entry.id);
       const old = models.get(entry.id);
-      if (old && old.seq > seq) entry.status = old.status; // an event newer than this answer
+      if (old && old.seq > seq) { stale = true; continue; } // an event came after it left
       entry.seq = old ? old.seq : 0;
       models.set(entry.id, entry);
     }
@@ -186,6 +189,7 @@
       if (!seen.has(id) && !(models.get(id).seq > seq)) models.delete(id);
     }
     renderAll();
+    if (stale) scheduleRefresh();
   }
 
   // --- rendering ---------------------------------------------------------------------------
@@ -200,28 +204,28 @@
   const LABELS = ["Model", "Status", "Devices", "Memory", "Context", "Uptime", "Restarts",
     "Queued / in flight", "Until", "Requests/s · tokens/s", "Actions"];
 
+  const CELLS = ["first", "status-cell", "devices", "memory", "ctx num", "uptime",
+    "restarts num", "queue", "until", "traffic", "actions"];
+
   function makeRow(id) {
     const tr = el("tr", {className: "model"});
     tr.dataset.modelId = id;
-    const cells = LABELS.map((label) => {
-      const td = el("td");
+    const cells = LABELS.map((label, i) => {
+      const td = el("td", {className: CELLS[i]});
       td.dataset.label = label;
       tr.append(td);
       return td;
     });
-    cells[0].className = "first";
-    for (const i of [4, 6]) cells[i].classList.add("num");
     const name = el("button", {type: "button", className: "model-name", textContent: id,
       title: "Follow this model's log"});
     name.addEventListener("click", () => openLog(id));
     cells[0].append(name);
     const status = el("span", {className: "status"});
     cells[1].append(status);
-    const canvas = el("canvas", {className: "spark", width: 120, height: 28});
+    const canvas = el("canvas", {className: "spark", width: CHART_W, height: CHART_H});
     canvas.setAttribute("role", "img");
     const rates = el("div", {className: "rates"});
-    cells[9].append(canvas, rates);
-    cells[10].className = "actions";
+    cells[9].append(el("div", {className: "spark-wrap"}, [canvas, rates]));
     const load = el("button", {type: "button", textContent: "Load"});
     load.addEventListener("click", () => act("load", id));
     const unload = el("button", {type: "button", textContent: "Unload"});
@@ -387,7 +391,8 @@
     const points = series.get(id) || [];
     const canvas = row.canvas;
     const ratio = window.devicePixelRatio || 1;
-    const w = 120, h = 28;
+    const w = CHART_W, h = CHART_H;
+    canvas.dataset.points = String(points.length);
     if (canvas.width !== w * ratio) { canvas.width = w * ratio; canvas.height = h * ratio; }
     const ctx = canvas.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
@@ -402,10 +407,13 @@
       ctx.strokeStyle = style.getPropertyValue(color);
       ctx.lineWidth = 1.5;
       ctx.beginPath();
+      // Time runs right to left; a young series spans at least 12 samples' width, a full
+      // one the whole chart.
+      const step = w / (Math.max(points.length, 12) - 1);
       points.forEach((p, i) => {
-        const x = w - (points.length - 1 - i) * (w / (POINTS - 1));
+        const x = w - (points.length - 1 - i) * step;
         const y = h - 2 - (p[field] / top) * (h - 5);
-        if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+        if (i) ctx.lineTo(x, y); else ctx.moveTo(x - 2, y); // one point: a short dash
       });
       ctx.stroke();
     }
@@ -413,8 +421,9 @@
     const tps = lastPoint ? lastPoint.tps : 0;
     const r = el("span", {className: "r", textContent: `${rps.toFixed(rps < 10 ? 1 : 0)} req/s`});
     const t = el("span", {className: "t", textContent: `${tps.toFixed(tps < 10 ? 1 : 0)} tok/s`});
-    row.rates.replaceChildren(r, " · ", t);
-    canvas.setAttribute("aria-label", `${r.textContent}, ${t.textContent}, last 3 minutes`);
+    row.rates.replaceChildren(r, t);
+    const span = Math.round(points.length * SAMPLE_MS / 1000);
+    canvas.setAttribute("aria-label", `${r.textContent}, ${t.textContent}, the last ${span} s`);
   }
 
   // --- actions -----------------------------------------------------------------------------
@@ -456,6 +465,7 @@
     logModel = id;
     for (const other of [previousModel, id]) if (other !== null) renderRow(other);
     $("logs").hidden = false;
+    $("logs").scrollIntoView({block: "nearest"});
     $("log-model").textContent = id;
     const pre = $("log-text");
     pre.textContent = "";
@@ -553,6 +563,10 @@
     askForKey(false);
   });
 
+  // The charts' colours are the scheme's: drawn again when it changes.
+  matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => {
+    for (const id of rows.keys()) drawChart(id);
+  });
   $("node-name").textContent = location.host;
   setInterval(() => {  // the clocks: uptime and idle countdowns tick without a request
     for (const [id, m] of models) {
