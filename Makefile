@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/proxy.py
 	$(PY) bench/traffic.py
 	$(PY) bench/swap.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
