@@ -32,6 +32,7 @@ from .registry import ModelRegistry
 MAX_LINES = 5000
 DEFAULT_LINES = 100
 READ_BYTES = 64 * 1024
+TAIL_BYTES = 64 * 1024  # read for a tail, or 512 per line asked for when that is more
 MAX_FOLLOWERS = 32
 POLL_S = 0.25
 HEADERS = {
@@ -67,6 +68,10 @@ def _lines(request: web.Request) -> int:
     return min(int(raw), MAX_LINES)  # more is not an error: the most there is to show
 
 
+def _text(lines: list[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8", "replace")
+
+
 class _File:
     """The followed file, `tail -F` style; every call is blocking I/O (run in a thread)."""
 
@@ -74,10 +79,20 @@ class _File:
         self.path = path
         self.fh: BinaryIO | None = None
 
-    def open_at_end(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def start(self, n: int) -> list[str]:
+        """Open the file; its last `n` lines up to where following begins, so nothing is
+        lost or sent twice between the tail and what follows (as logfiles.tail_lines)."""
+        try:
             self.fh = self.path.open("rb")
-            self.fh.seek(0, os.SEEK_END)
+        except FileNotFoundError:
+            return []  # not written yet: read() opens it when it appears
+        size = os.fstat(self.fh.fileno()).st_size
+        window = max(TAIL_BYTES, n * 512)
+        self.fh.seek(max(0, size - window))
+        lines = self.fh.read(size - self.fh.tell()).decode("utf-8", "replace").splitlines()
+        if size > window and len(lines) > 1:
+            lines = lines[1:]  # the first line is probably cut in the middle
+        return lines[-n:] if n > 0 else []
 
     def read(self) -> bytes:
         """What was appended since the last read, at most READ_BYTES of it."""
@@ -173,23 +188,24 @@ class LogFollowers:
         if not follow and not await asyncio.to_thread(path.exists):
             which = "previous log" if previous else "log"
             raise errors.NotFound(f"no {which} yet for {model_id}")
-        if follow and self.open >= self.limit:
-            raise errors.TooManyStreams(
-                f"{self.open} log streams are open, the limit; close one and try again")
-        tail = await asyncio.to_thread(logfiles.tail_lines, path, lines)
-        response = web.StreamResponse(headers=HEADERS)
-        await response.prepare(request)
-        text = "".join(line + "\n" for line in tail)
         if not follow:
-            await response.write(text.encode("utf-8", "replace"))
+            tail = await asyncio.to_thread(logfiles.tail_lines, path, lines)
+            response = web.StreamResponse(headers=HEADERS)
+            await response.prepare(request)
+            await response.write(_text(tail))
             await response.write_eof()
             return response
+        if self.open >= self.limit:
+            raise errors.TooManyStreams(
+                f"{self.open} log streams are open, the limit; close one and try again")
+        response = web.StreamResponse(headers=HEADERS)
         follower = _Follower(request, response)
-        self._followers.add(follower)
+        self._followers.add(follower)  # before any await: the bound holds under a rush
         followed = _File(path)
         try:
-            await asyncio.to_thread(followed.open_at_end)
-            await follower.write(text.encode("utf-8", "replace"))
+            tail = await asyncio.to_thread(followed.start, lines)
+            await response.prepare(request)
+            await follower.write(_text(tail))
             await self._follow(follower, followed)
         except ConnectionError:
             pass  # the client left during a write
@@ -204,6 +220,8 @@ class LogFollowers:
             if follower.hung_up:
                 return
             chunk = await asyncio.to_thread(followed.read)
+            if self._closing.is_set():
+                return  # close() aborted the writers of that moment; this one writes no more
             if chunk:
                 await follower.write(decoder.decode(chunk).encode())
                 continue  # more may be waiting

@@ -311,7 +311,7 @@ async def test_a_client_that_never_reads_holds_little_and_shutdown_ends_it(
             with path.open("ab") as fh:
                 for _ in range(20_000):  # 20 MB that the stuck client never reads
                     fh.write(line)
-            await poll_until_async(lambda: node.followers.stuck == 1, timeout=10)
+            await poll_until_async(lambda: node.followers.stuck >= 1, timeout=10)
             started = time.monotonic()
             await node.runner.cleanup()  # the daemon's shutdown of the API
             assert time.monotonic() - started < 4
@@ -335,3 +335,32 @@ def test_the_built_wheel_holds_the_dashboard(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("index.html", "app.js", "app.css", "__init__.py"):
         assert f"neuronctl/ui/{name}" in names, sorted(names)
+
+
+async def test_a_hundred_followers_get_the_bound_and_one_waits_for_a_log_to_appear(
+    make_registry: MakeRegistry, catalogue_config: NeuronConfig,
+) -> None:
+    async with serve(make_registry(catalogue_config)) as node:
+        node.followers.poll_s = 0.05
+        await loaded(node)
+        # A model never loaded: the follower waits for its file, then reads it from the start.
+        waiting = await node.session.get(node.url + "/models/org/other%2Bx%401/logs?follow=1")
+        assert waiting.status == 200
+        url = node.url + "/models/m/logs?follow=1&lines=1"
+        many = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(many.get(url) for _ in range(100))), 30)
+        try:
+            statuses = sorted(r.status for r in answers)
+            # One of the 32 is the follower waiting above.
+            assert statuses.count(200) == 31 and statuses.count(503) == 69
+            assert node.followers.open == node.followers.limit
+            await node.registry.load(fake("org/other+x@1"))
+            seen = await read_until(waiting, b"fake worker pid")
+            assert seen.startswith(b"\n=== ")  # the start header, the file's first line
+        finally:
+            waiting.close()
+            for r in answers:
+                r.close()
+            await many.close()
+        await poll_until_async(lambda: node.followers.open == 0, timeout=5)
