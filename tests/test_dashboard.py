@@ -364,3 +364,23 @@ async def test_a_hundred_followers_get_the_bound_and_one_waits_for_a_log_to_appe
                 r.close()
             await many.close()
         await poll_until_async(lambda: node.followers.open == 0, timeout=5)
+
+
+def test_token_counts_come_only_from_a_sane_usage() -> None:
+    from neuronctl.router import _completion_tokens
+
+    class Answer:
+        def __init__(self, status: int = 200, kind: str = "application/json") -> None:
+            self.status, self.headers = status, {"Content-Type": kind}
+
+    def count(body: bytes, answer: Any = None) -> int:
+        return _completion_tokens(answer or Answer(), body)
+
+    assert count(b'{"usage": {"completion_tokens": 7}}') == 7
+    for body in (b"[1]", b'{"usage": 3}', b'{"usage": {"completion_tokens": "7"}}',
+                 b'{"usage": {"completion_tokens": -1}}', b"not json", b"[" * 100_000,
+                 b'{"usage": {"completion_tokens": 1e400}}',
+                 b'{"usage": {"completion_tokens": 99999999999999999999}}'):
+        assert count(body) == 0, body
+    assert count(b'{"usage": {"completion_tokens": 7}}', Answer(500)) == 0
+    assert count(b'{"usage": {"completion_tokens": 7}}', Answer(kind="text/plain")) == 0
