@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/traffic.py
 	$(PY) bench/swap.py
 	$(PY) bench/fleet.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

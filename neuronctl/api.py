@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from . import __version__, errors, events_api, router
+from . import __version__, dashboard, errors, events_api, router
 from .auth import api_key_middleware
 from .config import ConfigError, model_id_problem, model_spec_from_mapping
 from .discovery import Discovery
@@ -220,6 +220,7 @@ def create_app(
     # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
     app.router.add_get("/models/{model_id:.+}/endpoint", model_endpoint)
     app.router.add_get("/health", health)
+    dashboard.setup(app, registry)  # GET /, /models/stats, /models/{id}/logs
     app.router.add_get("/discovery", discovery)
     app.router.add_post("/reload", reload_config)
     if reloader is not None:

@@ -1,4 +1,5 @@
-"""API keys: with `api_key` set, every route but `GET /health` needs the key.
+"""API keys: with `api_key` set, every route but `GET /health` and the dashboard's static
+page needs the key.
 
 Accepted as `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`,
 compared in constant time. Without a key configured this middleware is not installed.
@@ -22,8 +23,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # One journal line per refusal would let any client fill the disk: the first refusal is
 # logged, then at most one line per window with how many more there were.
 REFUSAL_LOG_WINDOW_S = 60.0
-# Liveness probes (load balancers, systemd watchdogs of other services) carry no secrets.
-OPEN_ROUTES = frozenset({("GET", "/health"), ("HEAD", "/health")})
+# Liveness probes (load balancers, systemd watchdogs of other services) carry no secrets;
+# nor do the dashboard's page and assets (dashboard.ASSETS): static files, no data, and the
+# page asks for the key before it reads anything.
+OPEN_ROUTES = frozenset((method, path) for method in ("GET", "HEAD")
+                        for path in ("/health", "/", "/ui/app.js", "/ui/app.css"))
 
 
 def presented_key(request: web.Request) -> str | None:

@@ -77,6 +77,8 @@ _UPSTREAM_ERRORS = (ClientError, OSError, asyncio.TimeoutError)
 # ClientOSError too, hence the explicit check in _exchange.
 _STALE_CONNECTION = (ServerDisconnectedError, ClientOSError)
 STALE_RETRIES = 2
+# JSON answers longer than this are passed on without looking for their token count.
+_USAGE_SCAN_BYTES = 4 * 1024 * 1024
 
 
 # Upper bounds, in seconds (prometheus-client adds +Inf, which catches a long stream).
@@ -95,6 +97,9 @@ class ModelStats:
     in_flight: int = 0  # forwarded to the worker and not yet answered in full
     worker_errors: int = 0  # the worker could not be reached or broke off its answer
     client_disconnects: int = 0  # the client left before the answer was complete
+    # Generated tokens: a JSON answer's usage.completion_tokens, a stream's `data: {` chunks
+    # (llama.cpp servers send one token per chunk). For the dashboard's tokens/s.
+    tokens: int = 0
     last_used: float = 0.0  # monotonic time a request last arrived or finished (eviction)
     responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
     rejections: dict[str, int] = field(default_factory=dict)  # the router's refusals, by code
@@ -162,6 +167,17 @@ def _request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     forwarded = _without(headers, _DROP_FROM_REQUEST | {"content-type"})
     forwarded.append(("Content-Type", "application/json"))
     return forwarded
+
+
+def _completion_tokens(upstream: ClientResponse, answer: bytes) -> int:
+    if upstream.status != 200 or "json" not in upstream.headers.get("Content-Type", "") \
+            or len(answer) > _USAGE_SCAN_BYTES:
+        return 0
+    try:
+        tokens = json.loads(answer).get("usage", {}).get("completion_tokens", 0)
+    except (ValueError, RecursionError, AttributeError):
+        return 0
+    return tokens if isinstance(tokens, int) and 0 <= tokens < 2**31 else 0
 
 
 def _model_entry(record: ModelLifecycle) -> dict[str, Any]:
@@ -460,6 +476,7 @@ class Router:
             except _UPSTREAM_ERRORS as exc:
                 return self._bad_gateway(model_id, worker, stats, "broke off its answer", exc)
             stats.count(upstream.status)
+            stats.tokens += _completion_tokens(upstream, answer)
             return web.Response(
                 body=answer, status=upstream.status, reason=upstream.reason,
                 headers=_without(upstream.headers, _DROP_FROM_RESPONSE),
@@ -494,6 +511,7 @@ class Router:
                     return response
                 if not chunk:
                     break
+                stats.tokens += chunk.count(b"data: {")
                 try:
                     await response.write(chunk)
                 except ConnectionError:

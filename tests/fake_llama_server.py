@@ -4,8 +4,9 @@ It takes llama-server's flags (`-m FILE --host H --port P`, the rest ignored), o
 port at once, answers GET /health with 503 `{"error":{"code":503,"message":"Loading model",
 ...}}` for --fake-load-s seconds and 200 `{"status":"ok"}` after; GET /v1/models answers 200
 all along, as the real one does, so a supervisor probing it would call the model ready too
-early. Every request and its status is printed (to the worker's log), and so is the
-environment, so tests can see CUDA_VISIBLE_DEVICES.
+early. A POST (a completion) answers `max_tokens` characters with OpenAI's `usage`. Every
+request and its status is printed (to the worker's log), and so is the environment, so
+tests can see CUDA_VISIBLE_DEVICES.
 """
 
 from __future__ import annotations
@@ -52,6 +53,23 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(data)
             print(f"GET {self.path} {status}", flush=True)
+
+        def do_POST(self) -> None:
+            # A completion of `max_tokens` tokens (default 4), with OpenAI's usage.
+            length = int(self.headers.get("Content-Length") or 0)
+            request = json.loads(self.rfile.read(length) or b"{}")
+            tokens = int(request.get("max_tokens") or 4)
+            body = {"object": "text_completion", "choices": [{"index": 0, "text": "x" * tokens,
+                                                               "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
+                              "total_tokens": tokens + 1}}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            print(f"POST {self.path} 200", flush=True)
 
         def log_message(self, format: str, *a: object) -> None:
             pass

@@ -1,5 +1,5 @@
 """Shared test helpers: bounded polling, ports, process checks, the console script and its
-environment, and the registry factory's type."""
+environment, the registry factory's type, and a real daemon (`start_daemon`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -177,3 +179,81 @@ def wait_http(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path
         return http_ok(url)
 
     poll_until(up, timeout, interval=0.1)
+@dataclasses.dataclass
+class Daemon:
+    """A real `neuronctl start` on a free port of 127.0.0.1, workers being the fake
+    llama-server (tests/fake_llama_server.py); see `start_daemon`."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    directory: Path
+    api_key: str | None = None
+
+    def request(self, method: str, path: str, body: Any = None, key: str | None = None,
+                timeout: float = 30.0) -> tuple[int, Any]:
+        """(status, the JSON answer) with the daemon's key unless `key` says otherwise."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if (key or self.api_key) is not None:
+            request.add_header("Authorization", f"Bearer {key or self.api_key}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                return answer.status, json.loads(answer.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        status, models = self.request("GET", "/models")
+        assert status == 200, models
+        return next(m for m in models if m["id"] == model_id)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                kill_quietly(self.process.pid)
+                self.process.wait(5)
+
+
+def start_daemon(directory: Path, models_toml: str, *, api_key: str | None = None,
+                 timeout: float = 30.0) -> Daemon:
+    """`neuronctl start` with `models_toml` (`[[models]]` and `[[default_models]]` tables
+    of the llama-server harness) appended to a config of its own in `directory`; back once
+    it serves. The caller stops it (`Daemon.stop`)."""
+    from .fakes import FAKE_LLAMA_SERVER
+
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = directory / "llama-server"
+    binary.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_LLAMA_SERVER}" "$@"\n')
+    binary.chmod(0o755)
+    port = free_port()
+    key = f'api_key = "{api_key}"\n' if api_key is not None else ""
+    config = directory / "neuron.toml"
+    config.write_text(
+        f'host = "127.0.0.1"\nport = {port}\nlog_dir = "{directory}/log"\n'
+        f'state_dir = "{directory}/state"\nstop_timeout_s = 2.0\n{key}'
+        f'[harness.llama-server]\nbinary = "{binary}"\n\n{models_toml}')
+    log = (directory / "daemon.log").open("ab")
+    process = subprocess.Popen([str(NEURONCTL), "start", "--config", str(config)],
+                               stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    log.close()
+    daemon = Daemon(process, f"http://127.0.0.1:{port}", directory, api_key)
+
+    def serving() -> bool:
+        assert process.poll() is None, (directory / "daemon.log").read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(daemon.url + "/health", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    try:
+        poll_until(serving, timeout)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
