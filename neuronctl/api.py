@@ -26,6 +26,7 @@ from .harness import unavailable
 from .identity import INCARNATION_HEADER, NODE_HEADER, NodeIdentity
 from .idle import idle_unload_ctx
 from .metrics import Metrics
+from .ratelog import RateLimitedLog
 from .registry import ModelRegistry
 from .reload import Reloader
 from .states import ModelStatus
@@ -36,6 +37,7 @@ REGISTRY = web.AppKey("registry", ModelRegistry)
 DISCOVERY = web.AppKey("discovery", Discovery)
 STARTED_AT = web.AppKey("started_at", float)
 RELOADER = web.AppKey("reloader", Reloader)
+RELOAD_REFUSALS = web.AppKey("reload_refusals", RateLimitedLog)
 IDENTITY = web.AppKey("identity", NodeIdentity)
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -179,8 +181,9 @@ async def reload_config(request: web.Request) -> web.Response:
         result = await reloader.reload()
     except ConfigError as exc:
         # SIGHUP's refusals reach the journal too: whoever reads it later sees both.
-        log.error("reload (POST /reload from %s) refused, nothing changed: %s",
-                  request.remote or "?", exc)
+        request.app[RELOAD_REFUSALS].log(
+            "reload (POST /reload from %s) refused, nothing changed: %s",
+            request.remote or "?", exc)
         raise errors.InvalidConfig(f"reload refused, nothing changed: {exc}") from None
     return web.json_response(result.to_json())
 
@@ -225,6 +228,7 @@ def create_app(
     app.router.add_post("/reload", reload_config)
     if reloader is not None:
         app[RELOADER] = reloader
+        app[RELOAD_REFUSALS] = RateLimitedLog(log, "reloads refused", level=logging.ERROR)
     metrics = metrics or Metrics(registry, app[STARTED_AT])
     # The OpenAI-compatible /v1 routes; their histograms are in the node's metrics.
     routes = router.setup(app, registry, metrics.registry)

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .errors import Unauthorized
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# One journal line per refusal would let any client fill the disk: the first refusal is
-# logged, then at most one line per window with how many more there were.
-REFUSAL_LOG_WINDOW_S = 60.0
+
 # Liveness probes (load balancers, systemd watchdogs of other services) carry no secrets;
 # nor do the dashboard's page and assets (dashboard.ASSETS): static files, no data, and the
 # page asks for the key before it reads anything.
@@ -38,32 +36,9 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-class RefusalLog:
-    """Refused requests in the journal, bounded: who (the peer), what, and why."""
-
-    def __init__(self, window_s: float = REFUSAL_LOG_WINDOW_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.window_s = window_s
-        self._clock = clock
-        self._logged_at: float | None = None
-        self._since_logged = 0
-
-    def refused(self, request: web.Request, why: str) -> None:
-        now = self._clock()
-        self._since_logged += 1
-        if self._logged_at is not None and now - self._logged_at < self.window_s:
-            return
-        more = self._since_logged - 1
-        also = f" ({more} more refused since the last such line)" if more else ""
-        # %r: a hostile path cannot forge a second journal line.
-        log.warning("refused %s %r from %s: %s%s", request.method, request.path,
-                    request.remote or "?", why, also)
-        self._logged_at, self._since_logged = now, 0
-
-
 def api_key_middleware(key: str) -> Middleware:
     expected = key.encode()
-    refusals = RefusalLog()
+    refusals = RateLimitedLog(log, "requests refused for their API key")
 
     @web.middleware
     async def require_key(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -76,7 +51,9 @@ def api_key_middleware(key: str) -> Middleware:
         ):
             return await handler(request)
         message = "invalid API key" if given else "API key required"
-        refusals.refused(request, message)
+        # %r: a hostile path cannot forge a second journal line.
+        refusals.log("refused %s %r from %s: %s", request.method, request.path,
+                     request.remote or "?", message)
         message += ": send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
         refusal = Unauthorized(message, headers={"WWW-Authenticate": 'Bearer realm="neuron"'})
         # OpenAI clients parse their own error shape.

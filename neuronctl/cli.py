@@ -26,6 +26,7 @@ from .client import ApiError, Client, DaemonNotRunning, connect, settings_for
 from .config import DEFAULT_CONFIG_PATH, ConfigError, config_from_env
 from .fleet_cli import app as fleet_app
 from .start import EX_CONFIG
+from .states import WorkerState, journal_transition
 
 app = typer.Typer(
     help="Run and control llama.cpp model servers on this node.",
@@ -285,7 +286,7 @@ def _event_lines(name: str, data: Any) -> list[str]:
         return [f"{now}  {m['id']}  {m['status']}" for m in models] or [f"{now}  no models"]
     if name == "state":
         reason = (str(data.get("reason") or "").splitlines() or [""])[0]
-        line = f"{_clock(data.get('time'))}  {data['model']}  {data['from']} → {data['to']}"
+        line = f"{_clock(data.get('time'))}  {data['model']}  {_transition(data)}"
         return [f"{line}  {reason}" if reason else line]
     if name == "progress":
         download = data.get("download") or {}
@@ -294,6 +295,15 @@ def _event_lines(name: str, data: Any) -> list[str]:
     if name == "resync":
         return [f"{now}  fell behind, {data.get('dropped')} events lost; the models now:"]
     return [f"{now}  {name}  {json.dumps(data)}"]
+
+
+def _transition(data: dict[str, Any]) -> str:
+    """In the API's words, as the journal says it (`loaded → restarting`)."""
+    try:
+        said = journal_transition(WorkerState(data["from"]), WorkerState(data["to"]))
+    except (KeyError, ValueError):  # a newer daemon's state: show what it sent
+        return f"{data.get('from')} → {data.get('to')}"
+    return said.replace(" -> ", " → ")
 
 
 def _follow(client: Client, show: Callable[[str, Any], None]) -> NoReturn:

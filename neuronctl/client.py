@@ -95,11 +95,16 @@ def normalize_url(url: str) -> str:
     OLLAMA_HOST is written: http, port 13131), `:PORT`, or the OpenAI base URL clients
     use (`http://HOST:PORT/v1`), which names the same node."""
     url = url.strip()
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError("not an http(s) URL: it holds spaces or control characters")
     if "://" not in url:
         url = f"http://{url if not url.startswith(':') else '127.0.0.1' + url}"
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        # Never echoed back (it may be a password); the key goes in NEURON_API_KEY.
+        raise ValueError("credentials in the URL are not used: set NEURON_API_KEY instead")
     try:
         port = parts.port
     except ValueError:

@@ -166,6 +166,18 @@ class LlamaCppPythonHarness:
     def slots(self, spec: ModelSpec) -> int:
         return 1
 
+    def binary(self) -> Path:
+        """The interpreter that runs the worker; HarnessUnavailable when `python` names
+        none (said at start and in /discovery, not first by a load)."""
+        configured = self._defaults.python
+        if configured is None:
+            return Path(sys.executable)
+        found = shutil.which(configured)
+        if found is None:
+            raise HarnessUnavailable(
+                f"python {configured!r} of [harness.{LLAMA_CPP_PYTHON}] is not an executable")
+        return Path(found)
+
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         d = self._defaults
         cmd = [d.python or sys.executable, str(worker_script("llama_cpp_server.py"))]

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import shlex
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -86,10 +87,14 @@ def write_end_line(path: Path, line: str) -> None:
     already been reported when the log was opened)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO put where the log was would otherwise hang the event loop.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+                     | os.O_NONBLOCK)
     except OSError:
         return
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
         os.write(fd, f"=== {stamp} {line}\n".encode("utf-8", "backslashreplace"))
     except OSError:
         pass
@@ -102,12 +107,17 @@ def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
     many lines are asked for)."""
     max_bytes = max(max_bytes, n * 512)
     try:
-        with path.open("rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
+        # Opened without blocking and read only when a regular file: the log path is in a
+        # directory an operator (or a mistake) may have put a FIFO or a device in.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return []
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - max_bytes))
+        data = fh.read()
     lines = data.decode("utf-8", "replace").splitlines()
     if size > max_bytes and len(lines) > 1:
         lines = lines[1:]  # the first line is probably cut in the middle

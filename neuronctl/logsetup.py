@@ -17,8 +17,8 @@ _SYSLOG_PRIORITY = {
     logging.DEBUG: 7,
 }
 
-# Libraries whose debug lines drown ours at --log-level debug (connection pools, selector
-# chatter, the Hub client). They still log warnings.
+# Libraries whose chatter drowns ours (connection pools, selectors, the Hub client): kept
+# at warning whatever --log-level says; our own debug lines stay readable.
 _CHATTY = ("asyncio", "urllib3", "filelock", "huggingface_hub", "httpx", "httpcore",
            "fsspec", "aiohttp.access")
 
@@ -28,6 +28,19 @@ def syslog_priority(levelno: int) -> int:
         if levelno >= level:
             return priority
     return 7
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f) if c != 0x09}
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines. A message is one line whatever it quotes (a model path or id from a
+    request, a worker's output): control characters are shown escaped, so nobody can
+    forge a second journal line or send escapes to a terminal. Tracebacks keep theirs."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,7 +59,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(TextFormatter):
     """Text for journald: no time stamp (the journal adds its own) and the syslog priority
     prefix on every line of a record, a traceback's lines included."""
 
@@ -74,7 +87,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     elif stderr_is_the_journal():
         handler.setFormatter(JournalFormatter(text))
     else:  # a terminal or a file needs our own stamp
-        handler.setFormatter(logging.Formatter("%(asctime)s " + text))
+        handler.setFormatter(TextFormatter("%(asctime)s " + text))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))

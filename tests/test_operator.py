@@ -434,3 +434,88 @@ def test_a_harness_that_cannot_run_here_is_said_at_start(tmp_path: Path, tiny_gg
     journal = node.journal.read_text()
     assert "WARNING neuronctl: harness llama-server cannot run here: " in journal
     assert "; native will fail to load" in journal
+
+
+# --- what the review of this found ---------------------------------------------------------
+
+
+def test_a_fifo_at_the_log_path_never_blocks_the_supervisor(tmp_path: Path) -> None:
+    from neuronctl import logfiles
+
+    fifo = tmp_path / "m.log"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    logfiles.write_end_line(fifo, "worker pid 1 was killed by SIGKILL")  # nobody reads it
+    assert logfiles.tail_lines(fifo, 10) == []
+    assert time.monotonic() - started < 5
+
+
+async def test_lines_any_client_can_cause_are_bounded_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import logging
+
+    from neuronctl.ratelog import RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("test.ratelog"), "things refused",
+                             window_s=0.2, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "test.ratelog"):
+        for i in range(1000):
+            limited.log("refused %d", i)
+        assert [r.getMessage() for r in caplog.records] == ["refused 0"]
+        now[0] = 0.2
+        await asyncio.sleep(0.4)  # the window ends: one line says how many more there were
+        assert [r.getMessage() for r in caplog.records] == [
+            "refused 0", "999 more things refused in the last 0.2 s"]
+        limited.log("refused %d", 1000)  # the count was said: this one is counted anew
+        assert len(caplog.records) == 2
+
+
+def test_logged_text_cannot_forge_journal_lines_or_send_escapes() -> None:
+    import logging
+
+    from neuronctl.logsetup import JournalFormatter, TextFormatter
+
+    record = logging.LogRecord("neuronctl", logging.WARNING, __file__, 1,
+                               "model file not found: %s", ("/x\n<2>CRIT fake\x1b[31m",), None)
+    journal = JournalFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert journal == ("<4>WARNING neuronctl: model file not found: "
+                       "/x\\x0a<2>CRIT fake\\x1b[31m")
+    text = TextFormatter("%(message)s").format(record)
+    assert "\n" not in text and "\x1b" not in text
+
+
+def test_events_name_states_as_the_api_and_the_journal_do() -> None:
+    from neuronctl.cli import _event_lines
+
+    line, = _event_lines("state", {"model": "m", "from": "ready", "to": "backoff",
+                                   "reason": "worker was killed by SIGKILL", "time": 0})
+    assert "  m  loaded → restarting  worker was killed by SIGKILL" in line
+    line, = _event_lines("state", {"model": "m", "from": "pending", "to": "starting",
+                                   "time": 0})
+    assert line.endswith("  m  loading: pending → starting")
+    line, = _event_lines("state", {"model": "m", "from": "warming", "to": "ready", "time": 0})
+    assert line.endswith("  m  warming → ready")  # a state this CLI does not know yet
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://127.0.0.1:13131/a b", "holds spaces or control characters"),
+    ("http://127.0.0.1:13131/\nX-Injected: 1", "holds spaces or control characters"),
+    ("http://admin:hunter2@127.0.0.1:13131", "credentials in the URL are not used"),
+])
+def test_urls_that_cannot_name_a_node_exit_2(url: str, message: str) -> None:
+    result = run_cli("status", "--url", url)
+    assert result.returncode == 2 and message in result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_python_for_llama_cpp_python_is_said_at_start(tmp_path: Path) -> None:
+    node = Node(tmp_path, f'[harness.llama-cpp-python]\npython = "{tmp_path}/no-python"\n')
+    try:
+        unavailable = node.get("/discovery")["harnesses_unavailable"]
+        assert "is not an executable" in unavailable["llama-cpp-python"]
+    finally:
+        node.stop()
+    assert "harness llama-cpp-python cannot run here: python " in node.journal.read_text()

@@ -57,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="llama_cpp_server.py",
                                      description="llama-cpp-python's server, for neuronctl")
     add_args_from_model(parser, Settings)
-    pooling_types = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+    pooling_types = {name: getattr(llama_cpp, f"LLAMA_POOLING_TYPE_{name.upper()}")
+                     for name in ("none", "mean", "cls", "last", "rank")}
     parser.add_argument("--pooling", choices=sorted(pooling_types), default=None,
                         help="pooling of /v1/embeddings vectors (default: the model's own)")
     args = parser.parse_args()
