@@ -537,7 +537,8 @@ class Router:
         the final chunk, so even a client that ignores the event sees a broken transfer."""
         stats.worker_errors += 1
         message = f"the worker for model {model_id!r} broke off its answer{_worker_gone(worker)}"
-        log.warning("router: %s: %s", message, exc)
+        message, level = self._cut_by_unload(model_id, message)
+        log.log(level, "router: %s: %s", message, exc)
         body = errors.WorkerUnavailable(message).openai_body()
         event = b"\n\ndata: " + json.dumps(body).encode() + b"\n\n"
         try:
@@ -553,8 +554,17 @@ class Router:
         stats.worker_errors += 1
         stats.count(502)
         message = f"the worker for model {model_id!r} {what}{_worker_gone(worker)}"
-        log.warning("router: %s: %s", message, str(exc) or type(exc).__name__)
+        message, level = self._cut_by_unload(model_id, message)
+        log.log(level, "router: %s: %s", message, str(exc) or type(exc).__name__)
         return openai_error(errors.WorkerUnavailable(message))
+
+    def _cut_by_unload(self, model_id: str, message: str) -> tuple[str, int]:
+        """An answer cut because an operator unloaded the model (or the node stops) is what
+        they asked for, not a worker failing: said so, at info."""
+        record = self.registry.get(model_id)
+        if record is None or record.stopping:
+            return f"{message} (the model was being unloaded)", logging.INFO
+        return message, logging.WARNING
 
     def _not_ready(self, record: ModelLifecycle) -> NeuronError:
         model_id = record.model_id
