@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.cells import cell_len
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from . import __version__, logfiles
@@ -25,6 +23,10 @@ from . import chat as chat_
 from .client import ApiError, Client, DaemonNotRunning, connect, settings_for
 from .config import DEFAULT_CONFIG_PATH, ConfigError, config_from_env
 from .fleet_cli import app as fleet_app
+from .formats import (
+    fmt_download,
+    status_table,
+)
 from .start import EX_CONFIG
 from .states import WorkerState, journal_transition
 
@@ -40,11 +42,6 @@ app = typer.Typer(
 app.add_typer(fleet_app, name="fleet")  # docs/fleet.md
 out = Console()
 err = Console(stderr=True)
-
-STATUS_STYLES = {
-    "loaded": "green", "loading": "yellow", "downloading": "yellow", "restarting": "yellow",
-    "unloading": "yellow", "failed": "red", "unloaded": "dim",
-}
 
 ConfigOpt = Annotated[
     Path | None,
@@ -115,107 +112,6 @@ def start(ctx: typer.Context) -> None:
     raise typer.Exit(run(ctx.args))
 
 
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _fmt_span(seconds: float) -> str:
-    """A coarse span for a countdown or a TTL: `45s`, `5m`, `2h05m`."""
-    s = round(seconds)
-    if s < 100:
-        return f"{s}s"
-    if s < 6000:
-        return f"{round(s / 60)}m"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def _fmt_memory(m: dict[str, Any]) -> str:
-    """RSS, and VRAM on a line of its own, or the bytes of a download: the column stays
-    narrow at 80 columns."""
-    download = m.get("download")
-    if m["status"] == "downloading" and download:
-        return (f"{_fmt_bytes(download.get('done_bytes'))}\n"
-                f"of {_fmt_bytes(download.get('total_bytes'))}")
-    lines = []
-    if m.get("rss_bytes") is not None:
-        lines.append(_fmt_bytes(m["rss_bytes"]))
-    if m.get("vram_used_mb"):
-        lines.append(f"{_fmt_bytes(m['vram_used_mb'] << 20)} VRAM")
-    return "\n".join(lines) or "-"
-
-
-def _fmt_devices(m: dict[str, Any]) -> str:
-    if m.get("devices"):
-        return "GPU " + ",".join(str(d) for d in m["devices"])
-    if m.get("vram_used_mb"):
-        return "GPU"  # no devices named: the server chose
-    return "-" if m["status"] == "unloaded" else "CPU"
-
-
-def _fmt_until(m: dict[str, Any], now: float) -> str:
-    """When it goes: the idle countdown; a TTL that has not begun counting (busy, or not
-    loaded); `pinned` for a model never unloaded but by hand; else `-` (evictable)."""
-    if m.get("idle_until") is not None:
-        return f"in {_fmt_span(max(0.0, m['idle_until'] - now))}"
-    if m.get("ttl_s") is not None:
-        return f"ttl {_fmt_span(m['ttl_s'])}"
-    return "pinned" if m.get("pinned") else "-"
-
-
-def _fmt_traffic(m: dict[str, Any]) -> str:
-    queued, in_flight = m.get("queued"), m.get("in_flight")
-    if queued is None or in_flight is None or (m["status"] == "unloaded"
-                                               and not queued and not in_flight):
-        return "-"
-    return f"{queued}/{in_flight}"
-
-
-_COLUMNS = ("STATUS", "MEMORY", "DEVICES", "CTX", "UNTIL", "Q/RUN", "UPTIME", "RESTARTS")
-_RIGHT = frozenset({"CTX", "RESTARTS"})
-
-
-def _status_table(models: list[dict[str, Any]], width: int | None = None,
-                  now: float | None = None) -> Table:
-    """The models as `status` and `status --watch` show them. Within `width` columns the
-    MODEL column folds long ids, never the others; None: as wide as the ids (output that
-    is not a terminal, for grep)."""
-    now = time.time() if now is None else now
-    rows = []
-    for m in models:
-        cells = [m["status"], _fmt_memory(m), _fmt_devices(m),
-                 str(m["n_ctx"]) if m.get("n_ctx") else "-", _fmt_until(m, now),
-                 _fmt_traffic(m), _fmt_duration(m.get("uptime_s")), str(m.get("restarts", 0))]
-        rows.append(cells)
-    # Every column but MODEL is as wide as its widest line; MODEL gets the rest.
-    widths = [max([len(h), *(len(line) for r in rows for line in r[i].splitlines())])
-              for i, h in enumerate(_COLUMNS)]
-    longest = max([5, *(cell_len(m["id"]) for m in models)])
-    gap, model_width = 2, longest
-    if width is not None:
-        room = width - sum(widths) - gap * len(_COLUMNS)
-        if room < min(longest, 24):  # tight: one space between columns
-            gap, room = 1, room + len(_COLUMNS)
-        model_width = max(8, min(longest, room))
-    table = Table(box=None, header_style="bold", pad_edge=False,
-                  padding=(0, 1) if gap == 2 else (0, 1, 0, 0))
-    # Ids are what people grep for and paste: folded onto more lines, never cut short.
-    table.add_column("MODEL", overflow="fold", width=model_width)
-    for header in _COLUMNS:
-        table.add_column(header, no_wrap=True, justify="right" if header in _RIGHT else "left")
-    for m, cells in zip(models, rows, strict=True):
-        style = STATUS_STYLES.get(m["status"], "")
-        table.add_row(Text(m["id"]), Text(cells[0], style=style), *cells[1:],
-                      style="dim" if m["status"] == "unloaded" else None)
-    return table
-
-
 @app.command()
 def status(
     json_: Annotated[bool, typer.Option("--json", help="Print the /models list as JSON.")] = False,
@@ -238,9 +134,9 @@ def status(
         out.print("no models")
         return
     if out.is_terminal or os.environ.get("COLUMNS"):
-        out.print(_status_table(models, width=out.width))
+        out.print(status_table(models, width=out.width))
     else:  # piped (to grep, awk): every id whole, on its row's one line
-        table = _status_table(models)
+        table = status_table(models)
         Console(width=out.measure(table, options=out.options.update(width=1 << 16)).maximum,
                 force_terminal=False).print(table)
     for m in models:
@@ -253,25 +149,6 @@ def status(
 
 # `ps`, as in `ollama ps` and `lms ps`: the same command, not listed twice in --help.
 app.command("ps", hidden=True)(status)
-
-
-def _fmt_bytes(n: int | None) -> str:
-    """Binary units, as nvidia-smi and free count: `412 MiB`, `1.2 GiB`."""
-    if n is None:
-        return "?"
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.0f} {unit}"
-    return f"{n} B"
-
-
-def _fmt_download(download: dict[str, Any] | None) -> str:
-    if not download:
-        return "-"
-    return f"{_fmt_bytes(download.get('done_bytes'))} / {_fmt_bytes(download.get('total_bytes'))}"
 
 
 def _clock(when: float | None = None) -> str:
@@ -291,7 +168,7 @@ def _event_lines(name: str, data: Any) -> list[str]:
     if name == "progress":
         download = data.get("download") or {}
         file = download.get("file") or ""
-        return [f"{now}  {data['model']}  downloading {file}  {_fmt_download(download)}"]
+        return [f"{now}  {data['model']}  downloading {file}  {fmt_download(download)}"]
     if name == "resync":
         return [f"{now}  fell behind, {data.get('dropped')} events lost; the models now:"]
     return [f"{now}  {name}  {json.dumps(data)}"]
@@ -377,7 +254,7 @@ def _watch_view(models: list[dict[str, Any]] | None) -> RenderableType:
              and m.get("since") else m for m in models]
     errors = [Text(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
               for m in models if m.get("error")]
-    return Group(_status_table(shown, width=out.width), *errors)
+    return Group(status_table(shown, width=out.width), *errors)
 
 
 def _watch_status(client: Client) -> NoReturn:
@@ -420,7 +297,7 @@ def _loading_what(client: Client, model_id: str) -> str | None:
         download = m.get("download")
         if m.get("id") == model_id and m.get("status") == "downloading" and download:
             file = escape(str(download.get("file") or "?"))
-            return f"downloading {file} {_fmt_download(download)}"
+            return f"downloading {file} {fmt_download(download)}"
     return f"loading {escape(model_id)}"
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import fleet
+from . import fleet, formats
 from .client import normalize_url
 
 EX_INCOMPLETE = 3  # the config is written, without the nodes that did not answer
@@ -43,7 +43,7 @@ ApiKeyOpt = Annotated[
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", min=0.1, max=600.0, help="Seconds to wait for each node.")
 ]
-STATUS_STYLES = {"loaded": "green", "failed": "red", "unloaded": "dim", "unreachable": "red"}
+STATUS_STYLES = {**formats.STATUS_STYLES, "unreachable": "red"}
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -123,24 +123,8 @@ def litellm_config(
         raise typer.Exit(EX_INCOMPLETE)
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit in ("B", "KiB") else f"{size:.1f} {unit}"
-        size /= 1024
-    return "-"  # pragma: no cover
-
-
 def _memory(m: dict[str, Any]) -> str:
-    parts = []
-    if m.get("rss_bytes") is not None:
-        parts.append(_fmt_bytes(m["rss_bytes"]))
-    if m.get("vram_used_mb"):
-        parts.append(f"{_fmt_bytes(m['vram_used_mb'] << 20)} VRAM")
-    return ", ".join(parts) or "-"
+    return formats.fmt_memory(m, sep=", ")  # one line per model: a fleet table is long
 
 
 def _queue(m: dict[str, Any]) -> str:

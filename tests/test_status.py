@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from rich.console import Console
 
 from neuronctl.api import create_app
-from neuronctl.cli import _status_table
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
+from neuronctl.formats import status_table
 from neuronctl.router import ROUTER_STATS
 
 from .helpers import (
@@ -100,7 +100,7 @@ def entry(model_id: str, status: str = "loaded", **fields: Any) -> dict[str, Any
 
 def render(models: list[dict[str, Any]], width: int | None = 80) -> list[str]:
     console = Console(width=width or 1000, record=True, color_system=None)
-    console.print(_status_table(models, width=width, now=NOW))
+    console.print(status_table(models, width=width, now=NOW))
     return [line.rstrip() for line in console.export_text().splitlines()]
 
 
@@ -160,7 +160,7 @@ def test_without_a_width_ids_stay_on_one_line() -> None:
 
 def test_an_unloaded_catalogue_model_is_dim() -> None:
     console = Console(width=80, record=True, color_system="standard", force_terminal=True)
-    console.print(_status_table([entry("cat", "unloaded", n_ctx=4096, ttl_s=600.0)],
+    console.print(status_table([entry("cat", "unloaded", n_ctx=4096, ttl_s=600.0)],
                                 width=80, now=NOW))
     text = console.export_text(styles=True)
     (line,) = [line for line in text.splitlines() if "cat" in line]
