@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict
 from typing import Any
 
@@ -19,12 +19,14 @@ from aiohttp.typedefs import Middleware
 
 from . import __version__, dashboard, errors, events_api, router
 from .auth import api_key_middleware
-from .config import ConfigError, model_id_problem, model_spec_from_mapping
+from .config import ConfigError, ModelSpec, model_id_problem, model_spec_from_mapping
+from .crosssite import same_site_middleware
 from .discovery import Discovery
 from .errors import NeuronError
-from .harness import unavailable
+from .harness import check_args_from_api, unavailable
 from .identity import INCARNATION_HEADER, NODE_HEADER, NodeIdentity
 from .idle import idle_unload_ctx
+from .listener import is_loopback
 from .metrics import Metrics
 from .ratelog import RateLimitedLog
 from .registry import ModelRegistry
@@ -110,6 +112,9 @@ async def load_model(request: web.Request) -> web.Response:
         # Relative to what? The daemon's working directory is / under systemd.
         raise errors.InvalidSpec(f"path: must be absolute, got {str(spec.path)!r}", param="path")
     registry = request.app[REGISTRY]
+    _check_remote_load(request, registry, spec, body.keys())
+    if "args" in body:
+        _check_args(registry, spec)
     spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
     try:
         model = await registry.load(spec)
@@ -117,6 +122,38 @@ async def load_model(request: web.Request) -> web.Response:
         failed = registry.get(spec.model_id)
         return error_response(exc, model=failed.to_json() if failed else None)
     return web.json_response({"status": "loaded", "model": model.to_json()})
+
+
+# What makes a load run something the catalogue does not list: a file, a repo, flags.
+_ADHOC_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness", "args"})
+
+
+def _check_remote_load(request: web.Request, registry: ModelRegistry, spec: ModelSpec,
+                       keys: Collection[str]) -> None:
+    """A client on another host loads catalogue models by id, nothing else, unless the
+    operator opted in: a path reads the node's files, a repo downloads anything into its
+    cache, `args` run its worker as the client likes (docs/security.md)."""
+    if registry.config.allow_remote_loads or is_loopback(request.remote):
+        return
+    adhoc = sorted(_ADHOC_KEYS.intersection(keys))
+    if not adhoc and spec.model_id in registry.catalogue:
+        return
+    what = ", ".join(adhoc) if adhoc else f"a model that is not in the catalogue " \
+                                           f"({spec.model_id!r} would be a Hugging Face repo)"
+    raise errors.RemoteLoadRefused(
+        f"loads from other hosts may name catalogue models only, not {what}; load it on "
+        "the node itself, add it to the catalogue, or set allow_remote_loads = true")
+
+
+def _check_args(registry: ModelRegistry, spec: ModelSpec) -> None:
+    harness = registry.harnesses.get(spec.harness)
+    if harness is None:
+        return  # refused as an unknown harness by the load itself
+    widened = registry.config.harness_config(spec.harness).api_args
+    try:
+        check_args_from_api(harness, spec.args, widened)
+    except ConfigError as exc:
+        raise errors.ArgNotAllowed(str(exc), param=exc.key or None) from None
 
 
 async def unload_model(request: web.Request) -> web.Response:
@@ -208,8 +245,10 @@ def create_app(
     given (one app per supervisor start)."""
     middlewares: list[Middleware] = [json_errors]
     if registry.config.api_key is not None:
-        # First, so nothing (not even an error page) is served to a caller without the key.
+        # Early, so nothing (not even an error page) is served to a caller without the key.
         middlewares.insert(0, api_key_middleware(registry.config.api_key))
+    # Outermost: a cross-site or rebound request is refused whatever key it carries.
+    middlewares.insert(0, same_site_middleware(lambda: registry.config))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[REGISTRY] = registry
     app[DISCOVERY] = registry.discovery  # one poller for the API and VRAM admission

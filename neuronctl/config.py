@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import string
 import sys
 import types
@@ -72,6 +73,9 @@ class HarnessConfig:
     ready_timeout_s: float | None = None
     # Requests its worker serves at once (llama-server's slots); llama-cpp-python: 1.
     parallel: int | None = None
+    # Flags `args` of POST /models/load may use beyond the built-in allow-list
+    # (apiargs.py); the config's own `args` are never limited by it.
+    api_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,12 @@ class NeuronConfig:
     # Never shown in a repr: config objects end up in logs and tracebacks.
     api_key: str | None = field(default=None, repr=False)
     api_key_file: Path | None = None  # read at load time; must not be world-readable
+    # Host names the API answers to besides its own (crosssite.py): a DNS name a proxy or
+    # the operator uses. Any other `Host` is a 421, so a DNS-rebinding page reads nothing.
+    allowed_hosts: tuple[str, ...] = ()
+    # Whether clients on other hosts may load models by `path`, `args` or Hugging Face repo
+    # (off: they may load catalogue models by id; the node's own host may do everything).
+    allow_remote_loads: bool = False
     # Idle models (no /v1 request for this long) are unloaded; None: never. See ModelSpec.
     ttl_s: float | None = None
     log_dir: Path = Path("/var/log/neuron")
@@ -458,9 +468,16 @@ def _check_values(obj: Any, key: str) -> None:
             if not 0 < seconds <= 3600:
                 raise ConfigError(_join(key, name),
                                   f"must be positive and at most 3600 s, got {seconds:g}")
+        for i, name in enumerate(obj.allowed_hosts):
+            if not _HOST_NAME.fullmatch(name):
+                raise ConfigError(f"{_join(key, 'allowed_hosts')}[{i}]",
+                                  f"{name!r} is not a host name (letters, digits, . and -; "
+                                  "a leading '.' for a domain and its subdomains)")
         if obj.max_connections is not None and not 1 <= obj.max_connections <= 1_000_000:
             raise ConfigError(_join(key, "max_connections"),
                               f"must be between 1 and 1000000, got {obj.max_connections}")
+    if isinstance(obj, HarnessConfig):
+        _check_api_args(obj, key)
     if isinstance(obj, ModelSpec):
         check_model_id(obj.model_id, _join(key, "model_id"))
         if not obj.harness:
@@ -512,6 +529,16 @@ def _check_values(obj: Any, key: str) -> None:
         if ceiling is not None and value > ceiling:
             raise ConfigError(_join(key, name),
                               f"must be at most {ceiling:g} s, got {value:g}")
+
+
+_HOST_NAME = re.compile(r"\.?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
+
+
+def _check_api_args(obj: HarnessConfig, key: str) -> None:
+    for i, flag in enumerate(obj.api_args):
+        if not flag.startswith("-") or "=" in flag or len(flag) > 64:
+            raise ConfigError(f"{_join(key, 'api_args')}[{i}]",
+                              f"{flag!r}: expected a flag such as \"--override-kv\"")
 
 
 def _check_model_source(spec: ModelSpec, key: str) -> None:

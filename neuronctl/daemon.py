@@ -91,6 +91,9 @@ class Daemon:
                  len(self.config.models), self.config.host, self.config.port,
                  "required" if self.config.api_key else "not set")
         self._warn_unrunnable()
+        exposed = exposure_warning(self.config)
+        if exposed is not None:
+            log.warning("%s", exposed)
         code = 0
         try:
             if await self._startup():
@@ -259,3 +262,16 @@ async def serve(
 
     SIGHUP (and POST /reload) re-read `config_path` once the node is up."""
     return await Daemon(config, harnesses, sock, state, config_path).run()
+
+
+def exposure_warning(config: NeuronConfig) -> str | None:
+    """What a node anyone on the network can drive hands them, or None: said at every
+    start, since the defaults (every address, no key) are exactly this."""
+    if config.api_key is not None or listener.is_loopback(config.host):
+        return None
+    loads = ("load any model file or Hugging Face repo with any performance flags"
+             if config.allow_remote_loads else "load catalogue models")
+    return (f"the API listens on {config.host}:{config.port} with no api_key: anyone who "
+            f"can reach this port can use every model, {loads}, unload models, read their "
+            f'logs and reload the config; set api_key, or host = "127.0.0.1" '
+            "(docs/security.md)")

@@ -93,6 +93,45 @@ class Unauthorized(NeuronError):
     status, type, code = 401, INVALID_REQUEST, "invalid_api_key"
 
 
+class ArgNotAllowed(InvalidSpec):
+    """`args` of an API load that only the operator may set (apiargs.py)."""
+
+    code = "arg_not_allowed"
+
+
+class Forbidden(NeuronError):
+    """What this client may not do here, whatever its key (docs/security.md)."""
+
+    status, type, code = 403, INVALID_REQUEST, "forbidden"
+
+
+class CrossSiteRefused(Forbidden):
+    """A browser request from another site's page (CSRF), refused on every route but
+    /health."""
+
+    code = "cross_site_request"
+
+
+class RemoteLoadRefused(Forbidden):
+    """A load by path, args or Hugging Face repo from a client that is not on this host,
+    with `allow_remote_loads` off."""
+
+    code = "remote_load_refused"
+
+
+class MisdirectedRequest(NeuronError):
+    """A `Host` this node does not answer to: a DNS-rebinding page's, most likely."""
+
+    status, type, code = 421, INVALID_REQUEST, "unknown_host"
+
+
+class UnsupportedMediaType(NeuronError):
+    """A POST body that is not declared JSON: a cross-site form or `text/plain` fetch is
+    sent without a CORS preflight, a JSON one is not."""
+
+    status, type, code = 415, INVALID_REQUEST, "unsupported_media_type"
+
+
 class NotFound(NeuronError):
     status, type, code = 404, INVALID_REQUEST, "not_found"
 

@@ -15,6 +15,7 @@ from typing import ClassVar, Protocol
 
 import workers
 
+from .apiargs import LLAMA_CPP_PYTHON_API_FLAGS, LLAMA_SERVER_API_FLAGS, Flag, check_api_args
 from .config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective, gpu_layers
 from .errors import HarnessUnavailable, LoadError, UnknownHarness
 from .resolve import check_model_file
@@ -49,6 +50,8 @@ class Harness(Protocol):
 
 
 #   reserved_flags: {flag: why} - flags the harness sets itself; `args` may not hold them
+#   api_flags: {flag: Flag} - what `args` of an API load may hold (apiargs.py); without
+#                            it, none
 #   finishes_abandoned_answers: bool - a non-streamed answer runs to its end even when its
 #                            client hung up (the router then keeps its slot until it does)
 
@@ -68,6 +71,15 @@ def check_args(harness: Harness, args: tuple[str, ...], key: str) -> None:
         if why is not None:
             raise ConfigError(f"{key}[{i}]", f"{arg.split('=', 1)[0]} cannot be set in args: "
                                              f"{why}")
+
+
+def check_args_from_api(harness: Harness, args: tuple[str, ...],
+                        widened: tuple[str, ...]) -> None:
+    """`args` a client sent: only the harness's allow-list, plus the flags the operator
+    added (`[harness.NAME] api_args`). A ConfigError naming the element."""
+    allowed: Mapping[str, Flag] = getattr(harness, "api_flags", {})
+    check_api_args(args, allowed, widened)
+    check_args(harness, args, "args")  # the operator cannot widen it to the reserved ones
 
 
 def check_spec_args(harnesses: Mapping[str, Harness], spec: ModelSpec, key: str = "") -> None:
@@ -155,6 +167,7 @@ class LlamaCppPythonHarness:
         "--interrupt-requests": "neuronctl's queue needs requests never cancelled",
     }
     default_n_ctx = 2048  # llama-cpp-python's own default
+    api_flags = LLAMA_CPP_PYTHON_API_FLAGS
 
     def __init__(self, defaults: HarnessConfig) -> None:
         if (defaults.parallel or 1) > 1:
@@ -221,6 +234,7 @@ class LlamaServerHarness:
         "--ssl-key-file": _PROBE, "--ssl-cert-file": _PROBE,
     }
     default_n_ctx = None  # without -c it takes the model's own context length
+    api_flags = LLAMA_SERVER_API_FLAGS
     serves_metrics = True  # run with --metrics
 
     def __init__(self, defaults: HarnessConfig) -> None:

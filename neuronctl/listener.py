@@ -7,6 +7,7 @@ No aiohttp here: this runs before activation, where start-up time is measured.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import resource
 import socket
@@ -19,6 +20,22 @@ FD_RESERVE = 256
 # The default cap never goes past this, however high the fd limit: each connection costs
 # memory too, and a node with this many clients at once is overloaded anyway.
 DEFAULT_MAX_CONNECTIONS = 4096
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether an address (a peer's, or the `host` to listen on) is this host's loopback:
+    127.0.0.0/8, ::1, IPv4-mapped loopback, `localhost`."""
+    if not address:
+        return False
+    if address.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 class ListenerSocket(socket.socket):

@@ -162,7 +162,8 @@ class Worker:
         """Spawn and wait until ready. On any failure, or if cancelled, the process is
         killed before this returns; failures raise a LoadError saying what the log said."""
         fd = self._open_log()
-        log.debug("%s: running %s (port %d, log %s)", self.model_id,
+        # At info: what runs on the node, flags included, is in the journal for every load.
+        log.info("%s: running %s (port %d, log %s)", self.model_id,
                   shlex.join(self.plan.command), self.port, self.log_path)
         try:
             env = {**self.plan.env, TOKEN_ENV: self.token}

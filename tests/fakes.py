@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from neuronctl.apiargs import Flag
 from neuronctl.config import ModelSpec
 from neuronctl.harness import WorkerPlan
 
@@ -12,10 +13,19 @@ FAKE_WORKER = Path(__file__).parent / "fake_worker.py"
 FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
 
 
+class _AnyFlagWithValue(dict[str, Flag]):
+    """The fake worker's flags all take a value, and tests choose its behaviour through the
+    API (`--mode crash`): every `--flag VALUE` is allowed for it."""
+
+    def get(self, key: str, default: object = None) -> Flag:  # type: ignore[override]
+        return Flag((key,), lambda value: None)
+
+
 class FakeHarness:
     """Runs tests/fake_worker.py; the spec's `args` choose its behaviour (`--mode crash`)."""
 
     name = "fake"
+    api_flags = _AnyFlagWithValue()
 
     def __init__(self, ready_timeout_s: float = 10.0) -> None:
         self.ready_timeout_s = ready_timeout_s

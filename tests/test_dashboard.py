@@ -303,7 +303,7 @@ async def test_a_client_that_never_reads_holds_little_and_shutdown_ends_it(
         path = await loaded(node)
         stuck = socket.create_connection(("127.0.0.1", node.port))
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.sendall(b"GET /models/m/logs?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        stuck.sendall(b"GET /models/m/logs?follow=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         idle = await node.session.get(node.url + "/models/m/logs?follow=1")
         try:
             await poll_until_async(lambda: node.followers.open == 2)

@@ -296,7 +296,9 @@ def _events_during(node: DocNode, command: str) -> subprocess.CompletedProcess[s
         base = f"http://127.0.0.1:{node.port}"
         for route, data in (("/models/load", body),
                             ("/models/unload", b'{"model_id": "tiny-events"}')):
-            with urllib.request.urlopen(urllib.request.Request(base + route, data), timeout=60):
+            request = urllib.request.Request(base + route, data,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60):
                 pass
 
     loader = threading.Timer(0.5, churn)

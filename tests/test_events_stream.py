@@ -312,7 +312,7 @@ async def test_shutdown_does_not_wait_for_a_client_that_stopped_reading(
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.transport.set_write_buffer_limits(0)
-            writer.write(b"GET /models/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(b"GET /models/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             await writer.drain()
             await poll_until_async(lambda: served.streams.open == 1)
             # 40 MB of events the client never reads: the stream blocks in a write.

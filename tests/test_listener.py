@@ -100,17 +100,17 @@ def parse(response: bytes) -> tuple[int, Any]:
 
 
 def post(path: str, body: bytes) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
-GET_MODELS = b"GET /models HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+GET_MODELS = b"GET /models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
 async def drip(writers: list[asyncio.StreamWriter], every_s: float) -> None:
     """A slowloris: one more header line on every connection now and then, never the end."""
     for writer in writers:
-        writer.write(b"GET /models HTTP/1.1\r\nHost: t\r\n")
+        writer.write(b"GET /models HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     while True:
         await asyncio.sleep(every_s)
         for writer in writers:
@@ -151,10 +151,12 @@ async def test_a_stalled_or_trickling_body_is_closed_and_frees_its_slot(
             connections(port, 2) as [(stalled, w1), (trickle, w2)]:
         started = time.monotonic()
         # Content-Length 1000, then nothing.
-        w1.write(b"POST /models/load HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 1000\r\n\r\n{\"model_id\": ")
+        w1.write(b"POST /models/load HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                 b"{\"model_id\": ")
         # One byte at a time: progress, but not BODY_PROGRESS_BYTES a window.
-        w2.write(b"POST /models/load HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+        w2.write(b"POST /models/load HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
 
         async def trickling() -> None:
             while not w2.is_closing():
@@ -205,8 +207,8 @@ async def test_beyond_max_connections_new_ones_are_refused_at_once(
         async with connections(port, 5) as busy:
             # Heads in, bodies pending: nothing to make room with.
             for _, writer in busy:
-                writer.write(b"POST /models/unload HTTP/1.1\r\nHost: t\r\n"
-                             b"Content-Length: 100\r\n\r\n")
+                writer.write(b"POST /models/unload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
             await poll_until_async(lambda: guard.open == 5 and not guard._waiting)
             async with connections(port, 5) as extra:
                 started = time.monotonic()
@@ -260,7 +262,7 @@ async def test_long_requests_and_idle_kept_alive_connections_outlast_the_timeout
         assert time.monotonic() - started >= 2.0
         # Idle between requests for longer than header_timeout_s: keepalive_timeout applies.
         async with connections(port, 1) as [(reader, writer)]:
-            writer.write(b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")
+            writer.write(b"GET /models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length:"))

@@ -407,7 +407,8 @@ def test_chat_and_pooled_embeddings_with_real_workers(tmp_path: Path, tiny_gguf:
 
         def embed(model: str) -> list[Any]:
             body = json.dumps({"model": model, "input": ["hello world", "hi"]}).encode()
-            req = urllib.request.Request(node.url + "/v1/embeddings", data=body)
+            req = urllib.request.Request(node.url + "/v1/embeddings", data=body,
+                                         headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return [d["embedding"] for d in json.loads(resp.read())["data"]]
 
