@@ -17,7 +17,8 @@ Only a regular file is served, never through a symlink, and opened without block
 (`logfiles.open_log`): a link planted in a shared `log_dir` would otherwise serve its
 target, and a FIFO would hold a thread for good. The file I/O runs on a small executor of
 the followers' own, so however many clients follow, the threads the supervisor needs
-(readiness checks, `workers.json`) never wait behind them.
+(readiness checks, `workers.json`) never wait behind them. `HEAD` answers with the
+headers alone.
 """
 
 from __future__ import annotations
@@ -209,18 +210,24 @@ class LogFollowers:
             raise errors.InvalidValue(f"model id: {problem}", param="model_id")
         lines, follow, previous = _lines(request), _flag(request, "follow"), \
             _flag(request, "previous")
+        head = request.method == "HEAD"
         path = model_log_path(self.registry, model_id)
         if previous:
             path = logfiles.previous_path(path)
         follow = follow and not previous  # the previous start's log does not grow
         if not follow:
             try:
-                tail = await self._run(functools.partial(logfiles.read_tail, path, lines))
+                tail = await self._run(functools.partial(logfiles.read_tail, path,
+                                                         0 if head else lines))
             except FileNotFoundError:
                 which = "previous log" if previous else "log"
                 raise errors.NotFound(f"no {which} yet for {model_id}") from None
             except logfiles.UnsafeLog as exc:
                 raise _refused(model_id, exc) from None
+        if head:
+            # The headers alone, and no framing: a body (or a stream) sent to a HEAD
+            # would be read by a kept-alive connection as the next answer.
+            return web.Response(headers=HEADERS)
         if not follow:
             response = web.StreamResponse(headers=HEADERS)
             await response.prepare(request)

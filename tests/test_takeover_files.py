@@ -1,8 +1,9 @@
-"""Issue 27, the files: a log path nobody can use against the node.
+"""Issue 27, the files: a log path or a HEAD nobody can use against the node.
 
 A FIFO at a log path held by many followers never holds up a load, a restart or a stop; a
-symlink planted in `log_dir` is neither written through nor served. Real daemons and raw
-sockets where the finding was made so.
+symlink planted in `log_dir` is neither written through nor served; HEAD on the streaming
+routes sends headers only, so a pipelined request behind it gets its own answer. Real
+daemons and raw sockets where the finding was made so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,39 @@ def test_a_symlink_in_log_dir_is_not_served_over_http_nor_by_the_cli(
             assert "is a symlink" in cli.stderr and "SECRET" not in cli.stdout + cli.stderr
     finally:
         daemon.stop()
+
+
+# --- #11: HEAD on the streaming routes ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[Daemon]:
+    daemon = start_daemon(tmp_path_factory.mktemp("head"), model("tiny", tiny_gguf,
+                                                                  default=True))
+    try:
+        poll_until(lambda: daemon.model("tiny")["status"] == "loaded", 20)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("path", ["/models/events", "/models/tiny/logs?lines=3",
+                                  "/models/tiny/logs?follow=1"])
+def test_head_on_a_streaming_route_sends_headers_only(node: Daemon, path: str) -> None:
+    raw = f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + get("/health")
+    answer = read_all(send(port_of(node), raw))
+    head, rest = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"text/" in head  # the type a GET would have
+    # The very next bytes are the pipelined request's own answer: no snapshot, no log text.
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:300]
+    health = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert health["status"] == "ok", health
+    assert b"snapshot" not in answer and b"neuronctl starting" not in answer
+
+
+def test_head_on_a_log_says_what_get_would(node: Daemon) -> None:
+    answer = read_all(send(port_of(node), b"HEAD /models/tiny/logs?previous=1 HTTP/1.1\r\n"
+                                          b"Host: x\r\nConnection: close\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 404"), answer  # no previous log yet
+    assert answer.endswith(b"\r\n\r\n")
