@@ -2,13 +2,16 @@
 
 A FIFO at a log path held by many followers never holds up a load, a restart or a stop; a
 symlink planted in `log_dir` is neither written through nor served; HEAD on the streaming
-routes sends headers only, so a pipelined request behind it gets its own answer. Real
-daemons and raw sockets where the finding was made so.
+routes sends headers only, so a pipelined request behind it gets its own answer; a task
+`aio.bounded` gives up on never logs "Task exception was never retrieved". Real daemons and
+raw sockets where the finding was made so.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from neuronctl import logfiles
+from neuronctl import aio, logfiles
 from neuronctl.config import ModelSpec, NeuronConfig
 
 from .helpers import NEURONCTL, Daemon, MakeRegistry, clean_env, poll_until, start_daemon
@@ -272,3 +275,50 @@ def test_head_on_a_log_says_what_get_would(node: Daemon) -> None:
                                           b"Host: x\r\nConnection: close\r\n\r\n"))
     assert answer.startswith(b"HTTP/1.1 404"), answer  # no previous log yet
     assert answer.endswith(b"\r\n\r\n")
+
+
+# --- #13: small items ---------------------------------------------------------------------------
+
+
+async def test_bounded_never_leaves_an_exception_unretrieved() -> None:
+    """A reload cancels loads whose probe `bounded` awaits: the probe's task may already
+    hold its ConnectionRefusedError, or get it after the cancel, and nobody asks for it."""
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+
+    async def refused(after: int) -> None:
+        for _ in range(after):
+            await asyncio.sleep(0)
+        raise ConnectionRefusedError("connect call failed")
+
+    async def probe(after: int) -> None:
+        await aio.bounded(refused(after), 5.0)
+
+    async def stubborn() -> None:  # cancelled, it fails on its way out
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise ConnectionResetError("closed while cancelling") from None
+
+    try:
+        for after in range(4):
+            for turns in range(6):  # the caller cancelled at each point of the race
+                caller = asyncio.ensure_future(probe(after))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                caller.cancel()
+                with pytest.raises((asyncio.CancelledError, ConnectionRefusedError)):
+                    await caller
+        with pytest.raises(asyncio.TimeoutError):
+            await aio.bounded(stubborn(), 0.01)  # timed out: cancelled and abandoned
+        with pytest.raises(ConnectionRefusedError):
+            await aio.bounded(refused(0), 5.0)  # the caller still gets what it awaited
+        for _ in range(5):
+            await asyncio.sleep(0)
+        del caller
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert not [m for m in reported if "never retrieved" in m], reported
