@@ -1,10 +1,10 @@
-"""Issue 27, the files: a log path or a HEAD nobody can use against the node.
+"""Issue 27, the files: a log path, a HEAD or a model path nobody can use against the node.
 
 A FIFO at a log path held by many followers never holds up a load, a restart or a stop; a
 symlink planted in `log_dir` is neither written through nor served; HEAD on the streaming
 routes sends headers only, so a pipelined request behind it gets its own answer; a task
-`aio.bounded` gives up on never logs "Task exception was never retrieved". Real daemons and
-raw sockets where the finding was made so.
+`aio.bounded` gives up on never logs "Task exception was never retrieved"; a refused model
+file is never quoted back. Real daemons and raw sockets where the finding was made so.
 """
 
 from __future__ import annotations
@@ -278,6 +278,19 @@ def test_head_on_a_log_says_what_get_would(node: Daemon) -> None:
 
 
 # --- #13: small items ---------------------------------------------------------------------------
+
+
+def test_a_refused_model_file_is_never_quoted_back(node: Daemon, tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("ZQXJ:SECRET-HASH-LINE:19000:0:99999:7:::\n")  # as /etc/shadow's root:
+    for path, said in ((secret, "not a GGUF file (no GGUF magic)"),
+                       (tmp_path / "absent.gguf", "model file not found or not readable")):
+        status, answer = node.request("POST", "/models/load", {
+            "model_id": "peek", "harness": "llama-server", "path": str(path)})
+        assert status == 400, answer
+        assert said in answer["error"], answer
+        text = json.dumps(answer)
+        assert "ZQXJ" not in text and "SECRET" not in text and "b'" not in text
 
 
 async def test_bounded_never_leaves_an_exception_unretrieved() -> None:
