@@ -18,8 +18,13 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
     arrived in the same loop iteration (CPython gh-86296); a readiness loop polling in a
     tight cycle hits that window, and a cancelled load would then run to its timeout.
     Raises `asyncio.TimeoutError` when `timeout_s` passes first.
+
+    The task is abandoned when the caller is cancelled or the time is up, and may end (or
+    have ended, in the same iteration) with an exception nobody asks for: it is retrieved,
+    or asyncio logs "Task exception was never retrieved" at ERROR for a mere refused probe.
     """
     task = asyncio.ensure_future(aw)
+    task.add_done_callback(_retrieve)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
     finally:
@@ -28,6 +33,11 @@ async def bounded(aw: Awaitable[T], timeout_s: float) -> T:
     if not done:
         raise asyncio.TimeoutError
     return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # marks it seen; whoever awaits the result still gets it raised
 
 
 async def in_thread(fn: Callable[[], T], name: str) -> T:

@@ -540,10 +540,14 @@ def logs(
         path = logfiles.log_path(log_dir, model_id)
     if previous:
         path = logfiles.previous_path(path)
-    if not path.exists():
+    try:
+        tail = logfiles.read_tail(path, lines)
+    except FileNotFoundError:
         which = "previous log" if previous else "log"
         fail(f"no {which} for {model_id} at {path}")
-    for line in logfiles.tail_lines(path, lines):
+    except logfiles.UnsafeLog as exc:  # a symlink or a FIFO planted in log_dir
+        fail(f"{path} {exc.strerror}")
+    for line in tail:
         print(line)
     if follow:
         sys.stdout.flush()
@@ -553,6 +557,8 @@ def logs(
                 sys.stdout.flush()
         except KeyboardInterrupt:
             pass
+        except logfiles.UnsafeLog as exc:
+            fail(f"{path} {exc.strerror}")
 
 
 def _log_path_from_daemon(url: str | None, config: Path | None, model_id: str) -> Path | None:

@@ -130,6 +130,10 @@ class EventStreams:
                 stream.abort()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "HEAD":
+            # The headers alone: a snapshot sent to a HEAD would be read by a kept-alive
+            # connection as the next answer, and the stream would never end.
+            return web.Response(headers=HEADERS)
         if self.open >= self.limit:
             raise errors.TooManyStreams(
                 f"{self.open} event streams are open, the limit; close one and try again")

@@ -280,7 +280,8 @@ def read_part(path: str) -> _Part:
         cur = _Cursor(fh, size)
         magic = cur.read(min(4, size), "the magic")
         if magic != MAGIC:
-            raise BadHeader(f"not a GGUF file: it starts with {magic!r}, not {MAGIC!r}")
+            # Never the bytes read: the path is a client's, the file may be a secret.
+            raise BadHeader("not a GGUF file (no GGUF magic)")
         if size < 24:
             raise BadHeader(f"a {size}-byte file is too short for a GGUF header")
         version = cur.unpack(cur.u32, "the version")

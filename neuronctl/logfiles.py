@@ -1,7 +1,14 @@
-"""Per-model log files: naming, the header written at each start, reading the tail."""
+"""Per-model log files: naming, the header written at each start, reading the tail.
+
+`log_dir` may be shared or group-writable (a custom one), so a log path is never trusted:
+every open here goes through `open_log`, which never follows a symlink (a planted
+`<model>.log -> /etc/shadow` must not be served, nor a worker's output appended to its
+target) and never blocks (a FIFO or a device at a log path is refused, not waited on).
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -45,17 +52,63 @@ def previous_path(path: Path, generation: int = 1) -> Path:
     return path.with_name(f"{path.name}.{generation}")
 
 
+class UnsafeLog(OSError):
+    """A log path holding a symlink, a FIFO, a device or a directory: never opened
+    through, read or written. `strerror` says what it is, for `cannot write the log ...`."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISLNK, "a symlink"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def open_log(path: Path, flags: int = os.O_RDONLY, mode: int = 0o640) -> int:
+    """`os.open(path, flags)` for a log: never through a symlink, never blocking, and only
+    a regular file (UnsafeLog otherwise; FileNotFoundError when absent). The descriptor
+    is blocking again when returned (the worker inherits it as its stdout)."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO nobody reads
+            kind = "a symlink" if exc.errno == errno.ELOOP else "a FIFO, socket or device"
+            raise UnsafeLog(exc.errno, f"is {kind}, not a regular file (not opened)",
+                            str(path)) from None
+        raise
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise UnsafeLog(errno.EINVAL, f"is {_kind(st_mode)}, not a regular file "
+                            "(not opened)", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def rotate(path: Path, keep: int) -> None:
     """Shift `path` to `.1`, `.1` to `.2`, ... keeping `keep` previous logs, so the log
-    from before a crash survives the restart that follows it."""
-    if keep <= 0 or not path.exists():
+    from before a crash survives the restart that follows it. Renames never follow a
+    symlink: a planted one is moved along like a file, and never read."""
+    if keep <= 0 or not os.path.lexists(path):
         return
     previous_path(path, keep).unlink(missing_ok=True)
     for generation in range(keep - 1, 0, -1):
         older = previous_path(path, generation)
-        if older.exists():
+        if os.path.lexists(older):
             older.rename(previous_path(path, generation + 1))
     path.rename(previous_path(path))
+
+
+# Appending, created when absent. A symlink there is refused, never written through nor
+# removed (log_dir may be shared: the link is someone's evidence); the worker's output then
+# goes to the journal, which says why (worker.py).
+_APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND
 
 
 def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
@@ -64,10 +117,11 @@ def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
 
     The header is written before the child exists, so the pid is filled in by
     `write_pid_line` once it is known. With `keep` = 0 the one file is appended to.
+    Raises OSError (UnsafeLog for what `open_log` refuses) when it cannot be written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     rotate(path, keep)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    fd = open_log(path, _APPEND)
     try:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
         header = f"\n=== {stamp} neuronctl starting: {shlex.join(command)}\n"
@@ -82,19 +136,15 @@ def write_pid_line(fd: int, pid: int) -> None:
     os.write(fd, f"=== worker pid {pid}\n".encode())
 
 
-def write_end_line(path: Path, line: str) -> None:
-    """The last line of a worker's log: how it ended. Never raises (a full disk has
-    already been reported when the log was opened)."""
+def append_line(path: Path, line: str, *, create: bool = False) -> None:
+    """One `=== TIME line` to a log, never through a symlink; created only with `create`.
+    Never raises: a full disk has already been reported when the log was opened."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
     try:
-        # O_NONBLOCK: a FIFO put where the log was would otherwise hang the event loop.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-                     | os.O_NONBLOCK)
+        fd = open_log(path, _APPEND if create else os.O_WRONLY | os.O_APPEND)
     except OSError:
         return
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return
         os.write(fd, f"=== {stamp} {line}\n".encode("utf-8", "backslashreplace"))
     except OSError:
         pass
@@ -102,19 +152,25 @@ def write_end_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
+def write_end_line(path: Path, line: str) -> None:
+    """The last line of a worker's log: how it ended. Never raises."""
+    append_line(path, line)
+
+
 def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
     """The last `n` lines of `path`, reading at most `max_bytes` from its end (more when
-    many lines are asked for)."""
-    max_bytes = max(max_bytes, n * 512)
+    many lines are asked for); none when it is absent or not a regular file (see
+    `read_tail` to tell those apart)."""
     try:
-        # Opened without blocking and read only when a regular file: the log path is in a
-        # directory an operator (or a mistake) may have put a FIFO or a device in.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+        return read_tail(path, n, max_bytes)
+    except (FileNotFoundError, UnsafeLog):
         return []
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return []
+
+
+def read_tail(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
+    """`tail_lines`, raising FileNotFoundError or UnsafeLog (a symlink, a FIFO...)."""
+    max_bytes = max(max_bytes, n * 512)
+    with os.fdopen(open_log(path), "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
         fh.seek(max(0, size - max_bytes))
         data = fh.read()
@@ -152,8 +208,9 @@ def excerpt(path: Path, n: int, fallback: bool = True) -> tuple[str | None, str]
 
 def follow(path: Path, poll_s: float = 0.25, from_start: bool = False) -> Iterator[str]:
     """Yield text appended to `path` from now on, like `tail -F`: when a restart rotates
-    the file away, finish the old one and go on with the new one."""
-    fh = path.open("rb")
+    the file away, finish the old one and go on with the new one. Raises UnsafeLog
+    (a symlink, a FIFO...) at the path, then or after a rotation."""
+    fh = os.fdopen(open_log(path), "rb")
     try:
         if not from_start:
             fh.seek(0, os.SEEK_END)
@@ -163,13 +220,17 @@ def follow(path: Path, poll_s: float = 0.25, from_start: bool = False) -> Iterat
                 yield chunk.decode("utf-8", "replace")
                 continue
             try:
-                current = path.stat()
+                current = path.lstat()
             except FileNotFoundError:  # between rotation and the new file
                 time.sleep(poll_s)
                 continue
             if current.st_ino != os.fstat(fh.fileno()).st_ino:
+                try:
+                    fresh = os.fdopen(open_log(path), "rb")  # rotated: the new file
+                except FileNotFoundError:
+                    continue
                 fh.close()
-                fh = path.open("rb")  # rotated: the new file, from its start
+                fh = fresh  # read from its start
                 continue
             if current.st_size < fh.tell():
                 fh.seek(0)  # truncated

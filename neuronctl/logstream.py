@@ -12,6 +12,13 @@ shutdown, a stuck one by having its connection aborted, as event streams do.
 When a restart rotates the log (`<model>.log` to `.1`), the follower finishes the old
 file and goes on with the new one from its start; a truncated file is read again from
 its start. `previous=1` reads the log of the start before (`.1`), which does not grow.
+
+Only a regular file is served, never through a symlink, and opened without blocking
+(`logfiles.open_log`): a link planted in a shared `log_dir` would otherwise serve its
+target, and a FIFO would hold a thread for good. The file I/O runs on a small executor of
+the followers' own, so however many clients follow, the threads the supervisor needs
+(readiness checks, `workers.json`) never wait behind them. `HEAD` answers with the
+headers alone.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from aiohttp import web
 
@@ -35,6 +45,9 @@ READ_BYTES = 64 * 1024
 TAIL_BYTES = 64 * 1024  # read for a tail, or 512 per line asked for when that is more
 MAX_FOLLOWERS = 32
 POLL_S = 0.25
+# Threads for all followers' file I/O: each read is non-blocking and at most READ_BYTES,
+# so a few serve the 32; not the default executor, which the supervisor needs.
+IO_THREADS = 4
 HEADERS = {
     "Content-Type": "text/plain; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -68,6 +81,13 @@ def _lines(request: web.Request) -> int:
     return min(int(raw), MAX_LINES)  # more is not an error: the most there is to show
 
 
+T = TypeVar("T")
+
+
+def _refused(model_id: str, exc: logfiles.UnsafeLog) -> errors.NotFound:
+    return errors.NotFound(f"the log of {model_id} {exc.strerror}; it is not served")
+
+
 def _text(lines: list[str]) -> bytes:
     return "".join(line + "\n" for line in lines).encode("utf-8", "replace")
 
@@ -83,7 +103,7 @@ class _File:
         """Open the file; its last `n` lines up to where following begins, so nothing is
         lost or sent twice between the tail and what follows (as logfiles.tail_lines)."""
         try:
-            self.fh = self.path.open("rb")
+            self.fh = os.fdopen(logfiles.open_log(self.path), "rb")
         except FileNotFoundError:
             return []  # not written yet: read() opens it when it appears
         size = os.fstat(self.fh.fileno()).st_size
@@ -95,17 +115,18 @@ class _File:
         return lines[-n:] if n > 0 else []
 
     def read(self) -> bytes:
-        """What was appended since the last read, at most READ_BYTES of it."""
+        """What was appended since the last read, at most READ_BYTES of it. Raises
+        logfiles.UnsafeLog when what appeared at the path is no regular file."""
         if self.fh is None:
-            try:
-                self.fh = self.path.open("rb")  # it appeared: read it from its start
+            try:  # it appeared: read it from its start
+                self.fh = os.fdopen(logfiles.open_log(self.path), "rb")
             except FileNotFoundError:
                 return b""
         chunk = self.fh.read(READ_BYTES)
         if chunk:
             return chunk
         try:
-            current = self.path.stat()
+            current = self.path.lstat()
         except FileNotFoundError:  # between a rotation and the new file
             return b""
         if current.st_ino != os.fstat(self.fh.fileno()).st_ino:
@@ -157,6 +178,10 @@ class LogFollowers:
         self.poll_s = poll_s
         self._followers: set[_Follower] = set()
         self._closing = asyncio.Event()
+        self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="log-follow")
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn)
 
     @property
     def open(self) -> int:
@@ -174,6 +199,10 @@ class LogFollowers:
             if follower.writing:
                 follower.abort()
 
+    async def release(self, app: web.Application) -> None:
+        """on_cleanup, once every handler has returned: the I/O threads go."""
+        self._io.shutdown(wait=False, cancel_futures=True)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         model_id = request.match_info["model_id"]
         problem = model_id_problem(model_id)
@@ -181,15 +210,25 @@ class LogFollowers:
             raise errors.InvalidValue(f"model id: {problem}", param="model_id")
         lines, follow, previous = _lines(request), _flag(request, "follow"), \
             _flag(request, "previous")
+        head = request.method == "HEAD"
         path = model_log_path(self.registry, model_id)
         if previous:
             path = logfiles.previous_path(path)
         follow = follow and not previous  # the previous start's log does not grow
-        if not follow and not await asyncio.to_thread(path.exists):
-            which = "previous log" if previous else "log"
-            raise errors.NotFound(f"no {which} yet for {model_id}")
         if not follow:
-            tail = await asyncio.to_thread(logfiles.tail_lines, path, lines)
+            try:
+                tail = await self._run(functools.partial(logfiles.read_tail, path,
+                                                         0 if head else lines))
+            except FileNotFoundError:
+                which = "previous log" if previous else "log"
+                raise errors.NotFound(f"no {which} yet for {model_id}") from None
+            except logfiles.UnsafeLog as exc:
+                raise _refused(model_id, exc) from None
+        if head:
+            # The headers alone, and no framing: a body (or a stream) sent to a HEAD
+            # would be read by a kept-alive connection as the next answer.
+            return web.Response(headers=HEADERS)
+        if not follow:
             response = web.StreamResponse(headers=HEADERS)
             await response.prepare(request)
             await response.write(_text(tail))
@@ -203,15 +242,22 @@ class LogFollowers:
         self._followers.add(follower)  # before any await: the bound holds under a rush
         followed = _File(path)
         try:
-            tail = await asyncio.to_thread(followed.start, lines)
+            try:
+                tail = await self._run(functools.partial(followed.start, lines))
+            except logfiles.UnsafeLog as exc:
+                raise _refused(model_id, exc) from None
             await response.prepare(request)
             await follower.write(_text(tail))
             await self._follow(follower, followed)
         except ConnectionError:
             pass  # the client left during a write
+        except logfiles.UnsafeLog as exc:  # what appeared at the path later: said, and ended
+            with contextlib.suppress(ConnectionError):
+                await follower.write(f"\n=== neuronctl: the log {exc.strerror}; "
+                                     "no longer followed\n".encode())
         finally:
             self._followers.discard(follower)
-            await asyncio.to_thread(followed.close)
+            followed.close()  # a read-only regular file: closing never blocks
         return response
 
     async def _follow(self, follower: _Follower, followed: _File) -> None:
@@ -219,7 +265,7 @@ class LogFollowers:
         while not self._closing.is_set():
             if follower.hung_up:
                 return
-            chunk = await asyncio.to_thread(followed.read)
+            chunk = await self._run(followed.read)
             if self._closing.is_set():
                 return  # close() aborted the writers of that moment; this one writes no more
             if chunk:
@@ -239,4 +285,5 @@ def setup(app: web.Application, registry: ModelRegistry) -> LogFollowers:
     # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
     app.router.add_get("/models/{model_id:.+}/logs", followers.handle)
     app.on_shutdown.append(followers.close)
+    app.on_cleanup.append(followers.release)
     return followers

@@ -9,10 +9,8 @@ module only runs it for one load.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,7 +81,6 @@ def run_spec(
 
 
 def append_line(path: Path, line: str) -> None:
-    """One line to a model's log, from any thread (download progress)."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
-    with contextlib.suppress(OSError), path.open("a", encoding="utf-8") as fh:
-        fh.write(f"=== {stamp} {line}\n")
+    """One line to a model's log, from any thread (download progress); never through a
+    symlink planted in log_dir (see logfiles.open_log)."""
+    logfiles.append_line(path, line, create=True)

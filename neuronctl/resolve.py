@@ -73,11 +73,15 @@ GGUF_MAGIC = b"GGUF"
 def check_model_file(path: Path) -> None:
     """A ModelFileError unless `path` is a regular file that starts like a GGUF. Opened
     without blocking and checked with fstat before anything is read, so a FIFO or a
-    device (`/dev/zero`) is refused rather than read from."""
+    device (`/dev/zero`) is refused rather than read from.
+
+    A client names the path, so the answer says no more than an operator needs: never
+    the bytes it read (`/etc/shadow` would answer `b'root'`), and a missing file and one
+    this user may not read alike."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ResolveError(f"model file not found: {path}") from None
+    except (FileNotFoundError, PermissionError):
+        raise ResolveError(f"model file not found or not readable: {path}") from None
     except IsADirectoryError:
         raise ResolveError(f"model path is a directory, not a GGUF file: {path}") from None
     except OSError as exc:
@@ -94,8 +98,7 @@ def check_model_file(path: Path) -> None:
         except OSError as exc:
             raise ResolveError(f"cannot read model file {path}: {exc.strerror}") from None
         if magic != GGUF_MAGIC:
-            raise ResolveError(f"not a GGUF file (it starts with {magic!r}, not "
-                               f"{GGUF_MAGIC!r}): {path}")
+            raise ResolveError(f"not a GGUF file (no GGUF magic): {path}")
     finally:
         os.close(fd)
 

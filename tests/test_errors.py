@@ -65,7 +65,7 @@ async def test_a_missing_model_file_is_the_requests_fault(
     body = {"model_id": "m", "harness": LLAMA_SERVER, "path": str(tmp_path / "gone.gguf")}
     status, answer = await load(make_registry, fake_harness, body)
     assert (status, answer["code"]) == (400, "model_file_not_found")
-    assert answer["error"] == f"model file not found: {tmp_path / 'gone.gguf'}"
+    assert answer["error"] == f"model file not found or not readable: {tmp_path / 'gone.gguf'}"
 
 
 async def test_a_harness_that_is_not_installed_is_the_nodes(

@@ -88,7 +88,7 @@ BOMBS = {
                                struct.pack("<IQ", I32, 2**40)), size=280),
         f"'llama.attention.head_count': an array of {2**40} items cannot fit"),
     "wrong magic": (
-        header(0, 0, magic=b"GGML", size=64), "not a GGUF file: it starts with b'GGML'"),
+        header(0, 0, magic=b"GGML", size=64), "not a GGUF file (no GGUF magic)"),
     "version 1": (header(0, 0, version=1, size=64), "GGUF version 1 is not supported"),
     "too short": (b"GGUF\x03\0\0\0", "a 8-byte file is too short for a GGUF header"),
     "dims overflow": (

@@ -273,7 +273,9 @@ async def test_a_full_disk_under_the_log_costs_the_log_not_the_model(
 ) -> None:
     config = dataclasses.replace(node_config, log_keep=0)
     config.log_dir.mkdir(parents=True)
-    # A real ENOSPC on every write: the log file is /dev/full.
+    # An unwritable log: a symlink to /dev/full is refused, never written through (it was
+    # a real ENOSPC before links were refused); a full disk fails the same open-and-header
+    # step with an OSError and takes the same way to the journal.
     (config.log_dir / "good.log").symlink_to("/dev/full")
 
     async def scenario(client: TestClient[Any, Any]) -> None:

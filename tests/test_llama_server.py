@@ -156,7 +156,8 @@ async def test_a_missing_model_file_fails_before_any_spawn(
     )
 
     registry = make_registry(config, build_harnesses(config))
-    with pytest.raises(LoadError, match=f"model file not found: {tmp_path}/no.gguf"):
+    with pytest.raises(LoadError,
+                       match=f"model file not found or not readable: {tmp_path}/no.gguf"):
         await registry.load(ModelSpec("m", harness="llama-server", path=tmp_path / "no.gguf"))
 
 

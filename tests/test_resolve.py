@@ -144,11 +144,13 @@ def test_a_repo_not_in_the_cache_offline(tmp_path: Path) -> None:
 
 
 def test_local_path(tmp_path: Path) -> None:
-    with pytest.raises(ResolveError, match=f"model file not found: {tmp_path}/x.gguf"):
+    with pytest.raises(ResolveError,
+                       match=f"model file not found or not readable: {tmp_path}/x.gguf"):
         local_file(ModelSpec("m", path=tmp_path / "x.gguf"))
     first = tmp_path / "big-00001-of-00002.gguf"
     first.write_bytes(b"GGUF")
-    with pytest.raises(ResolveError, match=r"model file not found: .*big-00002-of-00002"):
+    with pytest.raises(ResolveError,
+                       match=r"model file not found or not readable: .*big-00002-of-00002"):
         local_file(ModelSpec("m", path=first))  # every part of a split model must be there
     (tmp_path / "big-00002-of-00002.gguf").write_bytes(b"GGUF")
     resolved = local_file(ModelSpec("m", path=first))
