@@ -47,7 +47,7 @@ def send(port: int, raw: bytes) -> socket.socket:
 
 
 def get(path: str, close: bool = True) -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"{'Connection: close' if close else ''}\r\n\r\n").encode()
 
 
@@ -258,7 +258,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[
 @pytest.mark.parametrize("path", ["/models/events", "/models/tiny/logs?lines=3",
                                   "/models/tiny/logs?follow=1"])
 def test_head_on_a_streaming_route_sends_headers_only(node: Daemon, path: str) -> None:
-    raw = f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + get("/health")
+    raw = f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() + get("/health")
     answer = read_all(send(port_of(node), raw))
     head, rest = answer.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200"), head
@@ -272,7 +272,7 @@ def test_head_on_a_streaming_route_sends_headers_only(node: Daemon, path: str) -
 
 def test_head_on_a_log_says_what_get_would(node: Daemon) -> None:
     answer = read_all(send(port_of(node), b"HEAD /models/tiny/logs?previous=1 HTTP/1.1\r\n"
-                                          b"Host: x\r\nConnection: close\r\n\r\n"))
+                                          b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n"))
     assert answer.startswith(b"HTTP/1.1 404"), answer  # no previous log yet
     assert answer.endswith(b"\r\n\r\n")
 
