@@ -163,6 +163,12 @@ class NeuronConfig:
     # loading or restarting included.
     max_queue: int = 64
     queue_timeout_s: float = 120.0
+    # All queues of the node together: the bytes of request bodies waiting for a slot; a
+    # body that would pass it is a 429 (queue_bytes_full). At least max_request_bytes.
+    max_queued_bytes: int = 256 * 1024 * 1024
+    # A worker's non-streamed answer, once it has begun, must bring a byte this often;
+    # else it is cut (a 502 when nothing was sent yet) and its slot is free again.
+    upstream_idle_timeout_s: float = 120.0
     # While a model is ready its worker is probed this often; after `liveness_failures`
     # probes in a row that fail or take over `liveness_timeout_s`, it is killed and handled
     # as a crash.
@@ -476,6 +482,13 @@ def _check_values(obj: Any, key: str) -> None:
         if obj.max_connections is not None and not 1 <= obj.max_connections <= 1_000_000:
             raise ConfigError(_join(key, "max_connections"),
                               f"must be between 1 and 1000000, got {obj.max_connections}")
+        if obj.max_queued_bytes < obj.max_request_bytes:  # else the largest body never waits
+            raise ConfigError(_join(key, "max_queued_bytes"),
+                              f"must be at least max_request_bytes ({obj.max_request_bytes}), "
+                              f"got {obj.max_queued_bytes}")
+        if not 0 < obj.upstream_idle_timeout_s <= 3600:
+            raise ConfigError(_join(key, "upstream_idle_timeout_s"), "must be positive and at "
+                              f"most 3600 s, got {obj.upstream_idle_timeout_s:g}")
     if isinstance(obj, HarnessConfig):
         _check_api_args(obj, key)
     if isinstance(obj, ModelSpec):

@@ -161,6 +161,12 @@ class QueueFull(NeuronError):
     status, type, code = 429, INVALID_REQUEST, "queue_full"
 
 
+class QueueBytesFull(QueueFull):
+    """The node's queues together hold `max_queued_bytes` of request bodies."""
+
+    code = "queue_bytes_full"
+
+
 # --- loading a model ---------------------------------------------------------------------
 
 class LoadError(NeuronError):

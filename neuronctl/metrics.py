@@ -2,7 +2,8 @@
 
 A custom collector rather than metric objects updated in place: models come and go, and a
 gauge set on a model that was since unloaded would be reported forever. Only the load
-duration histogram accumulates, from the events of workers becoming ready.
+duration histogram accumulates, from the events of workers becoming ready; an ad-hoc
+model's series goes when it is unloaded (catalogue models keep theirs).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from prometheus_client.registry import Collector
 from .events import ModelEvent, Subscription
 from .lifecycle import ModelLifecycle
 from .registry import ModelRegistry
-from .router import RouterStats
+from .routerstats import RouterStats, unloaded_for_good
 from .states import ModelStatus, WorkerState
 
 LOAD_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -107,10 +108,16 @@ class NodeCollector(Collector):
             queued.add_metric([model_id], counters.queue.queued)
             for reason, count in sorted(counters.rejections.items()):
                 rejected.add_metric([model_id, reason], count)
+        queued_bytes = GaugeMetricFamily(
+            "neuron_requests_queued_bytes",
+            "Bytes of request bodies waiting in the node's queues, all models together "
+            "(at most max_queued_bytes).")
+        queued_bytes.add_metric([], self.stats.queued_bytes.held)
         yield requests
         yield in_flight
         yield queued
         yield rejected
+        yield queued_bytes
 
 
 class Metrics:
@@ -142,6 +149,8 @@ class Metrics:
     def observe(self, event: ModelEvent) -> None:
         if event.new is WorkerState.READY and event.ready_s is not None:
             self.load_duration.labels(event.model).observe(event.ready_s)
+        elif unloaded_for_good(self._collector.registry, event):
+            self.load_duration.remove(event.model)
 
     async def handle(self, request: web.Request) -> web.Response:
         own = generate_latest(self.registry)

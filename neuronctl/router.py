@@ -16,7 +16,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -25,22 +24,25 @@ from aiohttp import (
     ClientError,
     ClientOSError,
     ClientResponse,
+    ClientResponseError,
     ClientSession,
     ClientTimeout,
     DummyCookieJar,
     ServerDisconnectedError,
+    StreamReader,
     TCPConnector,
     web,
 )
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 
 from . import errors
 from .errors import NeuronError
 from .events import ModelEvent
-from .eviction import IDLE, Activity
 from .lifecycle import ModelLifecycle
 from .policy import describe_exit
 from .registry import ModelRegistry
+from .requestbody import read_limited, routing
+from .routerstats import ModelStats, RouterStats, unloaded_for_good
 from .states import ModelStatus, WorkerState
 from .traffic import ModelQueue
 from .worker import Worker
@@ -77,71 +79,9 @@ _UPSTREAM_ERRORS = (ClientError, OSError, asyncio.TimeoutError)
 # ClientOSError too, hence the explicit check in _exchange.
 _STALE_CONNECTION = (ServerDisconnectedError, ClientOSError)
 STALE_RETRIES = 2
-# JSON answers longer than this are passed on without looking for their token count.
+# A non-streamed answer up to this size is read whole (its usage counted, and a worker that
+# breaks it off is a clean 502); a longer one is passed on as it comes.
 _USAGE_SCAN_BYTES = 4 * 1024 * 1024
-
-
-# Upper bounds, in seconds (prometheus-client adds +Inf, which catches a long stream).
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                     60.0, 120.0)
-QUEUE_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   120.0, 300.0)
-
-
-@dataclass
-class ModelStats:
-    """What the router did for one model; read by a metrics endpoint, written only here."""
-
-    queue: ModelQueue
-    requests: int = 0  # every request naming this model, whatever became of it
-    in_flight: int = 0  # forwarded to the worker and not yet answered in full
-    worker_errors: int = 0  # the worker could not be reached or broke off its answer
-    client_disconnects: int = 0  # the client left before the answer was complete
-    # Generated tokens: a JSON answer's usage.completion_tokens, a stream's `data: {` chunks
-    # (llama.cpp servers send one token per chunk). For the dashboard's tokens/s.
-    tokens: int = 0
-    last_used: float = 0.0  # monotonic time a request last arrived or finished (eviction)
-    responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
-    rejections: dict[str, int] = field(default_factory=dict)  # the router's refusals, by code
-
-    def count(self, status: int) -> None:
-        self.responses[status] = self.responses.get(status, 0) + 1
-
-    def reject(self, refusal: NeuronError) -> None:
-        self.count(refusal.status)
-        self.rejections[refusal.code] = self.rejections.get(refusal.code, 0) + 1
-
-
-class RouterStats:
-    """Per-model counters and queues. Only models the node knows get an entry, so a client
-    naming made-up models cannot grow this without bound. The two histograms live in
-    `registry`, the node's metrics registry (or one of their own)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.models: dict[str, ModelStats] = {}
-        self.registry = registry or CollectorRegistry()
-        self.latency = Histogram(
-            "neuron_request_duration_seconds",
-            "Time from a /v1 request reaching the router to the last byte of its answer.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.queue_wait = Histogram(
-            "neuron_request_queue_seconds",
-            "Time a /v1 request waited in its model's queue for a slot of the worker.",
-            ["model"], buckets=QUEUE_BUCKETS_S, registry=self.registry)
-
-    def activity(self, model_id: str) -> Activity:
-        """What eviction needs to know of a model's traffic, right now."""
-        stats = self.models.get(model_id)
-        if stats is None:
-            return IDLE
-        return Activity(max(stats.in_flight, stats.queue.in_flight), stats.queue.queued,
-                        stats.last_used)
-
-    def model(self, model_id: str) -> ModelStats:
-        stats = self.models.get(model_id)
-        if stats is None:
-            stats = self.models[model_id] = ModelStats(ModelQueue(model_id, time.monotonic))
-        return stats
 
 
 ROUTER_STATS = web.AppKey("router_stats", RouterStats)
@@ -180,6 +120,25 @@ def _completion_tokens(upstream: ClientResponse, answer: bytes) -> int:
     return tokens if isinstance(tokens, int) and 0 <= tokens < 2**31 else 0
 
 
+class _AnswerStopped(Exception):
+    """A worker's non-streamed answer stopped before its end; `what` says how."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(why)
+        self.what = what
+
+
+async def _next_chunk(content: StreamReader, idle_s: float) -> bytes:
+    """The next bytes of an answer (b"" at its end), within `idle_s`."""
+    try:
+        return await asyncio.wait_for(content.readany(), idle_s)
+    except asyncio.TimeoutError:  # ours: the session itself has no read timeout
+        raise _AnswerStopped(f"stalled mid-answer (no byte for {idle_s:g} s; "
+                             "upstream_idle_timeout_s)", "idle") from None
+    except _UPSTREAM_ERRORS as exc:
+        raise _AnswerStopped("broke off its answer", str(exc) or type(exc).__name__) from exc
+
+
 def _model_entry(record: ModelLifecycle) -> dict[str, Any]:
     return {
         "id": record.spec.model_id,
@@ -193,6 +152,16 @@ def _model_entry(record: ModelLifecycle) -> dict[str, Any]:
 def _worker_gone(worker: Worker) -> str:
     code = worker.returncode
     return f"; it {describe_exit(code)}" if code is not None else ""
+
+
+def _check_target(request: web.Request) -> None:
+    """Refuse an absolute-form target (`POST http://host/v1/...`): the router forwards the
+    path as sent, which must be a path, and a 400 says so where a 502 would blame the
+    worker."""
+    if not request.raw_path.startswith("/"):
+        raise errors.BadRequest(
+            f"request target {request.raw_path[:200]!r} is not a path; send "
+            "'POST /v1/...' with a Host header (absolute-form targets are not accepted)")
 
 
 def _check_path(request: web.Request) -> None:
@@ -296,6 +265,7 @@ class Router:
                 raise errors.MethodNotAllowed(
                     f"{request.method} is not allowed on {request.path}; POST a JSON body "
                     "that names a model", headers={"Allow": "POST"})
+            _check_target(request)
             _check_path(request)
             return await self._forward(request)
         except NeuronError as exc:
@@ -309,24 +279,17 @@ class Router:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         # Read per request, so a config reload that changes it applies at once.
         limit = self.registry.config.max_request_bytes
-        body = await self._read_body(request, limit)
+        body = await read_limited(request.content, request.content_length, limit)
         if body is None:
             raise errors.PayloadTooLarge(
                 f"request body too large (limit {limit} bytes; max_request_bytes in "
                 "the node config)")
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
-            raise errors.InvalidJson("request body is not valid JSON") from None
-        if not isinstance(payload, dict):
-            raise errors.InvalidJson("request body must be a JSON object")
-        model_id = payload.get("model")
+        # Only the bytes wait in the queue, never the parsed JSON (see requestbody.py).
+        model_id, stream = (fields := routing(body)).model, fields.stream
         if model_id is None:
             raise errors.ModelNotFound(
                 f"request names no model; models on this node: {self._loaded_ids()}",
                 param="model")
-        if not isinstance(model_id, str):
-            raise errors.InvalidValue("model: expected a string", param="model")
         if self._stopping is not None:
             raise self._stopping
         record = self.registry.get(model_id)
@@ -345,7 +308,7 @@ class Router:
         # A worker that cannot stop an answer its client no longer waits for (see
         # harness.py) keeps its slot until it is done: the request is not cancelled once
         # it is forwarded, or the next one would reach a worker still busy.
-        finishes = (payload.get("stream") is not True
+        finishes = (not stream
                     and getattr(self.registry.harnesses.get(record.spec.harness),
                                 "finishes_abandoned_answers", False))
 
@@ -369,8 +332,9 @@ class Router:
         if record.status is ModelStatus.FAILED:
             raise self._not_ready(record)
         max_queue, timeout_s = record.queue_limits()
-        async with stats.queue.admit(max_queue, timeout_s) as waited:
-            self.stats.queue_wait.labels(model_id).observe(waited)
+        max_bytes = self.registry.config.max_queued_bytes
+        async with stats.queue.admit(max_queue, timeout_s, len(body), max_bytes) as waited:
+            self.stats.observe(self.stats.queue_wait, model_id, stats, waited)
             current = self.registry.get(model_id)  # a reload may have replaced it
             worker = current.serving_worker if current is not None else None
             if worker is None:
@@ -387,7 +351,8 @@ class Router:
                 stats.in_flight -= 1
                 stats.last_used = time.monotonic()
                 # To the last byte, streams included.
-                self.stats.latency.labels(model_id).observe(time.monotonic() - started)
+                self.stats.observe(self.stats.latency, model_id, stats,
+                                   time.monotonic() - started)
 
     def _stats_for(self, record: ModelLifecycle) -> ModelStats:
         fresh = record.model_id not in self.stats.models
@@ -420,6 +385,8 @@ class Router:
                 param="model"))
         else:
             self._follow(stats.queue, model)
+        if unloaded_for_good(self.registry, event):
+            self.stats.forget(event.model)
 
     def _follow(self, queue: ModelQueue, model: ModelLifecycle) -> None:
         if model.serving_worker is not None:
@@ -428,20 +395,6 @@ class Router:
             queue.fail(self._not_ready(model))
         else:
             queue.not_ready()  # loading or restarting: requests wait for it
-
-    async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
-        """The whole body, or None once it is over `limit` (without reading the rest)."""
-        length = request.content_length
-        if length is not None and length > limit:
-            return None
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > limit:  # a chunked body has no length to check up front
-                return None
-            parts.append(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _exchange(
         self, request: web.Request, body: bytes, model_id: str, worker: Worker,
@@ -458,6 +411,9 @@ class Router:
                 break
             except ClientConnectorError as exc:
                 return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+            except ClientResponseError as exc:  # reached, but its answer's head is unreadable
+                what = f"sent an answer the router cannot read ({str(exc.message)[:200]})"
+                return self._bad_gateway(model_id, worker, stats, what, exc)
             except _STALE_CONNECTION as exc:
                 # A pooled connection the worker had closed (llama-server's HTTP server
                 # drops keep-alive connections on its own): nothing reached the worker, so
@@ -471,21 +427,63 @@ class Router:
         try:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await self._stream(request, upstream, model_id, worker, stats)
-            try:
-                answer = await upstream.read()
-            except _UPSTREAM_ERRORS as exc:
-                return self._bad_gateway(model_id, worker, stats, "broke off its answer", exc)
-            stats.count(upstream.status)
-            stats.tokens += _completion_tokens(upstream, answer)
-            return web.Response(
-                body=answer, status=upstream.status, reason=upstream.reason,
-                headers=_without(upstream.headers, _DROP_FROM_RESPONSE),
-            )
+            return await self._relay(request, upstream, model_id, worker, stats)
         finally:
             # A no-op once the answer was read in full (the connection went back to the
             # pool); otherwise it drops the connection, which is how the worker learns to
             # stop generating for a client that has gone.
             upstream.close()
+
+    async def _relay(
+        self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
+        stats: ModelStats,
+    ) -> web.StreamResponse:
+        """A non-streamed answer: read whole when it is small (its usage counted), else
+        passed on as it comes, so the node never holds more than `_USAGE_SCAN_BYTES` of
+        it. Either way a worker that stops sending mid-answer for upstream_idle_timeout_s
+        is cut off and its slot freed (a liveness probe may still pass)."""
+        idle_s = self.registry.config.upstream_idle_timeout_s
+        length = upstream.content_length
+        head: list[bytes] = []
+        size = 0
+        try:
+            while (length is None or length <= _USAGE_SCAN_BYTES) and size <= _USAGE_SCAN_BYTES:
+                chunk = await _next_chunk(upstream.content, idle_s)
+                if not chunk:
+                    answer = b"".join(head)
+                    stats.count(upstream.status)
+                    stats.tokens += _completion_tokens(upstream, answer)
+                    return web.Response(
+                        body=answer, status=upstream.status, reason=upstream.reason,
+                        headers=_without(upstream.headers, _DROP_FROM_RESPONSE))
+                head.append(chunk)
+                size += len(chunk)
+        except _AnswerStopped as exc:
+            return self._bad_gateway(model_id, worker, stats, exc.what, exc)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=_without(upstream.headers, _DROP_FROM_RESPONSE))
+        if length is not None:
+            response.content_length = length  # the worker's own framing, kept
+        try:
+            await response.prepare(request)
+            stats.count(upstream.status)
+            for part in head:
+                await response.write(part)
+            head.clear()
+            while chunk := await _next_chunk(upstream.content, idle_s):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:  # the client's side
+            stats.client_disconnects += 1
+        except _AnswerStopped as exc:  # the status is out: only a cut is left
+            stats.worker_errors += 1
+            message, level = self._cut_by_unload(
+                model_id, f"the worker for model {model_id!r} {exc.what}{_worker_gone(worker)}")
+            log.log(level, "router: %s; the answer was cut: %s", message, exc)
+            if request.transport is not None:
+                request.transport.close()
+        return response
 
     async def _stream(
         self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,

@@ -3,10 +3,12 @@ worker, the rest waiting in a bounded FIFO queue.
 
 A request is let through only while its model is ready and a slot is free; until then it
 waits in order, also while the model is still loading or restarting. The queue is
-bounded in length (`max_queue`: one more is a 429 with Retry-After) and in time
-(`queue_timeout_s`: then a 503). A waiter whose client hangs up is cancelled by the router
-and leaves the queue at once; a model that fails or is unloaded answers every waiter.
-Nothing here grows with what clients send: a queue holds at most `max_queue` waiters.
+bounded in length (`max_queue`: one more is a 429 with Retry-After), in time
+(`queue_timeout_s`: then a 503) and, all queues of the node together, in the bytes of the
+bodies waiting (`QueuedBytes`, `max_queued_bytes`: a 429 too). A waiter whose client hangs
+up is cancelled by the router and leaves the queue at once; a model that fails or is
+unloaded answers every waiter. Nothing here grows with what clients send: a queue holds at
+most `max_queue` waiters.
 """
 
 from __future__ import annotations
@@ -30,12 +32,29 @@ class _Waiter:
 
 
 @dataclass
+class QueuedBytes:
+    """The bodies waiting in any of the node's queues, in bytes: one count for all models,
+    since a client can name many."""
+
+    held: int = 0
+
+    def take(self, size: int, limit: int | None) -> None:
+        if limit is not None and self.held + size > limit:
+            raise errors.QueueBytesFull(
+                f"the node holds {self.held} bytes of requests waiting for a slot; this one "
+                f"({size} bytes) would pass max_queued_bytes ({limit}); retry later",
+                headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.held += size
+
+
+@dataclass
 class ModelQueue:
     model_id: str
     clock: Callable[[], float]
     in_flight: int = 0
     slots: int = 1
     serving: bool = False  # the model is ready: waiters may be let through
+    budget: QueuedBytes = field(default_factory=QueuedBytes)  # shared by the node's queues
     _waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
 
     @property
@@ -43,16 +62,20 @@ class ModelQueue:
         return len(self._waiters)
 
     @contextlib.asynccontextmanager
-    async def admit(self, max_queue: int, timeout_s: float) -> AsyncIterator[float]:
+    async def admit(self, max_queue: int, timeout_s: float, size: int = 0,
+                    max_bytes: int | None = None) -> AsyncIterator[float]:
         """Hold one slot for the body of the `async with`; yields the seconds waited.
-        Raises QueueFull, QueueTimeout, or the model's failure (see `fail`)."""
-        waited = await self._acquire(max_queue, timeout_s)
+        `size`: the bytes the request holds while it waits, counted against `max_bytes`
+        for all queues sharing the budget. Raises QueueFull (QueueBytesFull),
+        QueueTimeout, or the model's failure (see `fail`)."""
+        waited = await self._acquire(max_queue, timeout_s, size, max_bytes)
         try:
             yield waited
         finally:
             self._release()
 
-    async def _acquire(self, max_queue: int, timeout_s: float) -> float:
+    async def _acquire(self, max_queue: int, timeout_s: float, size: int,
+                       max_bytes: int | None) -> float:
         if self.serving and self.in_flight < self.slots and not self._waiters:
             self.in_flight += 1
             return 0.0
@@ -61,6 +84,7 @@ class ModelQueue:
                 f"model {self.model_id!r} has {len(self._waiters)} requests waiting "
                 f"(max_queue {max_queue}); retry later",
                 param="model", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.budget.take(size, max_bytes)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), self.clock())
         self._waiters.append(waiter)
         try:
@@ -68,6 +92,8 @@ class ModelQueue:
         except asyncio.CancelledError:  # the client hung up, or the node is stopping
             self._leave(waiter)
             raise
+        finally:  # forwarded or refused, the body no longer waits
+            self.budget.held -= size
         if not waiter.future.done():
             self._leave(waiter)
             raise errors.QueueTimeout(

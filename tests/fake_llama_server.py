@@ -7,6 +7,13 @@ all along, as the real one does, so a supervisor probing it would call the model
 early. A POST (a completion) answers `max_tokens` characters with OpenAI's `usage`. Every
 request and its status is printed (to the worker's log), and so is the environment, so
 tests can see CUDA_VISIBLE_DEVICES.
+
+A POST can ask for a misbehaving answer by fields of its body (never sent by a real
+client): `hold_s` (answer only after that long), `answer_mib` (an answer that long, in
+1 MiB writes, with its Content-Length unless `no_length`), `stall_after_bytes` (stop
+sending after that many bytes of it, and wait a minute, the connection open), `lie` (a
+Content-Length of 1000, 10 bytes, then the same wait) and `extra_headers` (that many more
+headers).
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ import json
 import os
 import sys
 import time
+from typing import Any
+
+MIB = 1024 * 1024
+STALL_S = 60.0  # a stalled answer waits this long (the supervisor kills it sooner)
 
 
 def main() -> None:
@@ -58,6 +69,10 @@ def main() -> None:
             # A completion of `max_tokens` tokens (default 4), with OpenAI's usage.
             length = int(self.headers.get("Content-Length") or 0)
             request = json.loads(self.rfile.read(length) or b"{}")
+            time.sleep(float(request.get("hold_s") or 0))
+            if request.get("answer_mib") or request.get("lie") or request.get("extra_headers"):
+                self.misbehave(request)
+                return
             tokens = int(request.get("max_tokens") or 4)
             body = {"object": "text_completion", "choices": [{"index": 0, "text": "x" * tokens,
                                                                "finish_reason": "length"}],
@@ -70,6 +85,33 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(data)
             print(f"POST {self.path} 200", flush=True)
+
+        def misbehave(self, request: dict[str, Any]) -> None:
+            prefix, suffix = b'{"data": "', b'"}'
+            size = 1000 if request.get("lie") else (
+                int(request.get("answer_mib") or 0) * MIB + len(prefix) + len(suffix))
+            stall_at = 10 if request.get("lie") else request.get("stall_after_bytes")
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if not request.get("no_length"):
+                self.send_header("Content-Length", str(size))
+            for i in range(int(request.get("extra_headers") or 0)):
+                self.send_header(f"X-Extra-{i}", "1")
+            self.end_headers()
+            filler = size - len(prefix) - len(suffix)
+            parts = [prefix, *[b"x" * min(MIB, filler - i) for i in range(0, filler, MIB)],
+                     suffix]
+            sent = 0
+            for part in parts:
+                if stall_at is not None and sent + len(part) > int(stall_at):
+                    self.wfile.write(part[:int(stall_at) - sent])
+                    self.wfile.flush()
+                    print(f"POST {self.path} stalled after {stall_at} bytes", flush=True)
+                    time.sleep(STALL_S)
+                    return
+                self.wfile.write(part)
+                sent += len(part)
+            print(f"POST {self.path} 200 {size} bytes", flush=True)
 
         def log_message(self, format: str, *a: object) -> None:
             pass

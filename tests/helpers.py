@@ -220,10 +220,11 @@ class Daemon:
 
 
 def start_daemon(directory: Path, models_toml: str, *, api_key: str | None = None,
-                 timeout: float = 30.0) -> Daemon:
+                 timeout: float = 30.0, settings: str = "") -> Daemon:
     """`neuronctl start` with `models_toml` (`[[models]]` and `[[default_models]]` tables
-    of the llama-server harness) appended to a config of its own in `directory`; back once
-    it serves. The caller stops it (`Daemon.stop`)."""
+    of the llama-server harness) appended to a config of its own in `directory`, and
+    `settings` (top-level keys, one per line) in it; back once it serves. The caller stops
+    it (`Daemon.stop`)."""
     from .fakes import FAKE_LLAMA_SERVER
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,7 @@ def start_daemon(directory: Path, models_toml: str, *, api_key: str | None = Non
     config = directory / "neuron.toml"
     config.write_text(
         f'host = "127.0.0.1"\nport = {port}\nlog_dir = "{directory}/log"\n'
-        f'state_dir = "{directory}/state"\nstop_timeout_s = 2.0\n{key}'
+        f'state_dir = "{directory}/state"\nstop_timeout_s = 2.0\n{key}{settings}'
         f'[harness.llama-server]\nbinary = "{binary}"\n\n{models_toml}')
     log = (directory / "daemon.log").open("ab")
     process = subprocess.Popen([str(NEURONCTL), "start", "--config", str(config)],
