@@ -88,7 +88,7 @@ def raw_request(daemon: Daemon, head: str, body: bytes) -> socket.socket:
     """A request sent and left waiting for its answer; the caller closes the socket."""
     port = urllib.parse.urlsplit(daemon.url).port
     sock = socket.create_connection(("127.0.0.1", port or 0), timeout=30)
-    sock.sendall(f"{head}\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     return sock
 
