@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import logfiles, modelfiles, resolve
+from . import liveness, logfiles, modelfiles, resolve
 from .admission import Admission, StopReading
 from .config import ModelSpec, NeuronConfig, effective
 from .errors import (
@@ -39,7 +39,6 @@ from .errors import (
 from .events import EventBus, ModelEvent
 from .harness import Harness, slots_of
 from .loadlock import Hold, LoadLock
-from .looplag import lag_during
 from .policy import GiveUp, History, RestartPolicy, describe_exit
 from .statefile import StateFile
 from .states import (
@@ -79,9 +78,6 @@ class Services:
 
 # While every model that could make room is busy, a load asks again this often.
 ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
-# A failed liveness probe during which the supervisor's loop ran this late (or half the
-# probe's timeout, if less) in total is not held against the worker.
-LOOP_LAG_TOLERANCE_S = 0.5
 
 
 class ModelLifecycle:
@@ -327,41 +323,11 @@ class ModelLifecycle:
 
     async def _liveness_or_log(self, worker: Worker, hung: list[str]) -> None:
         try:
-            await self._watch_liveness(worker, hung)
+            await liveness.watch(self.model_id, worker, lambda: self._s.config,
+                                 self._s.sleep, self.log_path, hung)
         except Exception:  # a bug: the worker goes on unwatched rather than killed
             log.exception("%s: liveness probing failed; the worker is no longer probed",
                           self.model_id)
-
-    async def _watch_liveness(self, worker: Worker, hung: list[str]) -> None:
-        """Probe a ready worker; kill it (its whole group) after `liveness_failures` probes
-        in a row that fail or time out, saying why in `hung` first. A busy worker still
-        answers: its probe route takes no lock (see the harnesses). A probe that failed
-        while the supervisor's own loop was stalled is not counted: its timeout measured
-        the supervisor, not the worker."""
-        failures = 0
-        while True:
-            config = self._s.config  # read at each probe: a reload applies
-            await self._s.sleep(config.liveness_interval_s)
-            timeout = config.liveness_timeout_s
-            answered, lag = await lag_during(worker.answers(timeout))
-            if answered:
-                failures = 0
-                continue
-            if lag > min(LOOP_LAG_TOLERANCE_S, timeout / 2):
-                log.info("%s: a health check of worker pid %s failed while the supervisor's "
-                         "event loop was %.1f s late; not counted", self.model_id, worker.pid,
-                         lag)
-                continue
-            failures += 1
-            if failures < config.liveness_failures:
-                continue
-            why = (f"stopped answering health checks ({failures} probes in a row failed or "
-                   f"took over {config.liveness_timeout_s:g} s)")
-            log.warning("%s: worker pid %s %s; killing it", self.model_id, worker.pid, why)
-            modelfiles.append_line(self.log_path, f"neuronctl: worker {why}; killed")
-            hung.append(why)  # before the kill: its exit wakes the supervisor at once
-            await worker.kill()
-            return
 
     async def _restart(self, exit_code: int | None, crashed_at: float) -> bool:
         """Back off and start again until a worker is ready (True) or the policy gives up."""
