@@ -157,7 +157,6 @@ async def test_an_event_stream_that_never_reads_is_dropped_past_its_budget(
     registry = make_registry()
     async with api(registry) as client:
         streams = client.app[STREAMS]  # type: ignore[index]
-        streams.backlog_bytes = 256 * 1024
         port = client.port
         assert port is not None
         sock = socket.socket()
@@ -168,12 +167,10 @@ async def test_an_event_stream_that_never_reads_is_dropped_past_its_budget(
             await asyncio.get_running_loop().sock_sendall(
                 sock, b"GET /models/events HTTP/1.1\r\nHost: x\r\n\r\n")
             await poll_until_async(lambda: streams.open == 1)
-            # 12 MB of events, more than the kernel's buffers take (4 MB here): the rest
-            # waits in the stream's own buffer, over its budget.
-            reason = "x" * (1024 * 1024)
-            for _ in range(12):
-                registry.events.publish(ModelEvent("m", WorkerState.PENDING,
-                                                   WorkerState.STARTING, reason))
+            # A 16 MiB event: what the kernel's buffers do not take (they take up to about
+            # 4 MiB here) waits in the stream's own buffer, over its 4 MiB budget.
+            registry.events.publish(ModelEvent("m", WorkerState.PENDING,
+                                               WorkerState.STARTING, "x" * (16 << 20)))
             started = time.monotonic()
             await poll_until_async(lambda: streams.open == 0, timeout=10)
             assert time.monotonic() - started < 5  # the grace is 1 s
@@ -421,7 +418,7 @@ async def test_a_probe_that_failed_while_the_loop_was_stalled_does_not_count(
     worker._probe = stalled_probe
     await poll_until_async(lambda: stalls == 0 and worker.probes[True] >= 4, timeout=15)
     # Those probes failed (timed out); none was held against the worker.
-    assert worker.probes[False] == 3
+    assert worker.probes[False] >= 3
     assert model.worker is worker and model.state is WorkerState.READY
     assert model.restarts == 0 and worker.returncode is None
     # A worker that really stops answering is still killed, and restarted.
