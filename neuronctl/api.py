@@ -110,14 +110,15 @@ async def load_model(request: web.Request) -> web.Response:
         raise errors.InvalidSpec(str(exc), param=exc.key or None) from None
     if spec.path is not None and not spec.path.is_absolute():
         # Relative to what? The daemon's working directory is / under systemd.
-        raise errors.InvalidSpec(f"path: must be absolute, got {str(spec.path)!r}", param="path")
+        raise errors.InvalidSpec(f"path: must be absolute, got {errors.clip(spec.path)!r}",
+                                 param="path")
     registry = request.app[REGISTRY]
     _check_remote_load(request, registry, spec, body.keys())
     if "args" in body:
         _check_args(registry, spec)
     spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
     try:
-        model = await registry.load(spec)
+        model = await registry.load(spec, by_client=True)
     except errors.LoadError as exc:
         failed = registry.get(spec.model_id)
         return error_response(exc, model=failed.to_json() if failed else None)

@@ -8,6 +8,7 @@ same one-line errors naming the offending key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -19,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
+
+from .errors import clip
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,6 +44,12 @@ _MAX_SECONDS = {"ready_timeout_s": 3600.0, "stop_timeout_s": 600.0, "eviction_wa
                 "queue_timeout_s": 3600.0, "liveness_timeout_s": 600.0,
                 "vram_release_timeout_s": 3600.0}
 MAX_QUEUE = 100_000
+# Longest path a key may hold (Linux's PATH_MAX): a longer one names no file, and every
+# error, journal line and listing that quotes it would carry it.
+MAX_PATH_LEN = 4096
+# A load request's `ready_timeout_s` holds a worker start (and, until the worker spawns,
+# the node-wide load lock): a client gets at most this, the config up to 3600 s.
+MAX_API_READY_TIMEOUT_S = 600.0
 
 
 class ConfigError(Exception):
@@ -193,17 +202,30 @@ class NeuronConfig:
     max_loaded_models: int | None = None
     # How long a load waits for a model to become idle enough to evict, then a 503.
     eviction_wait_s: float = 120.0
+    # Models a client may start through `POST /models/load` that are not in the catalogue
+    # (a `path` or repo of its own), loaded at once; 0: clients load catalogue models only.
+    max_api_models: int = 4
     harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
 
     def harness_config(self, name: str) -> HarnessConfig:
         return self.harness.get(name) or HarnessConfig()
 
-    def catalogue(self) -> dict[str, ModelSpec]:
+    def catalogue(self) -> Mapping[str, ModelSpec]:
         """Every model this node may serve, by id: the default models, then `models`."""
-        return {spec.model_id: spec for spec in (*self.default_models, *self.models)}
+        return self._catalogue
 
     def is_default(self, model_id: str) -> bool:
-        return any(spec.model_id == model_id for spec in self.default_models)
+        return model_id in self._default_ids
+
+    # Built once per config (it is frozen): listings ask per model, for thousands of models.
+    @functools.cached_property
+    def _catalogue(self) -> Mapping[str, ModelSpec]:
+        return types.MappingProxyType(
+            {spec.model_id: spec for spec in (*self.default_models, *self.models)})
+
+    @functools.cached_property
+    def _default_ids(self) -> frozenset[str]:
+        return frozenset(spec.model_id for spec in self.default_models)
 
     def pinned(self, spec: ModelSpec) -> bool:
         """Whether eviction may never pick this model: its catalogue entry's `pinned` as
@@ -328,8 +350,13 @@ def _read_key_file(path: Path) -> str:
 
 
 def model_spec_from_mapping(raw: Any, base_dir: Path | None = None) -> ModelSpec:
-    """Validate a model spec from outside (the HTTP API), exactly as the config file is."""
+    """Validate a model spec from outside (the HTTP API), exactly as the config file is,
+    with the lower ceilings a client gets."""
     spec: ModelSpec = _convert(raw, ModelSpec, "", base_dir)
+    if spec.ready_timeout_s is not None and spec.ready_timeout_s > MAX_API_READY_TIMEOUT_S:
+        raise ConfigError("ready_timeout_s",
+                          f"must be at most {MAX_API_READY_TIMEOUT_S:g} s in a load request "
+                          f"(a config entry may set more), got {spec.ready_timeout_s:g}")
     return spec
 
 
@@ -451,6 +478,9 @@ def _convert(value: Any, tp: Any, key: str, base_dir: Path | None) -> Any:
             raise ConfigError(key, f"expected a path string, got {_describe(value)}")
         if "\x00" in value:
             raise ConfigError(key, "contains a NUL character")
+        if len(value) > MAX_PATH_LEN:
+            raise ConfigError(key, f"longer than {MAX_PATH_LEN} characters (PATH_MAX), "
+                                   f"got {len(value)}")
         path = Path(value).expanduser()
         # Relative paths in a config file mean "next to the config file", not "wherever
         # systemd's working directory happens to be".
@@ -508,7 +538,7 @@ def _check_values(obj: Any, key: str) -> None:
         raise ConfigError(_join(key, "max_request_bytes"),
                           f"must be at least 1024, got {max_request_bytes}")
     for name, most in (("max_restarts", _INT32_MAX), ("log_keep", 1000),
-                       ("max_queue", MAX_QUEUE)):
+                       ("max_queue", MAX_QUEUE), ("max_api_models", 10_000)):
         value = getattr(obj, name, None)
         if value is not None and not 0 <= value <= most:
             raise ConfigError(_join(key, name), f"must be between 0 and {most}, got {value}")
@@ -560,14 +590,20 @@ def _check_model_source(spec: ModelSpec, key: str) -> None:
             raise ConfigError(_join(key, "repo"), "a model has a `path` or a `repo`, not both")
         check_model_id(spec.repo, _join(key, "repo"))
     if spec.file is not None:
+        if len(spec.file) > MAX_PATH_LEN:
+            raise ConfigError(_join(key, "file"), f"longer than {MAX_PATH_LEN} characters")
         parts = spec.file.split("/")
         if spec.file.startswith("/") or "" in parts or ".." in parts or "." in parts:
-            raise ConfigError(_join(key, "file"), f"must be a path in the repo, got {spec.file!r}")
+            raise ConfigError(_join(key, "file"),
+                              f"must be a path in the repo, got {clip(spec.file)!r}")
         if not spec.file.lower().endswith(".gguf"):
-            raise ConfigError(_join(key, "file"), f"must name a .gguf file, got {spec.file!r}")
+            raise ConfigError(_join(key, "file"),
+                              f"must name a .gguf file, got {clip(spec.file)!r}")
     for name in ("quant", "revision"):
         if getattr(spec, name) == "":
             raise ConfigError(_join(key, name), "must not be empty")
+        if len(getattr(spec, name) or "") > MAX_MODEL_ID_LEN:  # quoted by Hub errors
+            raise ConfigError(_join(key, name), f"longer than {MAX_MODEL_ID_LEN} characters")
     if spec.tensor_split:
         if len(spec.tensor_split) != len(spec.devices):
             raise ConfigError(

@@ -17,6 +17,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+# Characters of a client's value (a path, say) an error message or a journal line quotes:
+# a message is one line, and what a client sends must not come back, or pile up, at size.
+MAX_QUOTED = 200
+
+
+def clip(value: object, limit: int = MAX_QUOTED) -> str:
+    """`value` as a message quotes it: its start and its end (a path's file name) when it
+    is longer than `limit` characters, with how long it was."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return f"{text[:limit - tail]}…[{len(text)} characters]…{text[-tail:]}"
+
+
 # OpenAI's error types: a client's mistake (a bad key and an unknown model included, as
 # OpenAI itself answers them) or the server's; its client libraries branch on the status.
 INVALID_REQUEST = "invalid_request_error"
@@ -140,6 +155,13 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class ApiModelsRefused(NeuronError):
+    """A load request for a model outside the catalogue while `max_api_models` of them are
+    loaded (or the node allows none): unload one, or ask for a catalogue model."""
+
+    status, type, code = 409, INVALID_REQUEST, "api_model_limit"
+
+
 class Conflict(NeuronError):
     """The request contradicts what the model is doing (loaded with other settings, being
     unloaded); refused rather than queued, so the client knows at once."""
@@ -195,6 +217,18 @@ class NotEnoughVram(LoadError):
     status, code = 503, "insufficient_vram"
 
     short_mb: int | None = None  # how much more would fit it, when the estimate says
+
+
+class NotEnoughRam(LoadError):
+    """A model on the CPU needs more memory than the host has available."""
+
+    status, code = 503, "insufficient_ram"
+
+
+class ContextTooLong(LoadError):
+    """A load request's `n_ctx` is above the context its model was trained for."""
+
+    status, type, code = 400, INVALID_REQUEST, "n_ctx_too_large"
 
 
 class NoSuchGpu(NotEnoughVram):

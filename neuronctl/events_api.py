@@ -35,6 +35,11 @@ KEEPALIVE_S = 15.0
 PROGRESS_S = 1.0
 # Events a stream may fall behind by before it resyncs; a load makes about five.
 BACKLOG = 256
+# Bytes a stream may leave unsent (written, not taken by its client) for longer than
+# BACKLOG_GRACE_S; past that the stream ends: a client that stops reading must not pin a
+# snapshot per stream (about 4 MB for 8,000 catalogue models).
+BACKLOG_BYTES = 4 * 1024 * 1024
+BACKLOG_GRACE_S = 1.0
 
 HEADERS = {
     "Content-Type": "text/event-stream",
@@ -68,9 +73,13 @@ def frame(event: str, data: Any) -> bytes:
 class _Stream:
     """One client's stream: its writes, and whether it is stuck in one."""
 
-    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+    def __init__(self, request: web.Request, response: web.StreamResponse,
+                 backlog_bytes: int = BACKLOG_BYTES,
+                 grace_s: float = BACKLOG_GRACE_S) -> None:
         self.request = request
         self.response = response
+        self.backlog_bytes = backlog_bytes
+        self.grace_s = grace_s
         self.writing = False
         self.last_write = asyncio.get_running_loop().time()
 
@@ -79,12 +88,33 @@ class _Stream:
         transport = self.request.transport
         return transport is None or transport.is_closing()
 
+    @property
+    def unsent(self) -> int:
+        transport = self.request.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
     async def write(self, data: bytes) -> None:
+        """Write `data`, waiting while the client's buffers are full; a client that leaves
+        over `backlog_bytes` unsent for `grace_s` has its connection aborted here
+        (ConnectionResetError)."""
         self.writing = True
+        written = asyncio.ensure_future(self.response.write(data))
         try:
-            await self.response.write(data)  # waits while the client's buffers are full
+            while not (await asyncio.wait({written}, timeout=self.grace_s))[0]:
+                if self.unsent > self.backlog_bytes:
+                    log.info("an event stream to %s left %d bytes unsent for %g s (over "
+                             "%d); closing it", self.request.remote, self.unsent,
+                             self.grace_s, self.backlog_bytes)
+                    self.abort()
+                    await asyncio.wait({written})
+                    raise ConnectionResetError("the client stopped reading")
+            written.result()
         finally:
             self.writing = False
+            if not written.done():  # this task was cancelled
+                written.cancel()
+            elif not written.cancelled():
+                written.exception()  # retrieved: an abort may leave one
         self.last_write = asyncio.get_running_loop().time()
 
     async def send(self, event: str, data: Any) -> None:
@@ -109,12 +139,14 @@ class EventStreams:
         keepalive_s: float = KEEPALIVE_S,
         progress_s: float = PROGRESS_S,
         backlog: int = BACKLOG,
+        backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
         self.registry = registry
         self.limit = limit
         self.keepalive_s = keepalive_s
         self.progress_s = progress_s
         self.backlog = backlog
+        self.backlog_bytes = backlog_bytes
         self._streams: set[_Stream] = set()
         self._closing = asyncio.Event()
 
@@ -138,7 +170,7 @@ class EventStreams:
             raise errors.TooManyStreams(
                 f"{self.open} event streams are open, the limit; close one and try again")
         response = web.StreamResponse(headers=HEADERS)
-        stream = _Stream(request, response)
+        stream = _Stream(request, response, self.backlog_bytes)
         self._streams.add(stream)
         try:
             # Subscribed before the snapshot is taken, in the same turn of the loop: every

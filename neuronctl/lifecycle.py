@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import logfiles, modelfiles, resolve
+from . import liveness, logfiles, modelfiles, resolve
 from .admission import Admission, StopReading
 from .config import ModelSpec, NeuronConfig, effective
 from .errors import (
@@ -34,9 +34,11 @@ from .errors import (
     NotEnoughVram,
     SpawnFailed,
     UnknownHarness,
+    clip,
 )
 from .events import EventBus, ModelEvent
 from .harness import Harness, slots_of
+from .loadlock import Hold, LoadLock
 from .policy import GiveUp, History, RestartPolicy, describe_exit
 from .statefile import StateFile
 from .states import (
@@ -63,7 +65,7 @@ class Services:
     harnesses: Mapping[str, Harness]
     admission: Admission
     events: EventBus = field(default_factory=EventBus)
-    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one start at a time
+    load_lock: LoadLock = field(default_factory=LoadLock)  # one start at a time
     state: StateFile | None = None
     worker_factory: WorkerFactory = Worker
     fetcher_factory: modelfiles.FetcherFactory = modelfiles.default_fetcher
@@ -79,9 +81,14 @@ ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
 
 
 class ModelLifecycle:
-    def __init__(self, spec: ModelSpec, services: Services) -> None:
+    def __init__(self, spec: ModelSpec, services: Services, *, ad_hoc: bool = False,
+                 strict_n_ctx: bool = False) -> None:
         self.spec = spec
         self._s = services
+        # Not a catalogue model: a client's, counted against max_api_models.
+        self.ad_hoc = ad_hoc
+        # A client chose its n_ctx: above the model's trained context it is refused.
+        self.strict_n_ctx = strict_n_ctx
         self.log_path = logfiles.log_path(services.config.log_dir, spec.model_id)
         self.state = WorkerState.PENDING
         self.since = time.time()  # wall clock: shown to people
@@ -225,8 +232,8 @@ class ModelLifecycle:
         await self._read_header(harness)
         waiting_since: float | None = None  # since room was first refused, not queued
         while True:
-            async with self._s.load_lock:
-                ready_s = await self._start_with_room(harness)
+            async with self._s.load_lock.hold() as hold:
+                ready_s = await self._start_with_room(harness, hold)
                 if ready_s is not None:
                     self.history = History().ready(self._s.clock())
                     self._set_state(WorkerState.READY, ready_s=ready_s,
@@ -242,7 +249,7 @@ class ModelLifecycle:
                              f"({self._s.config.eviction_wait_s:g} s)")
             await self._s.sleep(ROOM_POLL_S)
 
-    async def _start_with_room(self, harness: Harness) -> float | None:
+    async def _start_with_room(self, harness: Harness, hold: Hold) -> float | None:
         """Holding the load lock: make room (evicting idle models), then start; seconds to
         ready, or None when the room is held by busy models."""
         shortage: NotEnoughVram | None = None
@@ -253,7 +260,7 @@ class ModelLifecycle:
                 self._set_state(WorkerState.STARTING)  # PENDING -> STARTING
             started = self._s.clock()
             try:
-                ready_s = await self._start_worker(harness)
+                ready_s = await self._start_worker(harness, hold)
             except NoSuchGpu:
                 raise  # no eviction makes a missing device appear
             except NotEnoughVram as exc:
@@ -274,7 +281,7 @@ class ModelLifecycle:
         needs_file = bool(getattr(harness, "needs_model_file", False))
         spec, _, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
         await self._s.admission.read_header(
-            spec, parts, self._s.config.harness_config(spec.harness))
+            spec, parts, self._s.config.harness_config(spec.harness), self.strict_n_ctx)
 
     async def _download(self) -> None:
         config = self._s.config
@@ -316,32 +323,11 @@ class ModelLifecycle:
 
     async def _liveness_or_log(self, worker: Worker, hung: list[str]) -> None:
         try:
-            await self._watch_liveness(worker, hung)
+            await liveness.watch(self.model_id, worker, lambda: self._s.config,
+                                 self._s.sleep, self.log_path, hung)
         except Exception:  # a bug: the worker goes on unwatched rather than killed
             log.exception("%s: liveness probing failed; the worker is no longer probed",
                           self.model_id)
-
-    async def _watch_liveness(self, worker: Worker, hung: list[str]) -> None:
-        """Probe a ready worker; kill it (its whole group) after `liveness_failures` probes
-        in a row that fail or time out, saying why in `hung` first. A busy worker still
-        answers: its probe route takes no lock (see the harnesses)."""
-        failures = 0
-        while True:
-            config = self._s.config  # read at each probe: a reload applies
-            await self._s.sleep(config.liveness_interval_s)
-            if await worker.answers(config.liveness_timeout_s):
-                failures = 0
-                continue
-            failures += 1
-            if failures < config.liveness_failures:
-                continue
-            why = (f"stopped answering health checks ({failures} probes in a row failed or "
-                   f"took over {config.liveness_timeout_s:g} s)")
-            log.warning("%s: worker pid %s %s; killing it", self.model_id, worker.pid, why)
-            modelfiles.append_line(self.log_path, f"neuronctl: worker {why}; killed")
-            hung.append(why)  # before the kill: its exit wakes the supervisor at once
-            await worker.kill()
-            return
 
     async def _restart(self, exit_code: int | None, crashed_at: float) -> bool:
         """Back off and start again until a worker is ready (True) or the policy gives up."""
@@ -362,9 +348,9 @@ class ModelLifecycle:
             self.history = self.history.restarted(policy, crashed_at, self._s.clock())
             self.restarts += 1
             try:
-                async with self._s.load_lock:
+                async with self._s.load_lock.hold(restart=True) as hold:
                     self._set_state(WorkerState.STARTING)  # BACKOFF -> STARTING
-                    ready_s = await self._start_worker(self._harness())
+                    ready_s = await self._start_worker(self._harness(), hold)
             except LoadError as exc:
                 self._note(exc.message, exc.detail, exc.exit_code)
                 exit_code, crashed_at = exc.exit_code, self._s.clock()
@@ -374,9 +360,10 @@ class ModelLifecycle:
                             journal=self._ready_summary(ready_s))
             return True
 
-    async def _start_worker(self, harness: Harness) -> float:
+    async def _start_worker(self, harness: Harness, hold: Hold) -> float:
         """Start one worker and wait until it answers; seconds from spawn to ready.
-        The caller holds the load lock. Raises LoadError, with the process gone."""
+        The caller holds the load lock (`hold`), and lends it to restarts once the worker
+        has spawned. Raises LoadError, with the process gone."""
         s = self._s
         try:
             await s.admission.await_release()
@@ -395,7 +382,7 @@ class ModelLifecycle:
             self._log_started = False
             worker = s.worker_factory(
                 self.model_id, plan, port, self.log_path, s.config.stop_timeout_s,
-                log_keep=keep, on_spawn=self._on_spawn)
+                log_keep=keep, on_spawn=lambda worker: self._on_spawn(worker, hold))
         except LoadError:
             raise
         except Exception as exc:  # a bug
@@ -420,9 +407,9 @@ class ModelLifecycle:
         on demand, restart): the file, the context, the process, where it runs."""
         parts = [f"in {ready_s:.2f} s"]
         if self.resolved is not None:
-            parts.append(self.resolved.source)
+            parts.append(clip(self.resolved.source))
         elif self.spec.path is not None:
-            parts.append(str(self.spec.path))
+            parts.append(clip(self.spec.path))
         n_ctx = effective(self.spec, self._s.config.harness_config(self.spec.harness), "n_ctx")
         if n_ctx is not None:
             parts.append(f"n_ctx {n_ctx}")
@@ -433,7 +420,10 @@ class ModelLifecycle:
                      else "CPU")
         return ", ".join(parts)
 
-    async def _on_spawn(self, worker: Worker) -> None:
+    async def _on_spawn(self, worker: Worker, hold: Hold) -> None:
+        # Its memory check is done: while it warms up (up to its ready_timeout_s), a
+        # crashed model's restart must not wait for it.
+        hold.lend()
         if self._s.state is not None and worker.pid is not None:
             # The token proves, after a crash of this supervisor, which processes of the
             # worker's group are ours (a wrapper script's child outlives the wrapper).

@@ -76,8 +76,15 @@ def run_spec(
         resolved = resolve.local_file(spec)
     if resolved is not None:
         return dataclasses.replace(spec, path=resolved.path), resolved, resolved.parts
-    parts = (spec.path,) if spec.path is not None and spec.path.is_file() else ()
+    parts = (spec.path,) if spec.path is not None and _is_file(spec.path) else ()
     return spec, None, parts
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long, say: Python 3.11 raises for it
+        return False
 
 
 def append_line(path: Path, line: str) -> None:

@@ -21,7 +21,16 @@ from . import modelfiles
 from .admission import Admission
 from .config import ConfigError, ModelSpec, NeuronConfig, effective, gpu_layers, same_worker
 from .discovery import Discovery
-from .errors import Conflict, InvalidSpec, ModelNotFound, NoRoom, NotEnoughVram, UnknownHarness
+from .errors import (
+    ApiModelsRefused,
+    Conflict,
+    InvalidSpec,
+    ModelNotFound,
+    NoRoom,
+    NotEnoughVram,
+    UnknownHarness,
+    clip,
+)
 from .events import EventBus
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
@@ -39,7 +48,11 @@ _SOURCE_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness"
 
 # A model whose last load failed for one of these reasons is loaded again by the next /v1
 # request naming it: the cause was the node's state at the time, not the model.
-_RETRIED_ON_DEMAND = frozenset({"no_room", "load_cancelled", "insufficient_vram"})
+_RETRIED_ON_DEMAND = frozenset({"no_room", "load_cancelled", "insufficient_vram",
+                                "insufficient_ram"})
+# Failed models outside the catalogue stay listed (with why) until this many have piled
+# up; then the oldest goes. The catalogue's own are bounded by the config.
+MAX_FAILED_AD_HOC = 32
 
 
 def unloaded_json(spec: ModelSpec, config: NeuronConfig) -> dict[str, Any]:
@@ -69,6 +82,12 @@ def with_traffic(entry: dict[str, Any], activity: Activity) -> dict[str, Any]:
         idle_until = round(last + ttl, 3)
     return {**entry, "in_flight": activity.in_flight, "queued": activity.queued,
             "idle_until": idle_until}
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """For a stop nobody awaits: its failure (a bug) in the journal, not lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stopping a model failed", exc_info=task.exception())
+
 
 # Kept importable from here: callers catch the registry's refusals by these names.
 NotFound = ModelNotFound
@@ -137,8 +156,15 @@ class ModelRegistry:
     # --- the catalogue ---------------------------------------------------------------------
 
     @property
-    def catalogue(self) -> dict[str, ModelSpec]:
+    def catalogue(self) -> Mapping[str, ModelSpec]:
         return self.config.catalogue()
+
+    def in_catalogue(self, spec: ModelSpec) -> bool:
+        """Whether `spec` is its id's catalogue entry, as far as where its file comes from
+        (a request may set other keys of it, `ttl_s` say): not a client's own model."""
+        entry = self.catalogue.get(spec.model_id)
+        return entry is not None and all(
+            getattr(entry, key) == getattr(spec, key) for key in _SOURCE_KEYS)
 
     def listing(self) -> list[dict[str, Any]]:
         """What `GET /models` lists (and an event stream's snapshot): every model with a
@@ -191,11 +217,45 @@ class ModelRegistry:
         log.info("%s: requested through /v1; loading it on demand", model_id)
         return self._begin(spec)
 
-    def _begin(self, spec: ModelSpec) -> ModelLifecycle:
-        model = ModelLifecycle(spec, self.services)
+    def _begin(self, spec: ModelSpec, by_client: bool = False) -> ModelLifecycle:
+        ad_hoc = not self.in_catalogue(spec)
+        # The n_ctx is the client's unless it is what the catalogue entry says.
+        entry = self.catalogue.get(spec.model_id)
+        strict_n_ctx = by_client and spec.n_ctx is not None and (
+            ad_hoc or entry is None or entry.n_ctx != spec.n_ctx)
+        if ad_hoc:
+            self._forget_failed(spec.model_id)
+        model = ModelLifecycle(spec, self.services, ad_hoc=ad_hoc, strict_n_ctx=strict_n_ctx)
         self._models[spec.model_id] = model  # listed as `loading` while it waits its turn
         model.start()
         return model
+
+    def _forget_failed(self, incoming: str) -> None:
+        """Before a model outside the catalogue begins: make room for it among the failed
+        ones kept, dropping the oldest (each keeps its spec and its error)."""
+        failed = sorted((m for m in self._models.values()
+                         if m.ad_hoc and m.state is WorkerState.FAILED and not m.stopping
+                         and m.model_id != incoming), key=lambda m: m.since)
+        for model in failed[:max(0, len(failed) - MAX_FAILED_AD_HOC + 1)]:
+            stopping = self._stop_soon(model, f"forgotten: over {MAX_FAILED_AD_HOC} failed "
+                                              "models outside the catalogue")
+            stopping.add_done_callback(_log_failure)
+
+    def _api_room(self, spec: ModelSpec) -> None:
+        """A client asks for a new worker of a model outside the catalogue: refused at
+        `max_api_models` of them (failed and stopping ones do not count)."""
+        limit = self.config.max_api_models
+        if limit == 0:
+            raise ApiModelsRefused(
+                f"{spec.model_id}: this node loads only catalogue models for clients "
+                "(max_api_models = 0); ask the operator to add it to the config")
+        held = sorted(m.model_id for m in self._models.values()
+                      if m.ad_hoc and m.state is not WorkerState.FAILED and not m.stopping)
+        if len(held) >= limit:
+            raise ApiModelsRefused(
+                f"{spec.model_id}: {len(held)} models outside the catalogue are loaded or "
+                f"loading ({clip(', '.join(held))}), the limit (max_api_models = {limit}); "
+                "unload one first")
 
     # --- eviction -----------------------------------------------------------------------
 
@@ -261,10 +321,12 @@ class ModelRegistry:
         return Candidate(model.model_id, self.activity(model.model_id),
                          self.config.pinned(model.spec), model.spec.devices, on_gpu)
 
-    async def load(self, spec: ModelSpec) -> ModelLifecycle:
+    async def load(self, spec: ModelSpec, by_client: bool = False) -> ModelLifecycle:
         """Load `spec` and return once its worker is ready; raise LoadError otherwise.
 
-        An unknown harness fails before anything is listed or spawned.
+        An unknown harness fails before anything is listed or spawned. `by_client`: the
+        spec is a load request's, and the limits on what clients may start apply
+        (`max_api_models`; an n_ctx of its own within the model's trained context).
         """
         if spec.harness not in self.harnesses:
             raise UnknownHarness(spec.harness)
@@ -277,9 +339,12 @@ class ModelRegistry:
             raise Conflict(f"{spec.model_id} is being unloaded; load it again when it is done")
         if model is None or model.state is WorkerState.FAILED:
             # New, or failed before: a fresh attempt replaces the failed entry.
-            model = self._begin(spec)
+            if by_client and not self.in_catalogue(spec):
+                self._api_room(spec)
+            model = self._begin(spec, by_client)
         elif not same_worker(model.spec, spec):
-            differ = [f"{f.name} {getattr(model.spec, f.name)!r} → {getattr(spec, f.name)!r}"
+            differ = [f"{f.name} {clip(repr(getattr(model.spec, f.name)))} → "
+                      f"{clip(repr(getattr(spec, f.name)))}"
                       for f in dataclasses.fields(spec) if f.name not in ("pinned", "autoload")
                       and getattr(model.spec, f.name) != getattr(spec, f.name)]
             raise Conflict(f"{spec.model_id} is {model.status.value} with different settings "
@@ -303,6 +368,11 @@ class ModelRegistry:
         log.info("unloaded %s", model_id)
 
     async def _stop(self, model: ModelLifecycle, reason: str, release_vram: bool = True) -> None:
+        await asyncio.shield(self._stop_soon(model, reason, release_vram))
+
+    def _stop_soon(self, model: ModelLifecycle, reason: str,
+                   release_vram: bool = True) -> asyncio.Task[None]:
+        """Begin stopping `model` now; its entry goes once the stop is over."""
         stopping = model.begin_stop(reason, release_vram)  # `stopping` from here on
 
         def drop(_: object) -> None:
@@ -313,7 +383,7 @@ class ModelRegistry:
                 del self._models[model.model_id]
 
         stopping.add_done_callback(drop)
-        await asyncio.shield(stopping)
+        return stopping
 
     def cancel_loads(self) -> None:
         """Make pending load requests answer now (the node is stopping)."""

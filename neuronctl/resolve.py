@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelSpec
-from .errors import DownloadError, ModelFileError
+from .errors import DownloadError, ModelFileError, clip
 
 # `Model-Q4_K_M-00001-of-00003.gguf`: llama.cpp's split files; the worker is given part 1.
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
@@ -81,24 +81,27 @@ def check_model_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, PermissionError):
-        raise ResolveError(f"model file not found or not readable: {path}") from None
+        raise ResolveError(f"model file not found or not readable: {clip(path)}") from None
     except IsADirectoryError:
-        raise ResolveError(f"model path is a directory, not a GGUF file: {path}") from None
+        raise ResolveError(
+            f"model path is a directory, not a GGUF file: {clip(path)}") from None
     except OSError as exc:
-        raise ResolveError(f"cannot open model file {path}: {exc.strerror}") from None
+        raise ResolveError(
+            f"cannot open model file {clip(path)}: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
-            raise ResolveError(f"model path is a directory, not a GGUF file: {path}")
+            raise ResolveError(f"model path is a directory, not a GGUF file: {clip(path)}")
         if not stat.S_ISREG(info.st_mode):
             raise ResolveError(f"model path is not a regular file (a device, FIFO or "
-                               f"socket): {path}")
+                               f"socket): {clip(path)}")
         try:
             magic = os.pread(fd, len(GGUF_MAGIC), 0)
         except OSError as exc:
-            raise ResolveError(f"cannot read model file {path}: {exc.strerror}") from None
+            raise ResolveError(
+                f"cannot read model file {clip(path)}: {exc.strerror}") from None
         if magic != GGUF_MAGIC:
-            raise ResolveError(f"not a GGUF file (no GGUF magic): {path}")
+            raise ResolveError(f"not a GGUF file (no GGUF magic): {clip(path)}")
     finally:
         os.close(fd)
 
@@ -160,7 +163,7 @@ def select(names: Iterable[str], spec: ModelSpec, where: str) -> list[str]:
         match = _SPLIT.match(spec.file)
         key = f"{match['stem']}-00001-of-{match['count']}.gguf" if match else spec.file
         if spec.file not in names or key not in groups:
-            raise ResolveError(f"{where} has no file {spec.file}; it has: {_listing(names)}")
+            raise ResolveError(f"{where} has no file {clip(spec.file)}; it has: {_listing(names)}")
         chosen = key
     else:
         candidates = [k for k in groups if not _is_projector(k)]

@@ -100,9 +100,9 @@ def fake_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSmi:
 async def test_not_enough_vram_is_a_503(
     make_registry: MakeRegistry, fake_harness: FakeHarness, fake_smi: FakeSmi, tiny_gguf: Path
 ) -> None:
-    fake_smi.set(gpus=[gpu(0, 20)])
+    fake_smi.set(gpus=[gpu(0, 0)])  # an n_ctx over the model's own (256) is a 400 now
     body = {"model_id": "big", "harness": "fake", "path": str(tiny_gguf), "devices": [0],
-            "n_ctx": 65536}
+            "n_ctx": 256}
     status, answer = await load(make_registry, fake_harness, body)
     assert (status, answer["code"]) == (503, "insufficient_vram")
     assert "not enough free VRAM" in answer["error"]
