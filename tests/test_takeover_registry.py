@@ -105,7 +105,8 @@ async def test_errors_and_the_journal_quote_at_most_200_characters_of_a_path(
                                                    "path": path})
         assert (status, answer["code"]) == (400, "model_file_not_found")
         # The start and the end of the path (its file name), not all of it.
-        assert answer["error"].startswith(f"model file not found: {path[:100]}")
+        assert answer["error"].startswith(
+            f"model file not found or not readable: {path[:100]}")
         assert answer["error"].endswith("aaaa.gguf") and "[4000 characters]" in answer["error"]
         assert len(answer["error"]) < 300
         assert len(text) < 1500  # the error, the failed entry's error and last_error
