@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO_MODEL := .cache/demo/models/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test check lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,15 @@ demo: $(DEMO_MODEL)
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest
+
+# The fast loop: lint, then every test that starts no real llama.cpp worker, LiteLLM, a
+# browser or an RPM build (about a minute here).
+check: lint
+	$(PY) -m pytest -q -m "not llama and not llama_server and not litellm and not slow"
 
 bench: $(VENV)/.installed
 	$(PY) bench/activation.py

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from neuronctl.config import ModelSpec, NeuronConfig  # noqa: E402
-from neuronctl.harness import LlamaCppPythonHarness  # noqa: E402
+from neuronctl.supervisor.harness import LlamaCppPythonHarness  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
 

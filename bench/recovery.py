@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from neuronctl.config import ModelSpec, NeuronConfig  # noqa: E402
-from neuronctl.harness import build_harnesses  # noqa: E402
-from neuronctl.registry import ModelRegistry  # noqa: E402
 from neuronctl.states import ModelStatus  # noqa: E402
+from neuronctl.supervisor.harness import build_harnesses  # noqa: E402
+from neuronctl.supervisor.registry import ModelRegistry  # noqa: E402
 from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
 
 

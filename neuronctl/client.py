@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, NeuronConfig, read_keys_leniently
-from .starting import local_url, read_listening, read_starting
+from .notes import local_url, read_listening, read_starting
 
 DEFAULT_PORT = 13131
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"

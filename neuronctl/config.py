@@ -184,7 +184,7 @@ class NeuronConfig:
     liveness_interval_s: float = 10.0
     liveness_timeout_s: float = 5.0
     liveness_failures: int = 3
-    # The API's listener (neuronctl/guard.py): a request head must be in this long after
+    # The API's listener (neuronctl/api/guard.py): a request head must be in this long after
     # the connection opened (or after its first byte, on a kept-alive connection); a body
     # must bring 1 KiB (or end) every body_timeout_s; at max_connections open a new one
     # takes the place of the one waiting longest for its head, or gets a 503. None: sized

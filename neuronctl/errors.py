@@ -37,6 +37,10 @@ def clip(value: object, limit: int = MAX_QUOTED) -> str:
 INVALID_REQUEST = "invalid_request_error"
 SERVER = "server_error"
 
+# The exit status of a command refused for its config (sysexits.h's EX_CONFIG): the daemon's
+# and the CLI's.
+EX_CONFIG = 78
+
 
 class NeuronError(Exception):
     """Base of every error a client may see. Subclasses set the three class attributes."""

@@ -8,6 +8,7 @@ known by includes the incarnation (docs/fleet.md).
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import socket
 import time
@@ -39,3 +40,19 @@ def default_node_id(port: int) -> str:
     """The host name and the port: host names collide (two nodes on one host, `localhost`
     on many), the pair does not on one host."""
     return f"{socket.gethostname()}:{port}"
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether an address (a peer's, or the `host` to listen on) is this host's loopback:
+    127.0.0.0/8, ::1, IPv4-mapped loopback, `localhost`."""
+    if not address:
+        return False
+    if address.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback

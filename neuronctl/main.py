@@ -7,10 +7,10 @@ import sys
 
 def main() -> None:
     if sys.argv[1:2] == ["start"]:
-        # The daemon skips the typer app entirely (see neuronctl/start.py for why).
-        from .start import run
+        # The daemon skips the typer app entirely (see neuronctl/node/start.py for why).
+        from .node.start import run
 
         sys.exit(run(sys.argv[2:]))
-    from .cli import main as cli_main
+    from .cli.app import main as cli_main
 
     cli_main()

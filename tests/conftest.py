@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from neuronctl.config import NeuronConfig
-from neuronctl.harness import Harness
-from neuronctl.registry import ModelRegistry
+from neuronctl.supervisor.harness import Harness
+from neuronctl.supervisor.registry import ModelRegistry
 
 from .fakes import FakeHarness
 from .helpers import MakeRegistry
@@ -59,3 +59,11 @@ async def make_registry(
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~0.5 MB llama GGUF that llama-cpp-python really loads."""
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`slow`: the RPM build and the real browser, left out of `make check`."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "built_rpm" in fixtures or item.path.name == "test_dashboard_browser.py":
+            item.add_marker(pytest.mark.slow)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from neuronctl.apiargs import Flag
 from neuronctl.config import ModelSpec
-from neuronctl.harness import WorkerPlan
+from neuronctl.supervisor.apiargs import Flag
+from neuronctl.supervisor.harness import WorkerPlan
 
 FAKE_WORKER = Path(__file__).parent / "fake_worker.py"
 FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from neuronctl.config import HarnessConfig
-from neuronctl.resolve import Fetcher
+from neuronctl.models.hub import Fetcher
 
 TESTS = Path(__file__).parent
 FAKE_NVIDIA_SMI = TESTS / "fake_nvidia_smi.py"

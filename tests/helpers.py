@@ -18,23 +18,31 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import pytest
 
 from neuronctl.config import NeuronConfig
-from neuronctl.harness import Harness
-from neuronctl.registry import ModelRegistry
+from neuronctl.supervisor.harness import Harness
+from neuronctl.supervisor.registry import ModelRegistry
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 NEURONCTL = Path(sys.executable).parent / "neuronctl"
 
 # Checked without importing: llama_cpp opens files at import that it never closes.
-llama_required = pytest.mark.skipif(
+LLAMA_MISSING = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
     reason="needs llama-cpp-python[server] (the `server` extra)",
 )
+
+
+def llama_required(test: Callable[P, R]) -> Callable[P, R]:
+    """A test that starts real llama-cpp-python workers: marked `llama` (so `make check`
+    and `-m "not llama"` leave it out) and skipped where llama-cpp-python is missing."""
+    return pytest.mark.llama(LLAMA_MISSING(test))
 
 
 class MakeRegistry(Protocol):
@@ -111,7 +119,7 @@ def fast_restarts(config: NeuronConfig, **overrides: Any) -> NeuronConfig:
 
 
 # --- a fleet on loopback: nodes as `neuronctl start` and LiteLLM's proxy ------------------
-# (tests/test_fleet_litellm.py and bench/fleet.py)
+# (tests/fleet/test_litellm.py and bench/fleet.py)
 
 REPO = Path(__file__).resolve().parent.parent
 # Where .ci/litellm.sh installs the proxy (its own venv); LITELLM_PROXY names another one.

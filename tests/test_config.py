@@ -18,7 +18,7 @@ from neuronctl.config import (
     NeuronConfig,
     load_config,
 )
-from neuronctl.harness import build_harnesses
+from neuronctl.supervisor.harness import build_harnesses
 
 from .helpers import NEURONCTL, clean_env
 

@@ -53,14 +53,14 @@ NOT_HERE = {
 }
 # Reasons an example cannot run here, by what its command says.
 NOT_HERE_PATTERNS = {
-    r"(^| )(-f|-F|--follow|--watch|-w)( |$)": "follows forever (tests/test_cli.py follows)",
-    r"\$KEY\b": "needs a node with an API key (tests/test_security.py)",
-    r"--previous": "needs a crash first (tests/test_operator.py)",
+    r"(^| )(-f|-F|--follow|--watch|-w)( |$)": "follows forever (tests/cli/test_app.py follows)",
+    r"\$KEY\b": "needs a node with an API key (tests/api/test_security.py)",
+    r"--previous": "needs a crash first (tests/cli/test_operator.py)",
     r"^(ver|top)=": "part of the RPM build recipe (tests/test_packaging.py)",
     r"^NEURON_[A-Z_]+=\S+$": "an environment listing, not a command",
     r"(/etc|/var|/opt|/srv|/home)/": "names a file on a production host",
     r"\b10\.\d+\.\d+\.\d+\b": "names another host",
-    r"localhost:4000\b": "goes through LiteLLM's proxy (tests/test_fleet_litellm.py)",
+    r"localhost:4000\b": "goes through LiteLLM's proxy (tests/fleet/test_litellm.py)",
 }
 COMMAND_WORDS = {"curl", "neuronctl", ".venv/bin/neuronctl", "url=$(curl", *NOT_HERE}
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+s)?$")
@@ -150,7 +150,7 @@ def skip_reason(example: Example) -> str | None:
     if first in NOT_HERE:
         return NOT_HERE[first]
     if "# with 64 waiting" in example.command:  # what the comment says it needs
-        return "needs 64 queued requests (tests/test_traffic.py)"
+        return "needs 64 queued requests (tests/api/test_traffic.py)"
     said = STAND_INS.sub("MODEL.gguf", _strip_comment(example.command))
     for pattern, reason in NOT_HERE_PATTERNS.items():
         if re.search(pattern, said):

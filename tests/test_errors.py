@@ -11,9 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from neuronctl import errors
-from neuronctl.api import create_app
+from neuronctl.api.app import create_app
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.harness import LLAMA_SERVER, LlamaServerHarness, WorkerPlan
+from neuronctl.supervisor.harness import LLAMA_SERVER, LlamaServerHarness, WorkerPlan
 
 from .fakes import FakeHarness
 from .gpu_fakes import FakeSmi, gpu, install_fake_smi

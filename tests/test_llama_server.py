@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.harness import LlamaServerHarness, LoadError, build_harnesses
 from neuronctl.states import ModelStatus
+from neuronctl.supervisor.harness import LlamaServerHarness, LoadError, build_harnesses
 
 from .fakes import FAKE_LLAMA_SERVER
 from .gpu_fakes import FakeSmi, gpu, hide_nvidia_smi, install_fake_smi, wrapper

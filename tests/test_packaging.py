@@ -320,8 +320,9 @@ def test_rpm_installs_the_service_files(built_rpm: BuiltRpm) -> None:
     }
     assert expected <= files, sorted(expected - files)
     site = r"/usr/lib/python3\.\d+/site-packages"
-    for module in ("neuronctl/__init__.py", "neuronctl/cli.py", "workers/__init__.py",
-                   "neuronctl/ui/index.html", "neuronctl/ui/app.js", "neuronctl/ui/app.css"):
+    for module in ("neuronctl/__init__.py", "neuronctl/cli/app.py", "neuronctl/node/start.py",
+                   "workers/__init__.py", "neuronctl/api/ui/index.html",
+                   "neuronctl/api/ui/app.js", "neuronctl/api/ui/app.css"):
         assert any(re.fullmatch(f"{site}/{module}", f) for f in files), f"{module} not packaged"
     assert any(re.fullmatch(rf"{site}/neuronctl-[^/]+\.dist-info/METADATA", f) for f in files)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from neuronctl import __version__
-from neuronctl.starting import StartingNote, read_starting
+from neuronctl.notes import StartingNote, read_starting
 
 from .fakes import FAKE_LLAMA_SERVER
 from .gpu_fakes import wrapper

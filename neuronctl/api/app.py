@@ -1,0 +1,285 @@
+"""The control API: an aiohttp app over the model registry.
+
+Every answer is JSON, errors included (`{"error": "...", "type": ..., "code": ...}`): one
+middleware turns whatever went wrong into that shape, with the status errors.py gives it,
+so no client ever sees an HTML page or a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .. import __version__, errors
+from ..config import ConfigError, ModelSpec, model_id_problem, model_spec_from_mapping
+from ..errors import NeuronError
+from ..identity import INCARNATION_HEADER, NODE_HEADER, NodeIdentity, is_loopback
+from ..models.discovery import Discovery
+from ..states import ModelStatus
+from ..supervisor.harness import check_args_from_api, unavailable
+from ..supervisor.registry import ModelRegistry
+from ..supervisor.reload import Reloader
+from . import dashboard
+from . import events_sse as events_api
+from . import v1 as router
+from .auth import api_key_middleware
+from .crosssite import same_site_middleware
+from .idle import idle_unload_ctx
+from .metrics import Metrics
+from .ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+REGISTRY = web.AppKey("registry", ModelRegistry)
+DISCOVERY = web.AppKey("discovery", Discovery)
+STARTED_AT = web.AppKey("started_at", float)
+RELOADER = web.AppKey("reloader", Reloader)
+RELOAD_REFUSALS = web.AppKey("reload_refusals", RateLimitedLog)
+IDENTITY = web.AppKey("identity", NodeIdentity)
+MAX_BODY_BYTES = 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: NeuronError, **extra: Any) -> web.Response:
+    return web.json_response(exc.control_body(**extra), status=exc.status, headers=exc.headers)
+
+
+# aiohttp's own refusals (no such route, a body over the limit), in our shape.
+_HTTP_ERRORS: dict[int, type[NeuronError]] = {
+    404: errors.NotFound, 405: errors.MethodNotAllowed, 413: errors.PayloadTooLarge,
+}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except NeuronError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason
+        if exc.status == 413:
+            message = f"request body too large (limit {MAX_BODY_BYTES} bytes)"
+        elif exc.status == 404 and request.match_info.route.resource is None:
+            message = f"no such route: {request.method} {request.path}"
+        elif exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            message = f"method {request.method} not allowed on {request.path} (allowed: {allowed})"
+        kind = _HTTP_ERRORS.get(exc.status, errors.BadRequest)
+        refusal = kind(message)
+        response = web.json_response(refusal.control_body(), status=exc.status)
+        if "Allow" in exc.headers:  # RFC 9110: a 405 names the methods that would work
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except ConnectionError:  # the client left, or its body stalled (guard.BodyTimeout)
+        return web.Response(status=400)  # nobody will read it
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(NeuronError("internal error; see the neuron service log"))
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise errors.InvalidJson("request body is not valid JSON") from None
+    except RecursionError:
+        raise errors.InvalidJson("request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise errors.InvalidJson("request body must be a JSON object")
+    return body
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(request.app[REGISTRY].listing())
+
+
+async def load_model(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    try:
+        spec = model_spec_from_mapping(body)
+    except ConfigError as exc:
+        raise errors.InvalidSpec(str(exc), param=exc.key or None) from None
+    if spec.path is not None and not spec.path.is_absolute():
+        # Relative to what? The daemon's working directory is / under systemd.
+        raise errors.InvalidSpec(f"path: must be absolute, got {errors.clip(spec.path)!r}",
+                                 param="path")
+    registry = request.app[REGISTRY]
+    _check_remote_load(request, registry, spec, body.keys())
+    if "args" in body:
+        _check_args(registry, spec)
+    spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
+    try:
+        model = await registry.load(spec, by_client=True)
+    except errors.LoadError as exc:
+        failed = registry.get(spec.model_id)
+        return error_response(exc, model=failed.to_json() if failed else None)
+    return web.json_response({"status": "loaded", "model": model.to_json()})
+
+
+# What makes a load run something the catalogue does not list: a file, a repo, flags.
+_ADHOC_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness", "args"})
+
+
+def _check_remote_load(request: web.Request, registry: ModelRegistry, spec: ModelSpec,
+                       keys: Collection[str]) -> None:
+    """A client on another host loads catalogue models by id, nothing else, unless the
+    operator opted in: a path reads the node's files, a repo downloads anything into its
+    cache, `args` run its worker as the client likes (docs/security.md)."""
+    if registry.config.allow_remote_loads or is_loopback(request.remote):
+        return
+    adhoc = sorted(_ADHOC_KEYS.intersection(keys))
+    if not adhoc and spec.model_id in registry.catalogue:
+        return
+    what = ", ".join(adhoc) if adhoc else f"a model that is not in the catalogue " \
+                                           f"({spec.model_id!r} would be a Hugging Face repo)"
+    raise errors.RemoteLoadRefused(
+        f"loads from other hosts may name catalogue models only, not {what}; load it on "
+        "the node itself, add it to the catalogue, or set allow_remote_loads = true")
+
+
+def _check_args(registry: ModelRegistry, spec: ModelSpec) -> None:
+    harness = registry.harnesses.get(spec.harness)
+    if harness is None:
+        return  # refused as an unknown harness by the load itself
+    widened = registry.config.harness_config(spec.harness).api_args
+    try:
+        check_args_from_api(harness, spec.args, widened)
+    except ConfigError as exc:
+        raise errors.ArgNotAllowed(str(exc), param=exc.key or None) from None
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    model_id = body.get("model_id")
+    if model_id is None:
+        raise errors.InvalidValue("model_id: required, a string", param="model_id")
+    problem = model_id_problem(model_id)
+    if problem is not None:
+        raise errors.InvalidValue(f"model_id: {problem}", param="model_id")
+    await request.app[REGISTRY].unload(model_id)  # ModelNotFound, Conflict
+    return web.json_response({"status": "unloaded", "model_id": model_id})
+
+
+async def model_endpoint(request: web.Request) -> web.Response:
+    model_id = request.match_info["model_id"]
+    model = request.app[REGISTRY].get(model_id)
+    if model is None:
+        raise errors.ModelNotFound(f"model not loaded: {model_id}")
+    worker = model.serving_worker
+    if worker is None:
+        raise errors.ModelNotFound(f"model {model_id} is {model.status.value}, not loaded")
+    return web.json_response({"url": worker.endpoint})
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    counts: dict[str, int] = {s.value: 0 for s in ModelStatus}
+    registry = app[REGISTRY]
+    # From the states alone: /health is what monitors poll, and listing() measures memory.
+    records = registry.models()
+    for record in records:
+        counts[record.status.value] += 1
+    listed = {r.model_id for r in records}
+    counts[ModelStatus.UNLOADED.value] += sum(m not in listed for m in registry.catalogue)
+    gpus = await app[DISCOVERY].gpus()
+    return web.json_response({
+        "status": "ok",
+        **app[IDENTITY].to_json(),
+        "version": __version__,
+        "uptime_s": round(time.monotonic() - app[STARTED_AT], 3),
+        "models": counts,
+        "gpus": [asdict(g) for g in gpus],
+    })
+
+
+async def discovery(request: web.Request) -> web.Response:
+    app = request.app
+    why_not = {name: unavailable(h) for name, h in app[REGISTRY].harnesses.items()}
+    body = await app[DISCOVERY].host(sorted(n for n, why in why_not.items() if why is None))
+    # Configured, or built in, but not runnable here (llama-server not installed, say).
+    body["harnesses_unavailable"] = {n: why for n, why in sorted(why_not.items()) if why}
+    body.update(app[IDENTITY].to_json())
+    return web.json_response(body)
+
+
+async def reload_config(request: web.Request) -> web.Response:
+    reloader = request.app.get(RELOADER)
+    if reloader is None:
+        raise errors.NotFound("this server was started without a config file to reload")
+    try:
+        result = await reloader.reload()
+    except ConfigError as exc:
+        # SIGHUP's refusals reach the journal too: whoever reads it later sees both.
+        request.app[RELOAD_REFUSALS].log(
+            "reload (POST /reload from %s) refused, nothing changed: %s",
+            request.remote or "?", exc)
+        raise errors.InvalidConfig(f"reload refused, nothing changed: {exc}") from None
+    return web.json_response(result.to_json())
+
+
+async def _identity_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer names the node and its incarnation, so a client that reads `/models`
+    (a list) knows whose list it is without a second request."""
+    identity = request.app[IDENTITY]
+    response.headers[NODE_HEADER] = identity.node_id
+    response.headers[INCARNATION_HEADER] = identity.incarnation
+
+
+def create_app(
+    registry: ModelRegistry,
+    started_at: float | None = None,
+    reloader: Reloader | None = None,
+    metrics: Metrics | None = None,
+    identity: NodeIdentity | None = None,
+) -> web.Application:
+    """The node's HTTP API. `metrics` is made before activation by the daemon, so the default
+    models' loads are counted; tests may leave it out. `identity`: a new incarnation unless
+    given (one app per supervisor start)."""
+    middlewares: list[Middleware] = [json_errors]
+    if registry.config.api_key is not None:
+        # Early, so nothing (not even an error page) is served to a caller without the key.
+        middlewares.insert(0, api_key_middleware(registry.config.api_key))
+    # Outermost: a cross-site or rebound request is refused whatever key it carries.
+    middlewares.insert(0, same_site_middleware(lambda: registry.config))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[REGISTRY] = registry
+    app[DISCOVERY] = registry.discovery  # one poller for the API and VRAM admission
+    app[STARTED_AT] = time.monotonic() if started_at is None else started_at
+    app[IDENTITY] = identity or NodeIdentity.new(registry.config)
+    app.on_response_prepare.append(_identity_headers)
+    app.router.add_get("/models", list_models)
+    app.router.add_post("/models/load", load_model)
+    app.router.add_post("/models/unload", unload_model)
+    events_api.setup(app, registry)  # GET /models/events
+    # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
+    app.router.add_get("/models/{model_id:.+}/endpoint", model_endpoint)
+    app.router.add_get("/health", health)
+    dashboard.setup(app, registry)  # GET /, /models/stats, /models/{id}/logs
+    app.router.add_get("/discovery", discovery)
+    app.router.add_post("/reload", reload_config)
+    if reloader is not None:
+        app[RELOADER] = reloader
+        app[RELOAD_REFUSALS] = RateLimitedLog(log, "reloads refused", level=logging.ERROR)
+    metrics = metrics or Metrics(registry, app[STARTED_AT])
+    # The OpenAI-compatible /v1 routes; their histograms are in the node's metrics.
+    routes = router.setup(app, registry, metrics.registry)
+    app.cleanup_ctx.append(idle_unload_ctx(registry))  # ttl_s: unload idle models
+    metrics.attach(routes.stats)
+
+    async def stop_metrics(app: web.Application) -> None:
+        metrics.unsubscribe()
+
+    app.on_cleanup.append(stop_metrics)
+    app.router.add_get("/metrics", metrics.handle)
+    return app

@@ -1,0 +1,241 @@
+"""`GET /models/events`: every model state change, as server-sent events.
+
+A stream opens with a `snapshot` (what `GET /models` lists), then sends each `ModelEvent`
+as a `state` event, a `progress` event about once a second for each model downloading, and
+a `: keep-alive` comment after a quiet `keepalive_s`, so proxies keep the connection open.
+It reads a bounded `Subscription`: a client too slow to keep up loses events there, and
+is told so (`resync`, then a fresh snapshot) instead of seeing a silent gap.
+
+The daemon's server does not cancel a handler whose client hung up, so a stream looks at
+its transport on every wake-up (at least once per `progress_s`) and ends itself. On
+shutdown every stream ends at once: one idle in its wait ends cleanly, one stuck writing
+to a client that stopped reading has its connection aborted, so none holds up the
+daemon's shutdown grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from .. import errors
+from ..events import ModelEvent, Subscription
+from ..states import WorkerState
+from ..supervisor.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+# Each stream holds a connection and a subscription for as long as its client stays.
+MAX_STREAMS = 64
+KEEPALIVE_S = 15.0
+PROGRESS_S = 1.0
+# Events a stream may fall behind by before it resyncs; a load makes about five.
+BACKLOG = 256
+# Bytes a stream may leave unsent (written, not taken by its client) for longer than
+# BACKLOG_GRACE_S; past that the stream ends: a client that stops reading must not pin a
+# snapshot per stream (about 4 MB for 8,000 catalogue models).
+BACKLOG_BYTES = 4 * 1024 * 1024
+BACKLOG_GRACE_S = 1.0
+
+HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each event on as it comes
+}
+
+
+def listing(registry: ModelRegistry) -> list[dict[str, Any]]:
+    """The snapshot: the same list `GET /models` answers."""
+    return registry.listing()
+
+
+def state_json(event: ModelEvent) -> dict[str, Any]:
+    return {
+        "model": event.model,
+        "from": event.old.value,
+        "to": event.new.value,
+        "status": event.new.status.value,
+        "reason": event.reason,
+        "time": event.time,
+        "ready_s": event.ready_s,
+    }
+
+
+def frame(event: str, data: Any) -> bytes:
+    # json.dumps escapes newlines, so the data is always one `data:` line.
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class _Stream:
+    """One client's stream: its writes, and whether it is stuck in one."""
+
+    def __init__(self, request: web.Request, response: web.StreamResponse,
+                 backlog_bytes: int = BACKLOG_BYTES,
+                 grace_s: float = BACKLOG_GRACE_S) -> None:
+        self.request = request
+        self.response = response
+        self.backlog_bytes = backlog_bytes
+        self.grace_s = grace_s
+        self.writing = False
+        self.last_write = asyncio.get_running_loop().time()
+
+    @property
+    def hung_up(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    @property
+    def unsent(self) -> int:
+        transport = self.request.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    async def write(self, data: bytes) -> None:
+        """Write `data`, waiting while the client's buffers are full; a client that leaves
+        over `backlog_bytes` unsent for `grace_s` has its connection aborted here
+        (ConnectionResetError)."""
+        self.writing = True
+        written = asyncio.ensure_future(self.response.write(data))
+        try:
+            while not (await asyncio.wait({written}, timeout=self.grace_s))[0]:
+                if self.unsent > self.backlog_bytes:
+                    log.info("an event stream to %s left %d bytes unsent for %g s (over "
+                             "%d); closing it", self.request.remote, self.unsent,
+                             self.grace_s, self.backlog_bytes)
+                    self.abort()
+                    await asyncio.wait({written})
+                    raise ConnectionResetError("the client stopped reading")
+            written.result()
+        finally:
+            self.writing = False
+            if not written.done():  # this task was cancelled
+                written.cancel()
+            elif not written.cancelled():
+                written.exception()  # retrieved: an abort may leave one
+        self.last_write = asyncio.get_running_loop().time()
+
+    async def send(self, event: str, data: Any) -> None:
+        await self.write(frame(event, data))
+
+    def abort(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()  # the pending write raises ConnectionResetError
+
+
+class EventStreams:
+    """The open event streams of one app: their bound, their settings, their shutdown.
+
+    The settings are attributes so a test can shorten them before the app serves."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        limit: int = MAX_STREAMS,
+        keepalive_s: float = KEEPALIVE_S,
+        progress_s: float = PROGRESS_S,
+        backlog: int = BACKLOG,
+        backlog_bytes: int = BACKLOG_BYTES,
+    ) -> None:
+        self.registry = registry
+        self.limit = limit
+        self.keepalive_s = keepalive_s
+        self.progress_s = progress_s
+        self.backlog = backlog
+        self.backlog_bytes = backlog_bytes
+        self._streams: set[_Stream] = set()
+        self._closing = asyncio.Event()
+
+    @property
+    def open(self) -> int:
+        return len(self._streams)
+
+    async def close(self, app: web.Application) -> None:
+        """on_shutdown: end every stream now (the runner then waits for their handlers)."""
+        self._closing.set()
+        for stream in self._streams:
+            if stream.writing:  # suspended in a write: its client stopped reading
+                stream.abort()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "HEAD":
+            # The headers alone: a snapshot sent to a HEAD would be read by a kept-alive
+            # connection as the next answer, and the stream would never end.
+            return web.Response(headers=HEADERS)
+        if self.open >= self.limit:
+            raise errors.TooManyStreams(
+                f"{self.open} event streams are open, the limit; close one and try again")
+        response = web.StreamResponse(headers=HEADERS)
+        stream = _Stream(request, response, self.backlog_bytes)
+        self._streams.add(stream)
+        try:
+            # Subscribed before the snapshot is taken, in the same turn of the loop: every
+            # event after the snapshot is in the subscription, none before it.
+            with self.registry.events.subscribe(self.backlog) as events:
+                snapshot = listing(self.registry)
+                await response.prepare(request)
+                try:
+                    await stream.send("snapshot", {"models": snapshot})
+                    await self._follow(stream, events)
+                except ConnectionError:
+                    pass  # the client left during a write
+        finally:
+            self._streams.discard(stream)
+        return response
+
+    async def _follow(self, stream: _Stream, events: Subscription) -> None:
+        loop = asyncio.get_running_loop()
+        closing = asyncio.ensure_future(self._closing.wait())
+        arrived = asyncio.ensure_future(events.get())
+        dropped = events.dropped
+        next_progress = loop.time() + self.progress_s
+        try:
+            while not closing.done():
+                wake_at = min(next_progress, stream.last_write + self.keepalive_s)
+                await asyncio.wait({closing, arrived}, timeout=max(0.0, wake_at - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if closing.done() or stream.hung_up:
+                    return
+                if arrived.done():
+                    batch = [arrived.result(), *events.pending()]
+                    arrived = asyncio.ensure_future(events.get())
+                    if events.dropped != dropped:
+                        lost, dropped = events.dropped - dropped, events.dropped
+                        snapshot = listing(self.registry)  # now, before any await
+                        await stream.send("resync", {"dropped": lost})
+                        await stream.send("snapshot", {"models": snapshot})
+                    else:
+                        for event in batch:
+                            await stream.send("state", state_json(event))
+                if loop.time() >= next_progress:
+                    await self._send_progress(stream)
+                    next_progress = loop.time() + self.progress_s
+                if loop.time() - stream.last_write >= self.keepalive_s:
+                    await stream.write(b": keep-alive\n\n")
+        finally:
+            closing.cancel()
+            arrived.cancel()
+
+    async def _send_progress(self, stream: _Stream) -> None:
+        for model in self.registry.models():
+            if model.state is not WorkerState.DOWNLOADING:
+                continue
+            download = model.to_json()["download"]
+            if download is not None:
+                await stream.send("progress", {"model": model.model_id, "download": download})
+
+
+STREAMS = web.AppKey("event_streams", EventStreams)
+
+
+def setup(app: web.Application, registry: ModelRegistry) -> EventStreams:
+    """Add `GET /models/events` to `app`; its streams end when the app shuts down."""
+    streams = EventStreams(registry)
+    app[STREAMS] = streams
+    app.router.add_get("/models/events", streams.handle)
+    app.on_shutdown.append(streams.close)
+    return streams

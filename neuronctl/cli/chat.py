@@ -1,0 +1,142 @@
+"""`neuronctl chat`: try a model the way `ollama run` does, through the node's `/v1`.
+
+One prompt (an argument, or stdin when it is not a terminal) or an interactive loop that
+keeps the conversation; every answer streamed as it is generated. It goes through the
+node's router like any client (the API key, the queue, an on-demand load), never to the
+worker's private port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from ..client import ApiError, Client
+
+# Long enough for an on-demand load and a queue wait (queue_timeout_s is 120 s by default).
+DEFAULT_READ_TIMEOUT_S = 600.0
+EMPTY_ANSWER = "(no text: the model ended its answer at once; a base model? try --raw)"
+HELP = "/bye (or Ctrl-D) ends the chat, /clear forgets it, Ctrl-C stops an answer"
+
+
+@dataclass
+class ChatOptions:
+    model: str
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    raw: bool = False  # /v1/completions: a base model continues the text, no chat template
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+
+
+@dataclass
+class Conversation:
+    options: ChatOptions
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def request(self, prompt: str) -> tuple[str, dict[str, Any]]:
+        """The route and body that ask for the answer to `prompt`, this conversation so far
+        included."""
+        o = self.options
+        body: dict[str, Any] = {"model": o.model, "stream": True}
+        if o.max_tokens is not None:
+            body["max_tokens"] = o.max_tokens
+        if o.temperature is not None:
+            body["temperature"] = o.temperature
+        if o.raw:
+            return "/v1/completions", {**body, "prompt": prompt}
+        system = [{"role": "system", "content": o.system}] if o.system else []
+        turn = {"role": "user", "content": prompt}
+        return "/v1/chat/completions", {**body, "messages": [*system, *self.messages, turn]}
+
+    def answered(self, prompt: str, answer: str) -> None:
+        if not self.options.raw:  # a raw completion has no turns to remember
+            self.messages += [{"role": "user", "content": prompt},
+                              {"role": "assistant", "content": answer}]
+
+
+def clean_text(text: str) -> str:
+    """Text a worker can parse: bytes that were not UTF-8 (surrogate escapes from stdin or
+    argv) become U+FFFD, where JSON would carry lone surrogates the worker refuses."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def answer_chunks(client: Client, conversation: Conversation, prompt: str) -> Iterator[str]:
+    """The answer's text as the worker streams it. ApiError when the node refuses (the
+    message is the node's: no such model, queue full, the model failed) and when the
+    stream ends without `[DONE]`: a node or worker that died mid-answer cut it short."""
+    path, body = conversation.request(prompt)
+    for _, data in client.stream("POST", path, body, conversation.options.read_timeout_s):
+        if data == "[DONE]":
+            return
+        if not isinstance(data, dict):
+            continue
+        if isinstance(data.get("error"), dict):  # an error after the stream began
+            raise ApiError(0, str(data["error"].get("message") or data["error"]))
+        for choice in data.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(text, str) and text:
+                yield text
+    raise ApiError(0, f"the answer was cut off: {client.url} ended the stream before it was "
+                      "complete (the node or its worker stopped)")
+
+
+def say(client: Client, conversation: Conversation, prompt: str, out: TextIO) -> str:
+    """Stream one answer to `out` and remember the turn; the answer's text. The line is
+    ended whatever happens, so an error or a Ctrl-C (re-raised: the caller says it) never
+    lands on the answer's line; a stopped answer is remembered as far as it came."""
+    parts: list[str] = []
+    try:
+        for text in answer_chunks(client, conversation, prompt):
+            parts.append(text)
+            out.write(text)
+            out.flush()
+    except KeyboardInterrupt:
+        conversation.answered(prompt, "".join(parts))
+        raise
+    else:
+        if not parts:  # an empty line alone reads like a hang or a bug
+            parts.append("")
+            out.write(EMPTY_ANSWER if not conversation.options.raw else "(no text)")
+    finally:
+        if parts:  # a refusal before any text leaves stdout alone
+            out.write("\n")
+            out.flush()
+    answer = "".join(parts)
+    conversation.answered(prompt, answer)
+    return answer
+
+
+def interactive(client: Client, conversation: Conversation, read: Callable[[str], str],
+                out: TextIO, err: TextIO) -> None:
+    """The loop: read a prompt, stream its answer, until /bye or end of input. A refused
+    prompt (queue full, the model failed) is said and the loop goes on; so does a Ctrl-C
+    during an answer, which stops only that answer (closing the stream tells the node)."""
+    while True:
+        try:
+            prompt = clean_text(read(">>> ")).strip()
+        except EOFError:
+            out.write("\n")
+            return
+        if not prompt:
+            continue
+        if prompt in ("/bye", "/exit", "/quit"):
+            return
+        if prompt == "/clear":
+            conversation.messages.clear()
+            out.write("(conversation cleared)\n")
+            continue
+        if prompt in ("/?", "/help"):
+            out.write(HELP + "\n")
+            continue
+        try:
+            say(client, conversation, prompt, out)
+        except KeyboardInterrupt:
+            err.write("(answer stopped)\n")
+        except ApiError as exc:
+            err.write(f"neuronctl: {exc.message}\n")
+        err.flush()

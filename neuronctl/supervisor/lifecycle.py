@@ -1,0 +1,594 @@
+"""One model's whole life, owned by one object: first start, ready, crash, backoff,
+restart, give up, stop.
+
+A `ModelLifecycle` owns its state, every transition (one `_set_state`, which publishes the
+event), its restart history and its worker. A load is a row of plain calls into the
+modules that own each stage: the files (modelfiles), the VRAM gate (admission), the
+harness's plan, and the worker's spawn. What it shares with the other models on the node
+(the load lock, the event bus, the config a reload replaces) comes in as `Services`.
+
+The first start is never retried: a model that cannot start at all fails at once, so
+activation moves on to the next one. Restarts follow the restart policy (policy.py) once
+a worker has been ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import logfiles
+from ..config import ModelSpec, NeuronConfig, effective
+from ..errors import (
+    InternalError,
+    LoadCancelled,
+    LoadError,
+    NoRoom,
+    NoSuchGpu,
+    NotEnoughVram,
+    SpawnFailed,
+    UnknownHarness,
+    clip,
+)
+from ..events import EventBus, ModelEvent
+from ..models import files as modelfiles
+from ..models import hub as resolve
+from ..models.admission import Admission, StopReading
+from ..states import (
+    LIVE_STATES,
+    TRANSITIONS,
+    InvalidTransition,
+    ModelStatus,
+    WorkerState,
+    journal_transition,
+)
+from . import liveness
+from .harness import Harness, slots_of
+from .loadlock import Hold, LoadLock
+from .policy import GiveUp, History, RestartPolicy, describe_exit
+from .statefile import StateFile
+from .worker import Worker, free_port
+
+log = logging.getLogger("neuronctl.models")
+
+WorkerFactory = Callable[..., Worker]
+
+
+@dataclass(eq=False)
+class Services:
+    """What every model on the node shares. `config` and `harnesses` are replaced by a
+    reload; a lifecycle reads them at each start, so a restart uses the new settings."""
+
+    config: NeuronConfig
+    harnesses: Mapping[str, Harness]
+    admission: Admission
+    events: EventBus = field(default_factory=EventBus)
+    load_lock: LoadLock = field(default_factory=LoadLock)  # one start at a time
+    state: StateFile | None = None
+    worker_factory: WorkerFactory = Worker
+    fetcher_factory: modelfiles.FetcherFactory = modelfiles.default_fetcher
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # Under the load lock, before a start: unload idle models so it fits (the registry's
+    # `make_room`); False means wait and ask again. None: nothing is ever evicted.
+    make_room: Callable[[ModelLifecycle, NotEnoughVram | None], Awaitable[bool]] | None = None
+
+
+# While every model that could make room is busy, a load asks again this often.
+ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
+
+
+class ModelLifecycle:
+    def __init__(self, spec: ModelSpec, services: Services, *, ad_hoc: bool = False,
+                 strict_n_ctx: bool = False) -> None:
+        self.spec = spec
+        self._s = services
+        # Not a catalogue model: a client's, counted against max_api_models.
+        self.ad_hoc = ad_hoc
+        # A client chose its n_ctx: above the model's trained context it is refused.
+        self.strict_n_ctx = strict_n_ctx
+        self.log_path = logfiles.log_path(services.config.log_dir, spec.model_id)
+        self.state = WorkerState.PENDING
+        self.since = time.time()  # wall clock: shown to people
+        self.worker: Worker | None = None
+        self.failure_code: str | None = None  # the error code of why it is `failed`
+        self.load_ms: int | None = None
+        self.restarts = 0
+        self.history = History()
+        # The latest failure ever (kept after a restart succeeds, so a crash is not lost):
+        # one line, the worker's last log lines, its exit code.
+        self.last_error: str | None = None
+        self.last_detail: str | None = None
+        self.last_exit_code: int | None = None
+        self.resolved: resolve.Resolved | None = None  # the local file(s) its workers load
+        self.download: resolve.Progress | None = None  # while DOWNLOADING
+        self.vram_estimate_mb: int | None = None  # from the GGUF header, at admission
+        self.slots = 1  # requests its worker serves at once (the harness says, at each start)
+        self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
+        self._log_started = False  # a download began a fresh log: the first start appends
+        self._run_task: asyncio.Task[None] | None = None
+        self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
+        self._stop_task: asyncio.Task[None] | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    @property
+    def status(self) -> ModelStatus:
+        return self.state.status
+
+    @property
+    def serving_worker(self) -> Worker | None:
+        """The worker that may take requests now; None unless the model is ready."""
+        worker = self.worker
+        ready = self.state is WorkerState.READY and not self.stopping
+        return worker if ready and worker is not None and worker.returncode is None else None
+
+    def queue_limits(self) -> tuple[int, float]:
+        """(max_queue, queue_timeout_s): its own, else the node's (a reload applies)."""
+        config = self._s.config
+        max_queue = config.max_queue if self.spec.max_queue is None else self.spec.max_queue
+        timeout = self.spec.queue_timeout_s or config.queue_timeout_s
+        return max_queue, timeout
+
+    @property
+    def holds_a_slot(self) -> bool:
+        """Counts against max_loaded_models: it has a worker, or is restarting one. A first
+        start still waiting for room (no worker yet) does not."""
+        if self.state is WorkerState.STARTING:
+            return self.worker is not None
+        return self.state in (WorkerState.READY, WorkerState.BACKOFF)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_task is not None
+
+    @property
+    def finished(self) -> bool:
+        """Its task (first start, then supervision and restarts) is over."""
+        return self._run_task is None or self._run_task.done()
+
+    @property
+    def loading(self) -> bool:
+        """The first start is under way (a caller may join it)."""
+        return self._loaded is not None and not self._loaded.done()
+
+    # --- driving it --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin the first start, in a task of its own; `wait_loaded` for its outcome."""
+        assert self._run_task is None, "a lifecycle is started once"
+        self._loaded = asyncio.get_running_loop().create_future()
+        self._run_task = asyncio.create_task(self._run(), name=f"model {self.model_id}")
+        # A task cancelled before its first step never runs `_run`'s handlers: its waiters
+        # must still get an answer.
+        self._run_task.add_done_callback(lambda _: self._settle(LoadCancelled(
+            "load cancelled: the model was unloaded or the node is stopping")))
+
+    async def wait_loaded(self) -> None:
+        """Return once the first start is ready; raise its LoadError otherwise."""
+        assert self._loaded is not None, "lifecycle not started"
+        # asyncio.wait, not shield: a caller that goes away (a client disconnecting) must
+        # not cancel a load others may be waiting on.
+        await asyncio.wait({self._loaded})
+        self._loaded.result()
+
+    async def stop(self, reason: str, release_vram: bool = True) -> None:
+        """Stop whatever it is doing: a load in progress is cancelled and its process
+        killed; a backoff ends with no restart. Done once: a second caller (an unload racing
+        a shutdown) waits for the first stop rather than stopping it again."""
+        await asyncio.shield(self.begin_stop(reason, release_vram))
+
+    def begin_stop(self, reason: str, release_vram: bool = True) -> asyncio.Task[None]:
+        """The stop, started now (synchronously: from this call on it is `stopping` and
+        takes no request) or joined if under way already."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(
+                self._stop_now(reason, release_vram), name=f"stop {self.model_id}")
+        return self._stop_task
+
+    def cancel_load(self) -> None:
+        """Make waiters of a first start answer now (the node is stopping)."""
+        if self.loading and self._run_task is not None:
+            self._run_task.cancel()
+
+    # --- the life of it ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._first_start()
+        except asyncio.CancelledError:
+            self._settle(LoadCancelled(
+                "load cancelled: the model was unloaded or the node is stopping"))
+            raise
+        except Exception as exc:
+            error = exc if isinstance(exc, LoadError) else self._bug("load", exc)
+            try:
+                # A LoadError from Worker.start comes with its process gone already.
+                if not isinstance(exc, LoadError):
+                    await self._kill_worker()
+                self._failed(error)
+            finally:
+                self._settle(error)  # whatever happens, the waiters get their answer
+            return
+        self._settle(None)
+        try:
+            await self._supervise()
+        except Exception as exc:  # a bug: never leave it `loaded` with nobody watching
+            error = self._bug("supervising the worker", exc)
+            await self._kill_worker()
+            self._failed(error)
+
+    async def _first_start(self) -> None:
+        harness = self._harness()
+        if getattr(harness, "needs_model_file", False) and resolve.needs_download(self.spec):
+            # Outside the load lock: a long download must not hold up other loads.
+            self._set_state(WorkerState.DOWNLOADING)  # PENDING -> DOWNLOADING
+            await self._download()
+            self._set_state(WorkerState.PENDING, "model file ready")  # DOWNLOADING -> PENDING
+        await self._read_header(harness)
+        waiting_since: float | None = None  # since room was first refused, not queued
+        while True:
+            async with self._s.load_lock.hold() as hold:
+                ready_s = await self._start_with_room(harness, hold)
+                if ready_s is not None:
+                    self.history = History().ready(self._s.clock())
+                    self._set_state(WorkerState.READY, ready_s=ready_s,
+                                    journal=self._ready_summary(ready_s))  # STARTING -> READY
+                    return
+            # Only busy models could make room: wait outside the lock, so restarts and
+            # other loads go on meanwhile, and never cut their requests.
+            if waiting_since is None:
+                waiting_since = self._s.clock()
+            elif self._s.clock() - waiting_since >= self._s.config.eviction_wait_s:
+                raise NoRoom(f"{self.model_id}: no room: every model that could be unloaded "
+                             f"for it stayed busy for eviction_wait_s "
+                             f"({self._s.config.eviction_wait_s:g} s)")
+            await self._s.sleep(ROOM_POLL_S)
+
+    async def _start_with_room(self, harness: Harness, hold: Hold) -> float | None:
+        """Holding the load lock: make room (evicting idle models), then start; seconds to
+        ready, or None when the room is held by busy models."""
+        shortage: NotEnoughVram | None = None
+        while True:
+            if self._s.make_room is not None and not await self._s.make_room(self, shortage):
+                return None
+            if self.state is WorkerState.PENDING:
+                self._set_state(WorkerState.STARTING)  # PENDING -> STARTING
+            started = self._s.clock()
+            try:
+                ready_s = await self._start_worker(harness, hold)
+            except NoSuchGpu:
+                raise  # no eviction makes a missing device appear
+            except NotEnoughVram as exc:
+                # Each pass evicts one model (or raises): a shortage that reads the same
+                # after an eviction means the memory did not come back.
+                if self._s.make_room is None or (shortage is not None
+                                                 and shortage.message == exc.message):
+                    raise
+                shortage = exc
+                continue
+            self.load_ms = round((self._s.clock() - started) * 1000)
+            return ready_s
+
+    async def _read_header(self, harness: Harness) -> None:
+        """Outside the load lock: the GGUF header the VRAM check needs, read by a bounded
+        child process (admission keeps it for the start under the lock). A header that lies
+        about its sizes fails the load here, with nothing held."""
+        needs_file = bool(getattr(harness, "needs_model_file", False))
+        spec, _, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
+        await self._s.admission.read_header(
+            spec, parts, self._s.config.harness_config(spec.harness), self.strict_n_ctx)
+
+    async def _download(self) -> None:
+        config = self._s.config
+        path = self.log_path
+        self.download = resolve.Progress(log=lambda line: modelfiles.append_line(path, line))
+        self.resolved = await modelfiles.download(
+            self.spec, self._s.fetcher_factory, config.harness_config(self.spec.harness),
+            self.log_path, config.log_keep, self.download)
+        self._log_started = True
+
+    async def _supervise(self) -> None:
+        """While ready: notice an exit at once (the process's own wait, not a poll), kill a
+        worker that stops answering, and restart under the model's policy until it gives
+        up."""
+        while True:
+            worker = self.worker
+            assert worker is not None
+            hung: list[str] = []  # why liveness killed it, if it did
+            liveness = asyncio.create_task(self._liveness_or_log(worker, hung),
+                                           name=f"liveness {self.model_id}")
+            try:
+                code = await worker.wait_exit()
+            finally:
+                liveness.cancel()
+                # asyncio.wait never raises: a stop that cancels this task meanwhile must
+                # not be swallowed here (a suppress would eat it and restart the worker).
+                await asyncio.wait({liveness})
+            crashed_at = self._s.clock()
+            # An exit we asked for cancels this task before the worker is signalled.
+            await self._worker_gone(worker)
+            headline, detail = worker.log_excerpt(fallback=False)
+            if hung:
+                self._note(f"worker {hung[0]}; killed", detail, code)
+            else:
+                said = f": {headline}" if headline else ""
+                self._note(f"worker {describe_exit(code)} unexpectedly{said}", detail, code)
+            if not await self._restart(code, crashed_at):
+                return
+
+    async def _liveness_or_log(self, worker: Worker, hung: list[str]) -> None:
+        try:
+            await liveness.watch(self.model_id, worker, lambda: self._s.config,
+                                 self._s.sleep, self.log_path, hung)
+        except Exception:  # a bug: the worker goes on unwatched rather than killed
+            log.exception("%s: liveness probing failed; the worker is no longer probed",
+                          self.model_id)
+
+    async def _restart(self, exit_code: int | None, crashed_at: float) -> bool:
+        """Back off and start again until a worker is ready (True) or the policy gives up."""
+        while True:
+            # Read at each exit: a reload's new policy applies here too.
+            policy = RestartPolicy.for_model(self._s.config, self.spec)
+            decision = policy.decide(self.history, exit_code, crashed_at)
+            if isinstance(decision, GiveUp):
+                # READY/STARTING -> FAILED: out of restarts, or restart = never
+                self._set_state(WorkerState.FAILED, decision.reason, logging.WARNING)
+                return False
+            self._set_state(  # READY or STARTING -> BACKOFF
+                WorkerState.BACKOFF,
+                f"{self.last_error}; restart {self.restarts + 1} in {decision.after_s:g} s",
+                logging.WARNING,
+            )
+            await self._s.sleep(decision.after_s)
+            self.history = self.history.restarted(policy, crashed_at, self._s.clock())
+            self.restarts += 1
+            try:
+                async with self._s.load_lock.hold(restart=True) as hold:
+                    self._set_state(WorkerState.STARTING)  # BACKOFF -> STARTING
+                    ready_s = await self._start_worker(self._harness(), hold)
+            except LoadError as exc:
+                self._note(exc.message, exc.detail, exc.exit_code)
+                exit_code, crashed_at = exc.exit_code, self._s.clock()
+                continue
+            self.history = self.history.ready(self._s.clock())
+            self._set_state(WorkerState.READY, f"restart {self.restarts}", ready_s=ready_s,
+                            journal=self._ready_summary(ready_s))
+            return True
+
+    async def _start_worker(self, harness: Harness, hold: Hold) -> float:
+        """Start one worker and wait until it answers; seconds from spawn to ready.
+        The caller holds the load lock (`hold`), and lends it to restarts once the worker
+        has spawned. Raises LoadError, with the process gone."""
+        s = self._s
+        try:
+            await s.admission.await_release()
+            needs_file = bool(getattr(harness, "needs_model_file", False))
+            spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
+            self.slots = slots_of(harness, spec)
+            self.serves_metrics = bool(getattr(harness, "serves_metrics", False))
+            admitted = await s.admission.admit(
+                spec, parts, s.config.harness_config(spec.harness),
+                getattr(harness, "default_n_ctx", None), self.slots)
+            self.vram_estimate_mb = admitted.estimate_mb
+            port = free_port()
+            plan = harness.plan(admitted.spec, port)
+            # The first start after a download appends to the log the download began.
+            keep = 0 if self._log_started else s.config.log_keep
+            self._log_started = False
+            worker = s.worker_factory(
+                self.model_id, plan, port, self.log_path, s.config.stop_timeout_s,
+                log_keep=keep, on_spawn=lambda worker: self._on_spawn(worker, hold))
+        except LoadError:
+            raise
+        except Exception as exc:  # a bug
+            raise self._bug("preparing the worker", exc) from exc
+        self.worker = worker
+        started = s.clock()
+        try:
+            await worker.start()
+        except LoadError:
+            raise
+        except OSError as exc:
+            raise SpawnFailed(f"cannot start worker: {exc}") from exc
+        except Exception as exc:  # a bug; the worker killed itself on the way out
+            raise self._bug("starting the worker", exc) from exc
+        finally:
+            if worker.returncode is not None:
+                await self._worker_gone(worker)
+        return s.clock() - started
+
+    def _ready_summary(self, ready_s: float) -> str:
+        """What a load ended with, for the journal line of every load (activation, API,
+        on demand, restart): the file, the context, the process, where it runs."""
+        parts = [f"in {ready_s:.2f} s"]
+        if self.resolved is not None:
+            parts.append(clip(self.resolved.source))
+        elif self.spec.path is not None:
+            parts.append(clip(self.spec.path))
+        n_ctx = effective(self.spec, self._s.config.harness_config(self.spec.harness), "n_ctx")
+        if n_ctx is not None:
+            parts.append(f"n_ctx {n_ctx}")
+        worker = self.worker
+        if worker is not None:
+            parts.append(f"pid {worker.pid} on port {worker.port}")
+        parts.append("GPU " + ",".join(map(str, self.spec.devices)) if self.spec.devices
+                     else "CPU")
+        return ", ".join(parts)
+
+    async def _on_spawn(self, worker: Worker, hold: Hold) -> None:
+        # Its memory check is done: while it warms up (up to its ready_timeout_s), a
+        # crashed model's restart must not wait for it.
+        hold.lend()
+        if self._s.state is not None and worker.pid is not None:
+            # The token proves, after a crash of this supervisor, which processes of the
+            # worker's group are ours (a wrapper script's child outlives the wrapper).
+            await self._s.state.add(self.model_id, worker.pid, worker.token)
+
+    async def _worker_gone(self, worker: Worker, reading: StopReading | None = None) -> None:
+        """Bookkeeping once a worker's process has exited, however it ended."""
+        if self._s.state is not None and worker.pid is not None:
+            await self._s.state.remove(worker.pid)
+        self._s.admission.released(
+            self.model_id, worker.pid, self.spec.devices, self.vram_estimate_mb, reading)
+
+    async def _kill_worker(self) -> None:
+        """After a bug: make sure no process is left running behind a failed model."""
+        worker = self.worker
+        if worker is None or worker.pid is None or worker.returncode is not None:
+            return
+        try:
+            await worker.kill()
+            await self._worker_gone(worker)
+        except Exception:  # a second bug must not keep the model from being failed
+            log.exception("%s: cannot kill worker pid %s", self.model_id, worker.pid)
+
+    async def _stop_now(self, reason: str, release_vram: bool) -> None:
+        task = self._run_task
+        if task is not None and not task.done():
+            task.cancel()
+            # asyncio.wait, not await: whatever the task ends with (a bug included), the
+            # worker below must still be stopped.
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s: its task failed while stopping", self.model_id,
+                          exc_info=task.exception())
+        if self.state in (WorkerState.PENDING, WorkerState.DOWNLOADING, WorkerState.FAILED):
+            self._set_state(WorkerState.STOPPED, reason)  # PENDING/DOWNLOADING/FAILED -> STOPPED
+            return
+        if self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF):
+            self._set_state(WorkerState.STOPPING, reason)  # -> STOPPING
+        worker = self.worker
+        if self.state is WorkerState.STOPPING and worker is not None:
+            # A shutdown loads nothing next: no need to watch the VRAM come back.
+            reading = None
+            if release_vram and worker.returncode is None:
+                reading = await self._s.admission.before_stop(worker.pid, self.spec.devices)
+            running = worker.returncode is None
+            await worker.stop()
+            if running:
+                await self._worker_gone(worker, reading if release_vram else None)
+        if self.state is WorkerState.STOPPING:
+            self._set_state(WorkerState.STOPPED)  # STOPPING -> STOPPED
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _set_state(self, new: WorkerState, reason: str = "", level: int = logging.INFO,
+                   ready_s: float | None = None, journal: str = "") -> None:
+        """The one place a model changes state: checked, timestamped, logged, published.
+        `journal`: more for the log line only (what a load ended with), not the event."""
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"{self.model_id}: {old} -> {new}")
+        self.state = new
+        self.since = time.time()
+        said = ", ".join(part for part in (reason, journal) if part)
+        log.log(level, "%s: %s%s", self.model_id, journal_transition(old, new),
+                f" ({said})" if said else "")
+        self._s.events.publish(ModelEvent(self.model_id, old, new, reason, self.since, ready_s))
+
+    def _note(self, message: str, detail: str | None, exit_code: int | None) -> None:
+        self.last_error, self.last_detail, self.last_exit_code = message, detail, exit_code
+
+    def _failed(self, error: LoadError) -> None:
+        self._note(error.message, error.detail, error.exit_code)
+        self.failure_code = error.code
+        if self.state is not WorkerState.FAILED:
+            self._set_state(WorkerState.FAILED, error.message, logging.WARNING)
+
+    def _settle(self, error: LoadError | None) -> None:
+        if self._loaded is not None and not self._loaded.done():
+            if error is None:
+                self._loaded.set_result(None)
+            else:
+                self._loaded.set_exception(error)
+                self._loaded.exception()  # retrieved: nobody may be waiting on it
+
+    def _bug(self, doing: str, exc: Exception) -> InternalError:
+        log.error("%s: internal error %s", self.model_id, doing, exc_info=exc)
+        return InternalError(f"internal error {doing}: {exc!r}; see the neuron service log")
+
+    def _harness(self) -> Harness:
+        harness = self._s.harnesses.get(self.spec.harness)
+        if harness is None:
+            raise UnknownHarness(self.spec.harness)
+        return harness
+
+    # --- what others read ------------------------------------------------------------------
+
+    def progress_token(self) -> tuple[object, ...] | None:
+        """What a load in progress is doing (see Worker.progress_token); None otherwise."""
+        if self.state is WorkerState.STARTING and self.worker is not None:
+            return (self.worker.progress_token(),)
+        if self.state is WorkerState.DOWNLOADING and self.download is not None:
+            return ("download", self.download.done_bytes)
+        return None
+
+    @property
+    def log_problem(self) -> str | None:
+        """Why the live worker's log file could not be written; None when it can."""
+        worker = self.worker if self.state in LIVE_STATES else None
+        return worker.log_problem if worker is not None else None
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of its worker's process tree (a wrapper's child counts); None
+        without a running worker."""
+        worker = self.worker if self.state in LIVE_STATES else None
+        if worker is None or worker.pid is None or worker.returncode is not None:
+            return None
+        import psutil  # not at import: `neuronctl start` reaches its first spawn sooner
+
+        try:
+            root = psutil.Process(worker.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return None
+        total = 0
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):  # a child that just exited
+                total += proc.memory_info().rss
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        worker = self.worker if self.state in LIVE_STATES else None
+        serving = self.serving_worker
+        failed = self.state is WorkerState.FAILED
+        config = self._s.config
+        return {
+            "id": self.model_id,
+            "harness": self.spec.harness,
+            "status": self.status.value,
+            "devices": list(self.spec.devices),
+            "vram_used_mb": self._s.admission.used_mb(worker.pid) if worker else None,
+            "pid": worker.pid if worker else None,
+            "port": worker.port if worker else None,
+            "endpoint": serving.endpoint if serving else None,
+            "load_ms": self.load_ms,
+            "restarts": self.restarts,
+            # `error`/`exit_code`: why it is failed now; `last_*`: the latest failure ever,
+            # kept after a successful restart so a crash is not forgotten.
+            "error": self.last_error if failed else None,
+            "error_detail": self.last_detail if failed else None,
+            "exit_code": self.last_exit_code if failed else None,
+            "last_error": self.last_error,
+            "last_exit_code": self.last_exit_code,
+            "log_path": str(self.log_path),
+            # Something wrong that does not stop it serving (its log cannot be written).
+            "warning": self.log_problem,
+            "pinned": config.pinned(self.spec),
+            # The context it runs with; None: the server's own default.
+            "n_ctx": effective(self.spec, config.harness_config(self.spec.harness), "n_ctx"),
+            "rss_bytes": self.rss_bytes(),
+            "ttl_s": config.ttl_for(self.spec),
+            "download": (self.download.as_json()
+                         if self.download and self.state is WorkerState.DOWNLOADING else None),
+            "since": self.since,
+            "uptime_s": round(time.time() - self.since, 3) if serving else None,
+        }

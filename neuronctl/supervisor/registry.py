@@ -1,0 +1,402 @@
+"""Every model on this node, by id: the table, single-flight loads, and the node-wide lock.
+
+Each model's life is its own `ModelLifecycle` (lifecycle.py); the registry only finds it.
+Loads (and restarts) are serialized node-wide by the lock all lifecycles share: VRAM
+contention makes parallel loads risky. They are single-flight per model: concurrent loads
+of one model share one attempt and one process, and nothing a client sends can make two
+workers for one model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
+
+from ..config import ConfigError, ModelSpec, NeuronConfig, effective, gpu_layers, same_worker
+from ..errors import (
+    ApiModelsRefused,
+    Conflict,
+    InvalidSpec,
+    ModelNotFound,
+    NoRoom,
+    NotEnoughVram,
+    UnknownHarness,
+    clip,
+)
+from ..events import EventBus
+from ..models import files as modelfiles
+from ..models.admission import Admission
+from ..models.discovery import Discovery
+from ..states import ModelStatus, WorkerState
+from .eviction import IDLE, Activity, Candidate, choose, shares_devices
+from .harness import Harness, check_spec_args
+from .lifecycle import ModelLifecycle, Services, WorkerFactory
+from .statefile import StateFile
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+# Keys that say where a model's file comes from: a load request with one of them is a
+# model of its own, not the catalogue entry of the same id.
+_SOURCE_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness"})
+
+
+# A model whose last load failed for one of these reasons is loaded again by the next /v1
+# request naming it: the cause was the node's state at the time, not the model.
+_RETRIED_ON_DEMAND = frozenset({"no_room", "load_cancelled", "insufficient_vram",
+                                "insufficient_ram"})
+# Failed models outside the catalogue stay listed (with why) until this many have piled
+# up; then the oldest goes. The catalogue's own are bounded by the config.
+MAX_FAILED_AD_HOC = 32
+
+
+def unloaded_json(spec: ModelSpec, config: NeuronConfig) -> dict[str, Any]:
+    """A catalogue model with no lifecycle, in the shape `ModelLifecycle.to_json` has."""
+    n_ctx = effective(spec, config.harness_config(spec.harness), "n_ctx")
+    return {"id": spec.model_id, "harness": spec.harness, "status": ModelStatus.UNLOADED.value,
+            "devices": list(spec.devices), "vram_used_mb": None, "pid": None, "port": None,
+            "endpoint": None, "load_ms": None, "restarts": 0, "error": None,
+            "error_detail": None, "exit_code": None, "last_error": None,
+            "last_exit_code": None, "log_path": None, "warning": None, "download": None,
+            "since": None, "uptime_s": None, "pinned": config.pinned(spec), "n_ctx": n_ctx,
+            "rss_bytes": None, "ttl_s": config.ttl_for(spec)}
+
+
+def with_traffic(entry: dict[str, Any], activity: Activity) -> dict[str, Any]:
+    """`entry` (a listing's) with what the router counts for it: `in_flight`, `queued`,
+    and `idle_until`, the Unix time the idle reaper (idle.py) would unload it: `ttl_s`
+    after its last /v1 request or its becoming loaded, whichever is later. None without
+    a TTL, unless loaded, or while busy (the countdown starts when it is idle again)."""
+    idle_until = None
+    ttl, since = entry.get("ttl_s"), entry.get("since")
+    if (ttl is not None and since is not None and not activity.busy
+            and entry["status"] == ModelStatus.LOADED.value):
+        last = since
+        if activity.last_used:  # the router's clock is monotonic
+            last = max(last, time.time() - (time.monotonic() - activity.last_used))
+        idle_until = round(last + ttl, 3)
+    return {**entry, "in_flight": activity.in_flight, "queued": activity.queued,
+            "idle_until": idle_until}
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """For a stop nobody awaits: its failure (a bug) in the journal, not lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stopping a model failed", exc_info=task.exception())
+
+
+# Kept importable from here: callers catch the registry's refusals by these names.
+NotFound = ModelNotFound
+__all__ = ["Conflict", "ModelRegistry", "NotFound"]
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        config: NeuronConfig,
+        harnesses: Mapping[str, Harness],
+        *,
+        state: StateFile | None = None,
+        worker_factory: WorkerFactory = Worker,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        discovery: Discovery | None = None,
+        fetcher_factory: modelfiles.FetcherFactory | None = None,
+        events: EventBus | None = None,
+    ) -> None:
+        self.discovery = discovery or Discovery(config.gpu_poll_interval_s)
+        admission = Admission(self.discovery, lambda: self.config.vram_release_timeout_s,
+                              clock, sleep)
+        self.services = Services(
+            config, harnesses, admission, events or EventBus(), state=state,
+            worker_factory=worker_factory,
+            fetcher_factory=fetcher_factory or modelfiles.default_fetcher,
+            clock=clock, sleep=sleep,
+        )
+        self._models: dict[str, ModelLifecycle] = {}
+        self.services.make_room = self.make_room
+        # The router's counts per model (eviction takes only idle models); set by the router.
+        self.activity: Callable[[str], Activity] = lambda model_id: IDLE
+        self.evictions: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    @property
+    def config(self) -> NeuronConfig:
+        return self.services.config
+
+    @property
+    def harnesses(self) -> Mapping[str, Harness]:
+        return self.services.harnesses
+
+    @property
+    def events(self) -> EventBus:
+        return self.services.events
+
+    def reconfigure(self, config: NeuronConfig, harnesses: Mapping[str, Harness]) -> None:
+        """New node settings and harnesses for loads and restarts from now on (reload)."""
+        self.services.config = config
+        self.services.harnesses = harnesses
+        self.discovery.set_poll_interval(config.gpu_poll_interval_s)
+
+    def models(self) -> list[ModelLifecycle]:
+        return list(self._models.values())
+
+    def get(self, model_id: str) -> ModelLifecycle | None:
+        return self._models.get(model_id)
+
+    def load_progress(self) -> tuple[object, ...]:
+        """What the loads in progress are doing, downloads included: bytes arriving are
+        progress, so the start-up heartbeat keeps going."""
+        return tuple((m.model_id, *token) for m in self._models.values()
+                     if (token := m.progress_token()) is not None)
+
+    # --- the catalogue ---------------------------------------------------------------------
+
+    @property
+    def catalogue(self) -> Mapping[str, ModelSpec]:
+        return self.config.catalogue()
+
+    def in_catalogue(self, spec: ModelSpec) -> bool:
+        """Whether `spec` is its id's catalogue entry, as far as where its file comes from
+        (a request may set other keys of it, `ttl_s` say): not a client's own model."""
+        entry = self.catalogue.get(spec.model_id)
+        return entry is not None and all(
+            getattr(entry, key) == getattr(spec, key) for key in _SOURCE_KEYS)
+
+    def listing(self) -> list[dict[str, Any]]:
+        """What `GET /models` lists (and an event stream's snapshot): every model with a
+        lifecycle, then the catalogue's models that have none (`unloaded`), each with the
+        router's counts."""
+        listed = [m.to_json() for m in self._models.values()]
+        listed += [unloaded_json(spec, self.config)
+                   for model_id, spec in self.catalogue.items() if model_id not in self._models]
+        catalogue = self.catalogue
+        # `autoload`: a /v1 request naming it loads it when it is not loaded (a gateway may
+        # send it requests while it is unloaded; docs/fleet.md).
+        return [{**with_traffic(entry, self.activity(entry["id"])),
+                 "autoload": entry["id"] in catalogue
+                 and self.config.autoloads(catalogue[entry["id"]])} for entry in listed]
+
+    def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
+        """The spec a load request means. A catalogue id without a source of its own (no
+        path, repo, file, quant or revision) is the catalogue's entry, with whatever other
+        keys the request sets (`ttl_s`, `force`, ...); anything else is taken as written."""
+        entry = self.catalogue.get(parsed.model_id)
+        if entry is None or _SOURCE_KEYS.intersection(keys):
+            return parsed
+        overrides = {k: getattr(parsed, k) for k in keys if k != "model_id"}
+        return dataclasses.replace(entry, **overrides)
+
+    async def demand(self, model_id: str) -> ModelLifecycle | None:
+        """A /v1 request names `model_id`: its lifecycle, or a load started for it when it
+        is a catalogue model with autoload that is not loaded, or being unloaded (evicted,
+        say: that stop is waited for first). The request then waits in its queue. None
+        when it is neither loaded nor loadable on demand."""
+        model = self._models.get(model_id)
+        spec = self.catalogue.get(model_id)
+        loadable = spec is not None and self.config.autoloads(spec)
+        if spec is not None and loadable and model is not None \
+                and model.state is WorkerState.FAILED and model.failure_code in _RETRIED_ON_DEMAND:
+            log.info("%s: requested through /v1; loading it again (%s)", model_id,
+                     model.last_error)
+            return self._begin(spec)
+        if model is not None and (not model.stopping or not loadable):
+            return model
+        if model is not None:
+            await model.stop("")  # joins the stop under way (a stop is done once)
+            while self._models.get(model_id) is model:  # its entry goes right after
+                await asyncio.sleep(0)
+            again = self._models.get(model_id)
+            if again is not None:
+                return again  # someone else loaded it meanwhile
+        if spec is None or not loadable:
+            return None
+        log.info("%s: requested through /v1; loading it on demand", model_id)
+        return self._begin(spec)
+
+    def _begin(self, spec: ModelSpec, by_client: bool = False) -> ModelLifecycle:
+        ad_hoc = not self.in_catalogue(spec)
+        # The n_ctx is the client's unless it is what the catalogue entry says.
+        entry = self.catalogue.get(spec.model_id)
+        strict_n_ctx = by_client and spec.n_ctx is not None and (
+            ad_hoc or entry is None or entry.n_ctx != spec.n_ctx)
+        if ad_hoc:
+            self._forget_failed(spec.model_id)
+        model = ModelLifecycle(spec, self.services, ad_hoc=ad_hoc, strict_n_ctx=strict_n_ctx)
+        self._models[spec.model_id] = model  # listed as `loading` while it waits its turn
+        model.start()
+        return model
+
+    def _forget_failed(self, incoming: str) -> None:
+        """Before a model outside the catalogue begins: make room for it among the failed
+        ones kept, dropping the oldest (each keeps its spec and its error)."""
+        failed = sorted((m for m in self._models.values()
+                         if m.ad_hoc and m.state is WorkerState.FAILED and not m.stopping
+                         and m.model_id != incoming), key=lambda m: m.since)
+        for model in failed[:max(0, len(failed) - MAX_FAILED_AD_HOC + 1)]:
+            stopping = self._stop_soon(model, f"forgotten: over {MAX_FAILED_AD_HOC} failed "
+                                              "models outside the catalogue")
+            stopping.add_done_callback(_log_failure)
+
+    def _api_room(self, spec: ModelSpec) -> None:
+        """A client asks for a new worker of a model outside the catalogue: refused at
+        `max_api_models` of them (failed and stopping ones do not count)."""
+        limit = self.config.max_api_models
+        if limit == 0:
+            raise ApiModelsRefused(
+                f"{spec.model_id}: this node loads only catalogue models for clients "
+                "(max_api_models = 0); ask the operator to add it to the config")
+        held = sorted(m.model_id for m in self._models.values()
+                      if m.ad_hoc and m.state is not WorkerState.FAILED and not m.stopping)
+        if len(held) >= limit:
+            raise ApiModelsRefused(
+                f"{spec.model_id}: {len(held)} models outside the catalogue are loaded or "
+                f"loading ({clip(', '.join(held))}), the limit (max_api_models = {limit}); "
+                "unload one first")
+
+    # --- eviction -----------------------------------------------------------------------
+
+    async def make_room(self, incoming: ModelLifecycle, shortage: NotEnoughVram | None) -> bool:
+        """Under the load lock, before `incoming` starts: unload idle models until it fits
+        `max_loaded_models` (and, after `shortage`, the VRAM of its devices). True: go on;
+        False: only busy models could make room, wait and ask again. Raises when nothing
+        ever could (every candidate pinned)."""
+        limit = self.config.max_loaded_models
+        while True:
+            others = [m for m in self._models.values()
+                      if m is not incoming and m.holds_a_slot and not m.stopping]
+            # A model still in its first start cannot be unloaded without failing that
+            # load: it holds its slot, but is no candidate (waiting for it may help).
+            settled = [m for m in others
+                       if m.state in (WorkerState.READY, WorkerState.BACKOFF)]
+            if shortage is not None:
+                devices: tuple[int, ...] | None = incoming.spec.devices
+                why = f"VRAM for {incoming.model_id}"
+            elif limit is not None and len(others) >= limit:
+                devices, why = None, f"max_loaded_models {limit}, for {incoming.model_id}"
+            else:
+                return True
+            if shortage is not None and not self._could_fit(shortage, settled, devices):
+                raise shortage  # evicting every candidate would not make it fit
+            choice = choose((self._candidate(m) for m in settled), devices)
+            if choice.victim is None:
+                if choice.busy or len(settled) < len(others):
+                    return False
+                if shortage is not None:
+                    raise shortage
+                raise NoRoom(f"{incoming.model_id}: max_loaded_models ({limit}) is taken by "
+                             "pinned models; unload one or raise max_loaded_models")
+            victim = self._models[choice.victim.model_id]
+            log.info("%s: evicting it (least recently used, idle) to make room: %s",
+                     victim.model_id, why)
+            self.evictions[(victim.model_id, "vram" if shortage else "max_loaded_models")] += 1
+            # No await between the idle check and this call: stop() marks it stopping at
+            # once, so no request can be admitted to it after it was judged idle.
+            await self._stop(victim, f"evicted: {why}")
+            if shortage is not None:
+                return True  # the caller waits for the memory and judges the fit again
+
+    def _could_fit(self, shortage: NotEnoughVram, models: list[ModelLifecycle],
+                   devices: tuple[int, ...] | None) -> bool:
+        """Whether the memory the unpinned candidates hold (by their estimates) could cover
+        the shortage; True when a size is unknown (nothing to judge by)."""
+        if shortage.short_mb is None:
+            return True
+        held = 0
+        for model in models:
+            candidate = self._candidate(model)
+            if candidate.pinned or not candidate.on_gpu or \
+                    not shares_devices(candidate, devices or ()):
+                continue
+            if model.vram_estimate_mb is None:
+                return True
+            held += model.vram_estimate_mb
+        return held >= shortage.short_mb
+
+    def _candidate(self, model: ModelLifecycle) -> Candidate:
+        on_gpu = bool(gpu_layers(model.spec, self.config.harness_config(model.spec.harness)))
+        return Candidate(model.model_id, self.activity(model.model_id),
+                         self.config.pinned(model.spec), model.spec.devices, on_gpu)
+
+    async def load(self, spec: ModelSpec, by_client: bool = False) -> ModelLifecycle:
+        """Load `spec` and return once its worker is ready; raise LoadError otherwise.
+
+        An unknown harness fails before anything is listed or spawned. `by_client`: the
+        spec is a load request's, and the limits on what clients may start apply
+        (`max_api_models`; an n_ctx of its own within the model's trained context).
+        """
+        if spec.harness not in self.harnesses:
+            raise UnknownHarness(spec.harness)
+        try:
+            check_spec_args(self.harnesses, spec)
+        except ConfigError as exc:
+            raise InvalidSpec(str(exc), param=exc.key) from None
+        model = self._models.get(spec.model_id)
+        if model is not None and model.stopping:
+            raise Conflict(f"{spec.model_id} is being unloaded; load it again when it is done")
+        if model is None or model.state is WorkerState.FAILED:
+            # New, or failed before: a fresh attempt replaces the failed entry.
+            if by_client and not self.in_catalogue(spec):
+                self._api_room(spec)
+            model = self._begin(spec, by_client)
+        elif not same_worker(model.spec, spec):
+            differ = [f"{f.name} {clip(repr(getattr(model.spec, f.name)))} → "
+                      f"{clip(repr(getattr(spec, f.name)))}"
+                      for f in dataclasses.fields(spec) if f.name not in ("pinned", "autoload")
+                      and getattr(model.spec, f.name) != getattr(spec, f.name)]
+            raise Conflict(f"{spec.model_id} is {model.status.value} with different settings "
+                           f"({'; '.join(differ)}); unload it first")
+        elif model.state is WorkerState.READY:
+            return model
+        elif not model.loading:
+            raise Conflict(f"{spec.model_id} is {model.status.value}; "
+                           "try again when it is done")
+        await model.wait_loaded()  # single flight: every caller waits on the one attempt
+        return model
+
+    async def unload(self, model_id: str) -> None:
+        """Stop the model whatever it is doing (a load in progress, a backoff)."""
+        model = self._models.get(model_id)
+        if model is None:
+            raise NotFound(f"model not loaded: {model_id}")
+        if model.stopping:
+            raise Conflict(f"{model_id} is already being unloaded")
+        await self._stop(model, "unloaded")
+        log.info("unloaded %s", model_id)
+
+    async def _stop(self, model: ModelLifecycle, reason: str, release_vram: bool = True) -> None:
+        await asyncio.shield(self._stop_soon(model, reason, release_vram))
+
+    def _stop_soon(self, model: ModelLifecycle, reason: str,
+                   release_vram: bool = True) -> asyncio.Task[None]:
+        """Begin stopping `model` now; its entry goes once the stop is over."""
+        stopping = model.begin_stop(reason, release_vram)  # `stopping` from here on
+
+        def drop(_: object) -> None:
+            # Only once the stop is over, even when the caller was cancelled meanwhile (an
+            # unloaded load that was evicting this one): a model still stopping stays
+            # listed, so nothing loads a second worker for its id.
+            if self._models.get(model.model_id) is model:
+                del self._models[model.model_id]
+
+        stopping.add_done_callback(drop)
+        return stopping
+
+    def cancel_loads(self) -> None:
+        """Make pending load requests answer now (the node is stopping)."""
+        for model in self._models.values():
+            model.cancel_load()
+
+    async def shutdown(self) -> None:
+        """Stop every model, all in parallel: cancel loads and restarts, then SIGTERM,
+        a bounded wait and SIGKILL for each worker."""
+        models = list(self._models.values())
+        outcomes = await asyncio.gather(
+            *(self._stop(m, "shutting down", False) for m in models), return_exceptions=True)
+        for model, outcome in zip(models, outcomes, strict=True):
+            if isinstance(outcome, BaseException):  # the others are still stopped
+                log.error("%s: stopping failed", model.model_id, exc_info=outcome)
+        await self.discovery.close()

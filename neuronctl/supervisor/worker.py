@@ -1,0 +1,332 @@
+"""One worker subprocess: spawn it, wait until it answers, stop it.
+
+A worker runs in its own session (so one signal reaches its whole process group) with a
+parent-death signal (so it cannot outlive a supervisor that dies without cleaning up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+
+from .. import logfiles
+from ..aio import bounded
+from ..errors import SpawnFailed, WorkerExited, WorkerTimeout
+from . import portowner
+from .harness import WorkerPlan
+from .policy import describe_exit
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 15
+_PROBE_TIMEOUT_S = 5.0
+# Readiness polling: the interval grows with the time already waited (a hundredth of it),
+# so a 0.5 s load is noticed within ~5 ms and a 10-minute one costs a poll every 250 ms.
+# A poll of a port not yet open is one refused connect(): tens of microseconds.
+_POLL_MIN_S = 0.005
+_POLL_MAX_S = 0.25
+_POLL_FRACTION = 0.01
+
+TOKEN_ENV = "NEURON_WORKER_TOKEN"
+
+Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
+OnSpawn = Callable[["Worker"], Awaitable[None]]
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that asks Linux to SIGKILL the child when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # resolved here: not safe after fork
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+async def spawn_process(
+    command: Sequence[str], env: Mapping[str, str], log_fd: int
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=log_fd,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **env},
+        start_new_session=True,
+        preexec_fn=_pdeathsig_preexec(),
+    )
+
+
+async def probe_http(port: int, path: str) -> bool:
+    """True when GET http://127.0.0.1:port/path answers 200.
+
+    Plain asyncio streams rather than an HTTP client: activation runs before the API exists
+    and this keeps it from waiting on heavier imports.
+    """
+    try:
+        reader, writer = await bounded(
+            asyncio.open_connection("127.0.0.1", port), _PROBE_TIMEOUT_S
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+        writer.write(request.encode("ascii"))
+        status_line = await bounded(reader.readline(), _PROBE_TIMEOUT_S)
+        parts = status_line.split()
+        return len(parts) >= 2 and parts[1] == b"200"
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+class Worker:
+    """One model server subprocess."""
+
+    def __init__(
+        self,
+        model_id: str,
+        plan: WorkerPlan,
+        port: int,
+        log_path: Path,
+        stop_timeout_s: float,
+        *,
+        log_keep: int = 0,
+        on_spawn: OnSpawn | None = None,
+        spawn: Spawn = spawn_process,
+        probe: Callable[[int, str], Awaitable[bool]] = probe_http,
+        owns_port: Callable[[int, int], bool | None] = portowner.owned_by_group,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model_id = model_id
+        self.plan = plan
+        self.port = port
+        self.log_path = log_path
+        self.stop_timeout_s = stop_timeout_s
+        self.log_keep = log_keep
+        self._on_spawn = on_spawn
+        self._spawn = spawn
+        self._probe = probe
+        self._owns_port = owns_port
+        self._clock = clock
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self.probes = {True: 0, False: 0}  # liveness probes answered, and not
+        # In the worker's environment, inherited by anything it starts: proves, after a
+        # supervisor crash, which processes are ours (statefile.stop_orphans).
+        self.token = secrets.token_hex(16)
+        self.log_problem: str | None = None  # why its log file could not be written
+        self._stop_sent: str | None = None  # what neuronctl did to end it, for the log
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Spawn and wait until ready. On any failure, or if cancelled, the process is
+        killed before this returns; failures raise a LoadError saying what the log said."""
+        fd = self._open_log()
+        # At info: what runs on the node, flags included, is in the journal for every load.
+        log.info("%s: running %s (port %d, log %s)", self.model_id,
+                  shlex.join(self.plan.command), self.port, self.log_path)
+        try:
+            env = {**self.plan.env, TOKEN_ENV: self.token}
+            self._proc = await self._spawn(self.plan.command, env, fd)
+        except OSError as exc:
+            raise SpawnFailed(
+                f"cannot start worker {self.plan.command[0]}: {exc.strerror}") from None
+        except (ValueError, subprocess.SubprocessError) as exc:  # a NUL in an argument, say
+            raise SpawnFailed(f"cannot start worker {self.plan.command[0]}: {exc}") from None
+        finally:
+            if self._proc is None:
+                os.close(fd)
+        # From here on a process exists: whatever fails (the pid line on a full disk, the
+        # state file, the wait) kills it before the error goes on, so a model listed as
+        # failed never leaves a worker running.
+        try:
+            self._exited = asyncio.ensure_future(self._proc.wait())
+            self._exited.add_done_callback(self._on_exit)
+            try:
+                if self.log_problem is None:
+                    logfiles.write_pid_line(fd, self._proc.pid)
+            except OSError as exc:
+                self._log_failed(exc)
+            finally:
+                os.close(fd)  # the child holds its own copy
+            if self._on_spawn is not None:
+                await self._on_spawn(self)
+            await self._wait_ready()
+        except BaseException:
+            await self.kill()
+            raise
+
+    def _open_log(self) -> int:
+        """The descriptor the worker writes to: its log file, or, when that cannot be
+        written (a full or read-only log_dir), the supervisor's own stderr (the journal),
+        so a full disk costs the log, never the model."""
+        try:
+            return logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
+        except OSError as exc:
+            self._log_failed(exc)
+        return os.dup(2)
+
+    def _log_failed(self, exc: OSError) -> None:
+        self.log_problem = (f"cannot write the log {self.log_path}: "
+                            f"{exc.strerror or exc}; its output goes to the service's journal")
+        log.error("%s: %s", self.model_id, self.log_problem)
+
+    async def _wait_ready(self) -> None:
+        assert self._exited is not None
+        started = self._clock()
+        deadline = started + self.plan.ready_timeout_s
+        squatter: str | None = None  # who else answered on our port, if anyone did
+        while True:
+            if await self._probe(self.port, self.plan.probe_path):
+                if await self._proves_ours():
+                    return
+                if squatter is None:
+                    squatter = await asyncio.to_thread(portowner.describe_holder, self.port)
+                    log.warning("%s: port %d answered, but from %s, not worker pid %s; "
+                                "waiting for the worker itself", self.model_id, self.port,
+                                squatter, self.pid)
+            if self._exited.done():
+                code = self._exited.result()
+                headline, detail = self.log_excerpt()
+                taken = (f" (port {self.port} was taken by {squatter})"
+                         if squatter is not None else "")
+                raise WorkerExited(
+                    f"worker {describe_exit(code)} while starting{taken}: {headline}",
+                    exit_code=code, detail=detail)
+            now = self._clock()
+            if now >= deadline:
+                headline, detail = self.log_excerpt()
+                raise WorkerTimeout(
+                    f"worker not ready after {self.plan.ready_timeout_s:g} s (killed); "
+                    f"its log last said: {headline}", detail=detail)
+            delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
+            # Wake early if the process exits, so a crash is reported at once.
+            await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
+
+    async def _proves_ours(self) -> bool:
+        """The listener on our port belongs to the worker's process group (its session:
+        a wrapper's children count), not to a process that took the port first. In a
+        thread: reading /proc/net/tcp takes milliseconds on some kernels."""
+        assert self._proc is not None
+        owned = await asyncio.to_thread(self._owns_port, self.port, self._proc.pid)
+        return owned is not False
+
+    async def answers(self, timeout_s: float) -> bool:
+        """One liveness probe: does the worker answer its probe within `timeout_s`?"""
+        try:
+            ok = await bounded(self._probe(self.port, self.plan.probe_path), timeout_s)
+        except asyncio.TimeoutError:
+            ok = False
+        self.probes[ok] += 1
+        return ok
+
+    def log_excerpt(self, fallback: bool = True) -> tuple[str | None, str]:
+        """(the one line of the log that says what went wrong, its last lines); see
+        logfiles.excerpt."""
+        if self.log_problem is not None:
+            return self.log_problem, ""
+        return logfiles.excerpt(self.log_path, LOG_TAIL_LINES, fallback)
+
+    def progress_token(self) -> tuple[int, float, int]:
+        """Changes while a starting worker does anything: writes its log, uses CPU, or does
+        I/O (a download). Equal tokens a heartbeat apart mean it is stuck."""
+        import psutil  # only needed under systemd, where start-up heartbeats are sent
+
+        try:
+            size = self.log_path.stat().st_size
+        except OSError:
+            size = 0
+        if self._proc is None or self.returncode is not None:
+            return (size, 0.0, 0)
+        try:
+            proc = psutil.Process(self._proc.pid)
+            with proc.oneshot():
+                cpu = sum(proc.cpu_times()[:2])
+                io = proc.io_counters()
+            return (size, cpu, io.read_chars + io.write_chars)
+        except (psutil.Error, AttributeError):
+            return (size, 0.0, 0)
+
+    async def wait_exit(self) -> int:
+        """Wait until the process exits (for whatever reason); its return code."""
+        assert self._exited is not None, "worker was never started"
+        return await asyncio.shield(self._exited)
+
+    async def stop(self) -> None:
+        """SIGTERM to the process group, a bounded wait, then SIGKILL."""
+        if self._exited is None or self._exited.done():
+            return
+        self._stop_sent = "neuronctl sent SIGTERM"
+        self._signal_group(signal.SIGTERM)
+        done, _ = await asyncio.wait({self._exited}, timeout=self.stop_timeout_s)
+        if not done:
+            log.warning(
+                "%s: worker pid %s ignored SIGTERM for %g s; sending SIGKILL",
+                self.model_id, self.pid, self.stop_timeout_s,
+            )
+            await self.kill()
+
+    async def kill(self) -> None:
+        if self._exited is None or self._exited.done():
+            return
+        self._stop_sent = ("neuronctl sent SIGKILL after SIGTERM" if self._stop_sent
+                           else "neuronctl sent SIGKILL")
+        self._signal_group(signal.SIGKILL)
+        await asyncio.shield(self._exited)
+
+    def _on_exit(self, exited: asyncio.Future[int]) -> None:
+        # Children the worker left in its group die with it. Done right at the exit, never
+        # later: once the group is empty its id may be recycled for an unrelated process.
+        self._signal_group(signal.SIGKILL)
+        if self.log_problem is None and not exited.cancelled() and exited.exception() is None:
+            # The log's last line says how it ended: `logs --previous` after a crash.
+            how = describe_exit(exited.result())
+            if self._stop_sent:
+                how += f" ({self._stop_sent})"
+            logfiles.write_end_line(self.log_path, f"worker pid {self.pid} {how}")
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)

@@ -1,1 +1,0 @@
-"""The dashboard page and its assets: package data, served by neuronctl/dashboard.py."""

@@ -1,0 +1,60 @@
+"""Idle unload: ttl_s after the last /v1 request; default models are pinned."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from neuronctl.api.app import create_app
+from neuronctl.api.idle import IdleReaper
+from neuronctl.api.v1 import RouterStats
+from neuronctl.config import ModelSpec, NeuronConfig
+
+from ..helpers import MakeRegistry, poll_until
+
+
+async def test_ttl_counts_from_the_last_request_and_spares_pinned_defaults(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
+    defaults = (ModelSpec("pinned", harness="fake"),
+                ModelSpec("default-with-ttl", harness="fake", ttl_s=5.0))
+    config = dataclasses.replace(node_config, ttl_s=5.0, default_models=defaults)
+    now = [0.0]
+
+    registry = make_registry(config)
+    stats = RouterStats()
+    reaper = IdleReaper(registry, stats, clock=lambda: now[0])
+    for spec in (*defaults, ModelSpec("busy", harness="fake", ttl_s=5.0),
+                 ModelSpec("by-hand", harness="fake")):
+        await registry.load(spec)
+    assert reaper.ttl_for(registry.get("pinned")) is None  # type: ignore[arg-type]
+    await reaper.reap()  # t=0: everything starts its clock
+    now[0] = 4.0
+    stats.model("busy").requests += 1  # a request at t=4
+    await reaper.reap()
+    now[0] = 6.0
+    await reaper.reap()
+    # Past 5 s idle: the default with its own ttl_s and the by-hand model (the
+    # node's ttl_s). The pinned default stays; "busy" was used 2 s ago.
+    assert {r.model_id for r in registry.models()} == {"pinned", "busy"}
+    stats.model("busy").in_flight = 1  # a long request in flight is not idleness
+    now[0] = 60.0
+    await reaper.reap()
+    assert registry.get("busy") is not None
+    stats.model("busy").in_flight = 0
+    await reaper.reap()  # idle from now on
+    now[0] = 66.0
+    await reaper.reap()
+    assert {r.model_id for r in registry.models()} == {"pinned"}
+
+
+async def test_the_app_unloads_an_idle_model(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    async with TestClient(TestServer(create_app(registry))) as client:
+        body: dict[str, Any] = {"model_id": "m", "harness": "fake", "ttl_s": 0.2}
+        async with client.post("/models/load", json=body) as resp:
+            assert resp.status == 200
+        await asyncio.to_thread(poll_until, lambda: registry.get("m") is None, 10)
