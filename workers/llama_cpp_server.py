@@ -13,16 +13,22 @@ relies on:
   answered by a busy worker and fail only for a hung one. The app (and so this route)
   exists only once the model has loaded, so its first 200 also means ready.
 
-And one flag the stock server lacks: `--pooling none|mean|cls|last|rank` (llama.cpp's
-pooling type, as llama-server's `--pooling`). Without it an embedding model whose GGUF does
-not name a pooling type (most chat models) answers `/v1/embeddings` with one vector per
-token instead of one per input.
+And two flags the stock server lacks:
+
+* `--pooling none|mean|cls|last|rank` (llama.cpp's pooling type, as llama-server's
+  `--pooling`). Without it an embedding model whose GGUF does not name a pooling type (most
+  chat models) answers `/v1/embeddings` with one vector per token instead of one per input.
+* `--no_extra_bufts` (llama.cpp's `use_extra_bufts = false`, as llama-server's
+  `--no-repack`): no repacked or AMX weight buffers. On CPUs with AMX, llama.cpp's AMX
+  matrix multiply crashed (SIGSEGV in ggml_backend_amx_mul_mat) on the first answer of
+  Gemma 3 270M Q4_K_M; the supervisor passes this flag on such CPUs.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import types
 from typing import cast
 
 # llama_cpp.server lets these environment variables override --host/--port/--config_file.
@@ -61,9 +67,13 @@ def main() -> None:
                      for name in ("none", "mean", "cls", "last", "rank")}
     parser.add_argument("--pooling", choices=sorted(pooling_types), default=None,
                         help="pooling of /v1/embeddings vectors (default: the model's own)")
+    parser.add_argument("--no_extra_bufts", action="store_true",
+                        help="no repacked or AMX weight buffers (llama-server's --no-repack)")
     args = parser.parse_args()
     if args.pooling is not None:
         _default_pooling(llama_cpp.Llama, pooling_types[args.pooling])
+    if args.no_extra_bufts:
+        _no_extra_buffers(llama_cpp.llama_cpp)  # the module llama.py calls it from
     try:
         # Typed upstream as returning the class it is given; it returns an instance.
         server_settings = cast(ServerSettings, parse_model_from_args(ServerSettings, args))
@@ -93,6 +103,19 @@ def _default_pooling(llama: type, pooling_type: int) -> None:
         init(self, *args, **kwargs)
 
     llama.__init__ = with_pooling  # type: ignore[misc]
+
+
+def _no_extra_buffers(llama_cpp: types.ModuleType) -> None:
+    """Llama builds its model parameters from `llama_model_default_params()` and has no
+    argument for `use_extra_bufts`: default it off instead."""
+    defaults = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers() -> object:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = without_extra_buffers
 
 
 if __name__ == "__main__":
