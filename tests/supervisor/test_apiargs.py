@@ -192,3 +192,31 @@ async def test_the_journal_shows_the_whole_worker_command(
     lines = [r.getMessage() for r in caplog.records
              if r.levelno >= logging.INFO and "m: running" in r.getMessage()]
     assert lines and "--delay 0.01" in lines[0] and "fake_worker.py" in lines[0]
+
+
+def test_amx_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from neuronctl.supervisor.harness import cpu_has_amx
+
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile amx_int8\n")
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert cpu_has_amx.__wrapped__(str(amx)) is True
+    assert cpu_has_amx.__wrapped__(str(plain)) is False
+    assert cpu_has_amx.__wrapped__(str(tmp_path / "missing")) is False
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_workers_run_without_extra_buffers_on_amx_cpus(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch, amx: bool,
+) -> None:
+    from neuronctl.supervisor import harness
+
+    monkeypatch.setattr(harness, "cpu_has_amx", lambda: amx)
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    spec = ModelSpec("m", path=model_file)
+    python_plan = LlamaCppPythonHarness(HarnessConfig()).plan(spec, 4242)
+    server_plan = LlamaServerHarness(HarnessConfig(binary=str(binary))).plan(spec, 4242)
+    assert ("--no_extra_bufts" in python_plan.command) is amx
+    assert ("--no-repack" in server_plan.command) is amx
