@@ -9,7 +9,6 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_CONFIG_PATH, NeuronConfig, read_keys_leniently
+from .config import DEFAULT_CONFIG_PATH, DEFAULT_PORT, NeuronConfig, read_keys_leniently
 from .notes import local_url, read_listening, read_starting
 
-DEFAULT_PORT = 13131
-DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+# What a client refused for want of a key is told: where the CLI's commands find one.
+KEY_HINT = "set NEURON_API_KEY, or pass the --config that has it"
 # Longer than the daemon's keep-alive interval (15 s): a quiet node is not a dead one.
 EVENTS_READ_TIMEOUT_S = 45.0
 Event = tuple[str, Any]  # a server-sent event: its name and its decoded data
@@ -52,7 +51,7 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class ClientSettings:
     host: str = "127.0.0.1"
-    port: int = 13131
+    port: int = DEFAULT_PORT
     log_dir: Path = NeuronConfig.log_dir
     api_key: str | None = None
     state_dir: Path | None = None  # where a starting supervisor leaves its note
@@ -169,10 +168,11 @@ def _env_port() -> int | None:
 
 class Client:
     def __init__(self, url: str, timeout_s: float = 10.0, api_key: str | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, key_hint: str = KEY_HINT) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self._api_key = api_key
+        self._key_hint = key_hint  # said with a 401 when no key was sent
         self._state_dir = state_dir  # known when the URL came from the config
         self.note: str | None = None  # something the operator should know (the CLI says it)
 
@@ -183,25 +183,34 @@ class Client:
     def request(
         self, method: str, path: str, body: Any = None, timeout_s: float | None = None
     ) -> Any:
+        with self._exchange(method, path, body, timeout_s or self.timeout_s) as resp:
+            return json.loads(resp.read() or b"null")
+
+    @contextlib.contextmanager
+    def _exchange(self, method: str, path: str, body: Any, timeout_s: float,
+                  accept: str | None = None) -> Iterator[http.client.HTTPResponse]:
+        """The answer to `method path`, open while the caller reads it: the one place that
+        builds a request (JSON body, API key) and says why no answer came. ApiError for a
+        refusal (the node's message) or no answer within `timeout_s`, DaemonNotRunning when
+        nothing listens (refused, or reset before the answer was read)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if accept is not None:
+            req.add_header("Accept", accept)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         if self._api_key:
             req.add_header("Authorization", f"Bearer {self._api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
-                return json.loads(resp.read() or b"null")
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                yield resp
         except urllib.error.HTTPError as exc:
             raise self._api_error(exc) from None
-        except TimeoutError:
-            waited = timeout_s or self.timeout_s
-            raise ApiError(0, f"no answer from {self.url} within {waited:g} s") from None
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                raise ApiError(0, f"no answer from {self.url}: {exc.reason}") from None
-            raise self._not_running() from None
-        except ConnectionError:  # refused, or reset before an answer
+        except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
+            # A connect that timed out comes wrapped in a URLError, a read that did bare.
+            if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None),
+                                                           TimeoutError):
+                raise ApiError(0, f"no answer from {self.url} within {timeout_s:g} s") from None
             raise self._not_running() from None
 
     def _api_error(self, exc: urllib.error.HTTPError) -> ApiError:
@@ -224,7 +233,7 @@ class Client:
             message = (f"{self.url} answered HTTP {exc.code} {exc.reason}, not as a neuron "
                        "node does (no JSON error); is --url the node's address?")
         if exc.code == 401 and not self._api_key:
-            message = f"{message} (set NEURON_API_KEY, or pass the --config that has it)"
+            message = f"{message} ({self._key_hint})"
         return ApiError(exc.code, message, payload)
 
     def models(self) -> list[dict[str, Any]]:
@@ -246,24 +255,7 @@ class Client:
                read_timeout_s: float) -> Iterator[Event]:
         """Server-sent events of `method path` (the events stream, a streamed /v1 answer)
         as they come; `read_timeout_s` bounds each wait for the next bytes."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Accept": "text/event-stream"})
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        if self._api_key:
-            req.add_header("Authorization", f"Bearer {self._api_key}")
-        try:
-            resp = urllib.request.urlopen(req, timeout=read_timeout_s)
-        except urllib.error.HTTPError as exc:
-            raise self._api_error(exc) from None
-        except (TimeoutError, urllib.error.URLError, ConnectionError) as exc:
-            if not isinstance(exc, TimeoutError) and not isinstance(
-                getattr(exc, "reason", None), TimeoutError
-            ):
-                raise self._not_running() from None
-            raise ApiError(0, f"no answer from {self.url} within {read_timeout_s:g} s") from None
-        with resp:
+        with self._exchange(method, path, body, read_timeout_s, "text/event-stream") as resp:
             try:
                 yield from read_events(resp)
             except TimeoutError:

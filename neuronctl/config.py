@@ -30,6 +30,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_CONFIG_PATH = Path("/etc/neuron/neuron.toml")
 DEFAULT_HARNESS = "llama-cpp-python"
+# The API's port: the daemon's default, and the one a client assumes (`HOST` alone, no config).
+DEFAULT_PORT = 13131
 ENV_PREFIX = "NEURON_"
 # NEURON_* variables that belong to the CLI client, not to the config file.
 CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY"})
@@ -131,7 +133,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class NeuronConfig:
-    port: int = 13131
+    port: int = DEFAULT_PORT
     host: str = "0.0.0.0"
     # How gateways and `neuronctl fleet` name this node (docs/fleet.md); unset: host name
     # and port (`gpu1:13131`), since host names alone collide.

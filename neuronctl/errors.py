@@ -14,8 +14,9 @@ lines) travels in `detail`, never in the message.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 # Characters of a client's value (a path, say) an error message or a journal line quotes:
 # a message is one line, and what a client sends must not come back, or pile up, at size.
@@ -40,6 +41,14 @@ SERVER = "server_error"
 # The exit status of a command refused for its config (sysexits.h's EX_CONFIG): the daemon's
 # and the CLI's.
 EX_CONFIG = 78
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """End a command with one line on stderr and exit status `code`: the CLI's refusals, the
+    fleet commands' and `neuronctl start`'s before the daemon runs. A plain write, not rich:
+    one line however narrow the terminal (or the journal) is."""
+    sys.stderr.write(f"neuronctl: {message}\n")
+    raise SystemExit(code)
 
 
 class NeuronError(Exception):

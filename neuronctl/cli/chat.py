@@ -3,16 +3,25 @@
 One prompt (an argument, or stdin when it is not a terminal) or an interactive loop that
 keeps the conversation; every answer streamed as it is generated. It goes through the
 node's router like any client (the API key, the queue, an on-demand load), never to the
-worker's private port.
+worker's private port. The command is at the end; the conversation and the stream above
+it are plain functions a test drives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
+
+import typer
 
 from ..client import ApiError, Client
+from ..errors import fail
+from . import base
+from .base import ConfigOpt, UrlOpt
 
 # Long enough for an on-demand load and a queue wait (queue_timeout_s is 120 s by default).
 DEFAULT_READ_TIMEOUT_S = 600.0
@@ -85,7 +94,7 @@ def answer_chunks(client: Client, conversation: Conversation, prompt: str) -> It
                       "complete (the node or its worker stopped)")
 
 
-def say(client: Client, conversation: Conversation, prompt: str, out: TextIO) -> str:
+def stream_answer(client: Client, conversation: Conversation, prompt: str, out: TextIO) -> str:
     """Stream one answer to `out` and remember the turn; the answer's text. The line is
     ended whatever happens, so an error or a Ctrl-C (re-raised: the caller says it) never
     lands on the answer's line; a stopped answer is remembered as far as it came."""
@@ -134,9 +143,63 @@ def interactive(client: Client, conversation: Conversation, read: Callable[[str]
             out.write(HELP + "\n")
             continue
         try:
-            say(client, conversation, prompt, out)
+            stream_answer(client, conversation, prompt, out)
         except KeyboardInterrupt:
             err.write("(answer stopped)\n")
         except ApiError as exc:
             err.write(f"neuronctl: {exc.message}\n")
         err.flush()
+
+
+def chat(
+    model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The model to talk to.")],
+    prompt: Annotated[
+        str | None,
+        typer.Argument(metavar="PROMPT", help="One prompt; without it, stdin when piped, "
+                                              "else an interactive chat (/bye ends it)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens per answer.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="A plain completion of PROMPT (base models), no "
+                                         "chat template.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the next token (an on-demand load "
+                                 "included).")
+    ] = DEFAULT_READ_TIMEOUT_S,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Chat with a model through the node's /v1, answers streamed (like `ollama run`)."""
+    if not (math.isfinite(timeout) and timeout > 0):
+        fail(f"--timeout: must be a positive number of seconds, got {timeout:g}", 2)
+    if max_tokens is not None and max_tokens < 1:
+        fail(f"--max-tokens: must be at least 1, got {max_tokens}", 2)
+    if raw and system is not None:
+        fail("--system needs a chat; --raw is a plain completion of the prompt", 2)
+    options = ChatOptions(model=model_id, system=system, max_tokens=max_tokens,
+                          temperature=temperature, raw=raw, read_timeout_s=timeout)
+    node = base.client(url, config)
+    conversation = Conversation(options)
+    if prompt is None and not sys.stdin.isatty():
+        # Bytes, decoded leniently: a prompt that is not UTF-8 is no reason for a traceback.
+        prompt = sys.stdin.buffer.read().decode("utf-8", "replace")
+        prompt = prompt.rstrip("\n") if raw else prompt.strip()  # a raw prompt keeps its indent
+        if not prompt.strip():
+            fail("no prompt: stdin was empty", 2)
+    try:
+        if prompt is not None:
+            base.call(stream_answer, node, conversation, clean_text(prompt), sys.stdout)
+            return
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() then has line editing and history)
+        base.warn(f"chatting with {model_id} at {node.url}/v1; {HELP}", style="dim")
+        base.call(interactive, node, conversation, input, sys.stdout, sys.stderr)
+    except KeyboardInterrupt:  # one prompt's answer stopped, or Ctrl-C at the >>> prompt
+        sys.stdout.write("\n" if prompt is None else "")
+        sys.stdout.flush()
+        if prompt is not None:
+            sys.stderr.write("neuronctl: answer stopped\n")
+        raise typer.Exit(130) from None

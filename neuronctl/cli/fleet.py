@@ -11,16 +11,17 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ..client import normalize_url
+from ..errors import fail
 from ..fleet import nodes as fleet
 from . import formats
+from .base import print_table
 
 EX_INCOMPLETE = 3  # the config is written, without the nodes that did not answer
 
@@ -30,7 +31,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
 
 NodesArg = Annotated[
     list[str], typer.Argument(metavar="NODE_URL...", show_default=False,
@@ -47,9 +47,7 @@ TimeoutOpt = Annotated[
 STATUS_STYLES = {**formats.STATUS_STYLES, "unreachable": "red"}
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    sys.stderr.write(f"neuronctl: {message}\n")
-    raise typer.Exit(code)
+_fail = fail  # the package's one: `_write_if_changed` calls it so
 
 
 def _urls(nodes: list[str]) -> list[str]:
@@ -58,7 +56,7 @@ def _urls(nodes: list[str]) -> list[str]:
         try:
             urls.append(normalize_url(node))
         except ValueError as exc:
-            _fail(f"NODE_URL: {exc}", 2)
+            fail(f"NODE_URL: {exc}", 2)
     return urls
 
 
@@ -111,7 +109,7 @@ def litellm_config(
     for url, why in result.left_out:
         sys.stderr.write(f"neuronctl: left out {url}: {why}\n")
     if result.empty:
-        _fail("no model to serve on any node that answered; nothing written", 1)
+        fail("no model to serve on any node that answered; nothing written", 1)
     text = fleet.render(result, urls)
     if out_file is None:
         sys.stdout.write(text)
@@ -166,12 +164,8 @@ def status(
         print(json.dumps([{"url": n.url, "node_id": n.node_id, "incarnation": n.incarnation,
                            "error": n.error, "models": n.models} for n in read], indent=2))
     else:
-        table = status_table(fleet.status_rows(read))
-        if out.is_terminal or os.environ.get("COLUMNS"):
-            out.print(table)
-        else:  # piped (to grep): each row on one line, whatever the ids' length
-            width = out.measure(table, options=out.options.update(width=1 << 16)).maximum
-            Console(width=width, force_terminal=False).print(table)
+        rows = fleet.status_rows(read)
+        print_table(lambda _width: status_table(rows))  # folds to a terminal's width itself
         for node in read:
             if node.error is not None:
                 sys.stderr.write(f"neuronctl: {node.url}: {node.error}\n")

@@ -1,6 +1,6 @@
-"""How the CLI shows models: sizes, spans, the status table and its colours. Pure
-formatting over `/models` entries, shared by `status`, `status --watch`, `events` and
-`fleet status`."""
+"""How the CLI shows models: sizes (the package's `units.fmt_bytes`), spans, the status
+table and its colours. Pure formatting over `/models` entries, shared by `status`,
+`status --watch`, `events` and `fleet status`."""
 
 from __future__ import annotations
 
@@ -11,23 +11,12 @@ from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
 
+from ..units import fmt_bytes
+
 STATUS_STYLES = {
     "loaded": "green", "loading": "yellow", "downloading": "yellow", "restarting": "yellow",
     "unloading": "yellow", "failed": "red", "unloaded": "dim",
 }
-
-
-def fmt_bytes(n: int | None) -> str:
-    """Binary units, as nvidia-smi and free count: `412 MiB`, `1.2 GiB`."""
-    if n is None:
-        return "?"
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.0f} {unit}"
-    return f"{n} B"
 
 
 def fmt_download(download: dict[str, Any] | None) -> str:

@@ -40,6 +40,8 @@ REDIS_SETTINGS: dict[str, Any] = {"redis_host": "os.environ/REDIS_HOST",
                                   "redis_port": "os.environ/REDIS_PORT",
                                   "redis_password": "os.environ/REDIS_PASSWORD"}
 SERVABLE_NOW = "loaded"
+# The fleet commands take the nodes' key from --api-key, never from a config file.
+KEY_HINT = "set NEURON_API_KEY, or pass --api-key"
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class Node:
 
 def read_node(url: str, api_key: str | None, timeout_s: float) -> Node:
     """`GET /models` and `GET /discovery` of the node at `url` (a normalized base URL)."""
-    client = Client(url, timeout_s, api_key)
+    client = Client(url, timeout_s, api_key, key_hint=KEY_HINT)
     try:
         models = client.request("GET", "/models")
         host = client.request("GET", "/discovery")

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import DownloadError, ModelFileError, clip
+from ..units import fmt_bytes
 
 # `Model-Q4_K_M-00001-of-00003.gguf`: llama.cpp's split files; the worker is given part 1.
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
@@ -309,10 +310,7 @@ class Progress:
 
 
 def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    return fmt_bytes(n)  # the package's one byte formatter: the CLI says the same size
 
 
 def _bar_class(progress: Progress) -> type:

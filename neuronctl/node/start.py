@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-from ..errors import EX_CONFIG
+from ..errors import EX_CONFIG, fail
 from .logsetup import FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -43,11 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> int:
-    sys.stderr.write(f"neuronctl: {message}\n")
-    return EX_CONFIG
-
-
 def run(argv: Sequence[str]) -> int:
     """Run the daemon in the foreground; the process exit status."""
     # Until the daemon's own handlers are installed (its first step), a SIGHUP (a reload
@@ -59,7 +54,7 @@ def run(argv: Sequence[str]) -> int:
         config = load_config(args.config)
         if args.port is not None:
             if not 1 <= args.port <= 65535:
-                return _fail(f"--port must be between 1 and 65535, got {args.port}")
+                fail(f"--port must be between 1 and 65535, got {args.port}", EX_CONFIG)
             config = dataclasses.replace(config, port=args.port)
         from ..supervisor.harness import build_harnesses
 
@@ -67,7 +62,7 @@ def run(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         if exc.source is None:
             exc.source = str(args.config or DEFAULT_CONFIG_PATH)
-        return _fail(f"config error: {exc}")
+        fail(f"config error: {exc}", EX_CONFIG)
     # Before the directory checks: what they warn about belongs in the journal.
     setup_logging(args.log_level.upper(), args.log_format)
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from neuronctl import __version__
-from neuronctl.cli.app import _loading_what
+from neuronctl.cli.models import _loading_what
 from neuronctl.client import Client
 from neuronctl.logfiles import log_path
 

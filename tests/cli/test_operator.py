@@ -489,7 +489,7 @@ def test_logged_text_cannot_forge_journal_lines_or_send_escapes() -> None:
 
 
 def test_events_name_states_as_the_api_and_the_journal_do() -> None:
-    from neuronctl.cli.app import _event_lines
+    from neuronctl.cli.status import _event_lines
 
     line, = _event_lines("state", {"model": "m", "from": "ready", "to": "backoff",
                                    "reason": "worker was killed by SIGKILL", "time": 0})

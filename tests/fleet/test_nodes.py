@@ -311,6 +311,7 @@ async def test_the_nodes_key_is_sent_and_written(serve_node: StartNode) -> None:
     a = await serve_node("node-a", fake("m", autoload=True), api_key="node-key")
     code, _, err = await neuronctl("fleet", "litellm-config", a)
     assert code == 1 and "left out" in err and "NEURON_API_KEY" in err, err
+    assert "pass --api-key" in err and "--config" not in err, err  # fleet has no --config
     code, text, err = await neuronctl("fleet", "litellm-config", a, NEURON_API_KEY="node-key")
     assert code == 0, err
     assert yaml.safe_load(text)["model_list"][0]["litellm_params"]["api_key"] == "node-key"

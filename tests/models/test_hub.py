@@ -179,7 +179,7 @@ def test_download_fetches_every_part_into_the_cache_with_progress(tmp_path: Path
     assert resolved.path.read_bytes() == b"part1" * 1000
     assert progress.total_bytes == progress.done_bytes == 15000
     assert any("fetching BF16/Qwen3-0.6B-BF16-00002-of-00003.gguf" in ln for ln in lines)
-    assert lines[-1] == "download: done, 15.0 kB of 15.0 kB (100%)"
+    assert lines[-1] == "download: done, 15 KiB of 15 KiB (100%)"
     # A second resolution is served by the cache, with no listing and no download.
     again = Fetcher(cache, offline=True).resolve(spec(quant="BF16"), Progress())
     assert again.parts == resolved.parts and len(hub.downloads) == 3

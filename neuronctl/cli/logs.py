@@ -1,0 +1,78 @@
+"""`neuronctl logs`: a model's log file, read where the daemon writes it (or, when it does
+not answer, where the config says), so it works whether or not the daemon runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import logfiles
+from ..client import ApiError, DaemonNotRunning, connect, settings_for
+from ..config import ConfigError, config_from_env
+from ..errors import EX_CONFIG, fail
+from .base import ConfigOpt, UrlOpt
+
+
+def logs(
+    model_id: Annotated[
+        str, typer.Argument(metavar="MODEL_ID", help="The model whose log to show.")
+    ],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 50,
+    previous: Annotated[
+        bool, typer.Option("--previous", "-p", help="The log of the start before this one.")
+    ] = False,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Log directory [default: the daemon's, else the "
+                                       "config's log_dir].")
+    ] = None,
+    config: ConfigOpt = None,
+    url: UrlOpt = None,
+) -> None:
+    """Print a model's log file; works whether or not the daemon runs."""
+    path = logfiles.log_path(log_dir, model_id) if log_dir is not None else \
+        _log_path_from_daemon(url, config, model_id)
+    if path is None:
+        try:
+            settings = settings_for(config)
+            log_dir = settings.log_dir if settings else config_from_env().log_dir
+        except ConfigError as exc:
+            fail(f"config error: {exc}", EX_CONFIG)
+        path = logfiles.log_path(log_dir, model_id)
+    if previous:
+        path = logfiles.previous_path(path)
+    try:
+        tail = logfiles.read_tail(path, lines)
+    except FileNotFoundError:
+        which = "previous log" if previous else "log"
+        fail(f"no {which} for {model_id} at {path}")
+    except logfiles.UnsafeLog as exc:  # a symlink or a FIFO planted in log_dir
+        fail(f"{path} {exc.strerror}")
+    for line in tail:
+        print(line)
+    if follow:
+        sys.stdout.flush()
+        try:
+            for chunk in logfiles.follow(path):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        except logfiles.UnsafeLog as exc:
+            fail(f"{path} {exc.strerror}")
+
+
+def _log_path_from_daemon(url: str | None, config: Path | None, model_id: str) -> Path | None:
+    """Where the daemon writes this model's log (`log_path` in /models): the daemon knows,
+    whatever config this shell finds. None when it does not answer or does not know."""
+    try:
+        models = connect(url, config, timeout_s=3.0).models()
+    except (ApiError, DaemonNotRunning, ConfigError, ValueError):
+        return None
+    for model in models:
+        if model.get("id") == model_id and model.get("log_path"):
+            return Path(model["log_path"])
+    return None

@@ -1,0 +1,194 @@
+"""`neuronctl load`, `unload` and `reload`: the commands that change which models run.
+`load` waits for the model behind a spinner that says what the node is doing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.markup import escape
+
+from ..client import ApiError, Client, DaemonNotRunning
+from ..errors import fail
+from .base import ConfigOpt, UrlOpt, call, client, err, say, warn
+from .formats import fmt_download
+
+T = TypeVar("T")
+
+LOAD_POLL_S = 0.5
+LOAD_POLL_TIMEOUT_S = 2.0
+
+
+def _loading_what(node: Client, model_id: str) -> str | None:
+    """What the spinner says while `model_id` loads: its download's bytes while it
+    downloads; None when GET /models does not say (the spinner keeps its words)."""
+    try:
+        models = node.request("GET", "/models", timeout_s=LOAD_POLL_TIMEOUT_S)
+    except (ApiError, DaemonNotRunning):
+        return None
+    for m in models if isinstance(models, list) else []:
+        download = m.get("download")
+        if m.get("id") == model_id and m.get("status") == "downloading" and download:
+            file = escape(str(download.get("file") or "?"))
+            return f"downloading {file} {fmt_download(download)}"
+    return f"loading {escape(model_id)}"
+
+
+def _wait_with_spinner(work: Callable[[], T], describe: Callable[[], str | None],
+                       doing: str) -> T:
+    """`work()`'s result (or what it raised), a spinner on stderr meanwhile: `doing` (rich
+    markup), then what `describe()` says every LOAD_POLL_S (its last words while it says
+    None), and the seconds so far. `work` runs in a daemon thread: a Ctrl-C (raised on)
+    stops only the wait."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except Exception as exc:  # raised again in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    started = polled = time.monotonic()
+    with err.status(doing, spinner="dots") as spinner:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if time.monotonic() - polled >= LOAD_POLL_S:
+                doing = describe() or doing
+                polled = time.monotonic()
+            spinner.update(f"{doing} ({time.monotonic() - started:.0f}s)")
+    if "error" in outcome:
+        raise outcome["error"]
+    result: T = outcome["result"]
+    return result
+
+
+def load(
+    model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The id clients will use.")],
+    path: Annotated[Path | None, typer.Option(help="A local GGUF file.")] = None,
+    quant: Annotated[str | None, typer.Option(help="Quant that picks the GGUF.")] = None,
+    harness: Annotated[str | None, typer.Option(help="Harness name.")] = None,
+    n_ctx: Annotated[int | None, typer.Option(help="Context size.")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option(help="Layers on the GPU.")] = None,
+    chat_format: Annotated[str | None, typer.Option(help="llama.cpp chat format.")] = None,
+    device: Annotated[
+        list[int] | None, typer.Option(help="GPU index; repeat for several.")
+    ] = None,
+    arg: Annotated[
+        list[str] | None, typer.Option(help="Extra worker argument; repeat for several.")
+    ] = None,
+    ready_timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for the worker.")
+    ] = None,
+    ttl: Annotated[
+        float | None, typer.Option(help="Unload after this many seconds without a request.")
+    ] = None,
+    file: Annotated[
+        str | None, typer.Option(help="The GGUF file of its Hugging Face repo.")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch, tag or commit of its Hugging Face repo.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Load even if the VRAM estimate says it does not fit.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds this command waits.")] = 1800.0,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Load a model and wait until it is ready. A catalogue model's id alone loads its
+    entry in the config; options such as --ttl and --force override it."""
+    spec: dict[str, Any] = {"model_id": model_id}
+    options = {
+        "path": str(path.resolve()) if path else None, "quant": quant, "harness": harness,
+        "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers, "chat_format": chat_format,
+        "devices": device or None, "args": arg or None, "ready_timeout_s": ready_timeout,
+        "ttl_s": ttl, "file": file, "revision": revision, "force": force or None,
+    }
+    spec.update({k: v for k, v in options.items() if v is not None})
+    node = client(url, config)
+    started = time.monotonic()
+    try:
+        # The load call blocks until ready; meanwhile GET /models says what it is doing.
+        _wait_with_spinner(lambda: node.load(spec, timeout),
+                           lambda: _loading_what(node, model_id), f"loading {escape(model_id)}")
+    except KeyboardInterrupt:
+        # Only this command stops waiting: the load goes on in the daemon.
+        warn(f"interrupted: the daemon goes on loading {model_id}; "
+             f"`neuronctl status` shows it, `neuronctl unload {model_id}` stops it")
+        raise typer.Exit(130) from None
+    except DaemonNotRunning as exc:
+        fail(str(exc))
+    except ApiError as exc:
+        # One line (STYLE: errors are one line) that already says what the worker said;
+        # the log tail it carried (`detail`) is in the log.
+        first = (exc.message.splitlines() or [""])[0]
+        detail = isinstance(exc.body, dict) and exc.body.get("detail")
+        hint = f" (neuronctl logs {model_id} shows the rest)" if detail else ""
+        fail(f"{model_id}: {first}{hint}")
+    # What clients should use: the node's OpenAI base URL and the model's name there (the
+    # worker's own address changes at every restart and bypasses the API key).
+    say(f"{model_id} loaded in {time.monotonic() - started:.1f}s:"
+        f" model {model_id!r} at {node.url}/v1")
+
+
+def unload(
+    model_id: Annotated[
+        str | None, typer.Argument(metavar="MODEL_ID", help="The model to stop.")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every loaded model.")] = False,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Stop a model's worker (or, with --all, every model's)."""
+    if model_id is not None and all_:
+        fail("give a MODEL_ID or --all, not both", 2)
+    if model_id is None and not all_:
+        fail("give a MODEL_ID, or --all", 2)
+    node = client(url, config, timeout_s=120.0)
+    if model_id is not None:
+        # A worker that ignores SIGTERM takes the node's stop_timeout_s: say what happens.
+        with err.status(f"unloading {escape(model_id)}: SIGTERM to its worker, SIGKILL if it "
+                        "does not exit in time", spinner="dots"):
+            call(node.unload, model_id)
+        say(f"{model_id} unloaded")
+        return
+    loaded = [m["id"] for m in call(node.models) if m["status"] != "unloaded"]
+    if not loaded:
+        say("no models loaded")
+        return
+    failed = False
+    for each in loaded:  # one at a time: each unload answers once its worker is gone
+        try:
+            node.unload(each)
+        except DaemonNotRunning as exc:
+            fail(str(exc))
+        except ApiError as exc:
+            if exc.status != 404:  # a 404: gone meanwhile (idled out, or unloaded by another)
+                failed = True
+                warn(f"{each}: {exc.message}", style="red")
+                continue
+        say(f"{each} unloaded")
+    if failed:
+        raise typer.Exit(1)
+
+
+def reload(
+    timeout: Annotated[float, typer.Option(help="Seconds this command waits.")] = 1800.0,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Re-read the daemon's config: load new default models, unload removed ones, reload
+    changed ones (the same as `systemctl reload neuron`)."""
+    result = call(client(url, config, timeout_s=timeout).request, "POST", "/reload")
+    say(result.get("summary", "reloaded"))
+    if result.get("failed"):
+        for model_id, message in result["failed"].items():
+            first = str(message).splitlines()[0] if message else ""
+            warn(f"{model_id}: {first}", style="red")
+        raise typer.Exit(1)

@@ -1,0 +1,178 @@
+"""`neuronctl status` (and `ps`), `status --watch` and `events`: the node's models, as
+they are and as they change (the daemon's `GET /models` and `GET /models/events`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Group, RenderableType
+from rich.text import Text
+
+from ..client import ApiError, Client, DaemonNotRunning
+from ..errors import fail
+from ..states import WorkerState, journal_transition
+from .base import ConfigOpt, UrlOpt, call, client, out, print_table, say, warn
+from .formats import fmt_download, status_table
+
+
+def status(
+    json_: Annotated[bool, typer.Option("--json", help="Print the /models list as JSON.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Keep the table up to date until Ctrl-C.")
+    ] = False,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show every model on the node."""
+    if watch:
+        if json_:
+            fail("--watch draws a table; for JSON as it happens, use neuronctl events --json")
+        _watch_status(client(url, config))
+    models = call(client(url, config).models)
+    if json_:
+        print(json.dumps(models, indent=2))
+        return
+    if not models:
+        say("no models")
+        return
+    print_table(lambda width: status_table(models, width=width))
+    for m in models:
+        if m.get("error"):
+            warn(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
+
+
+def _clock(when: float | None = None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(when))
+
+
+def _event_lines(name: str, data: Any) -> list[str]:
+    """One readable line per event (a snapshot: one per model)."""
+    now = _clock()
+    if name == "snapshot":
+        models = data.get("models") or []
+        return [f"{now}  {m['id']}  {m['status']}" for m in models] or [f"{now}  no models"]
+    if name == "state":
+        reason = (str(data.get("reason") or "").splitlines() or [""])[0]
+        line = f"{_clock(data.get('time'))}  {data['model']}  {_transition(data)}"
+        return [f"{line}  {reason}" if reason else line]
+    if name == "progress":
+        download = data.get("download") or {}
+        file = download.get("file") or ""
+        return [f"{now}  {data['model']}  downloading {file}  {fmt_download(download)}"]
+    if name == "resync":
+        return [f"{now}  fell behind, {data.get('dropped')} events lost; the models now:"]
+    return [f"{now}  {name}  {json.dumps(data)}"]
+
+
+def _transition(data: dict[str, Any]) -> str:
+    """In the API's words, as the journal says it (`loaded → restarting`)."""
+    try:
+        said = journal_transition(WorkerState(data["from"]), WorkerState(data["to"]))
+    except (KeyError, ValueError):  # a newer daemon's state: show what it sent
+        return f"{data.get('from')} → {data.get('to')}"
+    return said.replace(" -> ", " → ")
+
+
+def _follow(node: Client, show: Callable[[str, Any], None]) -> NoReturn:
+    """Call `show(event, data)` for each event until the stream ends: Ctrl-C exits 0
+    quietly, a daemon that goes away (or ends the stream: it is stopping) exits 1."""
+    try:
+        for name, data in node.events():
+            show(name, data)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    except BrokenPipeError:  # `neuronctl events | head`: the reader left
+        # Python's own flush at exit would complain about the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except (DaemonNotRunning, ApiError) as exc:
+        fail(str(exc))
+    fail(f"the daemon at {node.url} ended the stream (it is stopping)")
+
+
+def events(
+    json_: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line, with its `event`.")
+    ] = False,
+    url: UrlOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print every model state change as it happens, the models as they are first;
+    Ctrl-C ends it."""
+    def show(name: str, data: Any) -> None:
+        if json_:
+            lines = [json.dumps({"event": name, **data} if isinstance(data, dict)
+                                else {"event": name, "data": data})]
+        else:
+            lines = _event_lines(name, data)
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+
+    try:
+        _follow(client(url, config), show)
+    except KeyboardInterrupt:  # before the stream was open
+        raise typer.Exit(0) from None
+
+
+# A transition after which pid, port, error or listing differ: the list is read again.
+_REREAD_AFTER = frozenset({"ready", "failed", "stopped"})
+
+
+def _apply_state(models: list[dict[str, Any]], event: dict[str, Any],
+                 node: Client) -> list[dict[str, Any]]:
+    if event["to"] in _REREAD_AFTER:
+        with contextlib.suppress(ApiError, DaemonNotRunning):
+            return node.models()
+    for m in models:
+        if m["id"] == event["model"]:
+            m["status"] = event["status"]
+            if event["to"] != "downloading":
+                m["download"] = None
+            return models
+    return [*models, {"id": event["model"], "status": event["status"]}]
+
+
+def _watch_view(models: list[dict[str, Any]] | None) -> RenderableType:
+    if models is None:
+        return Text("connecting...")
+    if not models:
+        return Text("no models")
+    now = time.time()
+    # Uptime goes on between events: from `since`, at each redraw.
+    shown = [{**m, "uptime_s": now - m["since"]} if m.get("uptime_s") is not None
+             and m.get("since") else m for m in models]
+    errors = [Text(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
+              for m in models if m.get("error")]
+    return Group(status_table(shown, width=out.width), *errors)
+
+
+def _watch_status(node: Client) -> NoReturn:
+    """`status --watch`: the table kept up to date from the event stream. Rich's refresh
+    thread redraws it 4 times a second; each event only changes what it will draw."""
+    from rich.live import Live
+
+    models: list[dict[str, Any]] | None = None
+
+    def show(name: str, data: Any) -> None:
+        nonlocal models
+        if name == "snapshot":
+            models = list(data["models"])
+        elif name == "state":
+            models = _apply_state(models or [], data, node)
+        elif name == "progress":
+            for m in models or []:
+                if m["id"] == data["model"]:
+                    m["download"] = data["download"]
+
+    with Live(console=out, refresh_per_second=4, get_renderable=lambda: _watch_view(models)):
+        try:
+            _follow(node, show)
+        except KeyboardInterrupt:  # before the stream was open
+            raise typer.Exit(0) from None
