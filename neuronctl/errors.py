@@ -311,7 +311,14 @@ class WorkerUnavailable(NeuronError):
     status, code = 502, "worker_unavailable"
 
 
-# --- streaming events --------------------------------------------------------------------
+# --- connections and streams ------------------------------------------------------------
+
+class TooManyConnections(NeuronError):
+    """`max_connections` are open and none waits for its request head to make room; the
+    connection guard answers it before any request is read (api/guard.py)."""
+
+    status, code = 503, "too_many_connections"
+
 
 class TooManyStreams(NeuronError):
     """`GET /models/events` is at its bound of open streams (each holds a connection)."""

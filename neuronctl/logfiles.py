@@ -1,4 +1,5 @@
-"""Per-model log files: naming, the header written at each start, reading the tail.
+"""Per-model log files: naming, the header written at each start, reading the tail, and
+following it like `tail -F` (`FollowedLog`, for the CLI and the API alike).
 
 `log_dir` may be shared or group-writable (a custom one), so a log path is never trusted:
 every open here goes through `open_log`, which never follows a symlink (a planted
@@ -17,6 +18,7 @@ import stat
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # `+` is kept out: it marks hashed names
 _MAX_STEM = 120
@@ -169,12 +171,17 @@ def tail_lines(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
 
 def read_tail(path: Path, n: int, max_bytes: int = 64 * 1024) -> list[str]:
     """`tail_lines`, raising FileNotFoundError or UnsafeLog (a symlink, a FIFO...)."""
-    max_bytes = max(max_bytes, n * 512)
     with os.fdopen(open_log(path), "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, size - max_bytes))
-        data = fh.read()
-    lines = data.decode("utf-8", "replace").splitlines()
+        return _last_lines(fh, n, max_bytes)
+
+
+def _last_lines(fh: BinaryIO, n: int, max_bytes: int) -> list[str]:
+    """The last `n` lines of the open file, reading at most `max_bytes` (more when many
+    lines are asked for) up to its size now, where `fh` is left."""
+    max_bytes = max(max_bytes, n * 512)
+    size = os.fstat(fh.fileno()).st_size
+    fh.seek(max(0, size - max_bytes))
+    lines = fh.read(size - fh.tell()).decode("utf-8", "replace").splitlines()
     if size > max_bytes and len(lines) > 1:
         lines = lines[1:]  # the first line is probably cut in the middle
     return lines[-n:] if n > 0 else []
@@ -206,35 +213,81 @@ def excerpt(path: Path, n: int, fallback: bool = True) -> tuple[str | None, str]
     return headline, f"last lines of {path}:\n" + "\n".join(lines[-n:])
 
 
+class FollowedLog:
+    """A log followed like `tail -F`, one step at a time: `read()` returns what was appended
+    since the last call (b"" when nothing was). When a restart rotates the file away
+    (`<model>.log` to `.1`), the old one is read to its end and then the new one from its
+    start; a truncated file is read again from its start. Every call is a few non-blocking
+    file operations (`open_log`), and raises UnsafeLog when what is at the path is no
+    regular file; the caller waits between empty reads (the CLI sleeps, the API awaits)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: BinaryIO | None = None
+
+    def open(self, *, at_end: bool) -> None:
+        """Open the file now, to follow from its end or its start (FileNotFoundError when
+        it is absent)."""
+        self._fh = os.fdopen(open_log(self.path), "rb")
+        if at_end:
+            self._fh.seek(0, os.SEEK_END)
+
+    def tail(self, n: int, max_bytes: int = 64 * 1024) -> list[str]:
+        """Open the file; its last `n` lines up to where following begins, so nothing is
+        lost or sent twice between the tail and what follows. None yet when the file is
+        absent: `read` opens it from its start once it appears."""
+        try:
+            self._fh = os.fdopen(open_log(self.path), "rb")
+        except FileNotFoundError:
+            return []
+        return _last_lines(self._fh, n, max_bytes)
+
+    def read(self, max_bytes: int = -1) -> bytes:
+        """What was appended since the last read (at most `max_bytes` of it)."""
+        if self._fh is None:
+            try:  # it appeared: read it from its start
+                self._fh = os.fdopen(open_log(self.path), "rb")
+            except FileNotFoundError:
+                return b""
+        chunk = self._fh.read(max_bytes)
+        if chunk:
+            return chunk
+        try:
+            current = self.path.lstat()
+        except FileNotFoundError:  # between a rotation and the new file
+            return b""
+        if current.st_ino != os.fstat(self._fh.fileno()).st_ino:
+            try:
+                fresh = os.fdopen(open_log(self.path), "rb")  # rotated: the new file
+            except FileNotFoundError:
+                return b""
+            self._fh.close()
+            self._fh = fresh  # read from its start
+        elif current.st_size < self._fh.tell():
+            self._fh.seek(0)  # truncated
+        else:
+            return b""
+        return self._fh.read(max_bytes)
+
+    def close(self) -> None:
+        """Never blocks: a read-only regular file."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 def follow(path: Path, poll_s: float = 0.25, from_start: bool = False) -> Iterator[str]:
-    """Yield text appended to `path` from now on, like `tail -F`: when a restart rotates
-    the file away, finish the old one and go on with the new one. Raises UnsafeLog
-    (a symlink, a FIFO...) at the path, then or after a rotation."""
-    fh = os.fdopen(open_log(path), "rb")
+    """Yield text appended to `path` from now on (`FollowedLog`), polling every `poll_s`.
+    Raises FileNotFoundError when it is absent now, UnsafeLog (a symlink, a FIFO...) at
+    the path, then or after a rotation."""
+    followed = FollowedLog(path)
+    followed.open(at_end=not from_start)
     try:
-        if not from_start:
-            fh.seek(0, os.SEEK_END)
         while True:
-            chunk = fh.read()
+            chunk = followed.read()
             if chunk:
                 yield chunk.decode("utf-8", "replace")
-                continue
-            try:
-                current = path.lstat()
-            except FileNotFoundError:  # between rotation and the new file
+            else:
                 time.sleep(poll_s)
-                continue
-            if current.st_ino != os.fstat(fh.fileno()).st_ino:
-                try:
-                    fresh = os.fdopen(open_log(path), "rb")  # rotated: the new file
-                except FileNotFoundError:
-                    continue
-                fh.close()
-                fh = fresh  # read from its start
-                continue
-            if current.st_size < fh.tell():
-                fh.seek(0)  # truncated
-                continue
-            time.sleep(poll_s)
     finally:
-        fh.close()
+        followed.close()

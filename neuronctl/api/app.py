@@ -1,8 +1,12 @@
-"""The control API: an aiohttp app over the model registry.
+"""The node's aiohttp app: its route table, the control routes' handlers, and the JSON
+error middleware.
 
-Every answer is JSON, errors included (`{"error": "...", "type": ..., "code": ...}`): one
-middleware turns whatever went wrong into that shape, with the status errors.py gives it,
-so no client ever sees an HTML page or a traceback.
+Every route the node serves is listed in `routes()`. The control routes answer JSON,
+errors included (`{"error": "...", "type": ..., "code": ...}`): one middleware turns
+whatever went wrong into that shape, with the status errors.py gives it, so no client ever
+sees an HTML page or a traceback. `/v1` answers errors in OpenAI's shape itself (v1.py);
+the dashboard's page and assets, `/metrics` and a model's logs are not JSON, and a client
+that left before its answer gets an empty 400 nobody reads.
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ from ..supervisor.harness import check_args_from_api, unavailable
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.reload import Reloader
 from . import dashboard
-from . import events_sse as events_api
-from . import v1 as router
 from .auth import api_key_middleware
 from .crosssite import same_site_middleware
-from .idle import idle_unload_ctx
+from .events_sse import STREAMS, EventStreams
+from .idle import IdleReaper
+from .logstream import FOLLOWERS, LogFollowers
 from .metrics import Metrics
 from .ratelog import RateLimitedLog
+from .traffic import RouterStats
+from .v1 import ROUTER_STATS, Router
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +193,10 @@ async def health(request: web.Request) -> web.Response:
     counts: dict[str, int] = {s.value: 0 for s in ModelStatus}
     registry = app[REGISTRY]
     # From the states alone: /health is what monitors poll, and listing() measures memory.
-    records = registry.models()
-    for record in records:
-        counts[record.status.value] += 1
-    listed = {r.model_id for r in records}
+    models = registry.models()
+    for model in models:
+        counts[model.status.value] += 1
+    listed = {m.model_id for m in models}
     counts[ModelStatus.UNLOADED.value] += sum(m not in listed for m in registry.catalogue)
     gpus = await app[DISCOVERY].gpus()
     return web.json_response({
@@ -236,16 +242,45 @@ async def _identity_headers(request: web.Request, response: web.StreamResponse) 
     response.headers[INCARNATION_HEADER] = identity.incarnation
 
 
+def routes(router: Router, streams: EventStreams, followers: LogFollowers,
+           metrics: Metrics, stats: RouterStats) -> list[web.RouteDef]:
+    """Every route the node serves. Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence
+    the greedy patterns; `/v1/models` comes before the `/v1` catch-all that forwards."""
+    return [
+        *dashboard.asset_routes(),  # GET /, /ui/app.js, /ui/app.css: open (auth.py)
+        web.get("/health", health),
+        web.get("/discovery", discovery),
+        web.get("/models", list_models),
+        web.post("/models/load", load_model),
+        web.post("/models/unload", unload_model),
+        web.get("/models/events", streams.handle),
+        web.get("/models/stats", dashboard.model_stats(stats)),
+        web.get("/models/{model_id:.+}/endpoint", model_endpoint),
+        web.get("/models/{model_id:.+}/logs", followers.handle),
+        web.post("/reload", reload_config),
+        web.get("/metrics", metrics.handle),
+        web.get("/v1/models", router.list_models),
+        web.get("/v1/models/{model_id:.+}", router.get_model),
+        web.route("*", "/v1/{path:.*}", router.forward),
+    ]
+
+
 def create_app(
     registry: ModelRegistry,
     started_at: float | None = None,
     reloader: Reloader | None = None,
     metrics: Metrics | None = None,
     identity: NodeIdentity | None = None,
+    stats: RouterStats | None = None,
 ) -> web.Application:
-    """The node's HTTP API. `metrics` is made before activation by the daemon, so the default
-    models' loads are counted; tests may leave it out. `identity`: a new incarnation unless
-    given (one app per supervisor start)."""
+    """The node's HTTP API. `stats`: the router's counters, made by whoever made
+    `registry` and given to it as its `activity` (the daemon); a fresh set otherwise, for
+    tests that build an app alone (their registry then sees every model idle unless it was
+    made with the same). `metrics` is made before activation by the daemon, over the same
+    `stats`, so the default models' loads are counted; tests may leave it out.
+    `identity`: a new incarnation unless given (one app per supervisor start)."""
+    if stats is None:
+        stats = metrics.stats if metrics is not None else RouterStats()
     middlewares: list[Middleware] = [json_errors]
     if registry.config.api_key is not None:
         # Early, so nothing (not even an error page) is served to a caller without the key.
@@ -257,29 +292,30 @@ def create_app(
     app[DISCOVERY] = registry.discovery  # one poller for the API and VRAM admission
     app[STARTED_AT] = time.monotonic() if started_at is None else started_at
     app[IDENTITY] = identity or NodeIdentity.new(registry.config)
-    app.on_response_prepare.append(_identity_headers)
-    app.router.add_get("/models", list_models)
-    app.router.add_post("/models/load", load_model)
-    app.router.add_post("/models/unload", unload_model)
-    events_api.setup(app, registry)  # GET /models/events
-    # Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence the greedy pattern.
-    app.router.add_get("/models/{model_id:.+}/endpoint", model_endpoint)
-    app.router.add_get("/health", health)
-    dashboard.setup(app, registry)  # GET /, /models/stats, /models/{id}/logs
-    app.router.add_get("/discovery", discovery)
-    app.router.add_post("/reload", reload_config)
     if reloader is not None:
         app[RELOADER] = reloader
         app[RELOAD_REFUSALS] = RateLimitedLog(log, "reloads refused", level=logging.ERROR)
-    metrics = metrics or Metrics(registry, app[STARTED_AT])
-    # The OpenAI-compatible /v1 routes; their histograms are in the node's metrics.
-    routes = router.setup(app, registry, metrics.registry)
-    app.cleanup_ctx.append(idle_unload_ctx(registry))  # ttl_s: unload idle models
-    metrics.attach(routes.stats)
+    metrics = metrics or Metrics(registry, stats, app[STARTED_AT])
+    if metrics.stats is not stats:
+        raise ValueError("metrics made over other router counters than the app's")
+    router = Router(registry, stats, metrics.requests)
+    streams = EventStreams(registry)
+    followers = LogFollowers(registry)
+    app[ROUTER_STATS] = stats
+    app[STREAMS] = streams
+    app[FOLLOWERS] = followers
+    app.router.add_routes(routes(router, streams, followers, metrics, stats))
+    app.on_response_prepare.append(_identity_headers)
+    app.cleanup_ctx.extend([
+        router.upstream.client_session,  # one pooled client for every worker
+        router.following,  # the queues follow the models' events
+        IdleReaper(registry, stats.activity).running,  # ttl_s: unload idle models
+    ])
+    # Long-lived answers end, and waiting /v1 requests answer 503, as the node stops.
+    app.on_shutdown.extend([router.shutting_down, streams.close, followers.close])
 
     async def stop_metrics(app: web.Application) -> None:
         metrics.unsubscribe()
 
-    app.on_cleanup.append(stop_metrics)
-    app.router.add_get("/metrics", metrics.handle)
+    app.on_cleanup.extend([followers.release, stop_metrics])
     return app

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..errors import Unauthorized
+from .dashboard import ASSETS
 from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # nor do the dashboard's page and assets (dashboard.ASSETS): static files, no data, and the
 # page asks for the key before it reads anything.
 OPEN_ROUTES = frozenset((method, path) for method in ("GET", "HEAD")
-                        for path in ("/health", "/", "/ui/app.js", "/ui/app.css"))
+                        for path in ("/health", *ASSETS))
 
 
 def presented_key(request: web.Request) -> str | None:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
-from ..supervisor.registry import ModelRegistry
-from . import logstream
-from .v1 import ROUTER_STATS
+from .traffic import RouterStats
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -35,7 +34,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-# Route -> file in neuronctl/api/ui and its type. auth.OPEN_ROUTES lists the same paths.
+# Route -> file in neuronctl/api/ui and its type; auth.OPEN_ROUTES opens these routes.
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -73,26 +72,28 @@ def load_assets() -> dict[str, Asset]:
     return {route: Asset.read(name, kind) for route, (name, kind) in ASSETS.items()}
 
 
-async def model_stats(request: web.Request) -> web.Response:
-    """The router's counters per model, for the dashboard's requests/s and tokens/s
-    charts: the page samples them and plots the differences."""
-    stats = request.app[ROUTER_STATS]
-    models: dict[str, Any] = {
-        model_id: {"requests": s.requests, "tokens": s.tokens, "in_flight": s.in_flight,
-                   "queued": s.queue.queued}
-        for model_id, s in sorted(stats.models.items())
-    }
-    return web.json_response({"time": round(time.time(), 3), "models": models})
-
-
-def setup(app: web.Application, registry: ModelRegistry) -> None:
-    """`GET /`, its assets, `GET /models/stats` and `GET /models/{id}/logs`."""
-    assets = load_assets()
-    for route, asset in assets.items():
+def asset_routes() -> list[web.RouteDef]:
+    """`GET /` and its assets, each answered from memory."""
+    routes = []
+    for route, asset in load_assets().items():
 
         async def serve(request: web.Request, asset: Asset = asset) -> web.Response:
             return asset.answer(request)
 
-        app.router.add_get(route, serve)
-    app.router.add_get("/models/stats", model_stats)
-    logstream.setup(app, registry)
+        routes.append(web.get(route, serve))
+    return routes
+
+
+def model_stats(stats: RouterStats) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`GET /models/stats`: the router's counters per model, for the dashboard's
+    requests/s and tokens/s charts: the page samples them and plots the differences."""
+
+    async def handle(request: web.Request) -> web.Response:
+        models: dict[str, Any] = {
+            model_id: {"requests": s.requests, "tokens": s.tokens, "in_flight": s.in_flight,
+                       "queued": s.queue.queued}
+            for model_id, s in sorted(stats.models.items())
+        }
+        return web.json_response({"time": round(time.time(), 3), "models": models})
+
+    return handle

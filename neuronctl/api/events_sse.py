@@ -6,11 +6,9 @@ a `: keep-alive` comment after a quiet `keepalive_s`, so proxies keep the connec
 It reads a bounded `Subscription`: a client too slow to keep up loses events there, and
 is told so (`resync`, then a fresh snapshot) instead of seeing a silent gap.
 
-The daemon's server does not cancel a handler whose client hung up, so a stream looks at
-its transport on every wake-up (at least once per `progress_s`) and ends itself. On
-shutdown every stream ends at once: one idle in its wait ends cleanly, one stuck writing
-to a client that stopped reading has its connection aborted, so none holds up the
-daemon's shutdown grace.
+At most `MAX_STREAMS` at once; a stream looks for its client on every wake-up (at least
+once per `progress_s`) and ends itself when it has gone, and every stream ends at
+shutdown (streams.py).
 """
 
 from __future__ import annotations
@@ -22,10 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import errors
 from ..events import ModelEvent, Subscription
 from ..states import WorkerState
 from ..supervisor.registry import ModelRegistry
+from .streams import Stream, Streams
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +46,6 @@ HEADERS = {
 }
 
 
-def listing(registry: ModelRegistry) -> list[dict[str, Any]]:
-    """The snapshot: the same list `GET /models` answers."""
-    return registry.listing()
-
-
 def state_json(event: ModelEvent) -> dict[str, Any]:
     return {
         "model": event.model,
@@ -70,23 +63,16 @@ def frame(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-class _Stream:
-    """One client's stream: its writes, and whether it is stuck in one."""
+class _EventStream(Stream):
+    """One client's event stream: its writes, bounded in what its client leaves unsent."""
 
     def __init__(self, request: web.Request, response: web.StreamResponse,
                  backlog_bytes: int = BACKLOG_BYTES,
                  grace_s: float = BACKLOG_GRACE_S) -> None:
-        self.request = request
-        self.response = response
+        super().__init__(request, response)
         self.backlog_bytes = backlog_bytes
         self.grace_s = grace_s
-        self.writing = False
         self.last_write = asyncio.get_running_loop().time()
-
-    @property
-    def hung_up(self) -> bool:
-        transport = self.request.transport
-        return transport is None or transport.is_closing()
 
     @property
     def unsent(self) -> int:
@@ -120,13 +106,8 @@ class _Stream:
     async def send(self, event: str, data: Any) -> None:
         await self.write(frame(event, data))
 
-    def abort(self) -> None:
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()  # the pending write raises ConnectionResetError
 
-
-class EventStreams:
+class EventStreams(Streams[_EventStream]):
     """The open event streams of one app: their bound, their settings, their shutdown.
 
     The settings are attributes so a test can shorten them before the app serves."""
@@ -141,55 +122,36 @@ class EventStreams:
         backlog: int = BACKLOG,
         backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
+        super().__init__("event streams", limit)
         self.registry = registry
-        self.limit = limit
         self.keepalive_s = keepalive_s
         self.progress_s = progress_s
         self.backlog = backlog
         self.backlog_bytes = backlog_bytes
-        self._streams: set[_Stream] = set()
-        self._closing = asyncio.Event()
-
-    @property
-    def open(self) -> int:
-        return len(self._streams)
-
-    async def close(self, app: web.Application) -> None:
-        """on_shutdown: end every stream now (the runner then waits for their handlers)."""
-        self._closing.set()
-        for stream in self._streams:
-            if stream.writing:  # suspended in a write: its client stopped reading
-                stream.abort()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.method == "HEAD":
             # The headers alone: a snapshot sent to a HEAD would be read by a kept-alive
             # connection as the next answer, and the stream would never end.
             return web.Response(headers=HEADERS)
-        if self.open >= self.limit:
-            raise errors.TooManyStreams(
-                f"{self.open} event streams are open, the limit; close one and try again")
+        self.check_room()
         response = web.StreamResponse(headers=HEADERS)
-        stream = _Stream(request, response, self.backlog_bytes)
-        self._streams.add(stream)
-        try:
-            # Subscribed before the snapshot is taken, in the same turn of the loop: every
-            # event after the snapshot is in the subscription, none before it.
-            with self.registry.events.subscribe(self.backlog) as events:
-                snapshot = listing(self.registry)
-                await response.prepare(request)
-                try:
-                    await stream.send("snapshot", {"models": snapshot})
-                    await self._follow(stream, events)
-                except ConnectionError:
-                    pass  # the client left during a write
-        finally:
-            self._streams.discard(stream)
+        # Subscribed before the snapshot is taken, in the same turn of the loop: every event
+        # after the snapshot is in the subscription, none before it.
+        with self.holding(_EventStream(request, response, self.backlog_bytes)) as stream, \
+                self.registry.events.subscribe(self.backlog) as events:
+            snapshot = self.registry.listing()
+            await response.prepare(request)
+            try:
+                await stream.send("snapshot", {"models": snapshot})
+                await self._follow(stream, events)
+            except ConnectionError:
+                pass  # the client left during a write
         return response
 
-    async def _follow(self, stream: _Stream, events: Subscription) -> None:
+    async def _follow(self, stream: _EventStream, events: Subscription) -> None:
         loop = asyncio.get_running_loop()
-        closing = asyncio.ensure_future(self._closing.wait())
+        closing = asyncio.ensure_future(self.closing.wait())
         arrived = asyncio.ensure_future(events.get())
         dropped = events.dropped
         next_progress = loop.time() + self.progress_s
@@ -205,7 +167,7 @@ class EventStreams:
                     arrived = asyncio.ensure_future(events.get())
                     if events.dropped != dropped:
                         lost, dropped = events.dropped - dropped, events.dropped
-                        snapshot = listing(self.registry)  # now, before any await
+                        snapshot = self.registry.listing()  # now, before any await
                         await stream.send("resync", {"dropped": lost})
                         await stream.send("snapshot", {"models": snapshot})
                     else:
@@ -220,7 +182,7 @@ class EventStreams:
             closing.cancel()
             arrived.cancel()
 
-    async def _send_progress(self, stream: _Stream) -> None:
+    async def _send_progress(self, stream: _EventStream) -> None:
         for model in self.registry.models():
             if model.state is not WorkerState.DOWNLOADING:
                 continue
@@ -231,11 +193,3 @@ class EventStreams:
 
 STREAMS = web.AppKey("event_streams", EventStreams)
 
-
-def setup(app: web.Application, registry: ModelRegistry) -> EventStreams:
-    """Add `GET /models/events` to `app`; its streams end when the app shuts down."""
-    streams = EventStreams(registry)
-    app[STREAMS] = streams
-    app.router.add_get("/models/events", streams.handle)
-    app.on_shutdown.append(streams.close)
-    return streams

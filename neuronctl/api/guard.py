@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -62,6 +63,17 @@ class BodyTimeout(ConnectionResetError):
     """What a handler reading a stalled body gets: a client gone, as far as it can tell."""
 
 
+def _raw_answer(error: errors.NeuronError) -> bytes:
+    """`error` as a whole HTTP answer that closes the connection, written to the socket as
+    it is: no request was read, so no handler (nor middleware) answers it."""
+    payload = json.dumps(error.control_body()).encode()
+    head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
+            "Content-Type: application/json",
+            *(f"{name}: {value}" for name, value in error.headers.items()),
+            "Connection: close", f"Content-Length: {len(payload)}"]
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + payload
+
+
 class ConnectionGuard:
     """The count of open connections, the cap, and what was refused or closed."""
 
@@ -79,13 +91,9 @@ class ConnectionGuard:
         # room for the new one: a slowloris's connections are exactly those, while a real
         # client's head arrives in the same packet as its connection, or the next.
         self._waiting: dict[GuardedRequestHandler, None] = {}
-        body = {"error": f"too many connections (max_connections = {limits.max_connections});"
-                " retry later", "type": errors.SERVER, "code": "too_many_connections"}
-        payload = json.dumps(body).encode()
-        self.refusal = (b"HTTP/1.1 503 Service Unavailable\r\n"
-                        b"Content-Type: application/json\r\nRetry-After: 1\r\n"
-                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                        % (len(payload), payload))
+        self.refusal = _raw_answer(errors.TooManyConnections(
+            f"too many connections (max_connections = {limits.max_connections}); retry later",
+            headers={"Retry-After": "1"}))
 
     def admit(self) -> bool:
         """Whether a new connection may have a slot; at the cap, one waiting for its request

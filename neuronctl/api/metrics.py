@@ -1,9 +1,12 @@
-"""`GET /metrics`: Prometheus text, read from the registry and the router at scrape time.
+"""`GET /metrics`: the node's Prometheus registry, and workers' own metrics merged in.
 
-A custom collector rather than metric objects updated in place: models come and go, and a
-gauge set on a model that was since unloaded would be reported forever. Only the load
-duration histogram accumulates, from the events of workers becoming ready; an ad-hoc
-model's series goes when it is unloaded (catalogue models keep theirs).
+Gauges and counters come from a custom collector that reads the registry and the router's
+counters at scrape time, rather than metric objects updated in place: models come and go,
+and a gauge set on a model that was since unloaded would be reported forever. Three
+histograms accumulate, per model: load duration (from the events of workers becoming
+ready), and the router's request duration and queue wait (`RequestTimes`). An ad-hoc
+model's series go when it is unloaded (catalogue models keep theirs), so load/unload churn
+does not grow them.
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ from ..events import ModelEvent, Subscription
 from ..states import ModelStatus, WorkerState
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
-from .routerstats import RouterStats, unloaded_for_good
+from .traffic import RouterStats, unloaded_for_good
 
+# Upper bounds, in seconds (prometheus-client adds +Inf, which catches a long stream).
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                     60.0, 120.0)
+QUEUE_BUCKETS_S = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0)
 LOAD_BUCKETS_S = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 WORKER_SCRAPE_TIMEOUT_S = 1.0
 WORKER_METRIC_PREFIX = "llamacpp:"
@@ -37,14 +45,32 @@ WORKER_METRIC_PREFIX = "llamacpp:"
 log = logging.getLogger(__name__)
 
 
+class RequestTimes:
+    """The router's two histograms per model, which it observes as requests end."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.latency = Histogram(
+            "neuron_request_duration_seconds",
+            "Time from a /v1 request reaching the router to the last byte of its answer.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.queue_wait = Histogram(
+            "neuron_request_queue_seconds",
+            "Time a /v1 request waited in its model's queue for a slot of the worker.",
+            ["model"], buckets=QUEUE_BUCKETS_S, registry=registry)
+
+    def remove(self, model_id: str) -> None:
+        for histogram in (self.latency, self.queue_wait):
+            histogram.remove(model_id)
+
+
 class NodeCollector(Collector):
-    def __init__(self, registry: ModelRegistry, started_at: float) -> None:
+    def __init__(self, registry: ModelRegistry, stats: RouterStats, started_at: float) -> None:
         self.registry = registry
-        self.stats = RouterStats()  # the router's, once the app exists (Metrics.attach)
+        self.stats = stats
         self.started_at = started_at  # monotonic
 
     def collect(self) -> Iterator[Metric]:
-        records = self.registry.models()
+        models = self.registry.models()
         uptime = GaugeMetricFamily("neuron_uptime_seconds", "Seconds since the supervisor started.")
         uptime.add_metric([], time.monotonic() - self.started_at)
         yield uptime
@@ -63,20 +89,20 @@ class NodeCollector(Collector):
             "neuron_model_log_unwritable",
             "1 while the model's worker cannot write its log file (its output goes to the "
             "journal).", labels=["model"])
-        loaded = {record.model_id for record in records}
+        loaded = {model.model_id for model in models}
         for model_id in self.registry.catalogue:
             if model_id not in loaded:  # a catalogue model with no lifecycle
                 for value in ModelStatus:
                     status.add_metric([model_id, value.value],
                                       float(value is ModelStatus.UNLOADED))
-        for record in records:
+        for model in models:
             for value in ModelStatus:
-                status.add_metric([record.model_id, value.value], float(record.status is value))
-            restarts.add_metric([record.model_id], record.restarts)
-            log_unwritable.add_metric([record.model_id], float(record.log_problem is not None))
-            memory = record.rss_bytes()
+                status.add_metric([model.model_id, value.value], float(model.status is value))
+            restarts.add_metric([model.model_id], model.restarts)
+            log_unwritable.add_metric([model.model_id], float(model.log_problem is not None))
+            memory = model.rss_bytes()
             if memory is not None:
-                rss.add_metric([record.model_id], memory)
+                rss.add_metric([model.model_id], memory)
         evictions = CounterMetricFamily(
             "neuron_model_evictions", "Times the model was unloaded to make room for another, "
             "by reason (max_loaded_models, vram).", labels=["model", "reason"])
@@ -121,36 +147,37 @@ class NodeCollector(Collector):
 
 
 class Metrics:
-    """The node's metrics, in a registry of their own (never the process-global one).
+    """The node's metrics, in a registry of their own (never the process-global one), over
+    the model registry and the router's counters `stats`.
 
     `since` is a subscription to the node's events taken before activation (the daemon
     imports this module only once the first worker is on its way): the default models'
     loads in it are counted, then the metrics follow the events themselves."""
 
-    def __init__(self, registry: ModelRegistry, started_at: float | None = None,
-                 since: Subscription | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, stats: RouterStats,
+                 started_at: float | None = None, since: Subscription | None = None) -> None:
+        self.stats = stats
         self.registry = CollectorRegistry(auto_describe=True)
         self._collector = NodeCollector(
-            registry, time.monotonic() if started_at is None else started_at)
+            registry, stats, time.monotonic() if started_at is None else started_at)
         self.registry.register(self._collector)
         self.load_duration = Histogram(
             "neuron_model_load_duration_seconds",
             "Spawn to ready of a worker, for first loads and restarts alike.",
             ["model"], buckets=LOAD_BUCKETS_S, registry=self.registry)
+        self.requests = RequestTimes(self.registry)
         if since is not None:
             for event in since.pending():
                 self.observe(event)
             since.close()
         self.unsubscribe = registry.events.on_event(self.observe)
 
-    def attach(self, stats: RouterStats) -> None:
-        self._collector.stats = stats
-
     def observe(self, event: ModelEvent) -> None:
         if event.new is WorkerState.READY and event.ready_s is not None:
             self.load_duration.labels(event.model).observe(event.ready_s)
         elif unloaded_for_good(self._collector.registry, event):
             self.load_duration.remove(event.model)
+            self.requests.remove(event.model)
 
     async def handle(self, request: web.Request) -> web.Response:
         own = generate_latest(self.registry)

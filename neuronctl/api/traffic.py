@@ -1,5 +1,7 @@
-"""Per-model admission for the router: at most `slots` requests in flight to a model's
-worker, the rest waiting in a bounded FIFO queue.
+"""The router's traffic per model: the queue of its requests and its counters.
+
+`ModelQueue`: at most `slots` requests in flight to a model's worker, the rest waiting in
+a bounded FIFO queue.
 
 A request is let through only while its model is ready and a slot is free; until then it
 waits in order, also while the model is still loading or restarting. The queue is
@@ -9,6 +11,14 @@ bodies waiting (`QueuedBytes`, `max_queued_bytes`: a 429 too). A waiter whose cl
 up is cancelled by the router and leaves the queue at once; a model that fails or is
 unloaded answers every waiter. Nothing here grows with what clients send: a queue holds at
 most `max_queue` waiters.
+
+`RouterStats`: per model, what became of its `/v1` requests and its queue; written only by
+the router, read by `/metrics`, `/models/stats`, and through `RouterStats.activity` (the one
+answer to "is this model busy, and since when idle") by eviction, the idle unloader and
+`/models`. The daemon makes it before the registry, which is given its `activity`: so this
+module imports neither aiohttp nor prometheus_client (the start path stays light). An entry
+exists only for a model the node knows, and an ad-hoc model's entry goes when it is
+unloaded: neither made-up names nor load/unload churn grow it without bound.
 """
 
 from __future__ import annotations
@@ -16,13 +26,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from .. import errors
 from ..errors import NeuronError
+from ..events import ModelEvent
+from ..states import WorkerState
+from ..supervisor.eviction import IDLE, Activity
+from ..supervisor.registry import ModelRegistry
 
-RETRY_AFTER_S = 2  # told to clients refused by a full queue
+QUEUE_FULL_RETRY_S = 2  # Retry-After told to clients refused by a full queue
 
 
 @dataclass
@@ -43,7 +58,7 @@ class QueuedBytes:
             raise errors.QueueBytesFull(
                 f"the node holds {self.held} bytes of requests waiting for a slot; this one "
                 f"({size} bytes) would pass max_queued_bytes ({limit}); retry later",
-                headers={"Retry-After": str(RETRY_AFTER_S)})
+                headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
         self.held += size
 
 
@@ -83,7 +98,7 @@ class ModelQueue:
             raise errors.QueueFull(
                 f"model {self.model_id!r} has {len(self._waiters)} requests waiting "
                 f"(max_queue {max_queue}); retry later",
-                param="model", headers={"Retry-After": str(RETRY_AFTER_S)})
+                param="model", headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
         self.budget.take(size, max_bytes)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), self.clock())
         self._waiters.append(waiter)
@@ -148,3 +163,77 @@ class ModelQueue:
             if not waiter.future.done():
                 waiter.future.set_exception(error)
                 waiter.future.exception()  # retrieved: its waiter may be gone already
+
+
+# --- the router's counters ----------------------------------------------------------
+
+
+@dataclass
+class ModelStats:
+    """What the router did for one model; written only by the router."""
+
+    queue: ModelQueue
+    requests: int = 0  # every request naming this model, whatever became of it
+    in_flight: int = 0  # forwarded to the worker and not yet answered in full
+    worker_errors: int = 0  # the worker could not be reached or broke off its answer
+    client_disconnects: int = 0  # the client left before the answer was complete
+    # Generated tokens: a JSON answer's usage.completion_tokens, a stream's `data: {` chunks
+    # (llama.cpp servers send one token per chunk). For the dashboard's tokens/s.
+    tokens: int = 0
+    last_used: float = 0.0  # monotonic time a request last arrived or finished (eviction)
+    responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
+    rejections: dict[str, int] = field(default_factory=dict)  # the router's refusals, by code
+
+    def count(self, status: int) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
+
+    def reject(self, refusal: NeuronError) -> None:
+        self.count(refusal.status)
+        self.rejections[refusal.code] = self.rejections.get(refusal.code, 0) + 1
+
+
+class RouterStats:
+    """Per-model counters and queues. Only models the node knows get an entry, so a client
+    naming made-up models cannot grow this without bound, and an ad-hoc model's entry goes
+    when it is unloaded (`forget`), so load/unload churn cannot either. The router's
+    histograms are the metrics' (metrics.RequestTimes), which drop a model's series at the
+    same event."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ModelStats] = {}
+        self.queued_bytes = QueuedBytes()  # what every model's queue holds, together
+
+    def activity(self, model_id: str) -> Activity:
+        """A model's traffic right now: the one answer to "busy, or idle since when?" that
+        eviction, the idle unloader and `/models`' `idle_until` read (the registry is given
+        this method as its `activity`)."""
+        stats = self.models.get(model_id)
+        if stats is None:
+            return IDLE
+        return Activity(max(stats.in_flight, stats.queue.in_flight), stats.queue.queued,
+                        stats.last_used)
+
+    def model(self, model_id: str) -> ModelStats:
+        stats = self.models.get(model_id)
+        if stats is None:
+            queue = ModelQueue(model_id, time.monotonic, budget=self.queued_bytes)
+            stats = self.models[model_id] = ModelStats(queue)
+        return stats
+
+    def keeps(self, model_id: str, stats: ModelStats) -> bool:
+        """Whether `stats` are still the model's counters: a request that ends after its
+        ad-hoc model was forgotten must not bring its series back."""
+        return self.models.get(model_id) is stats
+
+    def forget(self, model_id: str) -> None:
+        self.models.pop(model_id, None)
+
+
+def unloaded_for_good(registry: ModelRegistry, event: ModelEvent) -> bool:
+    """Whether `event` ends an ad-hoc model (one not in the catalogue): stopped, with no
+    newer lifecycle of its id. Its counters and metric series go with it; a catalogue model keeps
+    its own across unloads, as dashboards follow it by name."""
+    if event.new is not WorkerState.STOPPED or event.model in registry.catalogue:
+        return False
+    current = registry.get(event.model)  # still listed while its stop completes
+    return current is None or current.state is WorkerState.STOPPED

@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..aio import in_thread
+from ..api.traffic import RouterStats  # no aiohttp: the start path stays light
 from ..config import NeuronConfig
 from ..identity import is_loopback
 from ..notes import ListeningNote, StartingNote, local_url
@@ -70,7 +71,11 @@ class Daemon:
         self.config = config
         self.sock = sock
         self.state = state
-        self.registry = ModelRegistry(config, harnesses, state=state)
+        # The composition root: the router's counters are made here, before anything that
+        # reads them (eviction, /models, the idle unloader, /metrics, the dashboard).
+        self.stats = RouterStats()
+        self.registry = ModelRegistry(config, harnesses, state=state,
+                                      activity=self.stats.activity)
         # What `neuronctl status` shows while the API does not answer yet.
         self.starting = StartingNote(config.state_dir) if state is not None else None
         # Where the API answers, for a CLI whose config names a port not applied yet.
@@ -155,8 +160,9 @@ class Daemon:
             return False
         self.step = "starting the API"
         api = await api_import
-        metrics = api.Metrics(self.registry, started_at, since=early)
-        app = api.create_app(self.registry, started_at, self.reloader, metrics)
+        metrics = api.Metrics(self.registry, self.stats, started_at, since=early)
+        app = api.create_app(self.registry, started_at, self.reloader, metrics,
+                             stats=self.stats)
         self._runner = api.web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
         await self._runner.setup()
         from ..api import guard  # aiohttp is imported by now

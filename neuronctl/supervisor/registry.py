@@ -107,7 +107,11 @@ class ModelRegistry:
         discovery: Discovery | None = None,
         fetcher_factory: modelfiles.FetcherFactory | None = None,
         events: EventBus | None = None,
+        activity: Callable[[str], Activity] = lambda model_id: IDLE,
     ) -> None:
+        """`activity`: the router's counts of a model's traffic (eviction takes only idle
+        models, `listing()` shows them), made before the registry by whoever makes both;
+        every model is idle without it (a registry with no router)."""
         self.discovery = discovery or Discovery(config.gpu_poll_interval_s)
         admission = Admission(self.discovery, lambda: self.config.vram_release_timeout_s,
                               clock, sleep)
@@ -119,8 +123,7 @@ class ModelRegistry:
         )
         self._models: dict[str, ModelLifecycle] = {}
         self.services.make_room = self.make_room
-        # The router's counts per model (eviction takes only idle models); set by the router.
-        self.activity: Callable[[str], Activity] = lambda model_id: IDLE
+        self.activity = activity
         self.evictions: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @property

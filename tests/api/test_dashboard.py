@@ -368,14 +368,14 @@ async def test_a_hundred_followers_get_the_bound_and_one_waits_for_a_log_to_appe
 
 
 def test_token_counts_come_only_from_a_sane_usage() -> None:
-    from neuronctl.api.v1 import _completion_tokens
+    from neuronctl.api.upstream import completion_tokens
 
     class Answer:
         def __init__(self, status: int = 200, kind: str = "application/json") -> None:
             self.status, self.headers = status, {"Content-Type": kind}
 
     def count(body: bytes, answer: Any = None) -> int:
-        return _completion_tokens(answer or Answer(), body)
+        return completion_tokens(answer or Answer(), body)
 
     assert count(b'{"usage": {"completion_tokens": 7}}') == 7
     for body in (b"[1]", b'{"usage": 3}', b'{"usage": {"completion_tokens": "7"}}',

@@ -320,8 +320,7 @@ async def test_shutdown_does_not_wait_for_a_client_that_stopped_reading(
             for _ in range(40):
                 registry.events.publish(ModelEvent("m", WorkerState.PENDING,
                                                    WorkerState.STARTING, reason))
-            (stream_,) = served.streams._streams
-            await poll_until_async(lambda: stream_.writing)
+            await poll_until_async(lambda: served.streams.stuck == 1)  # blocked in a write
             started = time.monotonic()
             await served.stop()
             assert time.monotonic() - started < 2.5  # well under the 5 s grace

@@ -1,16 +1,19 @@
-"""Idle unload: ttl_s after the last /v1 request; default models are pinned."""
+"""Idle unload: ttl_s after the last /v1 request or the model's becoming loaded; a default
+model idles out only by its own ttl_s. What the reaper unloads and what `/models` shows as
+`idle_until` are one computation over the router's counters."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
 from neuronctl.api.app import create_app
 from neuronctl.api.idle import IdleReaper
-from neuronctl.api.v1 import RouterStats
+from neuronctl.api.traffic import RouterStats
 from neuronctl.config import ModelSpec, NeuronConfig
 
 from ..helpers import MakeRegistry, poll_until
@@ -22,31 +25,41 @@ async def test_ttl_counts_from_the_last_request_and_spares_pinned_defaults(
     defaults = (ModelSpec("pinned", harness="fake"),
                 ModelSpec("default-with-ttl", harness="fake", ttl_s=5.0))
     config = dataclasses.replace(node_config, ttl_s=5.0, default_models=defaults)
-    now = [0.0]
-
-    registry = make_registry(config)
     stats = RouterStats()
-    reaper = IdleReaper(registry, stats, clock=lambda: now[0])
+    registry = make_registry(config, activity=stats.activity)
     for spec in (*defaults, ModelSpec("busy", harness="fake", ttl_s=5.0),
                  ModelSpec("by-hand", harness="fake")):
         await registry.load(spec)
+    # The reaper's clock is the Unix time; t=0 is the latest of the loads.
+    start = max(m.since for m in registry.models())
+    now = [start]
+    reaper = IdleReaper(registry, stats.activity, clock=lambda: now[0])
+
+    def request_at(t: float) -> None:  # the router's clock is monotonic
+        stats.model("busy").last_used = time.monotonic() - (time.time() - start) + t
+
     assert reaper.ttl_for(registry.get("pinned")) is None  # type: ignore[arg-type]
-    await reaper.reap()  # t=0: everything starts its clock
-    now[0] = 4.0
-    stats.model("busy").requests += 1  # a request at t=4
     await reaper.reap()
-    now[0] = 6.0
+    now[0] = start + 4.0
+    request_at(4.0)
+    await reaper.reap()
+    now[0] = start + 6.0
     await reaper.reap()
     # Past 5 s idle: the default with its own ttl_s and the by-hand model (the
     # node's ttl_s). The pinned default stays; "busy" was used 2 s ago.
     assert {r.model_id for r in registry.models()} == {"pinned", "busy"}
+    # /models shows the same deadline the reaper goes by.
+    listed = {m["id"]: m for m in registry.listing()}
+    assert abs(listed["busy"]["idle_until"] - (start + 9.0)) < 0.01
     stats.model("busy").in_flight = 1  # a long request in flight is not idleness
-    now[0] = 60.0
+    now[0] = start + 60.0
     await reaper.reap()
     assert registry.get("busy") is not None
+    assert {m["id"]: m for m in registry.listing()}["busy"]["idle_until"] is None
     stats.model("busy").in_flight = 0
+    request_at(60.0)  # the request's end is its last use
     await reaper.reap()  # idle from now on
-    now[0] = 66.0
+    now[0] = start + 66.0
     await reaper.reap()
     assert {r.model_id for r in registry.models()} == {"pinned"}
 

@@ -23,7 +23,8 @@ import pytest
 from aiohttp import web
 
 from neuronctl.api.app import create_app
-from neuronctl.api.v1 import ROUTER_STATS, RouterStats
+from neuronctl.api.traffic import RouterStats
+from neuronctl.api.v1 import ROUTER_STATS
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.supervisor.harness import LlamaCppPythonHarness, LoadError, WorkerPlan
 from neuronctl.supervisor.registry import ModelRegistry

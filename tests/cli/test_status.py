@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from rich.console import Console
 
 from neuronctl.api.app import create_app
+from neuronctl.api.traffic import RouterStats
 from neuronctl.api.v1 import ROUTER_STATS
 from neuronctl.cli.formats import status_table
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
@@ -44,10 +45,11 @@ async def test_models_lists_context_memory_ttl_and_traffic(
         models=(ModelSpec("cat", harness="fake", n_ctx=512, pinned=True),),
         harness={"fake": HarnessConfig(n_ctx=1024)},
     )
-    registry = make_registry(config)
+    counters = RouterStats()  # the app's, and what the registry reads for `/models`
+    registry = make_registry(config, activity=counters.activity)
     await registry.load(ModelSpec("default", harness="fake"))
     await registry.load(ModelSpec("by-hand", harness="fake", ttl_s=60.0))
-    app = create_app(registry)
+    app = create_app(registry, stats=counters)
     async with TestClient(TestServer(app)) as client:
         async with client.get("/models") as resp:
             by_id = {m["id"]: m for m in await resp.json()}

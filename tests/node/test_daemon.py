@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.node import listener
 from neuronctl.node.daemon import Daemon, bind_listener
 from neuronctl.states import WorkerState
 from neuronctl.supervisor.statefile import StateFile
@@ -143,3 +144,29 @@ def test_the_daemon_module_uses_no_renice_on_the_shared_executor() -> None:
     # executor's (which every later to_thread call would then inherit).
     source = Path(sys.modules["neuronctl.node.daemon"].__file__ or "").read_text()
     assert "run_in_executor" not in source
+
+
+def test_the_router_counters_are_made_with_the_registry(
+    node_config: NeuronConfig, fake_harness: FakeHarness
+) -> None:
+    """One composition root: the registry reads the counters the router will write (eviction
+    and /models see a request in flight) from construction on, not once the API is up."""
+    config = config_with(node_config)
+    sock = bind_listener("127.0.0.1", config.port)
+    try:
+        daemon = Daemon(config, {"fake": fake_harness}, sock)
+        assert not daemon.registry.activity("m").busy
+        daemon.stats.model("m").in_flight = 1
+        assert daemon.registry.activity("m").busy
+    finally:
+        listener.release(sock)
+
+
+def test_the_counters_load_neither_aiohttp_nor_prometheus() -> None:
+    # The daemon makes them before activation, on the start path (node/__init__.py).
+    probe = ("import sys, neuronctl.node.daemon, neuronctl.api.traffic\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'aiohttp', 'prometheus_client'}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "[]"

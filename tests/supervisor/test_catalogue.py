@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from neuronctl.api.app import create_app
+from neuronctl.api.traffic import RouterStats
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig, load_config
 from neuronctl.errors import NoRoom
 from neuronctl.states import ModelStatus, WorkerState
@@ -255,8 +256,9 @@ async def node(make_registry: MakeRegistry, node_config: NeuronConfig) -> AsyncI
 
     async def start(config: NeuronConfig) -> Node:
         harnesses = {LLAMA_CPP_PYTHON: LlamaCppPythonHarness(HarnessConfig(n_ctx=256))}
-        registry = make_registry(config, harnesses)
-        runner = web.AppRunner(create_app(registry), access_log=None)
+        stats = RouterStats()  # as the daemon wires them: eviction sees the router's counts
+        registry = make_registry(config, harnesses, activity=stats.activity)
+        runner = web.AppRunner(create_app(registry, stats=stats), access_log=None)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()

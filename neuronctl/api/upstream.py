@@ -1,0 +1,333 @@
+"""The router's exchange with a model's worker: one request forwarded, its answer passed on.
+
+The request goes to the worker byte for byte, less the headers that are the hop's or the
+node's own (hop-by-hop ones, the node's API key); the answer comes back unchanged, less
+the headers the daemon's server stamps itself. A pooled keep-alive connection the worker
+had closed is retried on another (nothing reached the worker). A stream is passed through
+chunk by chunk, and so is a non-streamed answer past `USAGE_SCAN_BYTES`; a smaller one is
+read whole, so its usage is counted and a worker that breaks it off is a clean 502. A
+worker that stops sending mid-answer for `upstream_idle_timeout_s` is cut off and its
+slot freed. Once a status has gone out, a failure can only cut the connection (a stream
+first gets one last event in OpenAI's error shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+from aiohttp import (
+    ClientConnectorError,
+    ClientError,
+    ClientOSError,
+    ClientResponse,
+    ClientResponseError,
+    ClientSession,
+    ClientTimeout,
+    DummyCookieJar,
+    ServerDisconnectedError,
+    StreamReader,
+    TCPConnector,
+    web,
+)
+
+from .. import errors
+from ..errors import NeuronError
+from ..supervisor.policy import describe_exit
+from ..supervisor.registry import ModelRegistry
+from ..supervisor.worker import Worker
+from .traffic import ModelStats
+
+log = logging.getLogger(__name__)
+
+# Below uvicorn's 5 s keep-alive (the llama-cpp-python server), so the router drops an idle
+# connection before the worker does and never sends a request into one being closed.
+UPSTREAM_KEEPALIVE_S = 4.0
+# A worker on 127.0.0.1 accepts at once; only reading has no bound (a long prompt can take
+# minutes to its first token).
+UPSTREAM_CONNECT_TIMEOUT_S = 10.0
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the router recomputes itself.
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+# Host names the router, the body is re-sent with its own length, and the router has already
+# read the body, so an Expect: 100-continue would only cost the worker a round trip.
+# The node's API key authenticates the client to the node; the worker has no use for it and
+# must not see it (nor log it).
+_DROP_FROM_REQUEST = _HOP_BY_HOP | {"host", "content-length", "expect", "authorization",
+                                    "x-api-key"}
+# aiohttp's server stamps its own Date and Server; the length follows the body it sends.
+_DROP_FROM_RESPONSE = _HOP_BY_HOP | {"content-length", "date", "server"}
+_UPSTREAM_ERRORS = (ClientError, OSError, asyncio.TimeoutError)
+# The pooled connection broke before any answer came: a keep-alive connection the worker
+# closed. Not ClientConnectorError (nothing listens: the worker is gone), which is a
+# ClientOSError too, hence the explicit check in exchange().
+_STALE_CONNECTION = (ServerDisconnectedError, ClientOSError)
+STALE_RETRIES = 2
+# A non-streamed answer up to this size is read whole (its usage counted, and a worker that
+# breaks it off is a clean 502); a longer one is passed on as it comes.
+USAGE_SCAN_BYTES = 4 * 1024 * 1024
+
+
+def openai_error(error: NeuronError) -> web.Response:
+    """An error in OpenAI's shape, with its own status (and headers, e.g. Retry-After)."""
+    return web.json_response(error.openai_body(), status=error.status, headers=error.headers)
+
+
+def _without(headers: Mapping[str, str], drop: frozenset[str]) -> list[tuple[str, str]]:
+    named = headers.get("Connection")
+    if named:  # headers that a Connection header names are hop-by-hop too
+        drop = drop | {token.strip().lower() for token in named.split(",")}
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def _request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    # The router has parsed the body as JSON, so it says so: `curl -d` sends a form type,
+    # which the worker would refuse (422) for the very body the router accepted.
+    if "json" in headers.get("Content-Type", "").lower():
+        return _without(headers, _DROP_FROM_REQUEST)
+    forwarded = _without(headers, _DROP_FROM_REQUEST | {"content-type"})
+    forwarded.append(("Content-Type", "application/json"))
+    return forwarded
+
+
+def completion_tokens(upstream: ClientResponse, answer: bytes) -> int:
+    """A JSON answer's `usage.completion_tokens` (0 when it has none that is sane)."""
+    if upstream.status != 200 or "json" not in upstream.headers.get("Content-Type", "") \
+            or len(answer) > USAGE_SCAN_BYTES:
+        return 0
+    try:
+        tokens = json.loads(answer).get("usage", {}).get("completion_tokens", 0)
+    except (ValueError, RecursionError, AttributeError):
+        return 0
+    return tokens if isinstance(tokens, int) and 0 <= tokens < 2**31 else 0
+
+
+def _exit_note(worker: Worker) -> str:
+    """How the worker ended, for a message about its answer ("" while it runs)."""
+    code = worker.returncode
+    return f"; it {describe_exit(code)}" if code is not None else ""
+
+
+class _AnswerStopped(Exception):
+    """A worker's non-streamed answer stopped before its end; `what` says how."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(why)
+        self.what = what
+
+
+async def _next_chunk(content: StreamReader, idle_s: float) -> bytes:
+    """The next bytes of an answer (b"" at its end), within `idle_s`."""
+    try:
+        return await asyncio.wait_for(content.readany(), idle_s)
+    except asyncio.TimeoutError:  # ours: the session itself has no read timeout
+        raise _AnswerStopped(f"stalled mid-answer (no byte for {idle_s:g} s; "
+                             "upstream_idle_timeout_s)", "idle") from None
+    except _UPSTREAM_ERRORS as exc:
+        raise _AnswerStopped("broke off its answer", str(exc) or type(exc).__name__) from exc
+
+
+class Upstream:
+    """The pooled client to every worker, and the exchange of one request with one."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self._session: ClientSession | None = None
+
+    async def client_session(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: one pooled, keep-alive client for every worker, for the app's life."""
+        connector = TCPConnector(
+            limit=0,  # the workers queue requests themselves; a cap here would hide a queue
+            use_dns_cache=False,  # workers are addressed as 127.0.0.1: nothing to resolve
+            keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+        )
+        self._session = ClientSession(
+            connector=connector,
+            timeout=ClientTimeout(total=None, sock_connect=UPSTREAM_CONNECT_TIMEOUT_S),
+            # Shared by every client: it must never keep a cookie one client was sent.
+            cookie_jar=DummyCookieJar(),
+            auto_decompress=False,  # bytes pass through as the worker encoded them
+            # Unasked, aiohttp would offer gzip on the client's behalf; the client would
+            # then get an encoding it never accepted.
+            skip_auto_headers=("Accept-Encoding",),
+        )
+        try:
+            yield
+        finally:
+            await self._session.close()
+            self._session = None
+
+    async def exchange(
+        self, request: web.Request, body: bytes, model_id: str, worker: Worker,
+        stats: ModelStats,
+    ) -> web.StreamResponse:
+        """Send `body` to `worker` and pass its answer on to `request`'s client."""
+        assert self._session is not None, "router used outside its app's lifetime"
+        headers = _request_headers(request.headers)
+        for attempt in range(1, STALE_RETRIES + 2):
+            try:
+                upstream = await self._session.post(
+                    worker.endpoint + request.raw_path, data=body, headers=headers,
+                    allow_redirects=False,
+                )
+                break
+            except ClientConnectorError as exc:
+                return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+            except ClientResponseError as exc:  # reached, but its answer's head is unreadable
+                what = f"sent an answer the router cannot read ({str(exc.message)[:200]})"
+                return self._bad_gateway(model_id, worker, stats, what, exc)
+            except _STALE_CONNECTION as exc:
+                # A pooled connection the worker had closed (llama-server's HTTP server
+                # drops keep-alive connections on its own): nothing reached the worker, so
+                # it is sent again on another connection.
+                if attempt > STALE_RETRIES or worker.returncode is not None:
+                    return self._bad_gateway(model_id, worker, stats, "could not be reached",
+                                             exc)
+                log.debug("router: %s: stale connection (%s); sending again", model_id, exc)
+            except _UPSTREAM_ERRORS as exc:
+                return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+        try:
+            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await self._stream(request, upstream, model_id, worker, stats)
+            return await self._relay(request, upstream, model_id, worker, stats)
+        finally:
+            # A no-op once the answer was read in full (the connection went back to the
+            # pool); otherwise it drops the connection, which is how the worker learns to
+            # stop generating for a client that has gone.
+            upstream.close()
+
+    async def _relay(
+        self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
+        stats: ModelStats,
+    ) -> web.StreamResponse:
+        """A non-streamed answer: read whole when it is small (its usage counted), else
+        passed on as it comes, so the node never holds more than `USAGE_SCAN_BYTES` of
+        it. Either way a worker that stops sending mid-answer for upstream_idle_timeout_s
+        is cut off and its slot freed (a liveness probe may still pass)."""
+        idle_s = self.registry.config.upstream_idle_timeout_s
+        length = upstream.content_length
+        head: list[bytes] = []
+        size = 0
+        try:
+            while (length is None or length <= USAGE_SCAN_BYTES) and size <= USAGE_SCAN_BYTES:
+                chunk = await _next_chunk(upstream.content, idle_s)
+                if not chunk:
+                    answer = b"".join(head)
+                    stats.count(upstream.status)
+                    stats.tokens += completion_tokens(upstream, answer)
+                    return web.Response(
+                        body=answer, status=upstream.status, reason=upstream.reason,
+                        headers=_without(upstream.headers, _DROP_FROM_RESPONSE))
+                head.append(chunk)
+                size += len(chunk)
+        except _AnswerStopped as exc:
+            return self._bad_gateway(model_id, worker, stats, exc.what, exc)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=_without(upstream.headers, _DROP_FROM_RESPONSE))
+        if length is not None:
+            response.content_length = length  # the worker's own framing, kept
+        try:
+            await response.prepare(request)
+            stats.count(upstream.status)
+            for part in head:
+                await response.write(part)
+            head.clear()
+            while chunk := await _next_chunk(upstream.content, idle_s):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:  # the client's side
+            stats.client_disconnects += 1
+        except _AnswerStopped as exc:  # the status is out: only a cut is left
+            stats.worker_errors += 1
+            message, level = self._cut_by_unload(
+                model_id, f"the worker for model {model_id!r} {exc.what}{_exit_note(worker)}")
+            log.log(level, "router: %s; the answer was cut: %s", message, exc)
+            if request.transport is not None:
+                request.transport.close()
+        return response
+
+    async def _stream(
+        self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
+        stats: ModelStats,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=_without(upstream.headers, _DROP_FROM_RESPONSE),
+        )
+        try:
+            try:
+                await response.prepare(request)
+            except ConnectionError:
+                stats.client_disconnects += 1
+                return response
+            stats.count(upstream.status)
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except _UPSTREAM_ERRORS as exc:
+                    await self._abort_stream(request, response, model_id, worker, stats, exc)
+                    return response
+                if not chunk:
+                    break
+                # llama.cpp's servers send one token per chunk.
+                stats.tokens += chunk.count(b"data: {")
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    stats.client_disconnects += 1
+                    return response
+            try:
+                await response.write_eof()
+            except ConnectionError:
+                stats.client_disconnects += 1
+            return response
+        except Exception:  # headers are out: no error answer is possible, only a cut
+            log.exception("router: unhandled error streaming %s for %s", request.path, model_id)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+
+    async def _abort_stream(
+        self, request: web.Request, response: web.StreamResponse, model_id: str,
+        worker: Worker, stats: ModelStats, exc: BaseException,
+    ) -> None:
+        """The worker died mid-stream, after a 200 went out. Send one last event in OpenAI's
+        error shape (OpenAI's client libraries raise it), then cut the connection without
+        the final chunk, so even a client that ignores the event sees a broken transfer."""
+        stats.worker_errors += 1
+        message = f"the worker for model {model_id!r} broke off its answer{_exit_note(worker)}"
+        message, level = self._cut_by_unload(model_id, message)
+        log.log(level, "router: %s: %s", message, exc)
+        body = errors.WorkerUnavailable(message).openai_body()
+        event = b"\n\ndata: " + json.dumps(body).encode() + b"\n\n"
+        try:
+            await response.write(event)
+        except ConnectionError:
+            return
+        if request.transport is not None:
+            request.transport.close()
+
+    def _bad_gateway(
+        self, model_id: str, worker: Worker, stats: ModelStats, what: str, exc: BaseException
+    ) -> web.Response:
+        stats.worker_errors += 1
+        stats.count(502)
+        message = f"the worker for model {model_id!r} {what}{_exit_note(worker)}"
+        message, level = self._cut_by_unload(model_id, message)
+        log.log(level, "router: %s: %s", message, str(exc) or type(exc).__name__)
+        return openai_error(errors.WorkerUnavailable(message))
+
+    def _cut_by_unload(self, model_id: str, message: str) -> tuple[str, int]:
+        """An answer cut because an operator unloaded the model (or the node stops) is what
+        they asked for, not a worker failing: said so, at info."""
+        model = self.registry.get(model_id)
+        if model is None or model.stopping:
+            return f"{message} (the model was being unloaded)", logging.INFO
+        return message, logging.WARNING
