@@ -40,9 +40,8 @@ from ..errors import NeuronError
 from ..events import ModelEvent
 from ..states import ModelStatus, WorkerState
 from ..supervisor.lifecycle import ModelLifecycle
-from ..supervisor.policy import describe_exit
 from ..supervisor.registry import ModelRegistry
-from ..supervisor.worker import Worker
+from ..supervisor.worker import Worker, describe_exit
 from .requestbody import read_limited, routing
 from .routerstats import ModelStats, RouterStats, unloaded_for_good
 from .traffic import ModelQueue

@@ -17,7 +17,7 @@ import workers
 
 from ..config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective, gpu_layers
 from ..errors import HarnessUnavailable, LoadError, UnknownHarness
-from ..models.hub import check_model_file
+from ..models.files import check_model_file
 from .apiargs import LLAMA_CPP_PYTHON_API_FLAGS, LLAMA_SERVER_API_FLAGS, Flag, check_api_args
 
 __all__ = ["Harness", "LoadError", "UnknownHarness", "WorkerPlan", "build_harnesses"]

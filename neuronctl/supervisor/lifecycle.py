@@ -50,9 +50,9 @@ from ..states import (
 from . import liveness
 from .harness import Harness, slots_of
 from .loadlock import Hold, LoadLock
-from .policy import GiveUp, History, RestartPolicy, describe_exit
+from .policy import GiveUp, History, RestartPolicy
 from .statefile import StateFile
-from .worker import Worker, free_port
+from .worker import Worker, describe_exit, free_port
 
 log = logging.getLogger("neuronctl.models")
 
@@ -227,7 +227,7 @@ class ModelLifecycle:
 
     async def _first_start(self) -> None:
         harness = self._harness()
-        if getattr(harness, "needs_model_file", False) and resolve.needs_download(self.spec):
+        if getattr(harness, "needs_model_file", False) and resolve.from_hub(self.spec):
             # Outside the load lock: a long download must not hold up other loads.
             self._set_state(WorkerState.DOWNLOADING)  # PENDING -> DOWNLOADING
             await self._download()
