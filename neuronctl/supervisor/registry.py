@@ -35,7 +35,7 @@ from ..models.discovery import Discovery
 from ..states import ModelStatus, WorkerState
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
-from .lifecycle import ModelLifecycle, Services, WorkerFactory
+from .lifecycle import ModelLifecycle, Shared, WorkerFactory
 from .statefile import StateFile
 from .worker import Worker
 
@@ -89,11 +89,6 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("stopping a model failed", exc_info=task.exception())
 
 
-# Kept importable from here: callers catch the registry's refusals by these names.
-NotFound = ModelNotFound
-__all__ = ["Conflict", "ModelRegistry", "NotFound"]
-
-
 class ModelRegistry:
     def __init__(
         self,
@@ -111,7 +106,7 @@ class ModelRegistry:
         self.discovery = discovery or Discovery(config.gpu_poll_interval_s)
         admission = Admission(self.discovery, lambda: self.config.vram_release_timeout_s,
                               clock, sleep)
-        self.services = Services(
+        self.services = Shared(
             config, harnesses, admission, events or EventBus(), state=state,
             worker_factory=worker_factory,
             fetcher_factory=fetcher_factory or modelfiles.default_fetcher,
@@ -361,7 +356,7 @@ class ModelRegistry:
         """Stop the model whatever it is doing (a load in progress, a backoff)."""
         model = self._models.get(model_id)
         if model is None:
-            raise NotFound(f"model not loaded: {model_id}")
+            raise ModelNotFound(f"model not loaded: {model_id}")
         if model.stopping:
             raise Conflict(f"{model_id} is already being unloaded")
         await self._stop(model, "unloaded")

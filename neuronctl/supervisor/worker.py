@@ -151,7 +151,6 @@ class Worker:
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
-        self.probes = {True: 0, False: 0}  # liveness probes answered, and not
         # In the worker's environment, inherited by anything it starts: proves, after a
         # supervisor crash, which processes are ours (orphans.stop_orphans).
         self.token = secrets.token_hex(16)
@@ -266,11 +265,9 @@ class Worker:
     async def answers(self, timeout_s: float) -> bool:
         """One liveness probe: does the worker answer its probe within `timeout_s`?"""
         try:
-            ok = await bounded(self._probe(self.port, self.plan.probe_path), timeout_s)
+            return await bounded(self._probe(self.port, self.plan.probe_path), timeout_s)
         except asyncio.TimeoutError:
-            ok = False
-        self.probes[ok] += 1
-        return ok
+            return False
 
     def log_excerpt(self, fallback: bool = True) -> tuple[str | None, str]:
         """(the one line of the log that says what went wrong, its last lines); see

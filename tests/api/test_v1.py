@@ -25,7 +25,7 @@ from aiohttp import web
 from neuronctl.api.app import create_app
 from neuronctl.api.v1 import ROUTER_STATS, RouterStats
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.supervisor.harness import LlamaCppPythonHarness, LoadError, WorkerPlan
+from neuronctl.supervisor.harness import Harness, LlamaCppPythonHarness, LoadError, WorkerPlan
 from neuronctl.supervisor.registry import ModelRegistry
 from neuronctl.supervisor.worker import Worker
 
@@ -103,7 +103,7 @@ class StandInWorker:
         return (0, 0.0, 0)
 
 
-class StandIns:
+class StandIns(Harness):
     """The registry's worker factory and harness for models named in `self.models`."""
 
     name = "stand-in"

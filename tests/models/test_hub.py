@@ -16,9 +16,10 @@ import pytest
 
 from neuronctl.aio import in_thread
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
+from neuronctl.errors import LoadError
 from neuronctl.models.hub import Fetcher, Progress, ResolveError, select
 from neuronctl.states import ModelStatus, WorkerState
-from neuronctl.supervisor.harness import LlamaCppPythonHarness, LoadError, build_harnesses
+from neuronctl.supervisor.harness import LlamaCppPythonHarness, build_harnesses
 
 from ..fakes import FileHarness
 from ..gpu_fakes import FakeHub, hide_nvidia_smi, lay_out_hf_cache

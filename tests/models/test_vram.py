@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.errors import LoadError
 from neuronctl.models.discovery import Gpu
 from neuronctl.models.gguf import read_model
 from neuronctl.models.vram import (
@@ -23,7 +24,6 @@ from neuronctl.models.vram import (
     split_by_free,
 )
 from neuronctl.states import ModelStatus, WorkerState
-from neuronctl.supervisor.harness import LoadError
 
 from ..fakes import FakeHarness
 from ..gpu_fakes import FakeSmi, gpu, install_fake_smi

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from neuronctl.supervisor.harness import LoadError, WorkerPlan
+from neuronctl.errors import LoadError
+from neuronctl.supervisor.harness import WorkerPlan
 from neuronctl.supervisor.worker import Worker, describe_exit, free_port
 
 from ..fakes import FAKE_WORKER
