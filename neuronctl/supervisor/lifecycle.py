@@ -47,7 +47,7 @@ from ..states import (
     WorkerState,
     journal_transition,
 )
-from . import liveness
+from . import listing, liveness
 from .harness import Harness
 from .loadlock import Hold, LoadLock
 from .policy import GiveUp, History, RestartPolicy
@@ -546,57 +546,10 @@ class ModelLifecycle:
         return worker.log_problem if worker is not None else None
 
     def rss_bytes(self) -> int | None:
-        """Resident memory of its worker's process tree (a wrapper's child counts); None
-        without a running worker."""
-        worker = self.worker if self.state in LIVE_STATES else None
-        if worker is None or worker.pid is None or worker.returncode is not None:
-            return None
-        import psutil  # not at import: `neuronctl start` reaches its first spawn sooner
-
-        try:
-            root = psutil.Process(worker.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return None
-        total = 0
-        for proc in tree:
-            with contextlib.suppress(psutil.Error):  # a child that just exited
-                total += proc.memory_info().rss
-        return total
+        """Resident memory of its worker's process tree; None without a running worker."""
+        return listing.rss_bytes(self.worker if self.state in LIVE_STATES else None)
 
     def to_json(self) -> dict[str, Any]:
-        worker = self.worker if self.state in LIVE_STATES else None
-        serving = self.serving_worker
-        failed = self.state is WorkerState.FAILED
-        config = self._shared.config
-        return {
-            "id": self.model_id,
-            "harness": self.spec.harness,
-            "status": self.status.value,
-            "devices": list(self.spec.devices),
-            "vram_used_mb": self._shared.admission.used_mb(worker.pid) if worker else None,
-            "pid": worker.pid if worker else None,
-            "port": worker.port if worker else None,
-            "endpoint": serving.endpoint if serving else None,
-            "load_ms": self.load_ms,
-            "restarts": self.restarts,
-            # `error`/`exit_code`: why it is failed now; `last_*`: the latest failure ever,
-            # kept after a successful restart so a crash is not forgotten.
-            "error": self.last_error if failed else None,
-            "error_detail": self.last_detail if failed else None,
-            "exit_code": self.last_exit_code if failed else None,
-            "last_error": self.last_error,
-            "last_exit_code": self.last_exit_code,
-            "log_path": str(self.log_path),
-            # Something wrong that does not stop it serving (its log cannot be written).
-            "warning": self.log_problem,
-            "pinned": config.pinned(self.spec),
-            # The context it runs with; None: the server's own default.
-            "n_ctx": effective(self.spec, config.harness_config(self.spec.harness), "n_ctx"),
-            "rss_bytes": self.rss_bytes(),
-            "ttl_s": config.ttl_for(self.spec),
-            "download": (self.download.as_json()
-                         if self.download and self.state is WorkerState.DOWNLOADING else None),
-            "since": self.since,
-            "uptime_s": round(time.time() - self.since, 3) if serving else None,
-        }
+        """Its `/models` entry (listing.py)."""
+        return listing.of_model(self, self._shared.config, self._shared.admission.used_mb
+                                ).as_json()
