@@ -3,7 +3,7 @@ restart, give up, stop.
 
 A `ModelLifecycle` owns its state, every transition (one `_set_state`, which publishes the
 event), its restart history and its worker. A load is a row of plain calls into the
-modules that own each stage: the files (modelfiles), the VRAM gate (admission), the
+modules that own each stage: the files (modelfiles), the VRAM gate (models/admission.py), the
 harness's plan, and the worker's spawn. What it shares with the other models on the node
 (the load lock, the event bus, the config a reload replaces) comes in as `Shared`.
 
@@ -38,7 +38,7 @@ from ..errors import (
 from ..events import EventBus, ModelEvent
 from ..models import files as modelfiles
 from ..models import hub as resolve
-from ..models.admission import Admission, StopReading
+from ..models.admission import StopReading, VramGate
 from ..states import (
     LIVE_STATES,
     TRANSITIONS,
@@ -68,7 +68,7 @@ class Shared:
 
     config: NeuronConfig
     harnesses: Mapping[str, Harness]
-    admission: Admission
+    vram_gate: VramGate
     events: EventBus = field(default_factory=EventBus)
     load_lock: LoadLock = field(default_factory=LoadLock)  # one start at a time
     state: StateFile | None = None
@@ -109,7 +109,7 @@ class ModelLifecycle:
         self.last_exit_code: int | None = None
         self.resolved: resolve.Resolved | None = None  # the local file(s) its workers load
         self.download: resolve.Progress | None = None  # while DOWNLOADING
-        self.vram_estimate_mb: int | None = None  # from the GGUF header, at admission
+        self.vram_estimate_mb: int | None = None  # from the GGUF header, at the VRAM gate
         self.slots = 1  # requests its worker serves at once (the harness says, at each start)
         self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
         self._log_started = False  # a download began a fresh log: the first start appends
@@ -280,11 +280,11 @@ class ModelLifecycle:
 
     async def _read_header(self, harness: Harness) -> None:
         """Outside the load lock: the GGUF header the VRAM check needs, read by a bounded
-        child process (admission keeps it for the start under the lock). A header that lies
+        child process (the VRAM gate keeps it for the start under the lock). A header that lies
         about its sizes fails the load here, with nothing held."""
         spec, _, parts = modelfiles.run_spec(self.spec, self.resolved,
                                              harness.needs_model_file)
-        await self._shared.admission.read_header(
+        await self._shared.vram_gate.read_header(
             spec, parts, self._shared.config.harness_config(spec.harness), self.strict_n_ctx)
 
     async def _download(self) -> None:
@@ -370,17 +370,17 @@ class ModelLifecycle:
         has spawned. Raises LoadError, with the process gone."""
         s = self._shared
         with self._bug_barrier("preparing the worker"):
-            await s.admission.await_release()
+            await s.vram_gate.await_release()
             spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved,
                                                              harness.needs_model_file)
             self.slots = harness.slots(spec)
             self.serves_metrics = harness.serves_metrics
-            admitted = await s.admission.admit(
+            passed = await s.vram_gate.check(
                 spec, parts, s.config.harness_config(spec.harness), harness.default_n_ctx,
                 self.slots)
-            self.vram_estimate_mb = admitted.estimate_mb
+            self.vram_estimate_mb = passed.estimate_mb
             port = free_port()
-            plan = harness.plan(admitted.spec, port)
+            plan = harness.plan(passed.spec, port)
             # The first start after a download appends to the log the download began.
             keep = 0 if self._log_started else s.config.log_keep
             self._log_started = False
@@ -432,7 +432,7 @@ class ModelLifecycle:
         """Bookkeeping once a worker's process has exited, however it ended."""
         if self._shared.state is not None and worker.pid is not None:
             await self._shared.state.remove(worker.pid)
-        self._shared.admission.released(
+        self._shared.vram_gate.released(
             self.model_id, worker.pid, self.spec.devices, self.vram_estimate_mb, reading)
 
     async def _kill_worker(self) -> None:
@@ -466,7 +466,7 @@ class ModelLifecycle:
             # A shutdown loads nothing next: no need to watch the VRAM come back.
             reading = None
             if release_vram and worker.returncode is None:
-                reading = await self._shared.admission.before_stop(worker.pid, self.spec.devices)
+                reading = await self._shared.vram_gate.before_stop(worker.pid, self.spec.devices)
             running = worker.returncode is None
             await worker.stop()
             if running:
@@ -551,5 +551,5 @@ class ModelLifecycle:
 
     def to_json(self) -> dict[str, Any]:
         """Its `/models` entry (listing.py)."""
-        return listing.of_model(self, self._shared.config, self._shared.admission.used_mb
+        return listing.of_model(self, self._shared.config, self._shared.vram_gate.used_mb
                                 ).as_json()

@@ -76,7 +76,7 @@ def of_spec(spec: ModelSpec, config: NeuronConfig) -> ModelView:
 def of_model(model: ModelLifecycle, config: NeuronConfig,
              vram_used_mb: Callable[[int | None], int | None]) -> ModelView:
     """A model with a lifecycle, as it is now; `vram_used_mb`: what the driver says a
-    process tree holds (admission's reading)."""
+    process tree holds (the VRAM gate's reading)."""
     worker = model.worker if model.state in LIVE_STATES else None
     serving = model.serving_worker
     failed = model.state is WorkerState.FAILED

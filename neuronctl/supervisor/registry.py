@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..events import EventBus
 from ..models import files as modelfiles
-from ..models.admission import Admission
+from ..models.admission import VramGate
 from ..models.discovery import Discovery
 from ..states import WorkerState
 from . import listing
@@ -77,10 +77,10 @@ class ModelRegistry:
         events: EventBus | None = None,
     ) -> None:
         self.discovery = discovery or Discovery(config.gpu_poll_interval_s)
-        admission = Admission(self.discovery, lambda: self.config.vram_release_timeout_s,
+        vram_gate = VramGate(self.discovery, lambda: self.config.vram_release_timeout_s,
                               clock, sleep)
         self.services = Shared(
-            config, harnesses, admission, events or EventBus(), state=state,
+            config, harnesses, vram_gate, events or EventBus(), state=state,
             worker_factory=worker_factory,
             fetcher_factory=fetcher_factory or modelfiles.default_fetcher,
             clock=clock, sleep=sleep,

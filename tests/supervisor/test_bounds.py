@@ -25,7 +25,7 @@ from neuronctl.api.events_sse import STREAMS
 from neuronctl.config import ConfigError, ModelSpec, NeuronConfig, config_from_mapping, load_config
 from neuronctl.errors import NotEnoughRam
 from neuronctl.events import ModelEvent
-from neuronctl.models.admission import Admission
+from neuronctl.models.admission import VramGate
 from neuronctl.states import ModelStatus, WorkerState
 from neuronctl.supervisor.loadlock import LoadLock
 from neuronctl.supervisor.registry import MAX_FAILED_AD_HOC, ModelRegistry
@@ -253,7 +253,7 @@ async def test_a_cpu_model_over_the_available_ram_is_refused(
     make_registry: MakeRegistry, tiny_gguf: Path
 ) -> None:
     registry = make_registry(harnesses={"fake": FileHarness()})
-    registry.services.admission = Admission(
+    registry.services.vram_gate = VramGate(
         registry.discovery, lambda: 5.0, time.monotonic, available_ram=lambda: 512 * 1024)
     spec = ModelSpec("tiny", harness="fake", path=tiny_gguf, n_ctx=256)
     with pytest.raises(NotEnoughRam) as info:
@@ -267,7 +267,7 @@ async def test_a_cpu_model_over_the_available_ram_is_refused(
                                            n_ctx=256, force=True))
     assert forced.status is ModelStatus.LOADED
     # With the memory there, it loads.
-    registry.services.admission = Admission(
+    registry.services.vram_gate = VramGate(
         registry.discovery, lambda: 5.0, time.monotonic, available_ram=lambda: 1 << 30)
     assert (await registry.load(spec)).status is ModelStatus.LOADED
 
