@@ -164,7 +164,7 @@ class NeuronConfig:
     restart_window_s: float = 600.0
     restart_delay_s: float = 1.0  # first delay; doubles per consecutive crash
     restart_delay_max_s: float = 60.0
-    restart_reset_s: float = 60.0  # ready this long: the next crash starts over at 1 s
+    restart_reset_s: float = 60.0  # ready this long: the next crash starts over at restart_delay_s
     # After a worker on a GPU stops, the next load waits up to this long for the driver to
     # report its memory free again.
     vram_release_timeout_s: float = 30.0

@@ -9,16 +9,16 @@ target) and never blocks (a FIFO or a device at a log path is refused, not waite
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
 import shlex
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
+
+from .fsutil import NotRegularFile, open_regular
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # `+` is kept out: it marks hashed names
 _MAX_STEM = 120
@@ -59,38 +59,21 @@ class UnsafeLog(OSError):
     through, read or written. `strerror` says what it is, for `cannot write the log ...`."""
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISLNK, "a symlink"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a file"
-
-
 def open_log(path: Path, flags: int = os.O_RDONLY, mode: int = 0o640) -> int:
     """`os.open(path, flags)` for a log: never through a symlink, never blocking, and only
     a regular file (UnsafeLog otherwise; FileNotFoundError when absent). The descriptor
     is blocking again when returned (the worker inherits it as its stdout)."""
-    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, mode)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO nobody reads
-            kind = "a symlink" if exc.errno == errno.ELOOP else "a FIFO, socket or device"
-            raise UnsafeLog(exc.errno, f"is {kind}, not a regular file (not opened)",
-                            str(path)) from None
-        raise
-    try:
-        st_mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(st_mode):
-            raise UnsafeLog(errno.EINVAL, f"is {_kind(st_mode)}, not a regular file "
-                            "(not opened)", str(path))
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return open_regular(path, flags, mode)
+    except NotRegularFile as exc:
+        raise UnsafeLog(exc.errno, f"{exc.strerror} (not opened)", str(path)) from None
+
+
+def stamped(line: str) -> bytes:
+    """`=== TIME line`: how neuronctl's own lines in a model's log look (a header, how a
+    worker ended, download progress), so `excerpt` can tell them from the worker's."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
+    return f"=== {stamp} {line}\n".encode("utf-8", "backslashreplace")
 
 
 def rotate(path: Path, keep: int) -> None:
@@ -125,9 +108,7 @@ def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
     rotate(path, keep)
     fd = open_log(path, _APPEND)
     try:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
-        header = f"\n=== {stamp} neuronctl starting: {shlex.join(command)}\n"
-        os.write(fd, header.encode("utf-8", "backslashreplace"))
+        os.write(fd, b"\n" + stamped(f"neuronctl starting: {shlex.join(command)}"))
     except BaseException:
         os.close(fd)  # a full disk must not leak a descriptor per attempt
         raise
@@ -141,13 +122,13 @@ def write_pid_line(fd: int, pid: int) -> None:
 def append_line(path: Path, line: str, *, create: bool = False) -> None:
     """One `=== TIME line` to a log, never through a symlink; created only with `create`.
     Never raises: a full disk has already been reported when the log was opened."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z")
+    data = stamped(line)
     try:
         fd = open_log(path, _APPEND if create else os.O_WRONLY | os.O_APPEND)
     except OSError:
         return
     try:
-        os.write(fd, f"=== {stamp} {line}\n".encode("utf-8", "backslashreplace"))
+        os.write(fd, data)
     except OSError:
         pass
     finally:

@@ -13,9 +13,10 @@ import contextlib
 import logging
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from .fsutil import open_regular, write_atomically
 
 log = logging.getLogger(__name__)
 STARTING_FILE = "starting"
@@ -38,14 +39,10 @@ class Note:
         self._sep = sep
 
     def write(self, text: str) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        line = f"{os.getpid()}{self._sep}{text}\n"
         try:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()  # never written through: created fresh, like workers.json
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(f"{os.getpid()}{self._sep}{text}\n")
-            os.replace(tmp, self.path)
+            # A note is a hint for the CLI: not worth an fsync at every activation step.
+            write_atomically(self.path, line.encode("utf-8"), durable=False)
         except OSError as exc:
             log.debug("cannot write %s: %s", self.path, exc)
 
@@ -88,12 +85,10 @@ def _read(path: Path, sep: str) -> tuple[int, str] | None:
     """(pid, text) when the note is there and its pid a live neuronctl. Read without
     blocking and bounded (a FIFO or a huge file planted there is no note)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = open_regular(path)
+    except OSError:  # absent, or not a regular file (a NotRegularFile)
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         text = os.read(fd, _NOTE_MAX_BYTES).decode("utf-8", "replace")
     except OSError:
         return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from neuronctl.config import ModelSpec
 from neuronctl.supervisor.apiargs import Flag
-from neuronctl.supervisor.harness import WorkerPlan
+from neuronctl.supervisor.harness import Harness, WorkerPlan
 
 FAKE_WORKER = Path(__file__).parent / "fake_worker.py"
 FAKE_LLAMA_SERVER = Path(__file__).parent / "fake_llama_server.py"
@@ -21,7 +21,7 @@ class _AnyFlagWithValue(dict[str, Flag]):
         return Flag((key,), lambda value: None)
 
 
-class FakeHarness:
+class FakeHarness(Harness):
     """Runs tests/fake_worker.py; the spec's `args` choose its behaviour (`--mode crash`)."""
 
     name = "fake"

@@ -13,14 +13,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from neuronctl import errors
 from neuronctl.api.app import create_app
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.supervisor.harness import LLAMA_SERVER, LlamaServerHarness, WorkerPlan
+from neuronctl.supervisor.harness import LLAMA_SERVER, Harness, LlamaServerHarness, WorkerPlan
 
 from .fakes import FakeHarness
 from .gpu_fakes import FakeSmi, gpu, install_fake_smi
 from .helpers import MakeRegistry
 
 
-class BuggyHarness:
+class BuggyHarness(Harness):
     name = "buggy"
 
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:

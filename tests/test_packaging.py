@@ -352,6 +352,8 @@ def test_rpm_dependencies(built_rpm: BuiltRpm) -> None:
     requires = " ".join(rpm_query(built_rpm.path, "--requires"))
     for dist in ("aiohttp", "filelock", "huggingface-hub", "psutil", "rich", "typer"):
         assert f"python3dist({dist})" in requires, requires
+    # The supervisor lock relies on filelock opening its file with O_NOFOLLOW.
+    assert "python3dist(filelock) >= 3.20.1" in requires, requires
     assert "python3dist(llama-cpp-python)" in rpm_query(built_rpm.path, "--recommends")
 
 

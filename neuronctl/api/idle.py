@@ -1,6 +1,6 @@
 """Idle unload: a model with a `ttl_s` is unloaded after that long without a /v1 request.
 
-Idle is what `/models` shows as `idle_until`, computed once (`registry.with_traffic`) from
+Idle is what `/models` shows as `idle_until`, computed once (`listing.with_traffic`) from
 the router's counters (`RouterStats.activity`: nothing in flight or queued, and when the
 last request arrived or finished) and from when the model became loaded, whichever is
 later; the router needs no clock of its own and nothing here is on its hot path. Which
@@ -22,7 +22,8 @@ from ..errors import Conflict, ModelNotFound
 from ..states import ModelStatus
 from ..supervisor.eviction import Activity
 from ..supervisor.lifecycle import ModelLifecycle
-from ..supervisor.registry import ModelRegistry, with_traffic
+from ..supervisor.listing import with_traffic
+from ..supervisor.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

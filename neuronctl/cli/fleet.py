@@ -7,9 +7,7 @@ every `NEURON_*` variable as config and refuses the ones it does not know.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +18,7 @@ from rich.text import Text
 from ..client import normalize_url
 from ..errors import fail
 from ..fleet import nodes as fleet
+from ..fsutil import write_atomically
 from . import formats
 from .base import print_table
 
@@ -72,15 +71,11 @@ def _write_if_changed(path: Path, text: str) -> bool:
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"--out: cannot read {path}: {exc}", 1)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+        write_atomically(path, text.encode("utf-8"), mode=0o600)
     except OSError as exc:
-        _fail(f"--out: cannot write in {path.parent}: {exc.strerror}", 1)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        # Only creating the temporary file names one path: nothing was written at all.
+        if exc.filename is not None and exc.filename2 is None:
+            _fail(f"--out: cannot write in {path.parent}: {exc.strerror}", 1)
         _fail(f"--out: cannot write {path}: {exc.strerror}", 1)
     return True
 

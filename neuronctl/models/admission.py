@@ -9,7 +9,7 @@ one with layers offloaded on a host with no nvidia-smi passes through untouched.
 
 The header is read in two steps so that the load lock is never held while a file is
 parsed: `read_header`, before the lock, runs ggufinfo's bounded child and keeps what it
-read (by the files' identity); `admit`, under the lock, only compares. A header that lies
+read (by the files' identity); `check`, under the lock, only compares. A header that lies
 about its sizes is refused there and then, as a ModelFileError.
 """
 
@@ -42,7 +42,9 @@ _FileKey = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
-class Admitted:
+class Passed:
+    """What passed the gate."""
+
     spec: ModelSpec  # with the tensor split filled in for several devices
     estimate_mb: int | None  # what the GGUF header says it needs; None when not judged
 
@@ -55,7 +57,10 @@ class StopReading:
     used_before_mb: int | None  # its devices' used memory
 
 
-class Admission:
+class VramGate:
+    """The gate itself, one per node (the lifecycles share it); not to be confused with
+    the router's request slots (api/traffic.py), which admit requests, not workers."""
+
     def __init__(
         self,
         discovery: Discovery,
@@ -79,7 +84,7 @@ class Admission:
         self, spec: ModelSpec, parts: Sequence[Path], defaults: HarnessConfig,
         strict_n_ctx: bool = False,
     ) -> None:
-        """Before the load lock: read the header `admit` will need (on a GPU or in RAM), and
+        """Before the load lock: read the header `check` will need (on a GPU or in RAM), and
         hold the context size against the one the model was trained for: above it,
         ContextTooLong when `strict_n_ctx` (a client chose it), else a warning (the operator
         did). Raises ModelFileError for a header that lies, where a GPU judges it (on the
@@ -128,14 +133,14 @@ class Admission:
         self._headers[key] = header
         return header
 
-    async def admit(
+    async def check(
         self,
         spec: ModelSpec,
         parts: Sequence[Path],
         defaults: HarnessConfig,
         default_n_ctx: int | None,
         slots: int = 1,
-    ) -> Admitted:
+    ) -> Passed:
         """Raise NotEnoughVram when the devices cannot hold the model, NotEnoughRam when a
         model on the CPU does not fit the host's available memory (unless `force`). Each of
         its `slots` has a KV cache of n_ctx tokens. The caller holds the load lock: the
@@ -147,29 +152,29 @@ class Admission:
             n_ctx *= slots
         n_gpu_layers = gpu_layers(spec, defaults)
         if not n_gpu_layers:  # on the CPU, as far as the settings say
-            await self._admit_ram(spec, parts, n_ctx)
-            return Admitted(spec, None)
+            await self._check_ram(spec, parts, n_ctx)
+            return Passed(spec, None)
         gpus = await self.discovery.refresh()
         if not gpus:
-            return Admitted(spec, None)  # no nvidia-smi: nothing to check against
+            return Passed(spec, None)  # no nvidia-smi: nothing to check against
         if len(spec.devices) > 1 and not spec.tensor_split:
             spec = dataclasses.replace(spec, tensor_split=vram.split_by_free(spec.devices, gpus))
         if not parts:
-            return Admitted(spec, None)
+            return Passed(spec, None)
         header = await self._header(spec.model_id, parts)
         if header is None:
-            return Admitted(spec, None)
+            return Passed(spec, None)
         need = vram.estimate(header, n_ctx, n_gpu_layers)
         devices = list(spec.devices) or [g.index for g in gpus]
         try:
-            vram.admit(spec.model_id, need, gpus, devices)
+            vram.check_fits(spec.model_id, need, gpus, devices)
         except NotEnoughVram as exc:
             if not spec.force:
                 raise
             log.warning("%s (loading anyway: force = true)", exc.message)
-        return Admitted(spec, need.total_mb)
+        return Passed(spec, need.total_mb)
 
-    async def _admit_ram(self, spec: ModelSpec, parts: Sequence[Path], n_ctx: int | None) -> None:
+    async def _check_ram(self, spec: ModelSpec, parts: Sequence[Path], n_ctx: int | None) -> None:
         """A model on the CPU: its weights and KV cache against the memory the host has
         available now (page cache counts: the weights are mapped from the file)."""
         available = self._available_ram() if parts else None

@@ -1,8 +1,10 @@
-"""Where a model's GGUF comes from: a local `path`, or a Hugging Face repo fetched into the
-harness's cache, so that every worker is given a local file.
+"""The Hugging Face Hub: which GGUF of a repo a spec means, the cache, the download.
 
-Everything here blocks on the disk or the network; the registry runs `fetch` in a thread of
-its own (`aio.in_thread`) so the event loop, the API and the systemd heartbeat keep going.
+A model without a `path` names a repo (and a quant or a file); `Fetcher.resolve` finds
+its GGUF in the harness's cache or downloads it, so that every worker is given a local
+file. A local `path` is files.py's. Everything here blocks on the disk or the network;
+files.download runs `Fetcher.resolve` in a thread of its own (`aio.in_thread`) so the
+event loop, the API and the systemd heartbeat keep going.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +24,7 @@ from ..errors import DownloadError, ModelFileError, clip
 from ..units import fmt_bytes
 
 # `Model-Q4_K_M-00001-of-00003.gguf`: llama.cpp's split files; the worker is given part 1.
-_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _LISTED = 12  # repo files named in an error, at most
 _LOG_EVERY_S = 2.0
@@ -55,69 +56,10 @@ def hf_offline(environ: Mapping[str, str] | None = None) -> bool:
     return _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE"))
 
 
-def needs_download(spec: ModelSpec) -> bool:
+def from_hub(spec: ModelSpec) -> bool:
+    """Whether the spec's GGUF comes from a Hugging Face repo (found in the cache or
+    downloaded) rather than from its own `path`."""
     return spec.path is None
-
-
-def local_file(spec: ModelSpec) -> Resolved:
-    """The entry's own `path`; a clear error when it is not a GGUF file."""
-    assert spec.path is not None
-    parts = _split_parts(spec.path)
-    for part in parts:
-        check_model_file(part)
-    return Resolved(spec.path, parts, str(spec.path))
-
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_model_file(path: Path) -> None:
-    """A ModelFileError unless `path` is a regular file that starts like a GGUF. Opened
-    without blocking and checked with fstat before anything is read, so a FIFO or a
-    device (`/dev/zero`) is refused rather than read from.
-
-    A client names the path, so the answer says no more than an operator needs: never
-    the bytes it read (`/etc/shadow` would answer `b'root'`), and a missing file and one
-    this user may not read alike."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, PermissionError):
-        raise ResolveError(f"model file not found or not readable: {clip(path)}") from None
-    except IsADirectoryError:
-        raise ResolveError(
-            f"model path is a directory, not a GGUF file: {clip(path)}") from None
-    except OSError as exc:
-        raise ResolveError(
-            f"cannot open model file {clip(path)}: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ResolveError(f"model path is a directory, not a GGUF file: {clip(path)}")
-        if not stat.S_ISREG(info.st_mode):
-            raise ResolveError(f"model path is not a regular file (a device, FIFO or "
-                               f"socket): {clip(path)}")
-        try:
-            magic = os.pread(fd, len(GGUF_MAGIC), 0)
-        except OSError as exc:
-            raise ResolveError(
-                f"cannot read model file {clip(path)}: {exc.strerror}") from None
-        if magic != GGUF_MAGIC:
-            raise ResolveError(f"not a GGUF file (no GGUF magic): {clip(path)}")
-    finally:
-        os.close(fd)
-
-
-
-
-def _split_parts(path: Path) -> tuple[Path, ...]:
-    """All parts of a split model given its first, for a local path."""
-    match = _SPLIT.match(path.name)
-    if not match:
-        return (path,)
-    count = int(match["count"])
-    return tuple(
-        path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
-    )
 
 
 # --- choosing the file in a repo -------------------------------------------------------------
@@ -134,7 +76,7 @@ def _groups(names: Iterable[str]) -> dict[str, list[str]]:
     for name in sorted(names):
         if not name.lower().endswith(".gguf"):
             continue
-        match = _SPLIT.match(name)
+        match = SPLIT_NAME.match(name)
         if match:
             first = f"{match['stem']}-00001-of-{match['count']}.gguf"
             groups.setdefault(first, []).append(name)
@@ -161,7 +103,7 @@ def select(names: Iterable[str], spec: ModelSpec, where: str) -> list[str]:
     names = list(names)
     groups = _groups(names)
     if spec.file is not None:
-        match = _SPLIT.match(spec.file)
+        match = SPLIT_NAME.match(spec.file)
         key = f"{match['stem']}-00001-of-{match['count']}.gguf" if match else spec.file
         if spec.file not in names or key not in groups:
             raise ResolveError(f"{where} has no file {clip(spec.file)}; it has: {_listing(names)}")
@@ -182,7 +124,7 @@ def select(names: Iterable[str], spec: ModelSpec, where: str) -> list[str]:
             )
         chosen = candidates[0]
     parts = groups[chosen]
-    match = _SPLIT.match(chosen)
+    match = SPLIT_NAME.match(chosen)
     if match and len(parts) != int(match["count"]):
         raise ResolveError(
             f"{where}: split model {chosen} has {len(parts)} of its {int(match['count'])} parts"

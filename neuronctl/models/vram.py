@@ -79,7 +79,7 @@ def estimate(header: Header, n_ctx: int | None, n_gpu_layers: int | None) -> Est
     return Estimate(header.weights_bytes, kv, ctx, fraction)
 
 
-def admit(model_id: str, need: Estimate, gpus: Sequence[Gpu], devices: Sequence[int]) -> None:
+def check_fits(model_id: str, need: Estimate, gpus: Sequence[Gpu], devices: Sequence[int]) -> None:
     """Raise NotEnoughVram unless `devices` have the memory `need` says, together."""
     by_index = {g.index: g for g in gpus}
     missing = [d for d in devices if d not in by_index]

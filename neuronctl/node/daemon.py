@@ -32,9 +32,10 @@ from ..sdnotify import Notifier
 from ..states import LIVE_STATES
 from ..supervisor.activation import ActivationResult, load_default_models
 from ..supervisor.harness import Harness, unavailable
+from ..supervisor.orphans import stop_orphans
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.reload import Reloader
-from ..supervisor.statefile import StateFile, stop_orphans
+from ..supervisor.statefile import StateFile
 from . import listener
 from .systemd import ActivationStatus, NodeStatus, summary, watchdog
 

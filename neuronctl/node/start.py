@@ -72,7 +72,8 @@ def run(argv: Sequence[str]) -> int:
         log.warning("log_dir: cannot create %s: %s; model output goes to the journal",
                     config.log_dir, exc.strerror or exc)
 
-    from ..supervisor.statefile import AlreadyRunning, StateFile, SupervisorLock
+    from ..supervisor.lock import AlreadyRunning, SupervisorLock
+    from ..supervisor.statefile import StateFile
     from . import daemon
 
     lock: SupervisorLock | None = None

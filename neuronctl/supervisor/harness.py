@@ -9,19 +9,18 @@ import functools
 import os
 import shutil
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import workers
 
 from ..config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective, gpu_layers
-from ..errors import HarnessUnavailable, LoadError, UnknownHarness
-from ..models.hub import check_model_file
+from ..errors import HarnessUnavailable, LoadError
+from ..models.files import check_model_file
 from .apiargs import LLAMA_CPP_PYTHON_API_FLAGS, LLAMA_SERVER_API_FLAGS, Flag, check_api_args
-
-__all__ = ["Harness", "LoadError", "UnknownHarness", "WorkerPlan", "build_harnesses"]
 
 
 @dataclass(frozen=True)
@@ -34,27 +33,38 @@ class WorkerPlan:
     ready_timeout_s: float
 
 
-class Harness(Protocol):
-    name: str
+class Harness(ABC):
+    """What a harness is. Each says how to plan a worker; the rest has a default that
+    suits a server with none of these traits, so a harness states only where it differs."""
 
+    name: str
+    # The model must be resolved to a local GGUF (`spec.path`) before a worker is planned.
+    needs_model_file: bool = False
+    # The context size its server uses when n_ctx is unset (VRAM sizing); None: the
+    # model's own.
+    default_n_ctx: int | None = None
+    # Its workers answer GET /metrics (merged into the node's).
+    serves_metrics: bool = False
+    # A non-streamed answer runs to its end even when its client hung up (the router then
+    # keeps its slot until it does).
+    finishes_abandoned_answers: bool = False
+    # Flags the harness sets itself, and why: `args` may not hold them.
+    reserved_flags: ClassVar[Mapping[str, str]] = {}
+    # What `args` of an API load may hold (apiargs.py); none unless a harness says.
+    api_flags: ClassVar[Mapping[str, Flag]] = {}
+
+    @abstractmethod
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         """Raise a LoadError for a spec this harness cannot run (a missing file, say)."""
-        ...
 
+    def slots(self, spec: ModelSpec) -> int:
+        """Requests one worker serves at once; the router sends it no more."""
+        return 1
 
-# Optional harness attributes the registry reads with getattr:
-#   needs_model_file: bool - the model must be resolved to a local GGUF (`spec.path`) first
-#   default_n_ctx: int     - the context size the server uses when n_ctx is unset (VRAM sizing)
-#   serves_metrics: bool   - its workers answer GET /metrics (merged into the node's)
-#   slots(spec) -> int     - requests one worker serves at once (default 1); the router
-#                            sends it no more
-
-
-#   reserved_flags: {flag: why} - flags the harness sets itself; `args` may not hold them
-#   api_flags: {flag: Flag} - what `args` of an API load may hold (apiargs.py); without
-#                            it, none
-#   finishes_abandoned_answers: bool - a non-streamed answer runs to its end even when its
-#                            client hung up (the router then keeps its slot until it does)
+    def binary(self) -> Path | None:
+        """The program a worker runs; HarnessUnavailable when this host lacks it (said at
+        start and in /discovery, not first by a load). None: nothing to look for."""
+        return None
 
 
 def _normal_flag(arg: str) -> str:
@@ -66,7 +76,7 @@ def check_args(harness: Harness, args: tuple[str, ...], key: str) -> None:
     """Refuse `args` that would override what the harness itself sets: where the worker
     listens (host, port: a worker on 0.0.0.0 is reachable without the API key), which model
     it serves, its alias and slots. A ConfigError naming the argument."""
-    reserved: Mapping[str, str] = getattr(harness, "reserved_flags", {})
+    reserved = harness.reserved_flags
     for i, arg in enumerate(args):
         why = reserved.get(_normal_flag(arg))
         if why is not None:
@@ -78,8 +88,7 @@ def check_args_from_api(harness: Harness, args: tuple[str, ...],
                         widened: tuple[str, ...]) -> None:
     """`args` a client sent: only the harness's allow-list, plus the flags the operator
     added (`[harness.NAME] api_args`). A ConfigError naming the element."""
-    allowed: Mapping[str, Flag] = getattr(harness, "api_flags", {})
-    check_api_args(args, allowed, widened)
+    check_api_args(args, harness.api_flags, widened)
     check_args(harness, args, "args")  # the operator cannot widen it to the reserved ones
 
 
@@ -97,18 +106,11 @@ _PROBE = "neuronctl probes and forwards to the worker over plain HTTP without a 
 def unavailable(harness: Harness) -> str | None:
     """Why this harness cannot run a worker on this host (its program is missing), or
     None; for /discovery, which lists only what really runs here."""
-    binary = getattr(harness, "binary", None)
-    if callable(binary):
-        try:
-            binary()
-        except HarnessUnavailable as exc:
-            return exc.message
+    try:
+        harness.binary()
+    except HarnessUnavailable as exc:
+        return exc.message
     return None
-
-
-def slots_of(harness: Harness, spec: ModelSpec) -> int:
-    slots = getattr(harness, "slots", None)
-    return int(slots(spec)) if slots is not None else 1
 
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"
@@ -164,7 +166,7 @@ def _shares(split: tuple[float, ...]) -> list[str]:
     return [f"{v:g}" for v in split]
 
 
-class LlamaCppPythonHarness:
+class LlamaCppPythonHarness(Harness):
     """llama-cpp-python's OpenAI-compatible server, one model per process, run through
     workers/llama_cpp_server.py: with interrupt_requests off (the stock server cancels the
     stream in progress for each new request) and a lock-free GET /health, which exists
@@ -193,12 +195,9 @@ class LlamaCppPythonHarness:
                               f"[harness.{LLAMA_SERVER}] for parallel slots")
         self._defaults = defaults
 
-    def slots(self, spec: ModelSpec) -> int:
-        return 1
-
     def binary(self) -> Path:
         """The interpreter that runs the worker; HarnessUnavailable when `python` names
-        none (said at start and in /discovery, not first by a load)."""
+        none."""
         configured = self._defaults.python
         if configured is None:
             return Path(sys.executable)
@@ -231,7 +230,7 @@ class LlamaCppPythonHarness:
         return WorkerPlan(tuple(cmd), _device_env(spec), "/health", timeout)
 
 
-class LlamaServerHarness:
+class LlamaServerHarness(Harness):
     """llama.cpp's own `llama-server` binary, one model per process.
 
     It opens its port at once and answers GET /health with 503 while it loads and 200 once
@@ -252,7 +251,7 @@ class LlamaServerHarness:
         "--path": "a worker serves no files", "--api-key": _PROBE, "--api-key-file": _PROBE,
         "--ssl-key-file": _PROBE, "--ssl-cert-file": _PROBE,
     }
-    default_n_ctx = None  # without -c it takes the model's own context length
+    # default_n_ctx stays None: without -c it takes the model's own context length.
     api_flags = LLAMA_SERVER_API_FLAGS
     serves_metrics = True  # run with --metrics
 

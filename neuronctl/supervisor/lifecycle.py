@@ -3,9 +3,9 @@ restart, give up, stop.
 
 A `ModelLifecycle` owns its state, every transition (one `_set_state`, which publishes the
 event), its restart history and its worker. A load is a row of plain calls into the
-modules that own each stage: the files (modelfiles), the VRAM gate (admission), the
+modules that own each stage: the files (modelfiles), the VRAM gate (models/admission.py), the
 harness's plan, and the worker's spawn. What it shares with the other models on the node
-(the load lock, the event bus, the config a reload replaces) comes in as `Services`.
+(the load lock, the event bus, the config a reload replaces) comes in as `Shared`.
 
 The first start is never retried: a model that cannot start at all fails at once, so
 activation moves on to the next one. Restarts follow the restart policy (policy.py) once
@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from ..errors import (
 from ..events import EventBus, ModelEvent
 from ..models import files as modelfiles
 from ..models import hub as resolve
-from ..models.admission import Admission, StopReading
+from ..models.admission import StopReading, VramGate
 from ..states import (
     LIVE_STATES,
     TRANSITIONS,
@@ -47,26 +47,28 @@ from ..states import (
     WorkerState,
     journal_transition,
 )
-from . import liveness
-from .harness import Harness, slots_of
+from . import listing, liveness
+from .harness import Harness
 from .loadlock import Hold, LoadLock
-from .policy import GiveUp, History, RestartPolicy, describe_exit
+from .policy import GiveUp, History, RestartPolicy
 from .statefile import StateFile
-from .worker import Worker, free_port
+from .worker import Worker, describe_exit, free_port
 
+# Not __name__: every state change is a journal line under this name ("INFO
+# neuronctl.models: m: loading -> loaded ..."), which operators and tests read.
 log = logging.getLogger("neuronctl.models")
 
 WorkerFactory = Callable[..., Worker]
 
 
 @dataclass(eq=False)
-class Services:
+class Shared:
     """What every model on the node shares. `config` and `harnesses` are replaced by a
     reload; a lifecycle reads them at each start, so a restart uses the new settings."""
 
     config: NeuronConfig
     harnesses: Mapping[str, Harness]
-    admission: Admission
+    vram_gate: VramGate
     events: EventBus = field(default_factory=EventBus)
     load_lock: LoadLock = field(default_factory=LoadLock)  # one start at a time
     state: StateFile | None = None
@@ -84,15 +86,15 @@ ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
 
 
 class ModelLifecycle:
-    def __init__(self, spec: ModelSpec, services: Services, *, ad_hoc: bool = False,
+    def __init__(self, spec: ModelSpec, shared: Shared, *, ad_hoc: bool = False,
                  strict_n_ctx: bool = False) -> None:
         self.spec = spec
-        self._s = services
+        self._shared = shared
         # Not a catalogue model: a client's, counted against max_api_models.
         self.ad_hoc = ad_hoc
         # A client chose its n_ctx: above the model's trained context it is refused.
         self.strict_n_ctx = strict_n_ctx
-        self.log_path = logfiles.log_path(services.config.log_dir, spec.model_id)
+        self.log_path = logfiles.log_path(shared.config.log_dir, spec.model_id)
         self.state = WorkerState.PENDING
         self.since = time.time()  # wall clock: shown to people
         self.worker: Worker | None = None
@@ -107,7 +109,7 @@ class ModelLifecycle:
         self.last_exit_code: int | None = None
         self.resolved: resolve.Resolved | None = None  # the local file(s) its workers load
         self.download: resolve.Progress | None = None  # while DOWNLOADING
-        self.vram_estimate_mb: int | None = None  # from the GGUF header, at admission
+        self.vram_estimate_mb: int | None = None  # from the GGUF header, at the VRAM gate
         self.slots = 1  # requests its worker serves at once (the harness says, at each start)
         self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
         self._log_started = False  # a download began a fresh log: the first start appends
@@ -132,7 +134,7 @@ class ModelLifecycle:
 
     def queue_limits(self) -> tuple[int, float]:
         """(max_queue, queue_timeout_s): its own, else the node's (a reload applies)."""
-        config = self._s.config
+        config = self._shared.config
         max_queue = config.max_queue if self.spec.max_queue is None else self.spec.max_queue
         timeout = self.spec.queue_timeout_s or config.queue_timeout_s
         return max_queue, timeout
@@ -148,11 +150,6 @@ class ModelLifecycle:
     @property
     def stopping(self) -> bool:
         return self._stop_task is not None
-
-    @property
-    def finished(self) -> bool:
-        """Its task (first start, then supervision and restarts) is over."""
-        return self._run_task is None or self._run_task.done()
 
     @property
     def loading(self) -> bool:
@@ -202,16 +199,17 @@ class ModelLifecycle:
 
     async def _run(self) -> None:
         try:
-            await self._first_start()
+            with self._bug_barrier("load"):
+                await self._first_start()
         except asyncio.CancelledError:
             self._settle(LoadCancelled(
                 "load cancelled: the model was unloaded or the node is stopping"))
             raise
-        except Exception as exc:
-            error = exc if isinstance(exc, LoadError) else self._bug("load", exc)
+        except LoadError as error:
             try:
-                # A LoadError from Worker.start comes with its process gone already.
-                if not isinstance(exc, LoadError):
+                # A LoadError from Worker.start comes with its process gone already; after
+                # a bug, no process may outlive the failed model.
+                if isinstance(error, InternalError):
                     await self._kill_worker()
                 self._failed(error)
             finally:
@@ -219,15 +217,17 @@ class ModelLifecycle:
             return
         self._settle(None)
         try:
-            await self._supervise()
-        except Exception as exc:  # a bug: never leave it `loaded` with nobody watching
-            error = self._bug("supervising the worker", exc)
+            # Every exception here is a bug, a LoadError too: supervision only ends by
+            # giving up or being stopped.
+            with self._bug_barrier("supervising the worker", expected=()):
+                await self._supervise()
+        except InternalError as error:  # never leave it `loaded` with nobody watching
             await self._kill_worker()
             self._failed(error)
 
     async def _first_start(self) -> None:
         harness = self._harness()
-        if getattr(harness, "needs_model_file", False) and resolve.needs_download(self.spec):
+        if harness.needs_model_file and resolve.from_hub(self.spec):
             # Outside the load lock: a long download must not hold up other loads.
             self._set_state(WorkerState.DOWNLOADING)  # PENDING -> DOWNLOADING
             await self._download()
@@ -235,33 +235,34 @@ class ModelLifecycle:
         await self._read_header(harness)
         waiting_since: float | None = None  # since room was first refused, not queued
         while True:
-            async with self._s.load_lock.hold() as hold:
+            async with self._shared.load_lock.hold() as hold:
                 ready_s = await self._start_with_room(harness, hold)
                 if ready_s is not None:
-                    self.history = History().ready(self._s.clock())
+                    self.history = History().ready(self._shared.clock())
                     self._set_state(WorkerState.READY, ready_s=ready_s,
                                     journal=self._ready_summary(ready_s))  # STARTING -> READY
                     return
             # Only busy models could make room: wait outside the lock, so restarts and
             # other loads go on meanwhile, and never cut their requests.
             if waiting_since is None:
-                waiting_since = self._s.clock()
-            elif self._s.clock() - waiting_since >= self._s.config.eviction_wait_s:
+                waiting_since = self._shared.clock()
+            elif self._shared.clock() - waiting_since >= self._shared.config.eviction_wait_s:
                 raise NoRoom(f"{self.model_id}: no room: every model that could be unloaded "
                              f"for it stayed busy for eviction_wait_s "
-                             f"({self._s.config.eviction_wait_s:g} s)")
-            await self._s.sleep(ROOM_POLL_S)
+                             f"({self._shared.config.eviction_wait_s:g} s)")
+            await self._shared.sleep(ROOM_POLL_S)
 
     async def _start_with_room(self, harness: Harness, hold: Hold) -> float | None:
         """Holding the load lock: make room (evicting idle models), then start; seconds to
         ready, or None when the room is held by busy models."""
         shortage: NotEnoughVram | None = None
         while True:
-            if self._s.make_room is not None and not await self._s.make_room(self, shortage):
+            make_room = self._shared.make_room
+            if make_room is not None and not await make_room(self, shortage):
                 return None
             if self.state is WorkerState.PENDING:
                 self._set_state(WorkerState.STARTING)  # PENDING -> STARTING
-            started = self._s.clock()
+            started = self._shared.clock()
             try:
                 ready_s = await self._start_worker(harness, hold)
             except NoSuchGpu:
@@ -269,29 +270,29 @@ class ModelLifecycle:
             except NotEnoughVram as exc:
                 # Each pass evicts one model (or raises): a shortage that reads the same
                 # after an eviction means the memory did not come back.
-                if self._s.make_room is None or (shortage is not None
+                if self._shared.make_room is None or (shortage is not None
                                                  and shortage.message == exc.message):
                     raise
                 shortage = exc
                 continue
-            self.load_ms = round((self._s.clock() - started) * 1000)
+            self.load_ms = round((self._shared.clock() - started) * 1000)
             return ready_s
 
     async def _read_header(self, harness: Harness) -> None:
         """Outside the load lock: the GGUF header the VRAM check needs, read by a bounded
-        child process (admission keeps it for the start under the lock). A header that lies
+        child process (the VRAM gate keeps it for the start under the lock). A header that lies
         about its sizes fails the load here, with nothing held."""
-        needs_file = bool(getattr(harness, "needs_model_file", False))
-        spec, _, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
-        await self._s.admission.read_header(
-            spec, parts, self._s.config.harness_config(spec.harness), self.strict_n_ctx)
+        spec, _, parts = modelfiles.run_spec(self.spec, self.resolved,
+                                             harness.needs_model_file)
+        await self._shared.vram_gate.read_header(
+            spec, parts, self._shared.config.harness_config(spec.harness), self.strict_n_ctx)
 
     async def _download(self) -> None:
-        config = self._s.config
+        config = self._shared.config
         path = self.log_path
         self.download = resolve.Progress(log=lambda line: modelfiles.append_line(path, line))
         self.resolved = await modelfiles.download(
-            self.spec, self._s.fetcher_factory, config.harness_config(self.spec.harness),
+            self.spec, self._shared.fetcher_factory, config.harness_config(self.spec.harness),
             self.log_path, config.log_keep, self.download)
         self._log_started = True
 
@@ -312,7 +313,7 @@ class ModelLifecycle:
                 # asyncio.wait never raises: a stop that cancels this task meanwhile must
                 # not be swallowed here (a suppress would eat it and restart the worker).
                 await asyncio.wait({liveness})
-            crashed_at = self._s.clock()
+            crashed_at = self._shared.clock()
             # An exit we asked for cancels this task before the worker is signalled.
             await self._worker_gone(worker)
             headline, detail = worker.log_excerpt(fallback=False)
@@ -326,8 +327,8 @@ class ModelLifecycle:
 
     async def _liveness_or_log(self, worker: Worker, hung: list[str]) -> None:
         try:
-            await liveness.watch(self.model_id, worker, lambda: self._s.config,
-                                 self._s.sleep, self.log_path, hung)
+            await liveness.watch(self.model_id, worker, lambda: self._shared.config,
+                                 self._shared.sleep, self.log_path, hung)
         except Exception:  # a bug: the worker goes on unwatched rather than killed
             log.exception("%s: liveness probing failed; the worker is no longer probed",
                           self.model_id)
@@ -336,7 +337,7 @@ class ModelLifecycle:
         """Back off and start again until a worker is ready (True) or the policy gives up."""
         while True:
             # Read at each exit: a reload's new policy applies here too.
-            policy = RestartPolicy.for_model(self._s.config, self.spec)
+            policy = RestartPolicy.for_model(self._shared.config, self.spec)
             decision = policy.decide(self.history, exit_code, crashed_at)
             if isinstance(decision, GiveUp):
                 # READY/STARTING -> FAILED: out of restarts, or restart = never
@@ -347,18 +348,18 @@ class ModelLifecycle:
                 f"{self.last_error}; restart {self.restarts + 1} in {decision.after_s:g} s",
                 logging.WARNING,
             )
-            await self._s.sleep(decision.after_s)
-            self.history = self.history.restarted(policy, crashed_at, self._s.clock())
+            await self._shared.sleep(decision.after_s)
+            self.history = self.history.restarted(policy, crashed_at, self._shared.clock())
             self.restarts += 1
             try:
-                async with self._s.load_lock.hold(restart=True) as hold:
+                async with self._shared.load_lock.hold(restart=True) as hold:
                     self._set_state(WorkerState.STARTING)  # BACKOFF -> STARTING
                     ready_s = await self._start_worker(self._harness(), hold)
             except LoadError as exc:
                 self._note(exc.message, exc.detail, exc.exit_code)
-                exit_code, crashed_at = exc.exit_code, self._s.clock()
+                exit_code, crashed_at = exc.exit_code, self._shared.clock()
                 continue
-            self.history = self.history.ready(self._s.clock())
+            self.history = self.history.ready(self._shared.clock())
             self._set_state(WorkerState.READY, f"restart {self.restarts}", ready_s=ready_s,
                             journal=self._ready_summary(ready_s))
             return True
@@ -367,39 +368,34 @@ class ModelLifecycle:
         """Start one worker and wait until it answers; seconds from spawn to ready.
         The caller holds the load lock (`hold`), and lends it to restarts once the worker
         has spawned. Raises LoadError, with the process gone."""
-        s = self._s
-        try:
-            await s.admission.await_release()
-            needs_file = bool(getattr(harness, "needs_model_file", False))
-            spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved, needs_file)
-            self.slots = slots_of(harness, spec)
-            self.serves_metrics = bool(getattr(harness, "serves_metrics", False))
-            admitted = await s.admission.admit(
-                spec, parts, s.config.harness_config(spec.harness),
-                getattr(harness, "default_n_ctx", None), self.slots)
-            self.vram_estimate_mb = admitted.estimate_mb
+        s = self._shared
+        with self._bug_barrier("preparing the worker"):
+            await s.vram_gate.await_release()
+            spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved,
+                                                             harness.needs_model_file)
+            self.slots = harness.slots(spec)
+            self.serves_metrics = harness.serves_metrics
+            passed = await s.vram_gate.check(
+                spec, parts, s.config.harness_config(spec.harness), harness.default_n_ctx,
+                self.slots)
+            self.vram_estimate_mb = passed.estimate_mb
             port = free_port()
-            plan = harness.plan(admitted.spec, port)
+            plan = harness.plan(passed.spec, port)
             # The first start after a download appends to the log the download began.
             keep = 0 if self._log_started else s.config.log_keep
             self._log_started = False
             worker = s.worker_factory(
                 self.model_id, plan, port, self.log_path, s.config.stop_timeout_s,
                 log_keep=keep, on_spawn=lambda worker: self._on_spawn(worker, hold))
-        except LoadError:
-            raise
-        except Exception as exc:  # a bug
-            raise self._bug("preparing the worker", exc) from exc
         self.worker = worker
         started = s.clock()
         try:
-            await worker.start()
-        except LoadError:
-            raise
-        except OSError as exc:
-            raise SpawnFailed(f"cannot start worker: {exc}") from exc
-        except Exception as exc:  # a bug; the worker killed itself on the way out
-            raise self._bug("starting the worker", exc) from exc
+            # A bug while starting: the worker killed itself on the way out.
+            with self._bug_barrier("starting the worker"):
+                try:
+                    await worker.start()
+                except OSError as exc:
+                    raise SpawnFailed(f"cannot start worker: {exc}") from exc
         finally:
             if worker.returncode is not None:
                 await self._worker_gone(worker)
@@ -413,7 +409,7 @@ class ModelLifecycle:
             parts.append(clip(self.resolved.source))
         elif self.spec.path is not None:
             parts.append(clip(self.spec.path))
-        n_ctx = effective(self.spec, self._s.config.harness_config(self.spec.harness), "n_ctx")
+        n_ctx = effective(self.spec, self._shared.config.harness_config(self.spec.harness), "n_ctx")
         if n_ctx is not None:
             parts.append(f"n_ctx {n_ctx}")
         worker = self.worker
@@ -427,16 +423,16 @@ class ModelLifecycle:
         # Its memory check is done: while it warms up (up to its ready_timeout_s), a
         # crashed model's restart must not wait for it.
         hold.lend()
-        if self._s.state is not None and worker.pid is not None:
+        if self._shared.state is not None and worker.pid is not None:
             # The token proves, after a crash of this supervisor, which processes of the
             # worker's group are ours (a wrapper script's child outlives the wrapper).
-            await self._s.state.add(self.model_id, worker.pid, worker.token)
+            await self._shared.state.add(self.model_id, worker.pid, worker.token)
 
     async def _worker_gone(self, worker: Worker, reading: StopReading | None = None) -> None:
         """Bookkeeping once a worker's process has exited, however it ended."""
-        if self._s.state is not None and worker.pid is not None:
-            await self._s.state.remove(worker.pid)
-        self._s.admission.released(
+        if self._shared.state is not None and worker.pid is not None:
+            await self._shared.state.remove(worker.pid)
+        self._shared.vram_gate.released(
             self.model_id, worker.pid, self.spec.devices, self.vram_estimate_mb, reading)
 
     async def _kill_worker(self) -> None:
@@ -470,7 +466,7 @@ class ModelLifecycle:
             # A shutdown loads nothing next: no need to watch the VRAM come back.
             reading = None
             if release_vram and worker.returncode is None:
-                reading = await self._s.admission.before_stop(worker.pid, self.spec.devices)
+                reading = await self._shared.vram_gate.before_stop(worker.pid, self.spec.devices)
             running = worker.returncode is None
             await worker.stop()
             if running:
@@ -492,7 +488,8 @@ class ModelLifecycle:
         said = ", ".join(part for part in (reason, journal) if part)
         log.log(level, "%s: %s%s", self.model_id, journal_transition(old, new),
                 f" ({said})" if said else "")
-        self._s.events.publish(ModelEvent(self.model_id, old, new, reason, self.since, ready_s))
+        self._shared.events.publish(
+            ModelEvent(self.model_id, old, new, reason, self.since, ready_s))
 
     def _note(self, message: str, detail: str | None, exit_code: int | None) -> None:
         self.last_error, self.last_detail, self.last_exit_code = message, detail, exit_code
@@ -511,12 +508,23 @@ class ModelLifecycle:
                 self._loaded.set_exception(error)
                 self._loaded.exception()  # retrieved: nobody may be waiting on it
 
-    def _bug(self, doing: str, exc: Exception) -> InternalError:
-        log.error("%s: internal error %s", self.model_id, doing, exc_info=exc)
-        return InternalError(f"internal error {doing}: {exc!r}; see the neuron service log")
+    @contextlib.contextmanager
+    def _bug_barrier(self, doing: str, expected: tuple[type[Exception], ...] = (LoadError,),
+                     ) -> Iterator[None]:
+        """What a model is told when this code has a bug: an `expected` exception passes as
+        it is; any other (never a cancellation) is logged with its traceback, once, and
+        raised as an InternalError saying what was being done."""
+        try:
+            yield
+        except expected:
+            raise
+        except Exception as exc:
+            log.error("%s: internal error %s", self.model_id, doing, exc_info=exc)
+            raise InternalError(
+                f"internal error {doing}: {exc!r}; see the neuron service log") from exc
 
     def _harness(self) -> Harness:
-        harness = self._s.harnesses.get(self.spec.harness)
+        harness = self._shared.harnesses.get(self.spec.harness)
         if harness is None:
             raise UnknownHarness(self.spec.harness)
         return harness
@@ -538,57 +546,10 @@ class ModelLifecycle:
         return worker.log_problem if worker is not None else None
 
     def rss_bytes(self) -> int | None:
-        """Resident memory of its worker's process tree (a wrapper's child counts); None
-        without a running worker."""
-        worker = self.worker if self.state in LIVE_STATES else None
-        if worker is None or worker.pid is None or worker.returncode is not None:
-            return None
-        import psutil  # not at import: `neuronctl start` reaches its first spawn sooner
-
-        try:
-            root = psutil.Process(worker.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return None
-        total = 0
-        for proc in tree:
-            with contextlib.suppress(psutil.Error):  # a child that just exited
-                total += proc.memory_info().rss
-        return total
+        """Resident memory of its worker's process tree; None without a running worker."""
+        return listing.rss_bytes(self.worker if self.state in LIVE_STATES else None)
 
     def to_json(self) -> dict[str, Any]:
-        worker = self.worker if self.state in LIVE_STATES else None
-        serving = self.serving_worker
-        failed = self.state is WorkerState.FAILED
-        config = self._s.config
-        return {
-            "id": self.model_id,
-            "harness": self.spec.harness,
-            "status": self.status.value,
-            "devices": list(self.spec.devices),
-            "vram_used_mb": self._s.admission.used_mb(worker.pid) if worker else None,
-            "pid": worker.pid if worker else None,
-            "port": worker.port if worker else None,
-            "endpoint": serving.endpoint if serving else None,
-            "load_ms": self.load_ms,
-            "restarts": self.restarts,
-            # `error`/`exit_code`: why it is failed now; `last_*`: the latest failure ever,
-            # kept after a successful restart so a crash is not forgotten.
-            "error": self.last_error if failed else None,
-            "error_detail": self.last_detail if failed else None,
-            "exit_code": self.last_exit_code if failed else None,
-            "last_error": self.last_error,
-            "last_exit_code": self.last_exit_code,
-            "log_path": str(self.log_path),
-            # Something wrong that does not stop it serving (its log cannot be written).
-            "warning": self.log_problem,
-            "pinned": config.pinned(self.spec),
-            # The context it runs with; None: the server's own default.
-            "n_ctx": effective(self.spec, config.harness_config(self.spec.harness), "n_ctx"),
-            "rss_bytes": self.rss_bytes(),
-            "ttl_s": config.ttl_for(self.spec),
-            "download": (self.download.as_json()
-                         if self.download and self.state is WorkerState.DOWNLOADING else None),
-            "since": self.since,
-            "uptime_s": round(time.time() - self.since, 3) if serving else None,
-        }
+        """Its `/models` entry (listing.py)."""
+        return listing.of_model(self, self._shared.config, self._shared.vram_gate.used_mb
+                                ).as_json()

@@ -9,19 +9,10 @@ numbers, no processes and no real time.
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass, replace
 
 from ..config import ModelSpec, NeuronConfig
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
+from .worker import describe_exit
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
-from ..config import ConfigError, ModelSpec, NeuronConfig, effective, gpu_layers, same_worker
+from ..config import ConfigError, ModelSpec, NeuronConfig, gpu_layers, same_worker
 from ..errors import (
     ApiModelsRefused,
     Conflict,
@@ -30,12 +30,13 @@ from ..errors import (
 )
 from ..events import EventBus
 from ..models import files as modelfiles
-from ..models.admission import Admission
+from ..models.admission import VramGate
 from ..models.discovery import Discovery
-from ..states import ModelStatus, WorkerState
+from ..states import WorkerState
+from . import listing
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
-from .lifecycle import ModelLifecycle, Services, WorkerFactory
+from .lifecycle import ModelLifecycle, Shared, WorkerFactory
 from .statefile import StateFile
 from .worker import Worker
 
@@ -55,43 +56,10 @@ _RETRIED_ON_DEMAND = frozenset({"no_room", "load_cancelled", "insufficient_vram"
 MAX_FAILED_AD_HOC = 32
 
 
-def unloaded_json(spec: ModelSpec, config: NeuronConfig) -> dict[str, Any]:
-    """A catalogue model with no lifecycle, in the shape `ModelLifecycle.to_json` has."""
-    n_ctx = effective(spec, config.harness_config(spec.harness), "n_ctx")
-    return {"id": spec.model_id, "harness": spec.harness, "status": ModelStatus.UNLOADED.value,
-            "devices": list(spec.devices), "vram_used_mb": None, "pid": None, "port": None,
-            "endpoint": None, "load_ms": None, "restarts": 0, "error": None,
-            "error_detail": None, "exit_code": None, "last_error": None,
-            "last_exit_code": None, "log_path": None, "warning": None, "download": None,
-            "since": None, "uptime_s": None, "pinned": config.pinned(spec), "n_ctx": n_ctx,
-            "rss_bytes": None, "ttl_s": config.ttl_for(spec)}
-
-
-def with_traffic(entry: dict[str, Any], activity: Activity) -> dict[str, Any]:
-    """`entry` (a listing's) with what the router counts for it: `in_flight`, `queued`,
-    and `idle_until`, the Unix time the idle reaper (idle.py) would unload it: `ttl_s`
-    after its last /v1 request or its becoming loaded, whichever is later. None without
-    a TTL, unless loaded, or while busy (the countdown starts when it is idle again)."""
-    idle_until = None
-    ttl, since = entry.get("ttl_s"), entry.get("since")
-    if (ttl is not None and since is not None and not activity.busy
-            and entry["status"] == ModelStatus.LOADED.value):
-        last = since
-        if activity.last_used:  # the router's clock is monotonic
-            last = max(last, time.time() - (time.monotonic() - activity.last_used))
-        idle_until = round(last + ttl, 3)
-    return {**entry, "in_flight": activity.in_flight, "queued": activity.queued,
-            "idle_until": idle_until}
-
 def _log_failure(task: asyncio.Task[None]) -> None:
     """For a stop nobody awaits: its failure (a bug) in the journal, not lost."""
     if not task.cancelled() and task.exception() is not None:
         log.error("stopping a model failed", exc_info=task.exception())
-
-
-# Kept importable from here: callers catch the registry's refusals by these names.
-NotFound = ModelNotFound
-__all__ = ["Conflict", "ModelRegistry", "NotFound"]
 
 
 class ModelRegistry:
@@ -113,10 +81,10 @@ class ModelRegistry:
         models, `listing()` shows them), made before the registry by whoever makes both;
         every model is idle without it (a registry with no router)."""
         self.discovery = discovery or Discovery(config.gpu_poll_interval_s)
-        admission = Admission(self.discovery, lambda: self.config.vram_release_timeout_s,
+        vram_gate = VramGate(self.discovery, lambda: self.config.vram_release_timeout_s,
                               clock, sleep)
-        self.services = Services(
-            config, harnesses, admission, events or EventBus(), state=state,
+        self.services = Shared(
+            config, harnesses, vram_gate, events or EventBus(), state=state,
             worker_factory=worker_factory,
             fetcher_factory=fetcher_factory or modelfiles.default_fetcher,
             clock=clock, sleep=sleep,
@@ -174,12 +142,12 @@ class ModelRegistry:
         lifecycle, then the catalogue's models that have none (`unloaded`), each with the
         router's counts."""
         listed = [m.to_json() for m in self._models.values()]
-        listed += [unloaded_json(spec, self.config)
+        listed += [listing.of_spec(spec, self.config).as_json()
                    for model_id, spec in self.catalogue.items() if model_id not in self._models]
         catalogue = self.catalogue
         # `autoload`: a /v1 request naming it loads it when it is not loaded (a gateway may
         # send it requests while it is unloaded; docs/fleet.md).
-        return [{**with_traffic(entry, self.activity(entry["id"])),
+        return [{**listing.with_traffic(entry, self.activity(entry["id"])),
                  "autoload": entry["id"] in catalogue
                  and self.config.autoloads(catalogue[entry["id"]])} for entry in listed]
 
@@ -364,7 +332,7 @@ class ModelRegistry:
         """Stop the model whatever it is doing (a load in progress, a backoff)."""
         model = self._models.get(model_id)
         if model is None:
-            raise NotFound(f"model not loaded: {model_id}")
+            raise ModelNotFound(f"model not loaded: {model_id}")
         if model.stopping:
             raise Conflict(f"{model_id} is already being unloaded")
         await self._stop(model, "unloaded")

@@ -1,13 +1,8 @@
-"""What survives a supervisor crash: which workers it started, and who holds the node.
+"""`workers.json`: which workers this supervisor started, for the next one after a crash.
 
-`workers.json` in `state_dir` lists every live worker with its pid, process group, start
-time, command line and token (a random `NEURON_WORKER_TOKEN` in its environment, which
-anything it starts inherits), rewritten atomically at each spawn and exit. A supervisor
-that starts over it stops whatever a crashed predecessor left behind: every process of a
-recorded group that carries the recorded token, so a recycled pid is never touched and a
-wrapper script's child is found after the wrapper died. `neuron.lock` (an flock, released
-by the kernel when its holder dies, however it dies) keeps two supervisors off one state
-directory.
+It lists every live worker with its pid, process group, start time, command line and
+token, rewritten atomically at each spawn and exit; orphans.py stops what a crashed
+predecessor's file names, lock.py keeps two supervisors off one state_dir.
 
 Nothing here is fatal: `state_dir` may be full, read-only or tampered with, and the node
 must still serve. A file that is not what this supervisor writes is set aside (renamed,
@@ -17,25 +12,17 @@ not deleted) with one warning; a write that fails is one warning.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import fcntl
 import json
 import logging
 import math
 import os
-import signal
-import stat
 import string
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .worker import TOKEN_ENV
-
-if TYPE_CHECKING:
-    import psutil
+from ..fsutil import FileTooLarge, NotRegularFile, read_regular, write_atomically
 
 # psutil is imported where first used, after the first worker has been spawned: start-up
 # time is activation time (bench/activation.py).
@@ -43,13 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "workers.json"
-LOCK_FILE = "neuron.lock"
-PID_FILE = "neuron.pid"
 # A real file is a few hundred bytes a worker; anything this big was not written by us.
 MAX_STATE_BYTES = 1 << 20
 _PID_MAX = 1 << 22  # PID_MAX_LIMIT of 64-bit Linux: no pid or pgid is above it
-# psutil's create_time is derived from boot time and clock ticks; allow for rounding.
-_START_TIME_TOLERANCE_S = 0.05
 _LISTED_PROBLEMS = 3  # a warning names this many invalid entries, then counts the rest
 
 
@@ -68,88 +51,6 @@ class WorkerEntry:
 
 class BadStateFile(ValueError):
     """What is wrong with a state file or one of its entries, in words for the journal."""
-
-
-class AlreadyRunning(Exception):
-    def __init__(self, state_dir: Path, pid: str) -> None:
-        super().__init__(
-            f"another neuronctl start (pid {pid or '?'}) is running on state_dir {state_dir}; "
-            "stop it first (systemctl stop neuron)"
-        )
-
-
-class SupervisorLock:
-    """Held for the supervisor's whole life; a second one on the same state_dir fails.
-
-    A plain flock on an open descriptor: the kernel drops it when the process dies, however
-    it dies, so a crash never leaves a stale lock behind. A lock file that cannot be opened
-    at all (a read-only state_dir without one) is a warning: the models can still be
-    served, only a second supervisor is no longer kept off."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self._fd: int | None = None
-        self._wrote_pid = False
-
-    def acquire(self) -> None:
-        path = self.state_dir / LOCK_FILE
-        try:
-            fd = _open_lock_file(path)
-        except OSError as exc:
-            log.warning("cannot open the supervisor lock %s: %s; a second neuronctl start "
-                        "on this state_dir will not be refused", path, _reason(exc))
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning(self.state_dir, self._holder()) from None
-        except OSError as exc:  # ENOLCK: a file system without locks
-            os.close(fd)
-            log.warning("cannot lock %s: %s; a second neuronctl start on this state_dir "
-                        "will not be refused", path, _reason(exc))
-            return
-        self._fd = fd
-        pid_path = self.state_dir / PID_FILE
-        try:
-            write_atomically(pid_path, f"{os.getpid()}\n".encode(), durable=False)
-        except OSError as exc:
-            log.warning("cannot write %s: %s (a second neuronctl start is still refused, "
-                        "without naming this pid)", pid_path, _reason(exc))
-        else:
-            self._wrote_pid = True
-
-    def _holder(self) -> str:
-        try:
-            pid = read_regular_file(self.state_dir / PID_FILE, 32).decode().strip()
-        except (OSError, BadStateFile, ValueError):
-            return ""
-        return pid if pid.isdigit() else ""
-
-    def release(self) -> None:
-        if self._wrote_pid:
-            with contextlib.suppress(OSError):
-                (self.state_dir / PID_FILE).unlink()
-            self._wrote_pid = False
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-
-def _open_lock_file(path: Path) -> int:
-    # O_NOFOLLOW: a root supervisor must not create or open files through a planted
-    # symlink; O_NONBLOCK: opening a FIFO planted here must not wait for a writer.
-    flags = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EROFS):
-            raise
-        # An existing lock file in a read-only state_dir: flock needs no write access.
-        try:
-            return os.open(path, os.O_RDONLY | flags)
-        except OSError:
-            raise exc from None
 
 
 class StateFile:
@@ -193,8 +94,11 @@ class StateFile:
         one warning saying what was wrong, and its valid entries are still returned."""
         # No lock needed: writers replace the file atomically, so it is old or new, whole.
         try:
-            data = read_regular_file(self.path, MAX_STATE_BYTES)
+            data = read_regular(self.path, MAX_STATE_BYTES, _ours)
         except FileNotFoundError:
+            return []
+        except (NotRegularFile, FileTooLarge) as exc:
+            self._set_aside(_reason(exc))
             return []
         except BadStateFile as exc:
             self._set_aside(str(exc))
@@ -258,61 +162,11 @@ class StateFile:
         write_atomically(self.path, json.dumps(data, indent=1).encode())
 
 
-def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data`: readers see the old file or the new, never half. The
-    temporary file is created afresh (O_EXCL, O_NOFOLLOW), so nothing planted under its
-    name (a symlink, a FIFO) is ever written through."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # a leftover of a crash, or whatever was put there
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of `path`, which must be a regular file of this user's of at most `limit`
-    bytes; anything else raises BadStateFile. Never blocks: a FIFO is refused before it
-    is opened, and it is opened non-blocking in case one was swapped in meanwhile."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise BadStateFile(f"is {_file_kind(st.st_mode)}, not a regular file")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BadStateFile(f"is {_file_kind(st.st_mode)}, not a regular file")
-        if st.st_uid != os.geteuid():
-            # Only what this supervisor's user wrote can tell it which processes to kill.
-            raise BadStateFile(f"is owned by uid {st.st_uid}, not by this supervisor's "
-                               f"uid {os.geteuid()}")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    if size > limit:
-        raise BadStateFile(f"is larger than {limit} bytes")
-    return b"".join(chunks)
+def _ours(st: os.stat_result) -> None:
+    if st.st_uid != os.geteuid():
+        # Only what this supervisor's user wrote can tell it which processes to kill.
+        raise BadStateFile(f"is owned by uid {st.st_uid}, not by this supervisor's "
+                           f"uid {os.geteuid()}")
 
 
 def parse_state(data: bytes) -> tuple[list[WorkerEntry], list[str]]:
@@ -391,134 +245,5 @@ def _show(value: object) -> str:
     return shown if len(shown) <= 40 else f"{shown[:37]}..."
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISLNK, "a symlink"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a file"
-
-
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
-
-
-def _oneline(text: str, limit: int = 200) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])
-
-
-def is_same_process(entry: WorkerEntry) -> psutil.Process | None:
-    """The live process `entry` describes, or None if its pid now belongs to another.
-    Only for entries without a token (files from before tokens): start time and command
-    line, both of which another user's process could imitate."""
-    import psutil
-
-    try:
-        proc = psutil.Process(entry.pid)
-        same = (
-            abs(proc.create_time() - entry.create_time) <= _START_TIME_TOLERANCE_S
-            and proc.cmdline() == entry.cmdline
-        )
-    except psutil.Error:
-        return None
-    return proc if same else None
-
-
-def find_orphans(entries: list[WorkerEntry]) -> list[tuple[WorkerEntry, psutil.Process]]:
-    """The live processes `entries` describe: for an entry with a token, every process in
-    its group whose environment carries that token (the group's leader, a wrapper script,
-    may be dead while the server it started lives on); for an old entry, its pid if start
-    time and command line still match."""
-    import psutil
-
-    tokens: dict[int, dict[str, WorkerEntry]] = {}
-    for entry in entries:
-        if entry.token:
-            tokens.setdefault(entry.pgid, {})[entry.token] = entry
-    found: dict[int, tuple[WorkerEntry, psutil.Process]] = {}
-    if tokens:
-        me = os.getpid()
-        for proc in psutil.process_iter():
-            try:
-                by_token = tokens.get(os.getpgid(proc.pid))
-                if by_token is None or proc.pid == me:
-                    continue
-                entry_for = by_token.get(proc.environ().get(TOKEN_ENV, ""))
-            except (psutil.Error, OSError):
-                continue  # gone, a zombie, or not ours to read
-            if entry_for is not None:
-                found[proc.pid] = (entry_for, proc)
-    for entry in entries:
-        if not entry.token:
-            old = is_same_process(entry)
-            if old is not None:
-                found.setdefault(old.pid, (entry, old))
-    return list(found.values())
-
-
-def stop_orphans(entries: list[WorkerEntry], timeout_s: float) -> list[int]:
-    """Stop the processes that `entries` prove are ours (SIGTERM, `timeout_s`, SIGKILL);
-    their pids."""
-    if not entries:
-        return []
-    import psutil
-
-    orphans = find_orphans(entries)
-    for entry, proc in orphans:
-        group = f", group {entry.pgid}" if entry.pgid and entry.pgid != proc.pid else ""
-        try:
-            cmdline = " ".join(proc.cmdline())
-        except psutil.Error:
-            cmdline = " ".join(entry.cmdline)
-        log.warning("stopping orphaned worker pid %d left by a previous supervisor "
-                    "(model %s%s): %s", proc.pid, _oneline(entry.model_id, 100) or "?",
-                    group, _oneline(cmdline))
-        _signal(entry, proc, signal.SIGTERM)
-    procs = [proc for _, proc in orphans]
-    alive = _wait_gone(procs, timeout_s)
-    for entry, proc in orphans:
-        if proc in alive:
-            log.warning("orphaned worker pid %d ignored SIGTERM for %g s; sending SIGKILL",
-                        proc.pid, timeout_s)
-            _signal(entry, proc, signal.SIGKILL)
-    _wait_gone(alive, timeout_s)
-    return [p.pid for p in procs]
-
-
-def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
-    """Those of `procs` still running after up to `timeout_s`. A zombie counts as gone:
-    an orphan is not our child, and whoever reaps it (init, or a container's pid 1 that
-    reaps slowly or never) is not ours to wait for."""
-    deadline = time.monotonic() + timeout_s
-    alive = procs
-    while True:
-        alive = [p for p in alive if _running(p)]
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.02)
-
-
-def _running(proc: psutil.Process) -> bool:
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _signal(entry: WorkerEntry, proc: psutil.Process, sig: signal.Signals) -> None:
-    import psutil
-
-    with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
-        if entry.token:
-            # Each process proved itself by its token: signal exactly those (psutil checks
-            # that the pid was not reused in between), never the rest of the group.
-            proc.send_signal(sig)
-        elif os.getpgid(proc.pid) == proc.pid:
-            # An old entry's worker leads its own group: signal all of it, as a live
-            # supervisor would.
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)

@@ -25,7 +25,6 @@ from ..aio import bounded
 from ..errors import SpawnFailed, WorkerExited, WorkerTimeout
 from . import portowner
 from .harness import WorkerPlan
-from .policy import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,22 @@ _POLL_MIN_S = 0.005
 _POLL_MAX_S = 0.25
 _POLL_FRACTION = 0.01
 
+# In every worker's environment, so that anything it starts inherits it: how the next
+# supervisor proves a process in a recorded group is ours (orphans.py).
 TOKEN_ENV = "NEURON_WORKER_TOKEN"
 
 Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
 OnSpawn = Callable[["Worker"], Awaitable[None]]
+
+
+def describe_exit(code: int) -> str:
+    """How a worker ended, for messages: "exited with code 3", "was killed by SIGKILL"."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def free_port() -> int:
@@ -140,9 +151,8 @@ class Worker:
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
-        self.probes = {True: 0, False: 0}  # liveness probes answered, and not
         # In the worker's environment, inherited by anything it starts: proves, after a
-        # supervisor crash, which processes are ours (statefile.stop_orphans).
+        # supervisor crash, which processes are ours (orphans.stop_orphans).
         self.token = secrets.token_hex(16)
         self.log_problem: str | None = None  # why its log file could not be written
         self._stop_sent: str | None = None  # what neuronctl did to end it, for the log
@@ -255,11 +265,9 @@ class Worker:
     async def answers(self, timeout_s: float) -> bool:
         """One liveness probe: does the worker answer its probe within `timeout_s`?"""
         try:
-            ok = await bounded(self._probe(self.port, self.plan.probe_path), timeout_s)
+            return await bounded(self._probe(self.port, self.plan.probe_path), timeout_s)
         except asyncio.TimeoutError:
-            ok = False
-        self.probes[ok] += 1
-        return ok
+            return False
 
     def log_excerpt(self, fallback: bool = True) -> tuple[str | None, str]:
         """(the one line of the log that says what went wrong, its last lines); see

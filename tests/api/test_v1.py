@@ -26,7 +26,7 @@ from neuronctl.api.app import create_app
 from neuronctl.api.traffic import RouterStats
 from neuronctl.api.v1 import ROUTER_STATS
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.supervisor.harness import LlamaCppPythonHarness, LoadError, WorkerPlan
+from neuronctl.supervisor.harness import Harness, LlamaCppPythonHarness, LoadError, WorkerPlan
 from neuronctl.supervisor.registry import ModelRegistry
 from neuronctl.supervisor.worker import Worker
 
@@ -104,7 +104,7 @@ class StandInWorker:
         return (0, 0.0, 0)
 
 
-class StandIns:
+class StandIns(Harness):
     """The registry's worker factory and harness for models named in `self.models`."""
 
     name = "stand-in"

@@ -21,7 +21,7 @@ from neuronctl.config import ModelSpec
 from neuronctl.errors import LoadError, ModelFileError
 from neuronctl.models import gguf as ggufinfo
 from neuronctl.models import headers
-from neuronctl.models.admission import Admission
+from neuronctl.models.admission import VramGate
 from neuronctl.models.gguf import BadHeader, CannotEstimate, read_model
 from neuronctl.models.headers import read_bounded
 from neuronctl.states import ModelStatus, WorkerState
@@ -299,7 +299,7 @@ async def test_the_load_lock_is_free_while_a_header_is_read(
 
     registry = make_registry()
     services = registry.services
-    services.admission = Admission(registry.discovery, lambda: 5.0, time.monotonic,
+    services.vram_gate = VramGate(registry.discovery, lambda: 5.0, time.monotonic,
                                    header_reader=reader)
     slow = asyncio.create_task(registry.load(fake("slow", slow_file)))
     await asyncio.wait_for(reading.wait(), 10)
@@ -325,7 +325,7 @@ async def test_the_header_is_read_once_and_only_where_a_gpu_judges_it(
         return await read_bounded(parts)
 
     registry = make_registry()
-    registry.services.admission = Admission(registry.discovery, lambda: 5.0, time.monotonic,
+    registry.services.vram_gate = VramGate(registry.discovery, lambda: 5.0, time.monotonic,
                                             header_reader=reader)
     await registry.load(fake("gpu", tiny_gguf))
     assert read == [tiny_gguf]  # before the lock; the check under it used what was read

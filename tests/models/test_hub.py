@@ -1,4 +1,4 @@
-"""Model resolution: a local path, or a GGUF picked from a Hugging Face repo and cached.
+"""The Hub: a GGUF picked from a Hugging Face repo and cached.
 
 No test touches the network: the cache is laid out here in huggingface_hub's own format and
 HF_HUB_OFFLINE=1 is set; downloads go through a stand-in for hf_hub_download.
@@ -16,9 +16,10 @@ import pytest
 
 from neuronctl.aio import in_thread
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.models.hub import Fetcher, Progress, ResolveError, local_file, select
+from neuronctl.errors import LoadError
+from neuronctl.models.hub import Fetcher, Progress, ResolveError, select
 from neuronctl.states import ModelStatus, WorkerState
-from neuronctl.supervisor.harness import LlamaCppPythonHarness, LoadError, build_harnesses
+from neuronctl.supervisor.harness import LlamaCppPythonHarness, build_harnesses
 
 from ..fakes import FileHarness
 from ..gpu_fakes import FakeHub, hide_nvidia_smi, lay_out_hf_cache
@@ -141,21 +142,6 @@ def test_revision_tag_and_commit(tmp_path: Path) -> None:
 def test_a_repo_not_in_the_cache_offline(tmp_path: Path) -> None:
     with pytest.raises(ResolveError, match=r"Hugging Face repo org/absent is not in the cache"):
         Fetcher(tmp_path).resolve(ModelSpec("org/absent", quant="Q4_K_M"), Progress())
-
-
-def test_local_path(tmp_path: Path) -> None:
-    with pytest.raises(ResolveError,
-                       match=f"model file not found or not readable: {tmp_path}/x.gguf"):
-        local_file(ModelSpec("m", path=tmp_path / "x.gguf"))
-    first = tmp_path / "big-00001-of-00002.gguf"
-    first.write_bytes(b"GGUF")
-    with pytest.raises(ResolveError,
-                       match=r"model file not found or not readable: .*big-00002-of-00002"):
-        local_file(ModelSpec("m", path=first))  # every part of a split model must be there
-    (tmp_path / "big-00002-of-00002.gguf").write_bytes(b"GGUF")
-    resolved = local_file(ModelSpec("m", path=first))
-    assert resolved.path == first
-    assert [p.name for p in resolved.parts] == [first.name, "big-00002-of-00002.gguf"]
 
 
 def test_select_is_pure() -> None:

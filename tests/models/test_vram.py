@@ -1,4 +1,4 @@
-"""VRAM: the estimate from the GGUF header, admission against a fake nvidia-smi, and the
+"""VRAM: the estimate from the GGUF header, the VRAM gate against a fake nvidia-smi, and the
 wait for a stopped worker's memory to come back before the next load."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.errors import LoadError
 from neuronctl.models.discovery import Gpu
 from neuronctl.models.gguf import read_model
 from neuronctl.models.vram import (
@@ -18,12 +19,11 @@ from neuronctl.models.vram import (
     Estimate,
     NotEnoughVram,
     Release,
-    admit,
+    check_fits,
     estimate,
     split_by_free,
 )
 from neuronctl.states import ModelStatus, WorkerState
-from neuronctl.supervisor.harness import LoadError
 
 from ..fakes import FakeHarness
 from ..gpu_fakes import FakeSmi, gpu, install_fake_smi
@@ -58,20 +58,20 @@ def test_estimate_reads_tensors_and_sizes_the_kv_cache(tiny_gguf: Path) -> None:
     assert estimate(split, 256, None).weights_bytes == 2 * TINY_WEIGHTS
 
 
-def test_admit_refuses_with_both_numbers() -> None:
+def test_check_fits_refuses_with_both_numbers() -> None:
     need = Estimate(weights_bytes=3000 * MIB, kv_bytes=1000 * MIB, n_ctx=8192)
     gpus = [Gpu(0, "A", 40960, 38000, 2960, 0, 30, "535"),
             Gpu(1, "A", 40960, 0, 40960, 0, 30, "535")]
     with pytest.raises(NotEnoughVram) as info:
-        admit("org/m", need, gpus, [0])
+        check_fits("org/m", need, gpus, [0])
     assert info.value.message == (
         "org/m: not enough free VRAM: needs about 4000 MiB (weights 3000 MiB + KV cache "
         "1000 MiB for n_ctx 8192) but GPU 0 has 2960 MiB free; set force = true to load anyway"
     )
-    admit("org/m", need, gpus, [1])
-    admit("org/m", need, gpus, [0, 1])  # together they have it
+    check_fits("org/m", need, gpus, [1])
+    check_fits("org/m", need, gpus, [0, 1])  # together they have it
     with pytest.raises(NotEnoughVram, match=r"no GPU 7 on this host \(GPUs: 0, 1\)"):
-        admit("org/m", need, gpus, [7])
+        check_fits("org/m", need, gpus, [7])
 
 
 def test_split_by_free_vram() -> None:
@@ -121,7 +121,7 @@ async def test_a_load_that_does_not_fit_is_refused_and_force_loads_it(
     assert cpu.status is ModelStatus.LOADED
 
 
-async def test_no_nvidia_smi_means_no_admission(
+async def test_no_nvidia_smi_means_no_vram_gate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_registry: MakeRegistry,
     tiny_gguf: Path,
 ) -> None:

@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 import pytest
 
 from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.errors import LoadError
 from neuronctl.states import ModelStatus
 from neuronctl.supervisor.activation import ActivationResult, load_default_models
-from neuronctl.supervisor.harness import LoadError, WorkerPlan
+from neuronctl.supervisor.harness import Harness, WorkerPlan
 from neuronctl.supervisor.registry import ModelRegistry
 
 from ..helpers import MakeRegistry
@@ -58,7 +59,7 @@ class ScriptedWorker:
         return True
 
 
-class PlanOnlyHarness:
+class PlanOnlyHarness(Harness):
     name = "scripted"
 
     def slots(self, spec: ModelSpec) -> int:

@@ -17,7 +17,7 @@ from neuronctl import logfiles
 from neuronctl.config import ModelSpec, NeuronConfig
 from neuronctl.errors import Conflict, InternalError, LoadCancelled, WorkerExited
 from neuronctl.states import ModelStatus, WorkerState
-from neuronctl.supervisor.harness import WorkerPlan
+from neuronctl.supervisor.harness import Harness, WorkerPlan
 from neuronctl.supervisor.lifecycle import ModelLifecycle
 from neuronctl.supervisor.reload import Reloader
 from neuronctl.supervisor.statefile import StateFile
@@ -140,7 +140,7 @@ async def test_a_reloaded_gpu_poll_interval_applies(
     assert registry.discovery.poll_interval_s == 0.5
 
 
-class ArgparseHarness:
+class ArgparseHarness(Harness):
     """A worker that refuses its arguments the way llama-cpp-python's server does."""
 
     name = "argparse"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from neuronctl.config import ModelSpec, NeuronConfig
-from neuronctl.supervisor.policy import GiveUp, History, Restart, RestartPolicy, describe_exit
+from neuronctl.supervisor.policy import GiveUp, History, Restart, RestartPolicy
+from neuronctl.supervisor.worker import describe_exit
 
 
 def policy(**kw: object) -> RestartPolicy:
@@ -113,9 +114,3 @@ def test_for_model_takes_per_model_values_over_the_node_defaults() -> None:
         "always", 7, 30.0, 0.5, 4.0, 9.0)
     own = RestartPolicy.for_model(config, ModelSpec("m", restart="never", max_restarts=0))
     assert (own.mode, own.max_restarts) == ("never", 0)
-
-
-def test_describe_exit() -> None:
-    assert describe_exit(3) == "exited with code 3"
-    assert describe_exit(-9) == "was killed by SIGKILL"
-    assert describe_exit(-200) == "was killed by signal 200"

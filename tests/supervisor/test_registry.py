@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from neuronctl.config import ModelSpec
+from neuronctl.errors import Conflict, LoadError, ModelNotFound
 from neuronctl.states import ModelStatus
-from neuronctl.supervisor.harness import LoadError
-from neuronctl.supervisor.registry import Conflict, NotFound
 from neuronctl.supervisor.worker import Worker
 
 from ..fakes import FakeHarness
@@ -83,7 +82,7 @@ async def test_failed_load_stays_listed_until_unloaded(make_registry: MakeRegist
     assert record.status is ModelStatus.FAILED and record.last_exit_code == 3
     await registry.unload("m")
     assert registry.models() == []
-    with pytest.raises(NotFound):
+    with pytest.raises(ModelNotFound):
         await registry.unload("m")
 
 

@@ -21,20 +21,15 @@ from typing import Any
 import psutil
 import pytest
 
+from neuronctl import fsutil
 from neuronctl.node.daemon import _stop_orphans
 from neuronctl.supervisor import statefile
-from neuronctl.supervisor.statefile import (
-    MAX_STATE_BYTES,
-    AlreadyRunning,
-    StateFile,
-    SupervisorLock,
-    WorkerEntry,
-    stop_orphans,
-)
+from neuronctl.supervisor.statefile import MAX_STATE_BYTES, StateFile, WorkerEntry
 from neuronctl.supervisor.worker import TOKEN_ENV
 
 from ..fakes import FAKE_WORKER
 from ..helpers import NEURONCTL, clean_env, free_port, kill_quietly, pid_alive, poll_until
+from .test_orphans import group_of, recorded
 
 GOOD = {"model_id": "good", "pid": 4_000_000, "create_time": 1.5e9, "cmdline": ["x"],
         "pgid": 4_000_000, "token": "ab" * 16}
@@ -253,7 +248,7 @@ async def test_a_full_disk_is_one_warning_until_writes_succeed_again(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     state = StateFile(tmp_path)
-    monkeypatch.setattr(statefile.os, "fsync", full)
+    monkeypatch.setattr(fsutil.os, "fsync", full)
     with caplog.at_level(logging.INFO, logger="neuronctl.supervisor.statefile"):
         await state.add("m", sleepers[0], "ab" * 16)
         await state.add("m", sleepers[1], "cd" * 16)
@@ -262,7 +257,7 @@ async def test_a_full_disk_is_one_warning_until_writes_succeed_again(
         assert "No space left on device" in messages[0]
         assert "will not be found" in messages[0]
         assert os.listdir(tmp_path) == []  # no temporary file left behind
-        monkeypatch.setattr(statefile.os, "fsync", real_fsync)
+        monkeypatch.setattr(fsutil.os, "fsync", real_fsync)
         await state.remove(sleepers[1])
     assert "up to date again" in caplog.records[-1].getMessage()
     assert [e.pid for e in StateFile(tmp_path).read()] == [sleepers[0]]
@@ -279,155 +274,6 @@ def test_the_temporary_file_is_never_written_through(
     assert [e.pid for e in StateFile(tmp_path).read()] == [sleepers[0]]
 
 
-def test_a_lock_file_that_cannot_be_created_is_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_open = os.open
-
-    def read_only(path: Any, flags: int, *args: Any) -> int:
-        if flags & os.O_CREAT:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(statefile.os, "open", read_only)
-    lock = SupervisorLock(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="neuronctl.supervisor.statefile"):
-        lock.acquire()
-    lock.release()
-    [warning] = [r.getMessage() for r in caplog.records]
-    assert "cannot open the supervisor lock" in warning and "Read-only file system" in warning
-    assert "will not be refused" in warning
-
-
-def test_an_existing_lock_file_in_a_read_only_state_dir_still_locks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "neuron.lock").touch()
-    real_open = os.open
-
-    def read_only(path: Any, flags: int, *args: Any) -> int:
-        if flags & (os.O_CREAT | os.O_RDWR | os.O_WRONLY):
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(statefile.os, "open", read_only)
-    first = SupervisorLock(tmp_path)
-    first.acquire()
-    try:
-        with pytest.raises(AlreadyRunning, match=r"pid \?"):
-            SupervisorLock(tmp_path).acquire()
-    finally:
-        first.release()
-
-
-def test_a_pid_file_that_cannot_be_written_still_keeps_a_second_supervisor_off(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    (tmp_path / "neuron.pid").mkdir()  # real: replacing a directory fails, as root too
-    first = SupervisorLock(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="neuronctl.supervisor.statefile"):
-        first.acquire()
-    try:
-        assert "cannot write" in caplog.records[0].getMessage()
-        with pytest.raises(AlreadyRunning, match=r"another neuronctl start \(pid \?\)"):
-            SupervisorLock(tmp_path).acquire()
-    finally:
-        first.release()
-    assert (tmp_path / "neuron.pid").is_dir()  # not ours to remove
-
-
-@pytest.mark.timeout(30)
-def test_a_fifo_as_the_pid_file_does_not_hang_the_second_supervisor(tmp_path: Path) -> None:
-    first = SupervisorLock(tmp_path)
-    first.acquire()
-    try:
-        os.replace(tmp_path / "neuron.pid", tmp_path / "pid.bak")
-        os.mkfifo(tmp_path / "neuron.pid")
-        errors: list[BaseException] = []
-
-        def second() -> None:
-            try:
-                SupervisorLock(tmp_path).acquire()
-            except AlreadyRunning as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=second, daemon=True)
-        thread.start()
-        thread.join(5)
-        assert not thread.is_alive() and "pid ?" in str(errors[0])
-    finally:
-        first.release()
-
-
-# --- orphans behind a wrapper script ------------------------------------------------------
-
-
-def group_of(tmp_path: Path, name: str, token: str, *, child_token: str | None = None,
-             ) -> tuple[subprocess.Popen[bytes], int]:
-    """A wrapper shell (its own session, `token` in its environment) that runs a sleeping
-    Python child without exec, as a wrapper script does; the shell and the child's pid."""
-    pid_file = tmp_path / f"{name}.pid"
-    override = f"{TOKEN_ENV}={child_token} " if child_token is not None else ""
-    script = tmp_path / f"{name}.sh"
-    script.write_text(
-        "#!/bin/sh\n"
-        f"{override}\"{sys.executable}\" -c 'import os, time; "
-        f"open(\"{pid_file}\", \"w\").write(str(os.getpid())); time.sleep(600)'\n")
-    script.chmod(0o755)
-    shell = subprocess.Popen([str(script)], start_new_session=True,
-                             env={**clean_env(), TOKEN_ENV: token})
-    child = int(poll_until(lambda: pid_file.exists() and pid_file.read_text(), 10))
-    return shell, child
-
-
-def recorded(shell: subprocess.Popen[bytes], token: str) -> WorkerEntry:
-    info = psutil.Process(shell.pid)
-    return WorkerEntry("m", shell.pid, info.create_time(), info.cmdline(), shell.pid, token)
-
-
-def test_orphans_are_found_by_group_and_token_after_the_wrapper_died(tmp_path: Path) -> None:
-    shell, child = group_of(tmp_path, "wrapper", "ab" * 16)
-    try:
-        entry = recorded(shell, "ab" * 16)
-        shell.kill()  # the parent-death signal reaches only the wrapper
-        shell.wait(10)
-        assert pid_alive(child)
-        assert stop_orphans([entry], 2.0) == [child]
-        poll_until(lambda: not pid_alive(child), 10)
-    finally:
-        kill_quietly(child)
-        kill_quietly(shell.pid)
-        shell.wait(10)
-
-
-def test_a_process_without_the_token_is_never_touched(tmp_path: Path) -> None:
-    token = "ab" * 16
-    shell, ours = group_of(tmp_path, "ours", token)
-    # The token, in a group no entry names.
-    elsewhere_shell, elsewhere = group_of(tmp_path, "elsewhere", token)
-    # A recorded group whose processes carry another token: the group id was recycled.
-    recycled_shell, recycled = group_of(tmp_path, "recycled", "ef" * 16)
-    # The recorded group and token, but a child that set a token of its own.
-    mixed_shell, impostor = group_of(tmp_path, "mixed", token, child_token="00" * 16)
-    shells = (shell, elsewhere_shell, recycled_shell, mixed_shell)
-    try:
-        entries = [recorded(shell, token), recorded(recycled_shell, token),
-                   recorded(mixed_shell, token)]
-        stopped = stop_orphans(entries, 2.0)
-        assert sorted(stopped) == sorted([shell.pid, ours, mixed_shell.pid])
-        shell.wait(10)
-        mixed_shell.wait(10)
-        poll_until(lambda: not pid_alive(ours), 10)
-        assert elsewhere_shell.poll() is None and recycled_shell.poll() is None
-        assert pid_alive(elsewhere) and pid_alive(recycled) and pid_alive(impostor)
-    finally:
-        for pid in (ours, elsewhere, recycled, impostor):
-            kill_quietly(pid)
-        for proc in shells:
-            kill_quietly(proc.pid)
-            proc.wait(10)
-
-
 def test_valid_entries_are_cleaned_up_beside_invalid_ones(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -436,7 +282,7 @@ def test_valid_entries_are_cleaned_up_beside_invalid_ones(
         good = recorded(shell, "ab" * 16).__dict__
         content = {"workers": [BAD_ENTRIES["pid a string"], good, None]}
         (tmp_path / "workers.json").write_text(json.dumps(content))
-        with caplog.at_level(logging.WARNING, logger="neuronctl.supervisor.statefile"):
+        with caplog.at_level(logging.WARNING):
             _stop_orphans(StateFile(tmp_path), 2.0)
         shell.wait(10)
         poll_until(lambda: not pid_alive(child), 10)

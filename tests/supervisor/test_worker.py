@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from neuronctl.supervisor.harness import LoadError, WorkerPlan
-from neuronctl.supervisor.worker import Worker, free_port
+from neuronctl.errors import LoadError
+from neuronctl.supervisor.harness import WorkerPlan
+from neuronctl.supervisor.worker import Worker, describe_exit, free_port
 
 from ..fakes import FAKE_WORKER
 from ..helpers import kill_quietly, pid_alive, poll_until
@@ -152,3 +153,9 @@ def test_worker_dies_with_its_supervisor(tmp_path: Path) -> None:
         parent.stdout.close()
         if worker_pid:
             kill_quietly(worker_pid)
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(-9) == "was killed by SIGKILL"
+    assert describe_exit(-200) == "was killed by signal 200"

@@ -1,0 +1,36 @@
+"""One `/models` entry shape: a live model and a catalogue model without a lifecycle list
+the same keys, in the same order (docs/api.md documents them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.supervisor import listing
+from neuronctl.supervisor.eviction import IDLE
+
+from ..helpers import MakeRegistry
+
+KEYS = ["id", "harness", "status", "devices", "vram_used_mb", "pid", "port", "endpoint",
+        "load_ms", "restarts", "error", "error_detail", "exit_code", "last_error",
+        "last_exit_code", "log_path", "warning", "pinned", "n_ctx", "rss_bytes", "ttl_s",
+        "download", "since", "uptime_s"]
+
+
+async def test_a_live_and_an_unloaded_model_list_the_same_keys(
+    make_registry: MakeRegistry, node_config: NeuronConfig
+) -> None:
+    config = dataclasses.replace(node_config, models=[ModelSpec("cat", harness="fake")])
+    registry = make_registry(config)
+    model = await registry.load(ModelSpec("m", harness="fake"))
+    live = model.to_json()
+    assert list(live) == KEYS
+    assert live["status"] == "loaded" and live["pid"] == model.worker.pid  # type: ignore[union-attr]
+    unloaded = listing.of_spec(ModelSpec("cat", harness="fake"), config).as_json()
+    assert list(unloaded) == KEYS
+    assert unloaded == {**dict.fromkeys(KEYS), "id": "cat", "harness": "fake",
+                        "status": "unloaded", "devices": [], "restarts": 0,
+                        "pinned": False, "n_ctx": None, "ttl_s": config.ttl_s}
+    listed = {entry["id"]: entry for entry in registry.listing()}
+    assert list(listed["cat"]) == [*KEYS, "in_flight", "queued", "idle_until", "autoload"]
+    assert listed["cat"] == {**listing.with_traffic(unloaded, IDLE), "autoload": True}
