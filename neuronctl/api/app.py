@@ -38,6 +38,7 @@ from .idle import IdleReaper
 from .logstream import FOLLOWERS, LogFollowers
 from .metrics import Metrics
 from .ratelog import RateLimitedLog
+from .requestbody import read_limited
 from .traffic import RouterStats
 from .v1 import ROUTER_STATS, Router
 
@@ -95,8 +96,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
+    # Read as /v1 bodies are: what has arrived counts against the node's max_queued_bytes,
+    # so connections trickling 1 MiB bodies cannot pile memory up (requestbody.py).
+    budget = request.app[ROUTER_STATS].queued_bytes
+    max_bytes = request.app[REGISTRY].config.max_queued_bytes
+    raw = await read_limited(request.content, request.content_length, MAX_BODY_BYTES,
+                             budget, max_bytes)  # QueueBytesFull past the budget
+    if raw is None:
+        raise errors.PayloadTooLarge(f"request body too large (limit {MAX_BODY_BYTES} bytes)")
     try:
-        body = await request.json(loads=json.loads)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise errors.InvalidJson("request body is not valid JSON") from None
     except RecursionError:
@@ -122,9 +131,9 @@ async def load_model(request: web.Request) -> web.Response:
                                  param="path")
     registry = request.app[REGISTRY]
     _check_remote_load(request, registry, spec, body.keys())
-    if "args" in body:
-        _check_args(registry, spec)
     spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
+    if "args" in body:  # against the harness that will run it (a catalogue entry's)
+        _check_args(registry, spec)
     try:
         model = await registry.load(spec, by_client=True)
     except errors.LoadError as exc:
@@ -133,25 +142,28 @@ async def load_model(request: web.Request) -> web.Response:
     return web.json_response({"status": "loaded", "model": model.to_json()})
 
 
-# What makes a load run something the catalogue does not list: a file, a repo, flags.
-_ADHOC_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness", "args"})
+# What a client on another host may set when it loads a catalogue model: an allow-list,
+# as for `args`. Everything else is the operator's: a file, a repo, flags, but also `force`
+# (past the memory checks), `chat_format` (every user's prompts), `pinned`, the queue.
+REMOTE_LOAD_KEYS = frozenset({"model_id", "n_ctx", "ttl_s"})
 
 
 def _check_remote_load(request: web.Request, registry: ModelRegistry, spec: ModelSpec,
                        keys: Collection[str]) -> None:
-    """A client on another host loads catalogue models by id, nothing else, unless the
-    operator opted in: a path reads the node's files, a repo downloads anything into its
-    cache, `args` run its worker as the client likes (docs/security.md)."""
+    """A client on another host loads catalogue models by id, with its own `n_ctx` and
+    `ttl_s` at most, unless the operator opted in (docs/security.md)."""
     if registry.config.allow_remote_loads or is_loopback(request.remote):
         return
-    adhoc = sorted(_ADHOC_KEYS.intersection(keys))
-    if not adhoc and spec.model_id in registry.catalogue:
+    refused = sorted(set(keys) - REMOTE_LOAD_KEYS)
+    if not refused and spec.model_id in registry.catalogue:
         return
-    what = ", ".join(adhoc) if adhoc else f"a model that is not in the catalogue " \
-                                           f"({spec.model_id!r} would be a Hugging Face repo)"
+    what = (", ".join(refused) if refused else
+            f"a model that is not in the catalogue ({spec.model_id!r} would be a Hugging "
+            "Face repo)")
     raise errors.RemoteLoadRefused(
-        f"loads from other hosts may name catalogue models only, not {what}; load it on "
-        "the node itself, add it to the catalogue, or set allow_remote_loads = true")
+        f"loads from other hosts may name a catalogue model with its n_ctx and ttl_s only, "
+        f"not {what}; load it on the node itself, add it to the catalogue, or set "
+        "allow_remote_loads = true")
 
 
 def _check_args(registry: ModelRegistry, spec: ModelSpec) -> None:

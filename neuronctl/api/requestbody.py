@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from aiohttp import StreamReader
 
 from .. import errors
+from .traffic import QueuedBytes
 
 # Bodies up to this size are parsed with json.loads (a 400 names a JSON mistake).
 PARSE_BYTES = 1024 * 1024
@@ -40,17 +41,30 @@ class Routing:
     stream: bool  # `"stream": true`, as OpenAI's servers read it
 
 
-async def read_limited(content: StreamReader, length: int | None, limit: int) -> bytes | None:
-    """The whole body, or None once it is over `limit` (without reading the rest)."""
+async def read_limited(content: StreamReader, length: int | None, limit: int,
+                       budget: QueuedBytes | None = None,
+                       max_bytes: int | None = None) -> bytes | None:
+    """The whole body, or None once it is over `limit` (without reading the rest).
+
+    While it is read, what has arrived counts against the node-wide `budget` (QueuedBytes
+    against `max_bytes`): a client that sends most of a body and trickles the rest holds
+    those bytes as surely as one waiting in a queue (QueueBytesFull past the budget). The
+    count is given back when reading ends; a queue counts the body again while it waits."""
     if length is not None and length > limit:
         return None
     parts: list[bytes] = []
     size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > limit:  # a chunked body has no length to check up front
-            return None
-        parts.append(chunk)
+    try:
+        while chunk := await content.readany():
+            if budget is not None:
+                budget.take(len(chunk), max_bytes)
+            size += len(chunk)  # counted against the budget from here on
+            if size > limit:  # a chunked body has no length to check up front
+                return None
+            parts.append(chunk)
+    finally:
+        if budget is not None:
+            budget.give_back(size)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

@@ -56,10 +56,13 @@ class QueuedBytes:
     def take(self, size: int, limit: int | None) -> None:
         if limit is not None and self.held + size > limit:
             raise errors.QueueBytesFull(
-                f"the node holds {self.held} bytes of requests waiting for a slot; this one "
-                f"({size} bytes) would pass max_queued_bytes ({limit}); retry later",
-                headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
+                f"the node holds {self.held} bytes of requests waiting for a slot or still "
+                f"being read; this one ({size} bytes) would pass max_queued_bytes ({limit}); "
+                "retry later", headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
         self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
 
 
 @dataclass
@@ -108,7 +111,7 @@ class ModelQueue:
             self._leave(waiter)
             raise
         finally:  # forwarded or refused, the body no longer waits
-            self.budget.held -= size
+            self.budget.give_back(size)
         if not waiter.future.done():
             self._leave(waiter)
             raise errors.QueueTimeout(

@@ -184,8 +184,10 @@ class Router:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         # Read per request, so a config reload that changes it applies at once.
-        limit = self.registry.config.max_request_bytes
-        body = await read_limited(request.content, request.content_length, limit)
+        config = self.registry.config
+        limit = config.max_request_bytes
+        body = await read_limited(request.content, request.content_length, limit,
+                                  self.stats.queued_bytes, config.max_queued_bytes)
         if body is None:
             raise errors.PayloadTooLarge(
                 f"request body too large (limit {limit} bytes; max_request_bytes in "

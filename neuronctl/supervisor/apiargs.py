@@ -32,6 +32,25 @@ def _int(value: str) -> str | None:
     return None if _INT.fullmatch(value) else "expected an integer"
 
 
+def _int_range(low: int, high: int) -> Check:
+    """An integer within [low, high]: flags that size threads, buffers and caches are
+    resources a client must not be able to ask for without end (3,000 HTTP threads, say)."""
+
+    def check(value: str) -> str | None:
+        if not _INT.fullmatch(value):
+            return "expected an integer"
+        if not low <= int(value) <= high:
+            return f"expected an integer from {low} to {high}"
+        return None
+
+    return check
+
+
+_THREADS = _int_range(-1, 1024)
+_TOKENS = _int_range(-1, 1 << 24)  # counts of tokens: -1 is "no limit" where llama.cpp has it
+_BATCH = _int_range(1, 1 << 20)
+
+
 def _float(value: str) -> str | None:
     try:
         number = float(value)
@@ -82,9 +101,10 @@ _ON_OFF_AUTO = _choice("on", "off", "auto")
 
 LLAMA_SERVER_API_FLAGS = _flags(
     # Threads and batching.
-    Flag(("-t", "--threads"), _int), Flag(("-tb", "--threads-batch"), _int),
-    Flag(("--threads-http",), _int), Flag(("--prio",), _int), Flag(("--poll",), _int),
-    Flag(("-b", "--batch-size"), _int), Flag(("-ub", "--ubatch-size"), _int),
+    Flag(("-t", "--threads"), _THREADS), Flag(("-tb", "--threads-batch"), _THREADS),
+    Flag(("--threads-http",), _int_range(-1, 256)), Flag(("--prio",), _int_range(-1, 3)),
+    Flag(("--poll",), _int_range(0, 100)),
+    Flag(("-b", "--batch-size"), _BATCH), Flag(("-ub", "--ubatch-size"), _BATCH),
     Flag(("-cb", "--cont-batching")), Flag(("-nocb", "--no-cont-batching")),
     Flag(("--numa",), _choice("distribute", "isolate", "numactl")),
     # Memory, KV cache and attention.
@@ -93,31 +113,31 @@ LLAMA_SERVER_API_FLAGS = _flags(
     Flag(("-ctv", "--cache-type-v"), _choice(*_CACHE_TYPES)),
     Flag(("-kvu", "--kv-unified")), Flag(("-no-kvu", "--no-kv-unified")),
     Flag(("-kvo", "--kv-offload")), Flag(("-nkvo", "--no-kv-offload")),
-    Flag(("--swa-full",)), Flag(("-cram", "--cache-ram"), _int),
+    Flag(("--swa-full",)), Flag(("-cram", "--cache-ram"), _int_range(0, 1 << 24)),
     Flag(("--repack",)), Flag(("-nr", "--no-repack")),
-    Flag(("--cache-reuse",), _int), Flag(("-dt", "--defrag-thold"), _float),
+    Flag(("--cache-reuse",), _int_range(0, 1 << 24)), Flag(("-dt", "--defrag-thold"), _float),
     Flag(("--mlock",)), Flag(("--mmap",)), Flag(("--no-mmap",)),
     Flag(("--context-shift",)), Flag(("--no-context-shift",)),
-    Flag(("--keep",), _int), Flag(("-n", "--predict", "--n-predict"), _int),
-    Flag(("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"), _int),
+    Flag(("--keep",), _TOKENS), Flag(("-n", "--predict", "--n-predict"), _TOKENS),
+    Flag(("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"), _int_range(0, 256)),
     Flag(("--warmup",)), Flag(("--no-warmup",)),
     Flag(("-sps", "--slot-prompt-similarity"), _float),
     # Placement on GPUs (which GPUs is the spec's `devices`).
-    Flag(("-ngl", "--gpu-layers", "--n-gpu-layers"), _int),
+    Flag(("-ngl", "--gpu-layers", "--n-gpu-layers"), _int_range(-1, 1 << 16)),
     Flag(("-sm", "--split-mode"), _choice("none", "layer", "row", "tensor")),
-    Flag(("-mg", "--main-gpu"), _int),
-    Flag(("-cmoe", "--cpu-moe")), Flag(("-ncmoe", "--n-cpu-moe"), _int),
+    Flag(("-mg", "--main-gpu"), _int_range(0, 256)),
+    Flag(("-cmoe", "--cpu-moe")), Flag(("-ncmoe", "--n-cpu-moe"), _int_range(0, 1 << 16)),
     Flag(("-fit", "--fit"), _choice("on", "off")),
     # RoPE and YaRN.
     Flag(("--rope-scaling",), _choice("none", "linear", "yarn")),
     Flag(("--rope-scale",), _float), Flag(("--rope-freq-base",), _float),
-    Flag(("--rope-freq-scale",), _float), Flag(("--yarn-orig-ctx",), _int),
+    Flag(("--rope-freq-scale",), _float), Flag(("--yarn-orig-ctx",), _TOKENS),
     *(Flag((f"--yarn-{name}",), _float)
       for name in ("ext-factor", "attn-factor", "beta-slow", "beta-fast")),
     # Embeddings and reranking.
     Flag(("--embedding", "--embeddings")), Flag(("--rerank", "--reranking")),
     Flag(("--pooling",), _choice("none", "mean", "cls", "last", "rank")),
-    Flag(("--embd-normalize",), _int),
+    Flag(("--embd-normalize",), _int_range(-1, 100)),
     # Sampling defaults (a request may set its own).
     Flag(("-s", "--seed"), _int), Flag(("--temp", "--temperature"), _float),
     *(Flag((f"--{name}",), _float) for name in (
@@ -125,22 +145,25 @@ LLAMA_SERVER_API_FLAGS = _flags(
         "typical", "repeat-penalty", "presence-penalty", "frequency-penalty",
         "dry-multiplier", "dry-base", "dynatemp-range", "dynatemp-exp", "mirostat-lr",
         "mirostat-ent")),
-    *(Flag((f"--{name}",), _int) for name in (
-        "repeat-last-n", "dry-allowed-length", "dry-penalty-last-n", "mirostat")),
+    *(Flag((f"--{name}",), _TOKENS) for name in (
+        "repeat-last-n", "dry-allowed-length", "dry-penalty-last-n")),
+    Flag(("--mirostat",), _int_range(0, 2)),
     Flag(("--samplers",), _pattern(_SAMPLER_NAMES, "sampler names joined by ';'")),
     Flag(("--sampling-seq", "--sampler-seq"), _pattern(_SAMPLER_LETTERS, "sampler letters")),
     Flag(("--ignore-eos",)),
     # Chat handling of the model's own template.
     Flag(("--jinja",)), Flag(("--no-jinja",)),
     Flag(("--reasoning-format",), _choice("none", "deepseek", "deepseek-legacy", "auto")),
-    Flag(("--reasoning-budget",), _int),
+    Flag(("--reasoning-budget",), _TOKENS),
 )
 
 LLAMA_CPP_PYTHON_API_FLAGS = _flags(
-    *(Flag((f"--{name}",), _int) for name in (
-        "n_threads", "n_threads_batch", "n_batch", "n_ubatch", "seed", "split_mode",
-        "main_gpu", "rope_scaling_type", "yarn_orig_ctx", "last_n_tokens_size", "type_k",
-        "type_v")),
+    *(Flag((f"--{name}",), _THREADS) for name in ("n_threads", "n_threads_batch")),
+    *(Flag((f"--{name}",), _BATCH) for name in ("n_batch", "n_ubatch")),
+    *(Flag((f"--{name}",), _TOKENS) for name in ("yarn_orig_ctx", "last_n_tokens_size")),
+    Flag(("--seed",), _int), Flag(("--split_mode",), _int_range(0, 2)),
+    Flag(("--main_gpu",), _int_range(0, 256)), Flag(("--rope_scaling_type",), _int_range(-1, 3)),
+    *(Flag((f"--{name}",), _int_range(0, 64)) for name in ("type_k", "type_v")),
     *(Flag((f"--{name}",), _float) for name in (
         "rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor",
         "yarn_beta_fast", "yarn_beta_slow")),

@@ -158,6 +158,12 @@ def _remote_request(peer: str) -> Any:
     ({"model_id": "org/repo", "quant": "Q4_K_M"}, "quant"),
     ({"model_id": "org/repo"}, "not in the catalogue"),
     ({"model_id": "cat", "harness": "fake"}, "harness"),
+    # Past the memory checks, into every user's prompts, never evicted, the queue's size.
+    ({"model_id": "cat", "n_ctx": 1 << 20, "force": True}, "force"),
+    ({"model_id": "cat", "chat_format": "{% for m in messages %}X{% endfor %}"},
+     "chat_format"),
+    ({"model_id": "cat", "pinned": True, "max_queue": 100000}, "max_queue, pinned"),
+    ({"model_id": "cat", "devices": [0]}, "devices"),
 ])
 async def test_other_hosts_load_catalogue_models_only(
     node_config: NeuronConfig, make_registry: MakeRegistry, body: dict[str, Any],
@@ -173,9 +179,10 @@ async def test_other_hosts_load_catalogue_models_only(
     api._check_remote_load(_remote_request("127.0.0.1"), registry, spec, body.keys())
     opted_in = make_registry(dataclasses.replace(config, allow_remote_loads=True))
     api._check_remote_load(_remote_request("10.0.0.7"), opted_in, spec, body.keys())
-    # A catalogue id alone (with settings of its own) is fine from anywhere.
-    plain = api.model_spec_from_mapping({"model_id": "cat", "ttl_s": 60})
-    api._check_remote_load(_remote_request("10.0.0.7"), registry, plain, ["model_id", "ttl_s"])
+    # A catalogue id alone, with its own context and TTL at most, is fine from anywhere.
+    plain = api.model_spec_from_mapping({"model_id": "cat", "ttl_s": 60, "n_ctx": 512})
+    api._check_remote_load(_remote_request("10.0.0.7"), registry, plain,
+                           ["model_id", "ttl_s", "n_ctx"])
 
 
 def test_an_exposed_node_says_what_it_exposes() -> None:

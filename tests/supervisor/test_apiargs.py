@@ -100,6 +100,10 @@ def test_performance_and_sampling_flags_pass(args: list[str]) -> None:
 
 @pytest.mark.parametrize(("args", "element", "says"), [
     (["-t", "two"], "args[1]", "integer"),
+    (["--threads-http", "3000"], "args[1]", "from -1 to 256"),  # 3,006 threads once
+    (["-cram", "-1"], "args[1]", "from 0 to"),  # no limit on the prompt cache's RAM
+    (["-ctxcp", "2147483647"], "args[1]", "from 0 to 256"),
+    (["-b", "0"], "args[1]", "from 1 to"),
     (["--flash-attn", "maybe"], "args[1]", "one of auto, off, on"),
     (["--temp", "nan"], "args[1]", "finite"),
     (["--swa-full=1"], "args[0]", "takes no value"),
@@ -220,3 +224,21 @@ def test_workers_run_without_extra_buffers_on_amx_cpus(
     server_plan = LlamaServerHarness(HarnessConfig(binary=str(binary))).plan(spec, 4242)
     assert ("--no_extra_bufts" in python_plan.command) is amx
     assert ("--no-repack" in server_plan.command) is amx
+
+
+async def test_a_catalogue_models_args_are_checked_against_its_own_harness(
+    node_config: NeuronConfig, fake_harness: FakeHarness, make_registry: MakeRegistry,
+    model_file: Path,
+) -> None:
+    entry = ModelSpec("cat", harness="llama-server", path=model_file)
+    config = dataclasses.replace(node_config, models=(entry,))
+    async with await _client(make_registry, config, fake_harness) as client:
+        # llama-cpp-python's flags (the default harness) are not llama-server's.
+        body = {"model_id": "cat", "args": ["--flash_attn", "off"]}
+        async with client.post("/models/load", json=body) as resp:
+            assert resp.status == 400
+            assert "--flash_attn" in (await resp.json())["error"]
+        # llama-server's own -t passes the list (the load then fails: no binary here).
+        body = {"model_id": "cat", "args": ["-t", "1"]}
+        async with client.post("/models/load", json=body) as resp:
+            assert (await resp.json()).get("code") != "arg_not_allowed"
