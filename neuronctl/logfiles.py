@@ -238,6 +238,9 @@ class FollowedLog:
         except FileNotFoundError:  # between a rotation and the new file
             return b""
         if current.st_ino != os.fstat(self._fh.fileno()).st_ino:
+            rest = self._fh.read(max_bytes)
+            if rest:  # written to the old file after the read above, before the rotation
+                return rest
             try:
                 fresh = os.fdopen(open_log(self.path), "rb")  # rotated: the new file
             except FileNotFoundError:

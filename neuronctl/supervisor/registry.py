@@ -87,10 +87,9 @@ class ModelRegistry:
             config, harnesses, vram_gate, events or EventBus(), state=state,
             worker_factory=worker_factory,
             fetcher_factory=fetcher_factory or modelfiles.default_fetcher,
-            clock=clock, sleep=sleep,
+            clock=clock, sleep=sleep, make_room=self.make_room,
         )
         self._models: dict[str, ModelLifecycle] = {}
-        self.services.make_room = self.make_room
         self.activity = activity
         self.evictions: collections.Counter[tuple[str, str]] = collections.Counter()
 

@@ -183,8 +183,6 @@ def test_a_body_past_the_nodes_queued_bytes_is_a_429(tmp_path: Path, tiny_gguf: 
         finally:
             for sock in socks:
                 sock.close()
-        assert metric(daemon, 'neuron_requests_rejected_total{model="fake",'
-                              'reason="queue_bytes_full"}') == 1
 
 
 def test_a_large_body_is_routed_by_its_top_level_model_only(
