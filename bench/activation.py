@@ -15,58 +15,16 @@ round writes the caches before anything is timed.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import ENV, free_port, start_node, stop, wait_for, write_tiny_gguf
 
-from neuronctl.config import ModelSpec, NeuronConfig  # noqa: E402
-from neuronctl.supervisor.harness import LlamaCppPythonHarness  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
-
-NEURONCTL = str(Path(sys.executable).parent / "neuronctl")
-POLL_S = 0.005
-ENV = {k: v for k, v in os.environ.items()
-       if not k.startswith("NEURON_") and k != "PYTHONDONTWRITEBYTECODE"}
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-def wait_for(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not answers(url):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout} s")
-        time.sleep(POLL_S)
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM) if p.pid == os.getpgid(p.pid) else p.terminate()
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.supervisor.harness import LlamaCppPythonHarness
 
 
 def bare(model: Path, n: int, log: Path) -> float:
@@ -81,31 +39,23 @@ def bare(model: Path, n: int, log: Path) -> float:
                 proc = subprocess.Popen(plan.command, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True, env=ENV)
                 procs.append(proc)
-                wait_for(f"http://127.0.0.1:{port}{plan.probe_path}", proc)
+                wait_for(f"http://127.0.0.1:{port}{plan.probe_path}", proc, log)
         return time.monotonic() - started
     finally:
-        stop(procs)
+        for proc in procs:
+            stop(proc)
 
 
 def supervised(model: Path, n: int, workdir: Path) -> float:
-    port = free_port()
     entries = "".join(
         f'\n[[default_models]]\nmodel_id = "m{i}"\npath = "{model}"\nn_ctx = 128\n'
         for i in range(n)
     )
-    config = workdir / "neuron.toml"
-    config.write_text(
-        f'port = {port}\nhost = "127.0.0.1"\nlog_dir = "log"\nstate_dir = "state"\n{entries}'
-    )
     started = time.monotonic()
-    with (workdir / "daemon.log").open("ab") as out:
-        proc = subprocess.Popen([NEURONCTL, "start", "--config", str(config)], env=ENV,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/models", proc)
-        return time.monotonic() - started
-    finally:
-        stop([proc])
+    node = start_node(workdir, entries, ready="/models")
+    elapsed = time.monotonic() - started
+    node.stop()
+    return elapsed
 
 
 def main() -> None:

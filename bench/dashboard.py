@@ -25,11 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.helpers import poll_until, start_daemon  # noqa: E402
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
+from _common import poll_until, start_daemon, write_tiny_gguf
 
 N_MODELS = 20
 N_LOADED = 4

@@ -24,17 +24,12 @@ import secrets
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.helpers import (  # noqa: E402
+from _common import (
     LITELLM,
     LITELLM_ENV,
     NEURONCTL,
@@ -42,20 +37,16 @@ from tests.helpers import (  # noqa: E402
     find_llama_server,
     fleet_node_toml,
     free_port,
+    pct,
     spawn,
     stop_group,
     wait_http,
+    write_tiny_gguf,
 )
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
 
 CHAT = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                    "max_tokens": 1, "temperature": 0}).encode()
 NODES = ("node-a", "node-b", "node-c")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def chat(session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:

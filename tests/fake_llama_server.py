@@ -69,7 +69,7 @@ def main() -> None:
             # A completion of `max_tokens` tokens (default 4), with OpenAI's usage.
             length = int(self.headers.get("Content-Length") or 0)
             request = json.loads(self.rfile.read(length) or b"{}")
-            time.sleep(float(request.get("hold_s") or 0))
+            time.sleep(float(request.get("hold_s") or 0))  # a slow answer: the scenario
             if request.get("answer_mib") or request.get("lie") or request.get("extra_headers"):
                 self.misbehave(request)
                 return
@@ -107,7 +107,7 @@ def main() -> None:
                     self.wfile.write(part[:int(stall_at) - sent])
                     self.wfile.flush()
                     print(f"POST {self.path} stalled after {stall_at} bytes", flush=True)
-                    time.sleep(STALL_S)
+                    time.sleep(STALL_S)  # a stalled answer: the scenario
                     return
                 self.wfile.write(part)
                 sent += len(part)

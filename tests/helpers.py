@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -74,6 +74,19 @@ async def poll_until_async(condition: Callable[[], T], timeout: float = 10.0,
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+        await asyncio.sleep(interval)
+
+
+async def poll_until_awaited(condition: Callable[[], Awaitable[T]], timeout: float = 10.0,
+                             interval: float = 0.02) -> T:
+    """`poll_until_async` for a condition that must itself await (an HTTP request)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
         if value:
             return value
         if time.monotonic() >= deadline:

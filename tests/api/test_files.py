@@ -310,7 +310,7 @@ async def test_bounded_never_leaves_an_exception_unretrieved() -> None:
 
     async def stubborn() -> None:  # cancelled, it fails on its way out
         try:
-            await asyncio.sleep(10)
+            await asyncio.sleep(10)  # never done: cancelled by `bounded`, the scenario
         except asyncio.CancelledError:
             raise ConnectionResetError("closed while cancelling") from None
 

@@ -26,7 +26,7 @@ from neuronctl import errors
 from neuronctl.api.app import create_app
 from neuronctl.api.metrics import merge_worker_metrics
 from neuronctl.api.traffic import ModelQueue
-from neuronctl.api.v1 import HANG_UP_CHECK_S
+from neuronctl.api.v1 import HANG_UP_CHECK_S, Router
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
 from neuronctl.states import WorkerState
 from neuronctl.supervisor.harness import (
@@ -38,7 +38,14 @@ from neuronctl.supervisor.harness import (
 )
 from neuronctl.supervisor.registry import ModelRegistry
 
-from ..helpers import MakeRegistry, free_port, llama_required, pid_alive
+from ..helpers import (
+    MakeRegistry,
+    free_port,
+    llama_required,
+    pid_alive,
+    poll_until_async,
+    poll_until_awaited,
+)
 
 # --- the queue's rules ------------------------------------------------------------------
 
@@ -364,7 +371,7 @@ async def test_a_client_that_hangs_up_while_queued_frees_its_place(
     n = await node(max_queue=1)
     await n.registry.load(tiny("tiny", tiny_gguf, n_ctx=4096))
     long = asyncio.create_task(n.complete("tiny", max_tokens=3000))
-    await asyncio.sleep(0.1)
+    await _wait_metric(n, 'neuron_requests_in_flight{model="tiny"} 1.0')
     queued = asyncio.create_task(n.complete("tiny"))
     await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 1.0')
     queued.cancel()  # the client hangs up while waiting
@@ -377,13 +384,11 @@ async def test_a_client_that_hangs_up_while_queued_frees_its_place(
 
 
 async def _wait_metric(n: Node, line: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    async def shown() -> bool:
         async with n.session.get(f"{n.url}/metrics") as resp:
-            if line in await resp.text():
-                return
-        assert time.monotonic() < deadline, f"never saw {line}"
-        await asyncio.sleep(0.02)
+            return line in await resp.text()
+
+    await poll_until_awaited(shown, timeout_s)
 
 
 
@@ -498,11 +503,19 @@ NO_EOS = {"2": -100}
 
 @llama_required
 async def test_a_non_streamed_answer_whose_client_left_keeps_its_slot_until_done(
-    node: Any, tiny_gguf: Path
+    node: Any, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """llama-cpp-python finishes a non-streamed answer whatever the client does: its slot
     stays taken until then, so the next request waits in the queue, not inside a busy
     worker."""
+    checks = [0]  # the router's looks for hung-up clients, counted instead of timed
+    check_clients = Router._check_clients
+
+    def counted(router: Router) -> None:
+        checks[0] += 1
+        check_clients(router)
+
+    monkeypatch.setattr(Router, "_check_clients", counted)
     n = await node()
     await n.registry.load(tiny("tiny", tiny_gguf, n_ctx=4096))
     long = asyncio.create_task(n.complete("tiny", max_tokens=3000, logit_bias=NO_EOS))
@@ -510,8 +523,12 @@ async def test_a_non_streamed_answer_whose_client_left_keeps_its_slot_until_done
     long.cancel()  # the client hangs up
     with contextlib.suppress(asyncio.CancelledError):
         await long
-    await asyncio.sleep(3 * HANG_UP_CHECK_S)  # the router has looked for hang-ups since
     queued = asyncio.create_task(n.complete("tiny"))
+    await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 1.0')
+    # The router has looked for hang-ups (one whole look at least) since the client left:
+    # a router that cancelled the abandoned answer would have freed its slot by now.
+    seen = checks[0]
+    await poll_until_async(lambda: checks[0] >= seen + 2, timeout=5 + 4 * HANG_UP_CHECK_S)
     await _wait_metric(n, 'neuron_requests_queued{model="tiny"} 1.0')
     await _wait_metric(n, 'neuron_requests_in_flight{model="tiny"} 1.0')
     status, _ = await asyncio.wait_for(queued, 60)  # served once the worker is free

@@ -268,7 +268,7 @@ def sse_stub() -> Iterator[SseStub]:
             cut = isinstance(answer, dict)  # {"cut": chunks}: the stream ends without [DONE]
             delay = 0.2 if cut and answer.get("slow") else 0.0
             for text in answer["cut"] if cut else answer:
-                time.sleep(delay)
+                time.sleep(delay)  # a slow stream: the pace is the scenario
                 if self.path == "/v1/completions":
                     chunk: dict[str, Any] = {"choices": [{"text": text}]}
                 else:
@@ -452,24 +452,31 @@ def test_a_fifo_at_the_log_path_never_blocks_the_supervisor(tmp_path: Path) -> N
 
 
 async def test_lines_any_client_can_cause_are_bounded_and_counted(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import asyncio
     import logging
 
     from neuronctl.api.ratelog import RateLimitedLog
 
+    from ..helpers import poll_until_async
+
+    # Both clocks are the test's: the log's own, and the event loop's that runs its
+    # call_later flush. The window ends when the test says so, not after a real wait.
+    loop = asyncio.get_running_loop()
+    real_time, skipped = loop.time, [0.0]
+    monkeypatch.setattr(loop, "time", lambda: real_time() + skipped[0])
     now = [0.0]
     limited = RateLimitedLog(logging.getLogger("test.ratelog"), "things refused",
-                             window_s=0.2, clock=lambda: now[0])
+                             window_s=60.0, clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, "test.ratelog"):
         for i in range(1000):
             limited.log("refused %d", i)
         assert [r.getMessage() for r in caplog.records] == ["refused 0"]
-        now[0] = 0.2
-        await asyncio.sleep(0.4)  # the window ends: one line says how many more there were
+        now[0] = skipped[0] = 60.0  # the window ends: one line says how many more there were
+        await poll_until_async(lambda: len(caplog.records) > 1, timeout=5)
         assert [r.getMessage() for r in caplog.records] == [
-            "refused 0", "999 more things refused in the last 0.2 s"]
+            "refused 0", "999 more things refused in the last 60 s"]
         limited.log("refused %d", 1000)  # the count was said: this one is counted anew
         assert len(caplog.records) == 2
 

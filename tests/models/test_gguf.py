@@ -27,7 +27,7 @@ from neuronctl.models.headers import read_bounded
 from neuronctl.states import ModelStatus, WorkerState
 
 from ..gpu_fakes import FakeSmi, gpu, install_fake_smi
-from ..helpers import MakeRegistry
+from ..helpers import MakeRegistry, poll_until_async
 
 U32, I32, U64, STRING, ARRAY = 4, 5, 10, 8, 9
 F32 = 0
@@ -208,10 +208,7 @@ async def test_a_child_past_the_wall_clock_is_killed() -> None:
 async def test_cancelling_the_read_kills_the_child() -> None:
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     reading = asyncio.create_task(read_bounded(["x.gguf"], command=sleeper))
-    for _ in range(500):
-        if psutil.Process().children():
-            break
-        await asyncio.sleep(0.01)
+    await poll_until_async(lambda: psutil.Process().children(), timeout=5)  # it has started
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reading

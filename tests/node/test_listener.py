@@ -112,7 +112,7 @@ async def drip(writers: list[asyncio.StreamWriter], every_s: float) -> None:
     for writer in writers:
         writer.write(b"GET /models HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(every_s)  # the slowloris's pace is the scenario
         for writer in writers:
             if not writer.is_closing():
                 writer.write(b"X-Slow: 1\r\n")
@@ -161,7 +161,7 @@ async def test_a_stalled_or_trickling_body_is_closed_and_frees_its_slot(
         async def trickling() -> None:
             while not w2.is_closing():
                 w2.write(b" ")
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the trickle's pace is the scenario
 
         task = asyncio.create_task(trickling())
         try:
@@ -191,7 +191,7 @@ async def test_a_slow_body_that_makes_progress_is_read_to_the_end(
         started = time.monotonic()
         for i in range(0, len(body), chunk):
             writer.write(body[i:i + chunk])
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(0.6)  # the pace is the scenario: progress, but slow
         took = time.monotonic() - started
         status, answer = parse(await asyncio.wait_for(reader.read(), 5.0))
     assert took > 2.0  # longer than body_timeout_s

@@ -140,10 +140,17 @@ async def test_a_busy_model_that_becomes_idle_makes_room_for_a_waiting_load(
     from neuronctl.supervisor.eviction import Activity
 
     busy = {"a": Activity(queued=1)}
-    registry.activity = lambda m: busy.get(m, Activity())
+    asked: list[str] = []
+
+    def activity(model_id: str) -> Activity:
+        asked.append(model_id)
+        return busy.get(model_id, Activity())
+
+    registry.activity = activity
     await registry.load(fake("a"))
     load_b = asyncio.create_task(registry.load(fake("b")))
-    await asyncio.sleep(0.3)
+    # Found busy twice: b's load judged a, waited, and judged it again (not a fixed time).
+    await poll_until_async(lambda: asked.count("a") >= 2)
     assert not load_b.done() and registry.get("a") is not None  # waiting, a untouched
     busy.clear()
     await asyncio.wait_for(load_b, 10)

@@ -108,7 +108,7 @@ async def test_a_supervisor_that_dies_of_a_bug_fails_the_model_and_kills_the_wor
 ) -> None:
     class BuggyWatch(PidRecordingWorker):
         async def wait_exit(self) -> int:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the scenario: the watch dies a while after ready
             raise RuntimeError("watch bug")
 
     registry = make_registry(worker_factory=BuggyWatch)

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from neuronctl.api.app import create_app
 from neuronctl.supervisor.reload import Reloader
 
-from ..helpers import MakeRegistry
+from ..helpers import MakeRegistry, poll_until_async
 
 
 async def test_a_reload_of_a_fifo_times_out_while_the_api_answers(
@@ -26,7 +26,7 @@ async def test_a_reload_of_a_fifo_times_out_while_the_api_answers(
     app = create_app(registry, reloader=reloader)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         reload = asyncio.ensure_future(client.post("/reload"))
-        await asyncio.sleep(0.05)
+        await poll_until_async(lambda: reloader._read is not None)  # the read has begun
         started = time.monotonic()
         models = await client.get("/models")  # answered while the read blocks
         assert models.status == 200
