@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO_MODEL := .cache/demo/models/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: demo test check lint bench clean
+.PHONY: demo test check lint bench clean srpm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,5 +53,12 @@ bench: $(VENV)/.installed
 	$(PY) bench/fleet.py
 	$(PY) bench/dashboard.py
 
+# The source RPM (spec + a tarball of the working tree + the sysusers file) into dist/;
+# .copr/Makefile runs the same script for COPR. docs/install.md, "Publishing to COPR".
+SRPM_DIR ?= dist
+
+srpm:
+	bash specs/srpm.sh $(SRPM_DIR)
+
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) .cache build dist *.egg-info

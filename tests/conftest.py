@@ -65,5 +65,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`slow`: the RPM build and the real browser, left out of `make check`."""
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if "built_rpm" in fixtures or item.path.name == "test_dashboard_browser.py":
+        if {"built_rpm", "built_srpm"} & set(fixtures) or item.path.name == "test_dashboard_browser.py":
             item.add_marker(pytest.mark.slow)

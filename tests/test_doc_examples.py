@@ -43,7 +43,7 @@ NOT_HERE = {
     "sudo": "needs root on a production host",
     "systemctl": "needs systemd as PID 1",
     "journalctl": "needs the systemd journal",
-    "make": "the README's own two commands: CI runs them",
+    "make": "Makefile targets: CI runs `make test`, tests/test_packaging.py `make srpm`",
     "dnf": "installs the RPM on a Fedora host",
     "rpmbuild": "tests/test_packaging.py builds the RPM",
     "git": "part of the RPM build recipe (tests/test_packaging.py)",

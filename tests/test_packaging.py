@@ -397,3 +397,117 @@ def test_rpmlint_reports_no_errors(built_rpm: BuiltRpm, tmp_path: Path) -> None:
     packages, specfiles, errors, _warnings = map(int, summary.groups())
     assert (packages, specfiles) == (1, 1), explain(proc)
     assert errors == 0, explain(proc)
+
+
+# --- the source RPM, as COPR builds it ----------------------------------------------------
+
+COPR_MAKEFILE = REPO / ".copr" / "Makefile"
+
+
+@dataclass(frozen=True)
+class BuiltSrpm:
+    path: Path
+    rebuilt: Path  # the binary RPM `rpmbuild --rebuild` made from it
+
+
+@pytest.fixture(scope="module")
+def built_srpm(tmp_path_factory: pytest.TempPathFactory) -> BuiltSrpm:
+    """The SRPM made the way COPR's make_srpm method makes it, then rebuilt into a binary RPM."""
+    require_tool("rpmbuild", "rpm")
+    require_tool("git", "git")
+    require_tool("make", "make")
+    top = tmp_path_factory.mktemp("srpm")
+    outdir = top / "out"
+    env = isolated_env(top / "home")
+
+    # COPR runs this from the clone's root with outdir= and spec= on the command line.
+    proc = run(
+        ["make", "-f", str(COPR_MAKEFILE), "srpm", f"outdir={outdir}", f"spec={SPEC}"],
+        cwd=REPO,
+        env=env,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, explain(proc)
+    srpms = sorted(outdir.glob("*.src.rpm"))
+    version = spec_version()
+    assert [p.name for p in srpms] == [f"neuron-{version}-1.src.rpm"], explain(proc)
+
+    proc = run(
+        [
+            "rpmbuild",
+            "--rebuild",
+            "--nodeps",
+            "--load",
+            str(COMPAT_MACROS),
+            "--define",
+            f"__python3 {sys.executable}",
+            "--define",
+            f"_topdir {top / 'rebuild'}",
+            str(srpms[0]),
+        ],
+        timeout=BUILD_TIMEOUT_S,
+        env=env,
+    )
+    assert proc.returncode == 0, explain(proc)
+    rpms = sorted((top / "rebuild" / "RPMS" / "noarch").glob("neuron-*.noarch.rpm"))
+    assert len(rpms) == 1, explain(proc)
+    return BuiltSrpm(path=srpms[0], rebuilt=rpms[0])
+
+
+def test_srpm_holds_the_spec_and_its_sources_only(built_srpm: BuiltSrpm) -> None:
+    version = spec_version()
+    # Source1 (the sysusers file) travels beside the tarball because %pre is generated from
+    # it while the spec is parsed, before %prep could unpack it from Source0.
+    assert sorted(rpm_query(built_srpm.path, "-l")) == [
+        f"neuron-{version}.tar.gz",
+        "neuron-sysusers.conf",
+        "neuron.spec",
+    ]
+
+
+def test_srpm_tarball_is_the_source_tree(built_srpm: BuiltSrpm, tmp_path: Path) -> None:
+    version = spec_version()
+    proc = run(["sh", "-c", f"rpm2cpio '{built_srpm.path}' | cpio -idm --quiet"], cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    with tarfile.open(tmp_path / f"neuron-{version}.tar.gz") as tar:
+        names = set(tar.getnames())
+        owners = {(m.uid, m.gid) for m in tar.getmembers()}
+    top = f"neuron-{version}"
+    expected = {f"{top}/{n.as_posix()}" for n in source_files()}
+    assert names == expected, (sorted(names - expected)[:10], sorted(expected - names)[:10])
+    assert owners == {(0, 0)}
+    assert (tmp_path / "neuron.spec").read_bytes() == SPEC.read_bytes()
+    assert (tmp_path / "neuron-sysusers.conf").read_bytes() == SYSUSERS.read_bytes()
+
+
+def test_make_srpm_writes_the_same_package(built_srpm: BuiltSrpm, tmp_path: Path) -> None:
+    require_tool("make", "make")
+    proc = run(["make", "srpm", f"SRPM_DIR={tmp_path}"], cwd=REPO, env=isolated_env(tmp_path / "h"))
+    assert proc.returncode == 0, explain(proc)
+    assert [p.name for p in tmp_path.glob("*.src.rpm")] == [built_srpm.path.name]
+    assert rpm_query(tmp_path / built_srpm.path.name, "-l") == rpm_query(built_srpm.path, "-l")
+
+
+def test_srpm_rebuilds_into_the_same_binary_package(
+    built_srpm: BuiltSrpm, built_rpm: BuiltRpm
+) -> None:
+    assert rpm_query(built_srpm.rebuilt, "-l") == rpm_query(built_rpm.path, "-l")
+    assert rpm_query(built_srpm.rebuilt, "--requires") == rpm_query(built_rpm.path, "--requires")
+    scripts = "\n".join(rpm_query(built_srpm.rebuilt, "--scripts"))
+    assert "groupadd -r 'neuron'" in scripts, scripts
+
+
+def test_rpmlint_passes_the_srpm_and_its_rebuild(built_srpm: BuiltSrpm, tmp_path: Path) -> None:
+    require_tool("rpmlint", "rpmlint")
+    env = isolated_env(tmp_path / "home")
+    (tmp_path / "home" / ".rpmmacros").write_text(
+        COMPAT_MACROS.read_text() + f"\n%__python3 {sys.executable}\n"
+    )
+    proc = run(
+        ["rpmlint", "-r", str(RPMLINTRC), str(built_srpm.path), str(built_srpm.rebuilt)],
+        cwd=tmp_path,
+        env=env,
+    )
+    summary = re.search(r"(\d+) packages and \d+ specfiles checked; (\d+) errors", proc.stdout)
+    assert summary, explain(proc)
+    assert summary.groups() == ("2", "0"), explain(proc)
