@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what tests/test_packaging.py runs (systemd-analyze and systemd-sysusers from
-# `systemd`, rpmbuild and rpm from `rpm`, and `rpmlint`) on a Debian-based CI machine.
+# `systemd`, rpmbuild and rpm from `rpm`, `rpmlint`, and `make`/`cpio` for the SRPM) on a Debian-based CI machine.
 #
 #   .ci/packaging-tools.sh [PYTHON]
 #
@@ -13,18 +13,18 @@ set -euo pipefail
 python=${1:-}
 
 missing=()
-for tool in systemd-analyze systemd-sysusers rpmbuild rpm rpmlint; do
+for tool in systemd-analyze systemd-sysusers rpmbuild rpm rpm2cpio rpmlint make cpio; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-    echo "packaging-tools: ${missing[*]} missing; installing systemd rpm rpmlint" >&2
+    echo "packaging-tools: ${missing[*]} missing; installing systemd rpm rpm2cpio rpmlint make cpio" >&2
     as_root=()
     if [ "$(id -u)" -ne 0 ]; then
         as_root=(sudo)
     fi
     export DEBIAN_FRONTEND=noninteractive
     ${as_root[@]+"${as_root[@]}"} apt-get update -qq
-    ${as_root[@]+"${as_root[@]}"} apt-get install -y -qq systemd rpm rpmlint >/dev/null
+    ${as_root[@]+"${as_root[@]}"} apt-get install -y -qq systemd rpm rpm2cpio rpmlint make cpio >/dev/null
 fi
 
 if [ -n "$python" ] && ! "$python" - <<'PY'
