@@ -64,6 +64,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`slow`: the RPM build and the real browser, left out of `make check`."""
     for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        if {"built_rpm", "built_srpm"} & set(fixtures) or item.path.name == "test_dashboard_browser.py":
+        fixtures = set(getattr(item, "fixturenames", ()))
+        builds = {"built_rpm", "built_srpm"} & fixtures
+        if builds or item.path.name == "test_dashboard_browser.py":
             item.add_marker(pytest.mark.slow)

@@ -466,6 +466,7 @@ def test_srpm_holds_the_spec_and_its_sources_only(built_srpm: BuiltSrpm) -> None
 
 
 def test_srpm_tarball_is_the_source_tree(built_srpm: BuiltSrpm, tmp_path: Path) -> None:
+    require_tool("cpio", "cpio")
     version = spec_version()
     proc = run(["sh", "-c", f"rpm2cpio '{built_srpm.path}' | cpio -idm --quiet"], cwd=tmp_path)
     assert proc.returncode == 0, explain(proc)
