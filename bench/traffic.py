@@ -93,12 +93,13 @@ async def batch(url: str, model: str, concurrency: int, requests: int,
 
 
 def start(workdir: Path, model_path: Path, harness: str, parallel: int,
-          llama_server: str | None) -> tuple[Node, str]:
-    """A node serving the model as `m`; back with it and the worker's own URL once the
-    model is loaded."""
+          llama_server: str | None, entry_extra: str = "") -> tuple[Node, str]:
+    """A node serving the model as `m` (`entry_extra`: more keys of its entry, such as
+    `devices`); back with it and the worker's own URL once the model is loaded."""
     table = f'\n[harness.llama-server]\nbinary = "{llama_server}"\n' if llama_server else ""
     entry = (f'[[default_models]]\nmodel_id = "m"\npath = "{model_path}"\nn_ctx = 1024\n'
-             f'harness = "{harness}"\n' + (f"parallel = {parallel}\n" if parallel > 1 else ""))
+             f'harness = "{harness}"\n' + (f"parallel = {parallel}\n" if parallel > 1 else "")
+             + entry_extra)
     endpoint: list[str] = []
 
     def loaded(url: str) -> bool:
@@ -122,9 +123,11 @@ Results = dict[int, tuple[Batch, Batch]]  # concurrency -> (direct, through the 
 
 
 async def measure(model_path: Path, harness: str, parallel: int, llama_server: str | None,
-                  levels: list[int], max_tokens: int, quick: bool) -> Results:
+                  levels: list[int], max_tokens: int, quick: bool,
+                  entry_extra: str = "") -> Results:
     with tempfile.TemporaryDirectory() as tmp:
-        node, direct_url = start(Path(tmp), model_path, harness, parallel, llama_server)
+        node, direct_url = start(Path(tmp), model_path, harness, parallel, llama_server,
+                                 entry_extra)
         node_url, model = node.url, "m"
         try:
             await batch(direct_url, model, 1, 2, 4)  # warm both paths
