@@ -81,6 +81,8 @@ class Shared:
     make_room: Callable[[ModelLifecycle, NotEnoughVram | None], Awaitable[bool]] | None = None
 
 
+# A ready worker's answer to its harness's `slots_path`, waited for at most this long.
+SLOTS_TIMEOUT_S = 2.0
 # While every model that could make room is busy, a load asks again this often.
 ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
 
@@ -377,7 +379,7 @@ class ModelLifecycle:
             self.serves_metrics = harness.serves_metrics
             passed = await s.vram_gate.check(
                 spec, parts, s.config.harness_config(spec.harness), harness.default_n_ctx,
-                self.slots)
+                harness.kv_contexts(spec))
             self.vram_estimate_mb = passed.estimate_mb
             port = free_port()
             plan = harness.plan(passed.spec, port)
@@ -399,7 +401,24 @@ class ModelLifecycle:
         finally:
             if worker.returncode is not None:
                 await self._worker_gone(worker)
-        return s.clock() - started
+        ready_s = s.clock() - started
+        if harness.slots_path is not None:
+            await self._read_slots(worker, harness.slots_path)
+        return ready_s
+
+    async def _read_slots(self, worker: Worker, path: str) -> None:
+        """What the ready worker says it serves (`total_slots`) replaces what its harness
+        expected: the router's admission and /models follow the worker, not a guess."""
+        answer = await worker.get_json(path, SLOTS_TIMEOUT_S)
+        reported = answer.get("total_slots") if isinstance(answer, dict) else None
+        if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+            if reported != self.slots:
+                log.info("%s: its worker serves %d slots (expected %d)", self.model_id,
+                         reported, self.slots)
+            self.slots = reported
+        else:
+            log.info("%s: its worker did not say how many slots it serves (GET %s); "
+                     "assuming %d", self.model_id, path, self.slots)
 
     def _ready_summary(self, ready_s: float) -> str:
         """What a load ended with, for the journal line of every load (activation, API,

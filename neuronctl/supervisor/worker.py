@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import secrets
@@ -114,6 +115,42 @@ async def probe_http(port: int, path: str) -> bool:
         return len(parts) >= 2 and parts[1] == b"200"
     except (OSError, asyncio.TimeoutError):
         return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def fetch_json(port: int, path: str, timeout_s: float,
+                     limit: int = 1 << 20) -> object | None:
+    """GET http://127.0.0.1:port/path's JSON body, read within `timeout_s` and `limit`
+    bytes; None for anything else (an error status, no answer, not JSON). HTTP/1.0: the
+    worker closes the connection after the answer, which ends the body."""
+    try:
+        raw = await bounded(_read_all(port, path, limit), timeout_s)
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return None
+    head, _, body = raw.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or parts[1] != b"200":
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+async def _read_all(port: int, path: str, limit: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+                     .encode("ascii"))
+        data = bytearray()
+        while chunk := await reader.read(1 << 16):
+            data += chunk
+            if len(data) > limit:
+                raise ValueError(f"answer over {limit} bytes")
+        return bytes(data)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -261,6 +298,10 @@ class Worker:
         assert self._proc is not None
         owned = await asyncio.to_thread(self._owns_port, self.port, self._proc.pid)
         return owned is not False
+
+    async def get_json(self, path: str, timeout_s: float) -> object | None:
+        """The worker's JSON answer to GET `path`; None when it gives none in time."""
+        return await fetch_json(self.port, path, timeout_s)
 
     async def answers(self, timeout_s: float) -> bool:
         """One liveness probe: does the worker answer its probe within `timeout_s`?"""
