@@ -32,10 +32,13 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 15
 _PROBE_TIMEOUT_S = 5.0
 # Readiness polling: the interval grows with the time already waited (a hundredth of it),
-# so a 0.5 s load is noticed within ~5 ms and a 10-minute one costs a poll every 250 ms.
-# A poll of a port not yet open is one refused connect(): tens of microseconds.
-_POLL_MIN_S = 0.005
-_POLL_MAX_S = 0.25
+# so a 20 ms load is noticed within 2 ms, a 1 s one within 10 ms, and however long a load
+# takes, its readiness is seen within 50 ms (llama.cpp's router takes its children's word
+# at once: a longer tail here would be a load's cost that is only the supervisor's). A poll
+# of a port not yet open is one refused connect(), one of a loading llama-server a 503:
+# tens to hundreds of microseconds, 20 a second at most.
+_POLL_MIN_S = 0.002
+_POLL_MAX_S = 0.05
 _POLL_FRACTION = 0.01
 
 # In every worker's environment, so that anything it starts inherits it: how the next
