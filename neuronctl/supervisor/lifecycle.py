@@ -118,6 +118,7 @@ class ModelLifecycle:
         self._run_task: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
         self._stop_task: asyncio.Task[None] | None = None
+        self._recording: asyncio.Future[None] | None = None  # the worker's workers.json entry
 
     @property
     def model_id(self) -> str:
@@ -396,6 +397,11 @@ class ModelLifecycle:
             with self._bug_barrier("starting the worker"):
                 try:
                     await worker.start()
+                    try:
+                        await self._recorded()
+                    except BaseException:
+                        await worker.kill()  # no model is failed with its worker running
+                        raise
                 except OSError as exc:
                     raise SpawnFailed(f"cannot start worker: {exc}") from exc
         finally:
@@ -445,10 +451,29 @@ class ModelLifecycle:
         if self._shared.state is not None and worker.pid is not None:
             # The token proves, after a crash of this supervisor, which processes of the
             # worker's group are ours (a wrapper script's child outlives the wrapper).
-            await self._shared.state.add(self.model_id, worker.pid, worker.token)
+            # Written (an fsync, in a thread) while the worker loads, not before: a load
+            # never waits for the disk. It is done before the model is ready
+            # (`_recorded`), and a worker dying meanwhile is the parent-death signal's.
+            self._recording = asyncio.ensure_future(
+                self._shared.state.add(self.model_id, worker.pid, worker.token))
+
+    async def _recorded(self, *, quietly: bool = False) -> None:
+        """The worker's record in workers.json is written (a disk problem is add()'s to
+        say); a bug in writing it raises here, unless `quietly` (then it is logged)."""
+        recording, self._recording = self._recording, None
+        if recording is None:
+            return
+        await asyncio.wait({recording})
+        if recording.cancelled() or recording.exception() is None:
+            return
+        if not quietly:
+            recording.result()
+        log.error("%s: recording its worker failed", self.model_id,
+                  exc_info=recording.exception())
 
     async def _worker_gone(self, worker: Worker, reading: StopReading | None = None) -> None:
         """Bookkeeping once a worker's process has exited, however it ended."""
+        await self._recorded(quietly=True)  # an entry being written is removed after it
         if self._shared.state is not None and worker.pid is not None:
             await self._shared.state.remove(worker.pid)
         self._shared.vram_gate.released(
