@@ -99,7 +99,12 @@ async def spawn_process(
 
 
 async def probe_http(port: int, path: str) -> bool:
-    """True when GET http://127.0.0.1:port/path answers 200.
+    """True when GET http://127.0.0.1:port/path answers 200."""
+    return await probe_status(port, path) == 200
+
+
+async def probe_status(port: int, path: str) -> int | None:
+    """The status GET http://127.0.0.1:port/path answers with; None without an answer.
 
     Plain asyncio streams rather than an HTTP client: activation runs before the API exists
     and this keeps it from waiting on heavier imports.
@@ -109,15 +114,15 @@ async def probe_http(port: int, path: str) -> bool:
             asyncio.open_connection("127.0.0.1", port), _PROBE_TIMEOUT_S
         )
     except (OSError, asyncio.TimeoutError):
-        return False
+        return None
     try:
         request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
         writer.write(request.encode("ascii"))
         status_line = await bounded(reader.readline(), _PROBE_TIMEOUT_S)
         parts = status_line.split()
-        return len(parts) >= 2 and parts[1] == b"200"
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
     except (OSError, asyncio.TimeoutError):
-        return False
+        return None
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -175,6 +180,7 @@ class Worker:
         on_spawn: OnSpawn | None = None,
         spawn: Spawn = spawn_process,
         probe: Callable[[int, str], Awaitable[bool]] = probe_http,
+        status_probe: Callable[[int, str], Awaitable[int | None]] = probe_status,
         owns_port: Callable[[int, int], bool | None] = portowner.owned_by_group,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -186,7 +192,8 @@ class Worker:
         self.log_keep = log_keep
         self._on_spawn = on_spawn
         self._spawn = spawn
-        self._probe = probe
+        self._probe = probe  # liveness
+        self._status_probe = status_probe  # readiness
         self._owns_port = owns_port
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
@@ -267,9 +274,17 @@ class Worker:
         started = self._clock()
         deadline = started + self.plan.ready_timeout_s
         squatter: str | None = None  # who else answered on our port, if anyone did
+        # Whether the listener on our port is the worker's: asked at the first answer of
+        # any status (llama-server opens its port before it loads, so the proof overlaps
+        # the load rather than following it). Once ours, the port stays ours while the
+        # worker lives: nobody else can bind it.
+        proven = False
         while True:
-            if await self._probe(self.port, self.plan.probe_path):
-                if await self._proves_ours():
+            status = await self._status_probe(self.port, self.plan.probe_path)
+            if status is not None and not proven:
+                proven = await self._proves_ours()
+            if status == 200:
+                if proven:
                     return
                 if squatter is None:
                     squatter = await asyncio.to_thread(portowner.describe_holder, self.port)
