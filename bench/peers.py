@@ -186,15 +186,35 @@ class Router(Side):
     def _status(self, model: str) -> dict[str, Any]:
         return next(e["status"] for e in self._entries() if e["id"] == model)
 
+    def _children(self, model: str) -> list[Any]:
+        import psutil
+
+        found = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                args = child.cmdline()
+                if "--alias" in args and args[args.index("--alias") + 1] == model:
+                    found.append(child)
+        return found
+
     def unload(self, model: str) -> None:
-        if self._status(model)["value"] == "unloaded":
+        """Unloaded, and its child gone: the router says `unloaded` while the child may
+        still be exiting, which would load the machine during the other side's next step
+        (the node's unload returns once its worker has exited)."""
+        import psutil
+
+        if self._status(model)["value"] == "unloaded" and not self._children(model):
             return
+        children = self._children(model)
         call(self.url, "POST", "/models/unload", {"model": model}, timeout=30)
         deadline = time.monotonic() + 60
         while self._status(model)["value"] != "unloaded":
             if time.monotonic() > deadline:
                 raise BenchError(f"router: {model} not unloaded within 60 s")
             time.sleep(0.005)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        if alive:
+            raise BenchError(f"router: {model}'s child outlived its unload by 30 s")
 
     def worker(self, model: str) -> tuple[str, int]:
         status = self._status(model)
