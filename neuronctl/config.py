@@ -181,11 +181,14 @@ class NeuronConfig:
     # else it is cut (a 502 when nothing was sent yet) and its slot is free again.
     upstream_idle_timeout_s: float = 120.0
     # While a model is ready its worker is probed this often; after `liveness_failures`
-    # probes in a row that fail or take over `liveness_timeout_s`, it is killed and handled
-    # as a crash.
-    liveness_interval_s: float = 10.0
-    liveness_timeout_s: float = 5.0
-    liveness_failures: int = 3
+    # probes in a row that fail or take over `liveness_timeout_s`, it is killed (SIGKILL to
+    # its group: a worker that does not answer its lock-free probe is hung, not busy) and
+    # handled as a crash. After a failed probe the next one comes sooner (liveness.py).
+    # So a hung worker is killed within about 2 + 3 + 0.5 + 3 = 8.5 s, and serves again
+    # one restart_delay_s and one load later.
+    liveness_interval_s: float = 2.0
+    liveness_timeout_s: float = 3.0
+    liveness_failures: int = 2
     # The API's listener (neuronctl/api/guard.py): a request head must be in this long after
     # the connection opened (or after its first byte, on a kept-alive connection); a body
     # must bring 1 KiB (or end) every body_timeout_s; at max_connections open a new one

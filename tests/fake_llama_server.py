@@ -4,7 +4,8 @@ It takes llama-server's flags (`-m FILE --host H --port P`, the rest ignored), o
 port at once, answers GET /health with 503 `{"error":{"code":503,"message":"Loading model",
 ...}}` for --fake-load-s seconds and 200 `{"status":"ok"}` after; GET /v1/models answers 200
 all along, as the real one does, so a supervisor probing it would call the model ready too
-early. A POST (a completion) answers `max_tokens` characters with OpenAI's `usage`. Every
+early; GET /props says its `total_slots`. A POST (a completion) answers `max_tokens`
+characters with OpenAI's `usage`. Every
 request and its status is printed (to the worker's log), and so is the environment, so
 tests can see CUDA_VISIBLE_DEVICES.
 
@@ -36,6 +37,10 @@ def main() -> None:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--fake-load-s", type=float, default=0.0)
+    # GET /props's total_slots: --parallel's, else llama-server's auto choice (4), unless
+    # --fake-slots says otherwise (a build that chooses differently).
+    parser.add_argument("-np", "--parallel", type=int, default=4)
+    parser.add_argument("--fake-slots", type=int, default=None)
     args, _ = parser.parse_known_args()
     if not os.path.isfile(args.model):
         print(f"error: failed to open GGUF file '{args.model}'", flush=True)
@@ -55,6 +60,8 @@ def main() -> None:
                     status, body = 200, {"status": "ok"}
             elif self.path == "/v1/models":
                 status, body = 200, {"object": "list", "data": [{"id": args.model}]}
+            elif self.path == "/props":
+                status, body = 200, {"total_slots": args.fake_slots or args.parallel}
             else:
                 status, body = 404, {"error": {"code": 404, "message": "File Not Found"}}
             data = json.dumps(body).encode()

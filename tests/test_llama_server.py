@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import urllib.request
@@ -60,6 +61,24 @@ def test_plan_maps_settings_to_llama_server_flags(
     assert "-ngl" not in plain.command and "CUDA_VISIBLE_DEVICES" not in plain.env
     assert "-ngl" in harness_for(fake_binary, n_gpu_layers=20).plan(
         ModelSpec("m", path=tiny_gguf), 1).command
+
+
+def test_without_parallel_llama_server_chooses_its_own_slots_sharing_one_cache(
+    fake_binary: Path, tiny_gguf: Path
+) -> None:
+    harness = harness_for(fake_binary, n_ctx=2048)
+    spec = ModelSpec("m", harness="llama-server", path=tiny_gguf)
+    command = harness.plan(spec, 1).command
+    # No --parallel: llama-server's own default (4 slots, one unified KV cache), which
+    # batches concurrent requests; -c is the one cache every slot may use whole.
+    assert "--parallel" not in command and "-np" not in command
+    assert command[command.index("-c") + 1] == "2048"
+    assert harness.slots(spec) == 4 and harness.kv_contexts(spec) == 1
+    assert harness.slots_path == "/props"
+    # `parallel` still rules: its own caches, one per slot.
+    assert harness_for(fake_binary, n_ctx=2048, parallel=1).slots(spec) == 1
+    two = dataclasses.replace(spec, parallel=2)
+    assert harness.slots(two) == 2 and harness.kv_contexts(two) == 2
 
 
 def test_the_binary_is_found_on_path_or_named(
@@ -136,6 +155,30 @@ async def test_ready_only_once_health_answers_200(
     assert log.index("GET /health 503") < log.index("GET /health 200")
     assert "GET /v1/models" not in log
     assert f"-m', '{tiny_gguf}'" in log and "'-c', '128'" in log
+
+
+async def test_the_slots_the_worker_reports_rule_admission_and_the_listing(
+    node_config: NeuronConfig, fake_binary: Path, tiny_gguf: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, make_registry: MakeRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hide_nvidia_smi(tmp_path, monkeypatch)
+    config = dataclasses.replace(
+        node_config, harness={"llama-server": HarnessConfig(binary=str(fake_binary))})
+    registry = make_registry(config, build_harnesses(config))
+    auto = await registry.load(ModelSpec("auto", harness="llama-server", path=tiny_gguf))
+    assert auto.slots == 4 and auto.to_json()["slots"] == 4
+    # A build whose own choice differs: what the worker says wins over the guess.
+    with caplog.at_level(logging.INFO, logger="neuronctl"):
+        other = await registry.load(ModelSpec("other", harness="llama-server", path=tiny_gguf,
+                                              args=("--fake-slots", "6")))
+    assert other.slots == 6 and other.to_json()["slots"] == 6
+    assert "other: its worker serves 6 slots (expected 4)" in caplog.text
+    set_ = await registry.load(ModelSpec("set", harness="llama-server", path=tiny_gguf,
+                                         parallel=2))
+    assert set_.slots == 2
+    await registry.unload("set")
+    assert set_.to_json()["slots"] is None  # no worker, no slots
 
 
 async def test_cuda_visible_devices_reaches_the_worker(

@@ -81,6 +81,8 @@ class Shared:
     make_room: Callable[[ModelLifecycle, NotEnoughVram | None], Awaitable[bool]] | None = None
 
 
+# A ready worker's answer to its harness's `slots_path`, waited for at most this long.
+SLOTS_TIMEOUT_S = 2.0
 # While every model that could make room is busy, a load asks again this often.
 ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
 
@@ -116,6 +118,7 @@ class ModelLifecycle:
         self._run_task: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
         self._stop_task: asyncio.Task[None] | None = None
+        self._recording: asyncio.Future[None] | None = None  # the worker's workers.json entry
 
     @property
     def model_id(self) -> str:
@@ -377,7 +380,7 @@ class ModelLifecycle:
             self.serves_metrics = harness.serves_metrics
             passed = await s.vram_gate.check(
                 spec, parts, s.config.harness_config(spec.harness), harness.default_n_ctx,
-                self.slots)
+                harness.kv_contexts(spec))
             self.vram_estimate_mb = passed.estimate_mb
             port = free_port()
             plan = harness.plan(passed.spec, port)
@@ -394,12 +397,34 @@ class ModelLifecycle:
             with self._bug_barrier("starting the worker"):
                 try:
                     await worker.start()
+                    try:
+                        await self._recorded()
+                    except BaseException:
+                        await worker.kill()  # no model is failed with its worker running
+                        raise
                 except OSError as exc:
                     raise SpawnFailed(f"cannot start worker: {exc}") from exc
         finally:
             if worker.returncode is not None:
                 await self._worker_gone(worker)
-        return s.clock() - started
+        ready_s = s.clock() - started
+        if harness.slots_path is not None:
+            await self._read_slots(worker, harness.slots_path)
+        return ready_s
+
+    async def _read_slots(self, worker: Worker, path: str) -> None:
+        """What the ready worker says it serves (`total_slots`) replaces what its harness
+        expected: the router's admission and /models follow the worker, not a guess."""
+        answer = await worker.get_json(path, SLOTS_TIMEOUT_S)
+        reported = answer.get("total_slots") if isinstance(answer, dict) else None
+        if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+            if reported != self.slots:
+                log.info("%s: its worker serves %d slots (expected %d)", self.model_id,
+                         reported, self.slots)
+            self.slots = reported
+        else:
+            log.info("%s: its worker did not say how many slots it serves (GET %s); "
+                     "assuming %d", self.model_id, path, self.slots)
 
     def _ready_summary(self, ready_s: float) -> str:
         """What a load ended with, for the journal line of every load (activation, API,
@@ -426,10 +451,29 @@ class ModelLifecycle:
         if self._shared.state is not None and worker.pid is not None:
             # The token proves, after a crash of this supervisor, which processes of the
             # worker's group are ours (a wrapper script's child outlives the wrapper).
-            await self._shared.state.add(self.model_id, worker.pid, worker.token)
+            # Written (an fsync, in a thread) while the worker loads, not before: a load
+            # never waits for the disk. It is done before the model is ready
+            # (`_recorded`), and a worker dying meanwhile is the parent-death signal's.
+            self._recording = asyncio.ensure_future(
+                self._shared.state.add(self.model_id, worker.pid, worker.token))
+
+    async def _recorded(self, *, quietly: bool = False) -> None:
+        """The worker's record in workers.json is written (a disk problem is add()'s to
+        say); a bug in writing it raises here, unless `quietly` (then it is logged)."""
+        recording, self._recording = self._recording, None
+        if recording is None:
+            return
+        await asyncio.wait({recording})
+        if recording.cancelled() or recording.exception() is None:
+            return
+        if not quietly:
+            recording.result()
+        log.error("%s: recording its worker failed", self.model_id,
+                  exc_info=recording.exception())
 
     async def _worker_gone(self, worker: Worker, reading: StopReading | None = None) -> None:
         """Bookkeeping once a worker's process has exited, however it ended."""
+        await self._recorded(quietly=True)  # an entry being written is removed after it
         if self._shared.state is not None and worker.pid is not None:
             await self._shared.state.remove(worker.pid)
         self._shared.vram_gate.released(

@@ -50,6 +50,9 @@ class ModelView:
     pinned: bool
     # The context it runs with; None: the server's own default.
     n_ctx: int | None
+    # Requests its worker serves at once (what a llama-server worker reports), while one
+    # runs: more wait in the node's queue.
+    slots: int | None = None
     rss_bytes: int | None = None
     ttl_s: float | None
     download: dict[str, Any] | None = None
@@ -97,6 +100,7 @@ def of_model(model: ModelLifecycle, config: NeuronConfig,
         log_path=str(model.log_path),
         warning=model.log_problem,
         rss_bytes=rss_bytes(worker),
+        slots=model.slots if worker else None,
         download=model.download.as_json() if downloading and model.download else None,
         since=model.since,
         uptime_s=round(time.time() - model.since, 3) if serving else None,

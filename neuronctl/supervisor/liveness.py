@@ -27,6 +27,9 @@ TICK_S = 0.05  # how often the loop is asked to wake while it is measured
 # A failed probe during which the loop ran this late (or half the probe's timeout, if
 # less) in total is not held against the worker.
 LOOP_LAG_TOLERANCE_S = 0.5
+# After a failed probe the next one comes this soon (or at the interval, if sooner): a hung
+# worker is then told from a slow answer without waiting out a whole interval again.
+RETRY_AFTER_FAILURE_S = 0.5
 
 
 async def lag_during(awaitable: Awaitable[T]) -> tuple[T, float]:
@@ -60,13 +63,15 @@ async def watch(
     log_path: Path,
     hung: list[str],
 ) -> None:
-    """Probe a ready worker; kill it (its whole group) after `liveness_failures` probes
-    in a row that fail or time out, saying why in `hung` first. A busy worker still
-    answers: its probe route takes no lock (see the harnesses). `config` is read at each
-    probe: a reload applies."""
+    """Probe a ready worker; kill it (SIGKILL to its whole group, at once: no polite stop
+    for a process that cannot answer) after `liveness_failures` probes in a row that fail
+    or time out, saying why in `hung` first. A busy worker still answers: its probe route
+    takes no lock (see the harnesses; llama-server answers /health from its HTTP threads
+    while its slots generate). `config` is read at each probe: a reload applies."""
     failures = 0
     while True:
-        await sleep(config().liveness_interval_s)
+        interval = config().liveness_interval_s
+        await sleep(min(interval, RETRY_AFTER_FAILURE_S) if failures else interval)
         settings = config()
         timeout = settings.liveness_timeout_s
         answered, lag = await lag_during(worker.answers(timeout))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import secrets
@@ -31,10 +32,13 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 15
 _PROBE_TIMEOUT_S = 5.0
 # Readiness polling: the interval grows with the time already waited (a hundredth of it),
-# so a 0.5 s load is noticed within ~5 ms and a 10-minute one costs a poll every 250 ms.
-# A poll of a port not yet open is one refused connect(): tens of microseconds.
-_POLL_MIN_S = 0.005
-_POLL_MAX_S = 0.25
+# so a 20 ms load is noticed within 2 ms, a 1 s one within 10 ms, and however long a load
+# takes, its readiness is seen within 50 ms (llama.cpp's router takes its children's word
+# at once: a longer tail here would be a load's cost that is only the supervisor's). A poll
+# of a port not yet open is one refused connect(), one of a loading llama-server a 503:
+# tens to hundreds of microseconds, 20 a second at most.
+_POLL_MIN_S = 0.002
+_POLL_MAX_S = 0.05
 _POLL_FRACTION = 0.01
 
 # In every worker's environment, so that anything it starts inherits it: how the next
@@ -95,7 +99,12 @@ async def spawn_process(
 
 
 async def probe_http(port: int, path: str) -> bool:
-    """True when GET http://127.0.0.1:port/path answers 200.
+    """True when GET http://127.0.0.1:port/path answers 200."""
+    return await probe_status(port, path) == 200
+
+
+async def probe_status(port: int, path: str) -> int | None:
+    """The status GET http://127.0.0.1:port/path answers with; None without an answer.
 
     Plain asyncio streams rather than an HTTP client: activation runs before the API exists
     and this keeps it from waiting on heavier imports.
@@ -105,15 +114,51 @@ async def probe_http(port: int, path: str) -> bool:
             asyncio.open_connection("127.0.0.1", port), _PROBE_TIMEOUT_S
         )
     except (OSError, asyncio.TimeoutError):
-        return False
+        return None
     try:
         request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
         writer.write(request.encode("ascii"))
         status_line = await bounded(reader.readline(), _PROBE_TIMEOUT_S)
         parts = status_line.split()
-        return len(parts) >= 2 and parts[1] == b"200"
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
     except (OSError, asyncio.TimeoutError):
-        return False
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def fetch_json(port: int, path: str, timeout_s: float,
+                     limit: int = 1 << 20) -> object | None:
+    """GET http://127.0.0.1:port/path's JSON body, read within `timeout_s` and `limit`
+    bytes; None for anything else (an error status, no answer, not JSON). HTTP/1.0: the
+    worker closes the connection after the answer, which ends the body."""
+    try:
+        raw = await bounded(_read_all(port, path, limit), timeout_s)
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return None
+    head, _, body = raw.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or parts[1] != b"200":
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+async def _read_all(port: int, path: str, limit: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+                     .encode("ascii"))
+        data = bytearray()
+        while chunk := await reader.read(1 << 16):
+            data += chunk
+            if len(data) > limit:
+                raise ValueError(f"answer over {limit} bytes")
+        return bytes(data)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -135,6 +180,7 @@ class Worker:
         on_spawn: OnSpawn | None = None,
         spawn: Spawn = spawn_process,
         probe: Callable[[int, str], Awaitable[bool]] = probe_http,
+        status_probe: Callable[[int, str], Awaitable[int | None]] = probe_status,
         owns_port: Callable[[int, int], bool | None] = portowner.owned_by_group,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -146,7 +192,8 @@ class Worker:
         self.log_keep = log_keep
         self._on_spawn = on_spawn
         self._spawn = spawn
-        self._probe = probe
+        self._probe = probe  # liveness
+        self._status_probe = status_probe  # readiness
         self._owns_port = owns_port
         self._clock = clock
         self._proc: asyncio.subprocess.Process | None = None
@@ -227,9 +274,17 @@ class Worker:
         started = self._clock()
         deadline = started + self.plan.ready_timeout_s
         squatter: str | None = None  # who else answered on our port, if anyone did
+        # Whether the listener on our port is the worker's: asked at the first answer of
+        # any status (llama-server opens its port before it loads, so the proof overlaps
+        # the load rather than following it). Once ours, the port stays ours while the
+        # worker lives: nobody else can bind it.
+        proven = False
         while True:
-            if await self._probe(self.port, self.plan.probe_path):
-                if await self._proves_ours():
+            status = await self._status_probe(self.port, self.plan.probe_path)
+            if status is not None and not proven:
+                proven = await self._proves_ours()
+            if status == 200:
+                if proven:
                     return
                 if squatter is None:
                     squatter = await asyncio.to_thread(portowner.describe_holder, self.port)
@@ -261,6 +316,10 @@ class Worker:
         assert self._proc is not None
         owned = await asyncio.to_thread(self._owns_port, self.port, self._proc.pid)
         return owned is not False
+
+    async def get_json(self, path: str, timeout_s: float) -> object | None:
+        """The worker's JSON answer to GET `path`; None when it gives none in time."""
+        return await fetch_json(self.port, path, timeout_s)
 
     async def answers(self, timeout_s: float) -> bool:
         """One liveness probe: does the worker answer its probe within `timeout_s`?"""

@@ -429,6 +429,38 @@ async def test_llama_server_slots_serve_in_parallel_and_its_metrics_reach_the_no
     assert 'neuron_requests_queued{model="tiny"} 0.0' in metrics
 
 
+@pytest.mark.llama_server
+@pytest.mark.skipif(real_llama_server() is None,
+                    reason="no llama-server binary on PATH (bash .ci/llama-server.sh builds one)")
+async def test_llama_server_by_default_batches_the_slots_it_chooses_itself(
+    make_registry: MakeRegistry, node_config: NeuronConfig, tiny_gguf: Path
+) -> None:
+    binary = real_llama_server()
+    assert binary is not None
+    harness = LlamaServerHarness(HarnessConfig(binary=binary))
+    registry = make_registry(node_config, {LLAMA_SERVER: harness})
+    model = await registry.load(ModelSpec("tiny", harness=LLAMA_SERVER, path=tiny_gguf,
+                                          n_ctx=256, ready_timeout_s=120.0))
+    assert model.worker is not None
+    command = model.worker.plan.command
+    assert "--parallel" not in command
+    assert command[command.index("-c") + 1] == "256"  # one cache, shared by the slots
+    assert model.slots == 4  # what its GET /props said
+    assert "n_slots = 4" in model.log_path.read_text()
+    server = TestServer(create_app(registry), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            n = Node(registry, str(server.make_url("")).rstrip("/"), session)
+            results = await asyncio.gather(*(n.stream("tiny", max_tokens=16) for _ in range(8)))
+            assert all(status == 200 and finish for status, finish in results), results
+            async with session.get(f"{n.url}/models") as resp:
+                listed = await resp.json()
+    finally:
+        await server.close()
+    assert listed[0]["slots"] == 4
+
+
 RUDE_WORKER = r"""
 import socket, sys, threading
 port = int(sys.argv[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import struct
 import sys
 import time
@@ -332,3 +333,38 @@ async def test_the_header_is_read_once_and_only_where_a_gpu_judges_it(
     cpu = await registry.load(ModelSpec("cpu", harness="fake", path=tiny_gguf))
     assert cpu.status is ModelStatus.LOADED and cpu.vram_estimate_mb is None
     assert read == [tiny_gguf]
+
+
+async def test_a_header_is_read_again_only_when_its_file_changes(
+    fake_smi: FakeSmi, make_registry: MakeRegistry, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    fake_smi.set(gpus=[gpu(0, 30000)])
+    model = tmp_path / "m.gguf"
+    model.write_bytes(tiny_gguf.read_bytes())
+    read: list[Path] = []
+
+    async def reader(parts: object) -> ggufinfo.Header:
+        assert isinstance(parts, tuple)
+        read.append(parts[0])
+        return await read_bounded(parts)
+
+    registry = make_registry()
+    registry.services.vram_gate = VramGate(registry.discovery, lambda: 5.0, time.monotonic,
+                                            header_reader=reader)
+    for _ in range(3):  # unloaded and loaded again: the verdict is remembered
+        await registry.load(fake("m", model))
+        await registry.unload("m")
+    assert read == [model]
+    # The same path, new contents (a new inode, size and mtime): read again, once.
+    replacement = tmp_path / "new.gguf"
+    replacement.write_bytes(tiny_gguf.read_bytes() + b"\0" * 64)
+    os.replace(replacement, model)
+    for _ in range(2):
+        await registry.load(fake("m", model))
+        await registry.unload("m")
+    assert read == [model, model]
+    # Touched in place (same inode, a new mtime): read again too.
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    await registry.load(fake("m", model))
+    assert read == [model, model, model]

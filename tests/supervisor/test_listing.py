@@ -13,7 +13,7 @@ from ..helpers import MakeRegistry
 
 KEYS = ["id", "harness", "status", "devices", "vram_used_mb", "pid", "port", "endpoint",
         "load_ms", "restarts", "error", "error_detail", "exit_code", "last_error",
-        "last_exit_code", "log_path", "warning", "pinned", "n_ctx", "rss_bytes", "ttl_s",
+        "last_exit_code", "log_path", "warning", "pinned", "n_ctx", "slots", "rss_bytes", "ttl_s",
         "download", "since", "uptime_s"]
 
 

@@ -159,3 +159,33 @@ def test_describe_exit() -> None:
     assert describe_exit(3) == "exited with code 3"
     assert describe_exit(-9) == "was killed by SIGKILL"
     assert describe_exit(-200) == "was killed by signal 200"
+
+
+async def test_the_port_is_proven_ours_at_the_first_answer_not_after_the_load(
+    tmp_path: Path,
+) -> None:
+    """llama-server answers 503 while it loads: the /proc walk that proves the port is the
+    worker's runs then, once, and the 200 is taken at once."""
+    statuses = [None, 503, 503, 200]
+    asked: list[int | None] = []
+    proofs: list[int] = []
+
+    async def status_probe(port: int, path: str) -> int | None:
+        status = statuses.pop(0) if statuses else 200
+        asked.append(status)
+        return status
+
+    def owns_port(port: int, pgid: int) -> bool:
+        proofs.append(len(asked))
+        return True
+
+    plan = WorkerPlan((sys.executable, "-c", "import time; time.sleep(60)"), {}, "/health",
+                      30.0)
+    worker = Worker("m", plan, free_port(), tmp_path / "m.log", 2.0,
+                    status_probe=status_probe, owns_port=owns_port)
+    try:
+        await asyncio.wait_for(worker.start(), 30)
+    finally:
+        await worker.kill()
+    assert asked == [None, 503, 503, 200]
+    assert proofs == [2]  # at the first 503, never again
