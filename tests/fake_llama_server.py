@@ -55,6 +55,8 @@ def main() -> None:
                     status, body = 200, {"status": "ok"}
             elif self.path == "/v1/models":
                 status, body = 200, {"object": "list", "data": [{"id": args.model}]}
+            elif self.path == "/slots":  # no slot holds anything: a prompt cache saves none
+                status, body = 200, []
             else:
                 status, body = 404, {"error": {"code": 404, "message": "File Not Found"}}
             data = json.dumps(body).encode()
