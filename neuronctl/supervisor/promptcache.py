@@ -447,6 +447,8 @@ class Session:
             log.warning("prompt cache: cannot keep to the budgets: %s", exc)
 
     async def _save(self, port: int, timeout: float, saved: dict[int, int]) -> None:
+        # The caller's wait_for is the bound; each call's own is only a backstop past it.
+        timeout += 1.0
         ids = await slotapi.slot_ids(port, timeout)
         # What was saved before is superseded by what the worker holds now (it restored it
         # and went on): a cache is one moment, never a mix of two.

@@ -22,8 +22,14 @@ from typing import Any
 
 import pytest
 
-from neuronctl.config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig
-from neuronctl.config import config_from_mapping, model_spec_from_mapping
+from neuronctl.config import (
+    ConfigError,
+    HarnessConfig,
+    ModelSpec,
+    NeuronConfig,
+    config_from_mapping,
+    model_spec_from_mapping,
+)
 from neuronctl.states import ModelStatus, WorkerState
 from neuronctl.supervisor.harness import build_harnesses
 from neuronctl.supervisor.lifecycle import ModelLifecycle
@@ -39,6 +45,7 @@ from neuronctl.supervisor.promptcache import (
 from neuronctl.supervisor.registry import ModelRegistry
 
 from ..helpers import MakeRegistry, find_llama_server, poll_until_async
+from ..helpers import free_port as find_free_port
 
 # --- without processes ------------------------------------------------------------------
 
@@ -399,3 +406,65 @@ async def test_a_crash_saves_nothing_and_breaks_nothing(
     assert (await complete(model))["cache_n"] == 0
     await registry.unload("tiny")  # the restarted worker is saved as any other
     assert caches.counts["saves"] == 1
+
+
+async def test_a_save_gives_up_past_its_timeout_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that takes the connection and never answers (busy, or hung) must not hold
+    up its stop: past prompt_cache_save_timeout_s the save gives up."""
+    config = NeuronConfig(state_dir=tmp_path / "state", prompt_cache_save_timeout_s=0.2)
+    caches = PromptCaches(lambda: config)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    session = caches.session(ModelSpec("m", harness="llama-server"), [model], 1,
+                             "llama-server", None)
+    assert session is not None
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with caplog.at_level(logging.WARNING, "neuronctl.models"):
+            await asyncio.wait_for(session.save(port), 10)
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert "m: prompt cache save gave up after 0.2 s (prompt_cache_save_timeout_s)" \
+        in caplog.text
+    assert caches.counts["save_failures"] == 1 and caches.counts["saves"] == 0
+    assert not (session.directory / MANIFEST).exists()
+
+
+async def test_a_worker_that_refuses_a_restore_leaves_no_cache_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens where the worker should: the restore fails, is counted, and the
+    load (the caller) goes on."""
+    caches, session = session_for(tmp_path)
+    (session.directory / "slot-0.bin").write_bytes(b"x" * 10)
+    (session.directory / MANIFEST).write_bytes(
+        b'{"model_id": "m", "key": ' + json.dumps(session.key.as_json()).encode()
+        + b', "slots": {"0": 10}}')
+    with caplog.at_level(logging.WARNING, "neuronctl.models"):
+        await session.restore(find_free_port())
+    assert "m: prompt cache file slot-0.bin discarded: the worker refused it" in caplog.text
+    assert caches.counts["restore_failures"] == 1 and not session.expecting_answer
+
+
+def test_a_manifest_that_is_not_one_discards_the_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caches, session = session_for(tmp_path)
+    (session.directory / "slot-0.bin").write_bytes(b"x")
+    (session.directory / MANIFEST).write_bytes(b"{not json")
+    with caplog.at_level(logging.WARNING, "neuronctl.models"):
+        asyncio.run(session.restore(1))
+    assert "m: prompt cache discarded: manifest.json: unreadable manifest" in caplog.text
+    assert not (session.directory / "slot-0.bin").exists()
+    assert caches.counts["discarded"] == 1
