@@ -468,3 +468,25 @@ def test_a_manifest_that_is_not_one_discards_the_cache(
     assert "m: prompt cache discarded: manifest.json: unreadable manifest" in caplog.text
     assert not (session.directory / "slot-0.bin").exists()
     assert caches.counts["discarded"] == 1
+
+
+@real
+async def test_an_eviction_and_the_node_stopping_save_too(
+    node_config: NeuronConfig, model_file: Path, make_registry: MakeRegistry,
+) -> None:
+    registry = registry_of(make_registry, cache_config(node_config, max_loaded_models=1))
+    a = await registry.load(spec_of(model_file, "a"))
+    await complete(a)
+    b = await registry.load(spec_of(model_file, "b"))  # a is evicted to make room for b
+    assert a.state is WorkerState.STOPPED
+    assert (cache_dir(registry, "a") / MANIFEST).is_file()
+    await complete(b)
+    await registry.shutdown()
+    assert (cache_dir(registry, "b") / MANIFEST).is_file()
+    assert caches_of(registry).counts["saves"] == 2
+    # A model that was never asked anything has nothing worth a file.
+    c = await registry_of(make_registry, cache_config(node_config)).load(
+        spec_of(model_file, "c"))
+    assert c.status is ModelStatus.LOADED
+    await c.stop("unloaded")
+    assert not (cache_dir(registry, "c") / MANIFEST).exists()
