@@ -129,6 +129,9 @@ class ModelSpec:
     pinned: bool | None = None
     # A /v1 request naming it loads it when it is not loaded (unset: the node's `autoload`).
     autoload: bool | None = None
+    # Save what its worker's slots hold when it is stopped on purpose, restore it at its
+    # next load (supervisor/promptcache.py). Unset: on where the harness can (llama-server).
+    prompt_cache: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,13 @@ class NeuronConfig:
     # Models a client may start through `POST /models/load` that are not in the catalogue
     # (a `path` or repo of its own), loaded at once; 0: clients load catalogue models only.
     max_api_models: int = 4
+    # Prompt caches saved under state_dir/prompt-cache (supervisor/promptcache.py): at most
+    # this many bytes for all models together and for any one model (least recently used
+    # files removed first), each save given at most prompt_cache_save_timeout_s (then it
+    # gives up, so an eviction is never held up by it).
+    prompt_cache_bytes: int = 8 * 1024**3
+    prompt_cache_model_bytes: int = 2 * 1024**3
+    prompt_cache_save_timeout_s: float = 2.0
     harness: Mapping[str, HarnessConfig] = field(default_factory=dict)
 
     def harness_config(self, name: str) -> HarnessConfig:
@@ -521,6 +531,13 @@ def _check_values(obj: Any, key: str) -> None:
             raise ConfigError(_join(key, "max_queued_bytes"),
                               f"must be at least max_request_bytes ({obj.max_request_bytes}), "
                               f"got {obj.max_queued_bytes}")
+        for name in ("prompt_cache_bytes", "prompt_cache_model_bytes"):
+            if not 0 <= getattr(obj, name) <= 2**50:
+                raise ConfigError(_join(key, name), f"must be between 0 and 2**50 bytes, "
+                                  f"got {getattr(obj, name)}")
+        if not 0 < obj.prompt_cache_save_timeout_s <= 600:
+            raise ConfigError(_join(key, "prompt_cache_save_timeout_s"), "must be positive "
+                              f"and at most 600 s, got {obj.prompt_cache_save_timeout_s:g}")
         if not 0 < obj.upstream_idle_timeout_s <= 3600:
             raise ConfigError(_join(key, "upstream_idle_timeout_s"), "must be positive and at "
                               f"most 3600 s, got {obj.upstream_idle_timeout_s:g}")
@@ -556,6 +573,10 @@ def _check_values(obj: Any, key: str) -> None:
         raise ConfigError(_join(key, "parallel"),
                           f"{DEFAULT_HARNESS} serves one request at a time; use "
                           'harness = "llama-server" for parallel slots')
+    if isinstance(obj, ModelSpec) and obj.prompt_cache and obj.harness == DEFAULT_HARNESS:
+        raise ConfigError(_join(key, "prompt_cache"),
+                          f"{DEFAULT_HARNESS} cannot keep a prompt cache across a restart; "
+                          'use harness = "llama-server" for prompt caches')
     for name in ("n_ctx", "n_gpu_layers"):
         value = getattr(obj, name, None)
         # llama.cpp reads both as 32-bit ints: a bigger number wraps instead of failing.

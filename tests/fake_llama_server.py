@@ -62,6 +62,8 @@ def main() -> None:
                 status, body = 200, {"object": "list", "data": [{"id": args.model}]}
             elif self.path == "/props":
                 status, body = 200, {"total_slots": args.fake_slots or args.parallel}
+            elif self.path == "/slots":  # no slot holds anything: a prompt cache saves none
+                status, body = 200, []
             else:
                 status, body = 404, {"error": {"code": 404, "message": "File Not Found"}}
             data = json.dumps(body).encode()

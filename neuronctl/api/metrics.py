@@ -144,6 +144,38 @@ class NodeCollector(Collector):
         yield queued
         yield rejected
         yield queued_bytes
+        yield from self._prompt_caches()
+
+    def _prompt_caches(self) -> Iterator[Metric]:
+        """supervisor/promptcache.py's counts, and the bytes its files hold now."""
+        caches = self.registry.services.prompt_caches
+        if caches is None:
+            return
+        counts = caches.counts
+        for name, help_text in (
+            ("saves", "Stopped workers' slots saved (one per stop that saved any)."),
+            ("restores", "Loads that restored a saved prompt cache before `loaded`."),
+            ("hits", "Restores whose first answer reused cached tokens (timings.cache_n > 0)."),
+            ("misses", "Restores whose first answer reused nothing (timings.cache_n 0)."),
+            ("discarded", "Saved caches or files discarded: another model file, n_ctx, slots "
+                          "or harness, or a file the worker refused."),
+            ("evicted", "Files removed to keep to prompt_cache_bytes or "
+                        "prompt_cache_model_bytes."),
+        ):
+            counter = CounterMetricFamily(f"neuron_prompt_cache_{name}", help_text)
+            counter.add_metric([], counts[name])
+            yield counter
+        failures = CounterMetricFamily(
+            "neuron_prompt_cache_failures", "Saves and restores that failed or gave up "
+            "(a timeout, a full disk, an unwritable directory), by operation.",
+            labels=["operation"])
+        failures.add_metric(["save"], counts["save_failures"])
+        failures.add_metric(["restore"], counts["restore_failures"])
+        yield failures
+        held = GaugeMetricFamily("neuron_prompt_cache_bytes",
+                                 "Bytes the saved prompt caches hold on disk, all models.")
+        held.add_metric([], caches.total_bytes())
+        yield held
 
 
 class Metrics:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from aiohttp import (
     ClientConnectorError,
@@ -191,19 +191,27 @@ class Upstream:
                 log.debug("router: %s: stale connection (%s); sending again", model_id, exc)
             except _UPSTREAM_ERRORS as exc:
                 return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+        watch = self._restore_watch(model_id, worker)
         try:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await self._stream(request, upstream, model_id, worker, stats)
-            return await self._relay(request, upstream, model_id, worker, stats)
+                return await self._stream(request, upstream, model_id, worker, stats, watch)
+            return await self._relay(request, upstream, model_id, worker, stats, watch)
         finally:
             # A no-op once the answer was read in full (the connection went back to the
             # pool); otherwise it drops the connection, which is how the worker learns to
             # stop generating for a client that has gone.
             upstream.close()
 
+    def _restore_watch(self, model_id: str, worker: Worker) -> Callable[[bytes], None] | None:
+        """Where the first answer after a prompt cache restore goes, to be judged by its
+        `timings.cache_n` (supervisor/promptcache.py); None for every other answer."""
+        model = self.registry.get(model_id)
+        cache = model.prompt_cache if model is not None and model.worker is worker else None
+        return cache.observe if cache is not None and cache.expecting_answer else None
+
     async def _relay(
         self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
-        stats: ModelStats,
+        stats: ModelStats, watch: Callable[[bytes], None] | None = None,
     ) -> web.StreamResponse:
         """A non-streamed answer: read whole when it is small (its usage counted), else
         passed on as it comes, so the node never holds more than `USAGE_SCAN_BYTES` of
@@ -218,6 +226,8 @@ class Upstream:
                 chunk = await _next_chunk(upstream.content, idle_s)
                 if not chunk:
                     answer = b"".join(head)
+                    if watch is not None:
+                        watch(answer)
                     stats.count(upstream.status)
                     stats.tokens += completion_tokens(upstream, answer)
                     return web.Response(
@@ -236,9 +246,13 @@ class Upstream:
             await response.prepare(request)
             stats.count(upstream.status)
             for part in head:
+                if watch is not None:
+                    watch(part)
                 await response.write(part)
             head.clear()
             while chunk := await _next_chunk(upstream.content, idle_s):
+                if watch is not None:
+                    watch(chunk)
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError:  # the client's side
@@ -254,7 +268,7 @@ class Upstream:
 
     async def _stream(
         self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
-        stats: ModelStats,
+        stats: ModelStats, watch: Callable[[bytes], None] | None = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason,
@@ -278,6 +292,8 @@ class Upstream:
                     break
                 # llama.cpp's servers send one token per chunk.
                 stats.tokens += chunk.count(b"data: {")
+                if watch is not None:
+                    watch(chunk)
                 try:
                     await response.write(chunk)
                 except ConnectionError:

@@ -48,7 +48,7 @@ def fmt_span(seconds: float) -> str:
 
 def fmt_memory(m: dict[str, Any], sep: str = "\n") -> str:
     """RSS, and VRAM on a line of its own (`sep`), or the bytes of a download: the column
-    stays narrow at 80 columns."""
+    stays narrow at 80 columns. A saved prompt cache's bytes on disk follow, loaded or not."""
     download = m.get("download")
     if m["status"] == "downloading" and download:
         return (f"{fmt_bytes(download.get('done_bytes'))}{sep}"
@@ -58,6 +58,8 @@ def fmt_memory(m: dict[str, Any], sep: str = "\n") -> str:
         lines.append(fmt_bytes(m["rss_bytes"]))
     if m.get("vram_used_mb"):
         lines.append(f"{fmt_bytes(m['vram_used_mb'] << 20)} VRAM")
+    if m.get("prompt_cache_bytes"):
+        lines.append(f"{fmt_bytes(m['prompt_cache_bytes'])} cache")
     return sep.join(lines) or "-"
 
 

@@ -103,6 +103,11 @@ class VramGate:
             raise ContextTooLong(f"{said}; ask for at most {trained}", param="n_ctx")
         log.warning("%s; loading it as configured", said)
 
+    async def header(self, model_id: str, parts: Sequence[Path]) -> ggufinfo.Header | None:
+        """What the header of `parts` says (read once per version of the files), for
+        choices beside the memory check (a prompt cache's --swa-full); None: it cannot say."""
+        return await self._header(model_id, parts, on_gpu=False)
+
     async def _header(self, model_id: str, parts: Sequence[Path],
                       on_gpu: bool = True) -> ggufinfo.Header | None:
         """The header of `parts`, read once per version of the files (in a bounded child).

@@ -72,6 +72,9 @@ _SUFFIXES = {
     b".attention.head_count_kv": "head_count_kv",
     b".attention.key_length": "key_length",
     b".attention.value_length": "value_length",
+    # Layers that attend to a window of this many tokens (Gemma 3): a restored prompt cache
+    # reuses nothing unless llama-server keeps them at full size (--swa-full).
+    b".attention.sliding_window": "sliding_window",
 }
 _PER_LAYER = (b".attention.head_count", b".attention.head_count_kv")
 
@@ -90,8 +93,8 @@ class Header:
     """What the estimate needs from a model's header(s); None where the file is silent."""
 
     __slots__ = ("architecture", "block_count", "context_length", "embedding_length",
-                 "head_count", "head_count_kv", "key_length", "tensor_count", "value_length",
-                 "weights_bytes")
+                 "head_count", "head_count_kv", "key_length", "sliding_window", "tensor_count",
+                 "value_length", "weights_bytes")
 
     def __init__(
         self,
@@ -105,6 +108,7 @@ class Header:
         head_count_kv: int | list[int] | None = None,
         key_length: int | None = None,
         value_length: int | None = None,
+        sliding_window: int | None = None,
     ) -> None:
         self.weights_bytes = weights_bytes  # every tensor of every part
         self.tensor_count = tensor_count
@@ -116,6 +120,7 @@ class Header:
         self.head_count_kv = head_count_kv
         self.key_length = key_length
         self.value_length = value_length
+        self.sliding_window = sliding_window
 
     def as_json(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -394,7 +399,7 @@ def read_model(paths: Sequence[str | os.PathLike[str]]) -> Header:
     return Header(
         sum(p.weights_bytes for p in parts), tensors, arch, layers, number("context_length"),
         number("embedding_length"), per_layer("head_count"), per_layer("head_count_kv"),
-        number("key_length"), number("value_length"))
+        number("key_length"), number("value_length"), number("sliding_window"))
 
 
 def _quote(text: str) -> str:

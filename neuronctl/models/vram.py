@@ -3,7 +3,10 @@ memory is free again.
 
 The estimate is what llama.cpp allocates for the bulk of a model: its tensors, as the GGUF
 header lists them, plus an f16 KV cache for the context size. Compute buffers come on top,
-so it is a floor, not a promise; `force = true` loads regardless. The header itself is read
+so it is a floor, not a promise; `force = true` loads regardless. Every layer's KV is counted
+at the full context, sliding-window layers too: that is what llama-server holds with
+`--swa-full`, which a worker with a prompt cache runs with (supervisor/promptcache.py), and
+more than it holds without. The header itself is read
 by gguf.py, in a bounded child process; this module only does the arithmetic.
 """
 

@@ -48,6 +48,9 @@ class Harness(ABC):
     # A non-streamed answer runs to its end even when its client hung up (the router then
     # keeps its slot until it does).
     finishes_abandoned_answers: bool = False
+    # Its workers can save their slots' prompt caches and restore them in a new process
+    # (promptcache.py): llama-server's slot API.
+    keeps_prompt_cache: bool = False
     # Flags the harness sets itself, and why: `args` may not hold them.
     reserved_flags: ClassVar[Mapping[str, str]] = {}
     # What `args` of an API load may hold (apiargs.py); none unless a harness says.
@@ -268,11 +271,13 @@ class LlamaServerHarness(Harness):
         "-np": "set the model's `parallel` key", "--parallel": "set the model's `parallel` key",
         "--path": "a worker serves no files", "--api-key": _PROBE, "--api-key-file": _PROBE,
         "--ssl-key-file": _PROBE, "--ssl-cert-file": _PROBE,
+        "--slot-save-path": "neuronctl saves prompt caches under state_dir (prompt_cache)",
     }
     # default_n_ctx stays None: without -c it takes the model's own context length.
     api_flags = LLAMA_SERVER_API_FLAGS
     serves_metrics = True  # run with --metrics
     slots_path = "/props"
+    keeps_prompt_cache = True
 
     def __init__(self, defaults: HarnessConfig) -> None:
         self._defaults = defaults

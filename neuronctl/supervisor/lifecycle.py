@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import logfiles
@@ -48,9 +50,10 @@ from ..states import (
     journal_transition,
 )
 from . import listing, liveness
-from .harness import Harness
+from .harness import Harness, WorkerPlan
 from .loadlock import Hold, LoadLock
 from .policy import GiveUp, History, RestartPolicy
+from .promptcache import PromptCaches, Session
 from .statefile import StateFile
 from .worker import Worker, describe_exit, free_port
 
@@ -79,6 +82,7 @@ class Shared:
     # Under the load lock, before a start: unload idle models so it fits (the registry's
     # `make_room`); False means wait and ask again. None: nothing is ever evicted.
     make_room: Callable[[ModelLifecycle, NotEnoughVram | None], Awaitable[bool]] | None = None
+    prompt_caches: PromptCaches | None = None  # None: no worker keeps a prompt cache
 
 
 # A ready worker's answer to its harness's `slots_path`, waited for at most this long.
@@ -114,6 +118,7 @@ class ModelLifecycle:
         self.vram_estimate_mb: int | None = None  # from the GGUF header, at the VRAM gate
         self.slots = 1  # requests its worker serves at once (the harness says, at each start)
         self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
+        self.prompt_cache: Session | None = None  # its worker's, restored and saved by it
         self._log_started = False  # a download began a fresh log: the first start appends
         self._run_task: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
@@ -383,7 +388,8 @@ class ModelLifecycle:
                 harness.kv_contexts(spec))
             self.vram_estimate_mb = passed.estimate_mb
             port = free_port()
-            plan = harness.plan(passed.spec, port)
+            plan = await self._with_prompt_cache(harness.plan(passed.spec, port), harness,
+                                                 spec, parts)
             # The first start after a download appends to the log the download began.
             keep = 0 if self._log_started else s.config.log_keep
             self._log_started = False
@@ -407,10 +413,11 @@ class ModelLifecycle:
         finally:
             if worker.returncode is not None:
                 await self._worker_gone(worker)
-        ready_s = s.clock() - started
         if harness.slots_path is not None:
             await self._read_slots(worker, harness.slots_path)
-        return ready_s
+        if self.prompt_cache is not None:  # before `loaded`: the first answer may use it
+            await self.prompt_cache.restore(worker.port)
+        return s.clock() - started
 
     async def _read_slots(self, worker: Worker, path: str) -> None:
         """What the ready worker says it serves (`total_slots`) replaces what its harness
@@ -425,6 +432,21 @@ class ModelLifecycle:
         else:
             log.info("%s: its worker did not say how many slots it serves (GET %s); "
                      "assuming %d", self.model_id, path, self.slots)
+
+    async def _with_prompt_cache(self, plan: WorkerPlan, harness: Harness, spec: ModelSpec,
+                                 parts: Sequence[Path]) -> WorkerPlan:
+        """The plan with what a prompt cache needs (promptcache.py), when the model's
+        worker keeps one and it can have one here; as it is otherwise."""
+        caches = self._shared.prompt_caches
+        self.prompt_cache = None
+        if caches is None or not parts or not caches.wanted(spec, harness.keeps_prompt_cache):
+            return plan
+        header = await self._shared.vram_gate.header(self.model_id, parts)
+        self.prompt_cache = caches.session(spec, parts, self.slots, harness.name,
+                                           header.sliding_window if header else None)
+        if self.prompt_cache is None:
+            return plan
+        return dataclasses.replace(plan, command=(*plan.command, *self.prompt_cache.args))
 
     def _ready_summary(self, ready_s: float) -> str:
         """What a load ended with, for the journal line of every load (activation, API,
@@ -503,6 +525,7 @@ class ModelLifecycle:
         if self.state in (WorkerState.PENDING, WorkerState.DOWNLOADING, WorkerState.FAILED):
             self._set_state(WorkerState.STOPPED, reason)  # PENDING/DOWNLOADING/FAILED -> STOPPED
             return
+        was_ready = self.state is WorkerState.READY
         if self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.BACKOFF):
             self._set_state(WorkerState.STOPPING, reason)  # -> STOPPING
         worker = self.worker
@@ -512,6 +535,8 @@ class ModelLifecycle:
             if release_vram and worker.returncode is None:
                 reading = await self._shared.vram_gate.before_stop(worker.pid, self.spec.devices)
             running = worker.returncode is None
+            if running and was_ready and self.prompt_cache is not None:
+                await self.prompt_cache.save(worker.port)  # bounded; never raises
             await worker.stop()
             if running:
                 await self._worker_gone(worker, reading if release_vram else None)

@@ -37,6 +37,7 @@ from . import listing
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
 from .lifecycle import ModelLifecycle, Shared, WorkerFactory
+from .promptcache import PromptCaches
 from .statefile import StateFile
 from .worker import Worker
 
@@ -76,6 +77,7 @@ class ModelRegistry:
         fetcher_factory: modelfiles.FetcherFactory | None = None,
         events: EventBus | None = None,
         activity: Callable[[str], Activity] = lambda model_id: IDLE,
+        prompt_caches: PromptCaches | None = None,
     ) -> None:
         """`activity`: the router's counts of a model's traffic (eviction takes only idle
         models, `listing()` shows them), made before the registry by whoever makes both;
@@ -88,6 +90,7 @@ class ModelRegistry:
             worker_factory=worker_factory,
             fetcher_factory=fetcher_factory or modelfiles.default_fetcher,
             clock=clock, sleep=sleep, make_room=self.make_room,
+            prompt_caches=prompt_caches or PromptCaches(lambda: self.config),
         )
         self._models: dict[str, ModelLifecycle] = {}
         self.activity = activity
@@ -148,7 +151,20 @@ class ModelRegistry:
         # send it requests while it is unloaded; docs/fleet.md).
         return [{**listing.with_traffic(entry, self.activity(entry["id"])),
                  "autoload": entry["id"] in catalogue
-                 and self.config.autoloads(catalogue[entry["id"]])} for entry in listed]
+                 and self.config.autoloads(catalogue[entry["id"]]),
+                 **self._prompt_cache_keys(entry["id"])} for entry in listed]
+
+    def _prompt_cache_keys(self, model_id: str) -> dict[str, Any]:
+        """`prompt_cache` (whether its worker keeps one) and `prompt_cache_bytes` (what its
+        saved cache holds on disk, loaded or not) of a `/models` entry."""
+        caches = self.services.prompt_caches
+        model = self._models.get(model_id)
+        spec = model.spec if model is not None else self.catalogue.get(model_id)
+        harness = self.harnesses.get(spec.harness) if spec is not None else None
+        on = (caches is not None and spec is not None and harness is not None
+              and caches.wanted(spec, harness.keeps_prompt_cache))
+        return {"prompt_cache": on,
+                "prompt_cache_bytes": caches.bytes_held(model_id) if caches is not None else 0}
 
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -14,11 +15,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from neuronctl.api.app import create_app
-from neuronctl.config import NeuronConfig
+from neuronctl.config import HarnessConfig, NeuronConfig
 from neuronctl.states import ModelStatus
 from neuronctl.supervisor.harness import build_harnesses
 
-from ..helpers import MakeRegistry, fast_restarts, llama_required, poll_until
+from ..helpers import (
+    MakeRegistry,
+    fast_restarts,
+    find_llama_server,
+    llama_required,
+    poll_until,
+)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -117,3 +124,39 @@ async def test_requests_and_latency_through_the_router(
     assert value(found, "neuron_requests_in_flight", model="tiny") == 0
     assert value(found, "neuron_model_load_duration_seconds_count", model="tiny") == 1
     assert not any(labels and dict(labels).get("model") == "x" for _, labels in found)
+
+
+@pytest.mark.llama_server
+@pytest.mark.skipif(find_llama_server() is None, reason="no llama-server binary on PATH")
+async def test_prompt_cache_counts_after_a_swap_through_the_router(
+    node_config: NeuronConfig, tiny_gguf: Path, make_registry: MakeRegistry,
+) -> None:
+    """Saved on unload, restored on load, and the first answer through the router after
+    it (a stream) judged by its timings.cache_n: a hit, in /metrics and /models."""
+    config = dataclasses.replace(node_config, harness={
+        "llama-server": HarnessConfig(binary=find_llama_server())})
+    registry = make_registry(config, build_harnesses(config))
+    spec = {"model_id": "tiny", "harness": "llama-server", "path": str(tiny_gguf),
+            "n_ctx": 256, "parallel": 1}
+    ask = {"model": "tiny", "prompt": "A conversation that comes back after a swap. " * 3,
+           "max_tokens": 2, "stream": True}
+    async with TestClient(TestServer(create_app(registry))) as client:
+        for _ in range(2):
+            async with client.post("/models/load", json=spec) as resp:
+                assert resp.status == 200, await resp.text()
+            async with client.post("/v1/completions", json=ask) as resp:
+                assert resp.status == 200
+                answer = await resp.read()
+            async with client.get("/models") as resp:
+                (listed,) = [m for m in await resp.json() if m["id"] == "tiny"]
+            async with client.post("/models/unload", json={"model_id": "tiny"}) as resp:
+                assert resp.status == 200
+        found = await scrape(client)
+    assert b'"cache_n":' in answer and b'"cache_n":0' not in answer
+    assert listed["prompt_cache"] is True and listed["prompt_cache_bytes"] > 0
+    assert value(found, "neuron_prompt_cache_saves_total") == 2
+    assert value(found, "neuron_prompt_cache_restores_total") == 1
+    assert value(found, "neuron_prompt_cache_hits_total") == 1
+    assert value(found, "neuron_prompt_cache_misses_total") == 0
+    assert value(found, "neuron_prompt_cache_failures_total", operation="save") == 0
+    assert value(found, "neuron_prompt_cache_bytes") > 0

@@ -192,6 +192,8 @@ def test_until(fields: dict[str, Any], until: str) -> None:
     ({"rss_bytes": 900 << 10}, "900 KiB", "CPU"),
     ({"rss_bytes": None, "vram_used_mb": 1229}, "1.2 GiB VRAM", "GPU"),  # devices unnamed
     ({"rss_bytes": None}, "-", "CPU"),
+    # A saved prompt cache's bytes on disk, an unloaded model's too.
+    ({"rss_bytes": None, "prompt_cache_bytes": 12 << 20}, "12 MiB cache", "CPU"),
 ])
 def test_memory_units_and_devices(fields: dict[str, Any], memory: str, devices: str) -> None:
     lines = render([entry("m", **fields)])
