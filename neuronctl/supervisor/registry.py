@@ -32,6 +32,7 @@ from ..events import EventBus
 from ..models import files as modelfiles
 from ..models.admission import VramGate
 from ..models.discovery import Discovery
+from ..models.pulls import Pulls
 from ..states import WorkerState
 from . import listing
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
@@ -90,6 +91,9 @@ class ModelRegistry:
             clock=clock, sleep=sleep, make_room=self.make_room,
         )
         self._models: dict[str, ModelLifecycle] = {}
+        # Downloads without a load (POST /models/pull, prefetch), through the same fetcher.
+        self.pulls = Pulls(lambda name: self.config.harness_config(name),
+                           fetcher_factory or modelfiles.default_fetcher)
         self.activity = activity
         self.evictions: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -148,7 +152,13 @@ class ModelRegistry:
         # send it requests while it is unloaded; docs/fleet.md).
         return [{**listing.with_traffic(entry, self.activity(entry["id"])),
                  "autoload": entry["id"] in catalogue
-                 and self.config.autoloads(catalogue[entry["id"]])} for entry in listed]
+                 and self.config.autoloads(catalogue[entry["id"]]),
+                 # A download without a load of it (prefetch, POST /models/pull), if any.
+                 "pull": self._pull_json(entry["id"])} for entry in listed]
+
+    def _pull_json(self, model_id: str) -> dict[str, Any] | None:
+        pull = self.pulls.get(model_id)
+        return pull.as_json() if pull is not None else None
 
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no
@@ -363,6 +373,7 @@ class ModelRegistry:
     async def shutdown(self) -> None:
         """Stop every model, all in parallel: cancel loads and restarts, then SIGTERM,
         a bounded wait and SIGKILL for each worker."""
+        await self.pulls.close()
         models = list(self._models.values())
         outcomes = await asyncio.gather(
             *(self._stop(m, "shutting down", False) for m in models), return_exceptions=True)

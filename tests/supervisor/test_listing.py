@@ -32,5 +32,7 @@ async def test_a_live_and_an_unloaded_model_list_the_same_keys(
                         "status": "unloaded", "devices": [], "restarts": 0,
                         "pinned": False, "n_ctx": None, "ttl_s": config.ttl_s}
     listed = {entry["id"]: entry for entry in registry.listing()}
-    assert list(listed["cat"]) == [*KEYS, "in_flight", "queued", "idle_until", "autoload"]
-    assert listed["cat"] == {**listing.with_traffic(unloaded, IDLE), "autoload": True}
+    assert list(listed["cat"]) == [*KEYS, "in_flight", "queued", "idle_until", "autoload",
+                                   "pull"]
+    assert listed["cat"] == {**listing.with_traffic(unloaded, IDLE), "autoload": True,
+                             "pull": None}
