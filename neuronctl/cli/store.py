@@ -86,6 +86,7 @@ class PullView:
         self.tasks: dict[tuple[str, str], TaskID] = {}
         self.failed: list[str] = []
         self.started: dict[str, float] = {}
+        self.summary: list[str] = []  # said once the bars are done drawing
 
     def __enter__(self) -> PullView:
         self.bars.start()
@@ -93,6 +94,8 @@ class PullView:
 
     def __exit__(self, *exc: object) -> None:
         self.bars.stop()
+        for line in self.summary:
+            say(line)
 
     def progress(self, model: str, data: dict[str, Any]) -> None:
         if self.as_json:
@@ -125,11 +128,12 @@ class PullView:
         if not ok:
             warn(f"{model}: {data.get('error') or 'pull failed'}", style="red")
         elif data.get("cached"):
-            say(f"{model}: already in the cache ({data.get('path')})")
+            self.summary.append(f"{model}: already in the cache ({data.get('path')})")
         else:
             took = data.get("elapsed_s")
             said = f" in {took:.1f} s" if isinstance(took, int | float) else ""
-            say(f"{model}: pulled {fmt_bytes(data.get('bytes'))}{said} ({data.get('path')})")
+            self.summary.append(
+                f"{model}: pulled {fmt_bytes(data.get('bytes'))}{said} ({data.get('path')})")
 
 
 def pull(

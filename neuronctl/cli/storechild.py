@@ -59,6 +59,7 @@ def run_as(config: NeuronConfig, euid: int | None = None) -> tuple[int, int] | N
 
 def _environment(ids: tuple[int, int] | None) -> dict[str, str]:
     env = dict(os.environ)
+    env["NEURONCTL_STORE_PARENT"] = str(os.getpid())  # the child dies with us (storetool.py)
     # The child must import this very package, wherever it was run from (a checkout too).
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))

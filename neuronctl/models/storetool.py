@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -41,9 +45,28 @@ from .hub import Fetcher, Progress, ResolveError, from_hub, hf_offline
 PROGRESS_EVERY_S = 0.25
 
 
+PARENT_ENV = "NEURONCTL_STORE_PARENT"
+
+
 def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the CLI is gone: nobody reads on, stop (a pull resumes later)
+        os._exit(141)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the CLI that started us dies (a killed terminal, say): a pull nobody
+    watches stops, and its partial file waits for the next pull to resume it."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if str(os.getppid()) != parent:  # it died before prctl took effect
+        os._exit(143)
 
 
 def read_config(path: Path | None) -> NeuronConfig:
@@ -129,6 +152,14 @@ def show(config: NeuronConfig, name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the CLI says it
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="neuronctl-store")
     parser.add_argument("verb", choices=("pull", "ls", "show", "rm"))
     parser.add_argument("names", nargs="*")
