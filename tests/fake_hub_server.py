@@ -37,10 +37,10 @@ class FakeHubServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 hub.answer(self, body=True)
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 hub.answer(self, body=False)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

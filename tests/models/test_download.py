@@ -150,7 +150,7 @@ def test_a_real_full_disk_midway_removes_the_partial_and_says_so(
     with small_tmpfs(tmp_path / "disk", "1m") as disk:
         cache = disk / "hf"
         fetcher = Fetcher(cache, offline=False, endpoint=hub.url, free_space=lambda p: 1 << 40)
-        with pytest.raises(NotEnoughDisk, match="filled up while downloading big-Q4_K_M.gguf"):
+        with pytest.raises(NotEnoughDisk, match=r"filled up while downloading big-Q4_K_M\.gguf"):
             fetcher.resolve(ModelSpec(REPO, quant="Q4_K_M"), Progress())
         assert list(disk.rglob("*.incomplete")) == []
         assert os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize > 900_000
