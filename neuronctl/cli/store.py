@@ -89,11 +89,11 @@ class PullView:
         self.summary: list[str] = []  # said once the bars are done drawing
 
     def __enter__(self) -> PullView:
-        self.bars.start()
-        return self
+        return self  # the bars start with the first file: nothing cached draws nothing
 
     def __exit__(self, *exc: object) -> None:
-        self.bars.stop()
+        if self.tasks:
+            self.bars.stop()
         for line in self.summary:
             say(line)
 
@@ -107,6 +107,8 @@ class PullView:
         key = (model, file)
         task = self.tasks.get(key)
         if task is None:
+            if not self.tasks:
+                self.bars.start()
             task = self.tasks[key] = self.bars.add_task(
                 f"{model}: {file}", total=data.get("file_total_bytes"))
         done = data.get("file_done_bytes")

@@ -10,6 +10,7 @@ but a scan of a large cache; the daemon runs it in a thread.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import re
 from collections.abc import Collection, Iterable
@@ -263,6 +264,10 @@ def remove(models: list[StoredModel]) -> Removal:
     for cache, chosen in by_cache.items():
         info = scan_cache_dir(cache)
         whole: list[str] = []
+        # delete_revisions names revisions by commit alone: a commit two repos share (a
+        # duplicated repo) would take the other repo's files too, so those go file by file.
+        commits = collections.Counter(r.commit_hash for repo in info.repos
+                                      for r in repo.revisions)
         for repo in info.repos:
             for rev in repo.revisions:
                 mine = [m for m in chosen if m.repo == repo.repo_id
@@ -271,7 +276,7 @@ def remove(models: list[StoredModel]) -> Removal:
                     continue
                 ggufs = {f.file_path for f in rev.files if f.file_name.lower().endswith(".gguf")}
                 going = {rev.snapshot_path / p for m in mine for p in m.parts}
-                if ggufs <= going:
+                if ggufs <= going and commits[rev.commit_hash] == 1:
                     whole.append(rev.commit_hash)
                     continue
                 shared = {f.blob_path for r in repo.revisions if r is not rev for f in r.files}

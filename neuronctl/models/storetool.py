@@ -195,13 +195,13 @@ def _main(argv: list[str] | None) -> int:
             emit({"show": show(config, args.names[0])})
             return 0
         return _rm(config, args.names[0], args.force, args.loaded)
+    except (BadHeader, CannotEstimate) as exc:  # before ValueError: BadHeader is one
+        emit({"error": f"{args.names[0]}: cannot read its GGUF header: {exc}",
+              "code": "bad_header"})
+        return 1
     except (ValueError, ResolveError) as exc:
         emit({"error": str(exc) if isinstance(exc, ValueError) else exc.message,
               "code": "bad_model"})
-        return 1
-    except (BadHeader, CannotEstimate) as exc:
-        emit({"error": f"{args.names[0]}: cannot read its GGUF header: {exc}",
-              "code": "bad_header"})
         return 1
     except NeuronError as exc:
         emit({"error": exc.message, "code": exc.code})

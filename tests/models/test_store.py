@@ -130,3 +130,13 @@ def test_rm_refuses_loaded_and_default_models(tmp_path: Path, cache: Path) -> No
     with pytest.raises(ValueError, match="local path"):
         store.matching(dataclasses.replace(config, models=(
             ModelSpec("mine", path=tmp_path / "x.gguf"),)), "mine")
+
+
+def test_a_commit_two_repos_share_never_takes_the_other_repos_files(tmp_path: Path,
+                                                                    cache: Path) -> None:
+    """huggingface_hub deletes revisions by commit alone; a duplicated repo shares them."""
+    lay_out_hf_cache(cache, "org/copy-GGUF", {"copy-Q8_0.gguf": b"c" * 700})  # same commit
+    config = config_with(tmp_path, cache)
+    assert store.remove(store.matching(config, "org/copy-GGUF")).freed_bytes == 700
+    left = {(m["repo"], m["file"]) for m in store.listing(config)["models"]}
+    assert (REPO, "tiny-Q8_0.gguf") in left and len(left) == 3
