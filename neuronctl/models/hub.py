@@ -353,14 +353,23 @@ def resumable_download(repo_id: str, filename: str, *, revision: str | None, cac
     url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
     meta = get_hf_file_metadata(url, endpoint=endpoint)
     if meta.etag and meta.commit_hash:
+        from filelock import FileLock
+
         blob = repo_cache_dir(Path(cache_dir), repo_id) / "blobs" / meta.etag
-        if not blob.exists():
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            partial = blob.with_name(blob.name + ".incomplete")
-            with open(partial, "ab") as fh:
-                http_get(meta.location, fh, resume_size=fh.tell(), expected_size=meta.size,
-                         displayed_filename=filename, tqdm_class=tqdm_class)
-            partial.replace(blob)
+        # One writer per partial file, across processes (a load in the daemon and a pull
+        # beside it): in the cache's `.locks`, which scan_cache_dir skips, under a name of
+        # our own so that hf_hub_download's lock, taken below, is never held here.
+        locks = Path(cache_dir) / ".locks" / repo_cache_dir(Path(), repo_id).name
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{meta.etag}.neuronctl.lock")):
+            if not blob.exists():
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                partial = blob.with_name(blob.name + ".incomplete")
+                with open(partial, "ab") as fh:
+                    http_get(meta.location, fh, resume_size=fh.tell(),
+                             expected_size=meta.size, displayed_filename=filename,
+                             tqdm_class=tqdm_class)
+                partial.replace(blob)
     return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                            endpoint=endpoint)
 
