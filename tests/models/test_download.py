@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,30 @@ def test_a_real_full_disk_midway_removes_the_partial_and_says_so(
             fetcher.resolve(ModelSpec(REPO, quant="Q4_K_M"), Progress())
         assert list(disk.rglob("*.incomplete")) == []
         assert os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize > 900_000
+
+
+def test_two_downloads_of_one_file_at_once_fetch_it_once(tmp_path: Path,
+                                                         hub: FakeHubServer) -> None:
+    """A load in the daemon and a pull beside it: one writes the partial file, the other
+    waits for it and finds the blob in place."""
+    cache = tmp_path / "hf"
+    hub.hold_at = 1 << 20
+    results: list[Path] = []
+
+    def fetch() -> None:
+        fetcher = Fetcher(cache, offline=False, endpoint=hub.url)
+        results.append(fetcher.resolve(ModelSpec(REPO, quant="Q4_K_M"), Progress()).path)
+
+    first = threading.Thread(target=fetch)
+    first.start()
+    assert hub.holding.wait(30)
+    second = threading.Thread(target=fetch)
+    second.start()
+    hub.release.set()
+    first.join(60)
+    second.join(60)
+    assert len(results) == 2 and all(p.read_bytes() == CONTENT for p in results)
+    # The first GET, cut at 1 MiB, and huggingface_hub's own retry for the rest; the second
+    # download sent none.
+    gets = hub.gets("big-Q4_K_M.gguf")
+    assert gets[0] is None and len(gets) == 2 and (gets[1] or "").startswith("bytes=")
