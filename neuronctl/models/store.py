@@ -48,6 +48,9 @@ class StoredModel:
     parts: tuple[str, ...] = ()
     cache: Path | None = None
     ids: list[str] = field(default_factory=list)  # the config's models that use it
+    # Every GGUF of its revision: `select` must see the others to call a spec ambiguous,
+    # as a load would.
+    siblings: tuple[str, ...] = ()
 
     @property
     def quant(self) -> str | None:
@@ -106,7 +109,8 @@ def scan(cache: Path) -> list[StoredModel]:
                     "hub", infos[0].file_path, sum(i.size_on_disk for i in blobs.values()),
                     max(i.blob_last_accessed for i in infos), repo=repo.repo_id,
                     revision=rev.commit_hash, refs=tuple(sorted(rev.refs)), file=first,
-                    parts=tuple(parts), cache=cache))
+                    parts=tuple(parts), cache=cache,
+                    siblings=tuple(n for n in files if n.lower().endswith(".gguf"))))
     return stored
 
 
@@ -155,16 +159,7 @@ def uses(spec: ModelSpec, model: StoredModel) -> bool:
 
 
 def _names_of(model: StoredModel) -> list[str]:
-    """Every GGUF of `model`'s snapshot (select must see the others to say it is
-    ambiguous, as a load would)."""
-    snapshot = model.path
-    for _ in Path(model.parts[0]).parts:
-        snapshot = snapshot.parent
-    names = []
-    with contextlib.suppress(OSError):
-        for path in snapshot.rglob("*.gguf"):
-            names.append(path.relative_to(snapshot).as_posix())
-    return names
+    return list(model.siblings)
 
 
 def inventory(config: NeuronConfig) -> list[StoredModel]:
@@ -205,7 +200,8 @@ def spec_of(config: NeuronConfig, name: str) -> ModelSpec:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise ValueError(f"{name!r} is neither a model of the config nor a Hugging Face repo "
                          "(ORG/NAME[:QUANT])")
-    return ModelSpec(repo, quant=quant or None)
+    # Named as asked: two quants of one repo are two pulls, not one.
+    return ModelSpec(name, repo=repo, quant=quant or None)
 
 
 def matching(config: NeuronConfig, name: str) -> list[StoredModel]:

@@ -64,12 +64,12 @@ async def test_pulls_run_one_at_a_time_with_their_progress_on_the_event_stream(
             # One at a time: b waits while a downloads, and /models says so for a.
             _, pulls = await call(served, "GET", "/models/pulls")
             assert [(p["model"], p["state"]) for p in pulls] == \
-                [("a", "downloading"), ("org/b-GGUF", "queued")]
+                [("a", "downloading"), ("org/b-GGUF:Q8_0", "queued")]
             _, models = await call(served, "GET", "/models")
             assert [m["pull"]["state"] for m in models if m["id"] == "a"] == ["downloading"]
             assert hub.downloads == ["a-Q4_K_M.gguf"]
             hub.gate.set()
-            await events.until(lambda f: f[0] == "pull" and f[1]["model"] == "org/b-GGUF"
+            await events.until(lambda f: f[0] == "pull" and f[1]["model"] == "org/b-GGUF:Q8_0"
                                and f[1]["state"] == "done")
             assert hub.downloads == ["a-Q4_K_M.gguf", "b-Q8_0.gguf"]
             # A pull loads nothing.

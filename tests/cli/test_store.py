@@ -68,7 +68,7 @@ def test_pull_without_a_daemon_shows_progress_and_a_summary(
     assert "big: big-Q4_K_M.gguf" in done.stderr and "12.0/12.0 MiB" in done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("big: pulled 12 MiB in ") and "big-Q4_K_M.gguf" in lines[0]
-    assert lines[1].startswith("org/small-GGUF: pulled 4 KiB")
+    assert lines[1].startswith("org/small-GGUF:Q8_0: pulled 4 KiB")
     # Pulled: a second pull only finds it, and with --json says so in JSON lines.
     again = cli("pull", "--all", "--json", "-c", str(config), hub=hub)
     assert again.returncode == 0, again.stderr

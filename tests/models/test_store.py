@@ -78,9 +78,9 @@ def test_a_missing_cache_lists_nothing(tmp_path: Path) -> None:
 def test_naming_a_model() -> None:
     config = NeuronConfig(models=(ModelSpec("big", repo=REPO, quant="Q8_0"),))
     assert store.spec_of(config, "big").quant == "Q8_0"
-    assert store.spec_of(config, "org/x-GGUF:Q4_K_M") == ModelSpec("org/x-GGUF",
-                                                                     quant="Q4_K_M")
-    assert store.spec_of(config, "org/x-GGUF") == ModelSpec("org/x-GGUF")
+    assert store.spec_of(config, "org/x-GGUF:Q4_K_M") == ModelSpec(
+        "org/x-GGUF:Q4_K_M", repo="org/x-GGUF", quant="Q4_K_M")
+    assert store.spec_of(config, "org/x-GGUF") == ModelSpec("org/x-GGUF", repo="org/x-GGUF")
     with pytest.raises(ValueError, match="neither a model of the config"):
         store.spec_of(config, "nonsense")
 
