@@ -33,7 +33,8 @@ def online(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def hub() -> Iterator[FakeHubServer]:
     with FakeHubServer({"org/big-GGUF": {"big-Q4_K_M.gguf": BIG},
-                        "org/small-GGUF": {"small-Q8_0.gguf": SMALL}}) as hub:
+                        "org/small-GGUF": {"small-Q8_0.gguf": SMALL},
+                        "org/extra-GGUF": {"extra-Q5_K_M.gguf": SMALL + b"x"}}) as hub:
         yield hub
 
 
@@ -204,6 +205,14 @@ def test_a_daemon_prefetches_after_activation_and_the_commands_go_through_it(
         pulled = cli("pull", "small", "-c", str(config))
         assert pulled.returncode == 0, pulled.stderr
         assert pulled.stdout.startswith("small: already in the cache")
+        # A repo the daemon downloads, its progress read from /models/events.
+        extra = cli("pull", "org/extra-GGUF:Q5_K_M", "--json", "-c", str(config))
+        assert extra.returncode == 0, extra.stderr
+        (done,) = [e for e in json_lines(extra.stdout) if e["event"] == "done"]
+        assert (done["model"], done["by"], done["state"]) == \
+            ("org/extra-GGUF:Q5_K_M", "client", "done")
+        assert Path(done["path"]).read_bytes() == SMALL + b"x"
+        assert hub.gets("extra-Q5_K_M.gguf") == [None]
         # `show` through the daemon, with its nvidia-smi.
         shown = cli("show", "tiny", "-c", str(config))
         assert shown.returncode == 0, shown.stderr
@@ -212,7 +221,7 @@ def test_a_daemon_prefetches_after_activation_and_the_commands_go_through_it(
         listing = json.loads(cli("models", "--json", "-c", str(config)).stdout)
         loaded = {m["file"]: m["loaded"] for m in listing["models"]}
         assert loaded == {"tiny-Q8_0.gguf": True, "big-Q4_K_M.gguf": False,
-                          "small-Q8_0.gguf": False}
+                          "small-Q8_0.gguf": False, "extra-Q5_K_M.gguf": False}
         # `rm` refuses what is loaded, takes what is not.
         status_, _ = daemon.request("POST", "/models/load", {"model_id": "small"}, timeout=60)
         assert status_ == 200
