@@ -206,6 +206,11 @@ def _main(argv: list[str] | None) -> int:
     except NeuronError as exc:
         emit({"error": exc.message, "code": exc.code})
         return 1
+    except OSError as exc:  # a cache this user may not read or change (root's, say)
+        where = f" {exc.filename}" if exc.filename else ""
+        emit({"error": f"{args.verb}: cannot use{where}: {exc.strerror or exc}",
+              "code": "os_error"})
+        return 1
 
 
 def _rm(config: NeuronConfig, name: str, force: bool, loaded: list[str]) -> int:

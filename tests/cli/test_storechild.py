@@ -51,3 +51,4 @@ def test_the_child_is_started_with_those_ids(tmp_path: Path,
     assert (seen["user"], seen["group"], seen["extra_groups"]) == (65534, 65534, [])
     assert seen["env"]["NEURONCTL_STORE_PARENT"] == str(os.getpid())
     assert lines[-1] == {"exit": 0} and lines[0]["models"] == []
+
