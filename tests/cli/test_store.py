@@ -52,7 +52,8 @@ def node_config(tmp_path: Path, cache: Path, tiny: Path | None = None) -> Path:
 
 def cli(*args: str, hub: FakeHubServer | None = None, timeout: float = 120
         ) -> subprocess.CompletedProcess[str]:
-    env = clean_env(**({"HF_ENDPOINT": hub.url} if hub else {}))
+    # Wide enough that a progress row never wraps, whatever rate it shows.
+    env = clean_env(COLUMNS="200", **({"HF_ENDPOINT": hub.url} if hub else {}))
     return subprocess.run([str(NEURONCTL), *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -179,7 +180,8 @@ def test_a_daemon_prefetches_after_activation_and_the_commands_go_through_it(
     lay_out_hf_cache(cache, "org/tiny-GGUF", {"tiny-Q8_0.gguf": tiny_gguf.read_bytes()})
     hub.hold_at = 11 << 20  # big's download stalls: activation must not wait for it
     daemon = start_daemon(tmp_path / "node", (
-        f'hf_cache = "{cache}"\n\n'
+        # A repo pulled by name goes to the default harness's cache: the test's too.
+        f'hf_cache = "{cache}"\n\n[harness.llama-cpp-python]\nhf_cache = "{cache}"\n\n'
         '[[default_models]]\nmodel_id = "tiny"\nharness = "llama-server"\n'
         'repo = "org/tiny-GGUF"\nquant = "Q8_0"\n\n'
         '[[models]]\nmodel_id = "big"\nharness = "llama-server"\nrepo = "org/big-GGUF"\n'
