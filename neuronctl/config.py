@@ -205,6 +205,9 @@ class NeuronConfig:
     # (`POST /models/load {"model_id": ...}`) or on demand by a /v1 request naming them.
     models: tuple[ModelSpec, ...] = ()
     autoload: bool = True
+    # After activation, download the catalogue's Hugging Face models that the cache lacks,
+    # one at a time at low priority, so a first on-demand request does not wait for one.
+    prefetch: bool = False
     # At most this many models loaded at once (None: no limit but VRAM); a load beyond it
     # first unloads the least recently used model that is idle and not pinned.
     max_loaded_models: int | None = None

@@ -226,6 +226,13 @@ class DownloadError(LoadError):
     status, code = 502, "download_failed"
 
 
+class NotEnoughDisk(LoadError):
+    """The Hugging Face cache's filesystem cannot hold a download (refused before it
+    began, or it ran out of space meanwhile and its partial files were removed)."""
+
+    status, code = 507, "insufficient_storage"
+
+
 class NotEnoughVram(LoadError):
     status, code = 503, "insufficient_vram"
 

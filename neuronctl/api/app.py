@@ -39,6 +39,7 @@ from .logstream import FOLLOWERS, LogFollowers
 from .metrics import Metrics
 from .ratelog import RateLimitedLog
 from .requestbody import read_limited
+from .store import StoreRoutes
 from .traffic import RouterStats
 from .v1 import ROUTER_STATS, Router
 
@@ -255,7 +256,8 @@ async def _identity_headers(request: web.Request, response: web.StreamResponse) 
 
 
 def routes(router: Router, streams: EventStreams, followers: LogFollowers,
-           metrics: Metrics, stats: RouterStats) -> list[web.RouteDef]:
+           metrics: Metrics, stats: RouterStats,
+           store: StoreRoutes | None = None) -> list[web.RouteDef]:
     """Every route the node serves. Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence
     the greedy patterns; `/v1/models` comes before the `/v1` catch-all that forwards."""
     return [
@@ -267,6 +269,8 @@ def routes(router: Router, streams: EventStreams, followers: LogFollowers,
         web.post("/models/unload", unload_model),
         web.get("/models/events", streams.handle),
         web.get("/models/stats", dashboard.model_stats(stats)),
+        # pull, pulls, store and {id}/show: store.py (the fixed paths before the greedy ones)
+        *(store.routes() if store is not None else []),
         web.get("/models/{model_id:.+}/endpoint", model_endpoint),
         web.get("/models/{model_id:.+}/logs", followers.handle),
         web.post("/reload", reload_config),
@@ -316,7 +320,8 @@ def create_app(
     app[ROUTER_STATS] = stats
     app[STREAMS] = streams
     app[FOLLOWERS] = followers
-    app.router.add_routes(routes(router, streams, followers, metrics, stats))
+    store = StoreRoutes(registry, _json_object)
+    app.router.add_routes(routes(router, streams, followers, metrics, stats, store))
     app.on_response_prepare.append(_identity_headers)
     app.cleanup_ctx.extend([
         router.upstream.client_session,  # one pooled client for every worker

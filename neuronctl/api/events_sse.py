@@ -1,8 +1,10 @@
 """`GET /models/events`: every model state change, as server-sent events.
 
-A stream opens with a `snapshot` (what `GET /models` lists), then sends each `ModelEvent`
-as a `state` event, a `progress` event about once a second for each model downloading, and
-a `: keep-alive` comment after a quiet `keepalive_s`, so proxies keep the connection open.
+A stream opens with a `snapshot` (what `GET /models` lists, and the pulls), then sends
+each `ModelEvent` as a `state` event, a `progress` event about once a second for each
+model downloading, a `pull` event when a download without a load (models/pulls.py)
+moved since the last, and a `: keep-alive` comment after a quiet `keepalive_s`, so
+proxies keep the connection open.
 It reads a bounded `Subscription`: a client too slow to keep up loses events there, and
 is told so (`resync`, then a fresh snapshot) instead of seeing a silent gap.
 
@@ -73,6 +75,8 @@ class _EventStream(Stream):
         self.backlog_bytes = backlog_bytes
         self.grace_s = grace_s
         self.last_write = asyncio.get_running_loop().time()
+        # Each pull's (state, bytes) as last sent: a `pull` event only when it moved.
+        self.pulls_sent: dict[str, tuple[str, int]] = {}
 
     @property
     def unsent(self) -> int:
@@ -141,9 +145,10 @@ class EventStreams(Streams[_EventStream]):
         with self.holding(_EventStream(request, response, self.backlog_bytes)) as stream, \
                 self.registry.events.subscribe(self.backlog) as events:
             snapshot = self.registry.listing()
+            pulls = self._pulls(stream)
             await response.prepare(request)
             try:
-                await stream.send("snapshot", {"models": snapshot})
+                await stream.send("snapshot", {"models": snapshot, "pulls": pulls})
                 await self._follow(stream, events)
             except ConnectionError:
                 pass  # the client left during a write
@@ -168,8 +173,9 @@ class EventStreams(Streams[_EventStream]):
                     if events.dropped != dropped:
                         lost, dropped = events.dropped - dropped, events.dropped
                         snapshot = self.registry.listing()  # now, before any await
+                        pulls = self._pulls(stream)
                         await stream.send("resync", {"dropped": lost})
-                        await stream.send("snapshot", {"models": snapshot})
+                        await stream.send("snapshot", {"models": snapshot, "pulls": pulls})
                     else:
                         for event in batch:
                             await stream.send("state", state_json(event))
@@ -182,7 +188,20 @@ class EventStreams(Streams[_EventStream]):
             closing.cancel()
             arrived.cancel()
 
+    def _pulls(self, stream: _EventStream) -> list[dict[str, Any]]:
+        """Every pull the registry keeps, noted as sent to `stream`."""
+        answers = [p.as_json() for p in self.registry.pulls.all()]
+        stream.pulls_sent = {a["model"]: (a["state"], a["done_bytes"]) for a in answers}
+        return answers
+
     async def _send_progress(self, stream: _EventStream) -> None:
+        # Downloads without a load: a `pull` event for each that moved since the last.
+        for pull in self.registry.pulls.all():
+            answer = pull.as_json()
+            seen = (answer["state"], answer["done_bytes"])
+            if stream.pulls_sent.get(pull.model_id) != seen:
+                stream.pulls_sent[pull.model_id] = seen
+                await stream.send("pull", answer)
         for model in self.registry.models():
             if model.state is not WorkerState.DOWNLOADING:
                 continue

@@ -1,7 +1,7 @@
 """The `neuronctl` command line: the typer app, `--version`, and every command registered
 from the module of its family (circus' one file per command): `status.py` (status, ps,
-events), `models.py` (load, unload, reload), `chat.py`, `logs.py`, and `fleet.py`'s
-sub-app. What the commands share is in `base.py`."""
+events), `models.py` (load, unload, reload), `store.py` (pull, models/ls, show, rm),
+`chat.py`, `logs.py`, and `fleet.py`'s sub-app. What the commands share is in `base.py`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import chat, logs, models, status
+from . import chat, logs, models, status, store
 from .base import say
 from .fleet import app as fleet_app
 
@@ -70,6 +70,12 @@ app.command()(models.unload)
 app.command()(models.reload)
 app.command()(chat.chat)
 app.command()(logs.logs)
+# The model store, as `ollama pull/list/show/rm` and `lms get/ls`: `ls` is `models`.
+app.command()(store.pull)
+app.command()(store.models)
+app.command("ls", hidden=True)(store.models)
+app.command()(store.show)
+app.command()(store.rm)
 
 
 def main() -> None:

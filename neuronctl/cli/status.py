@@ -46,6 +46,23 @@ def status(
     for m in models:
         if m.get("error"):
             warn(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
+    for line in pull_lines(models):
+        say(line)
+
+
+def pull_lines(models: list[dict[str, Any]]) -> list[str]:
+    """A line per download without a load (prefetch, `neuronctl pull`) still to finish,
+    or failed: a first request to that model would otherwise wait for it."""
+    lines = []
+    for m in models:
+        pull = m.get("pull") or {}
+        state = pull.get("state")
+        if state in ("queued", "downloading"):
+            lines.append(f"{m['id']}: {pull.get('by')} download {state} "
+                         f"{fmt_download(pull) if state == 'downloading' else ''}".rstrip())
+        elif state == "failed":
+            lines.append(f"{m['id']}: {pull.get('by')} download failed: {pull.get('error')}")
+    return lines
 
 
 def _clock(when: float | None = None) -> str:
@@ -66,6 +83,11 @@ def _event_lines(name: str, data: Any) -> list[str]:
         download = data.get("download") or {}
         file = download.get("file") or ""
         return [f"{now}  {data['model']}  downloading {file}  {fmt_download(download)}"]
+    if name == "pull":
+        said = data.get("error") or (fmt_download(data) if data.get("state") == "downloading"
+                                     else data.get("path") or "")
+        return [f"{now}  {data['model']}  pull ({data.get('by')}) {data.get('state')}  "
+                f"{said}".rstrip()]
     if name == "resync":
         return [f"{now}  fell behind, {data.get('dropped')} events lost; the models now:"]
     return [f"{now}  {name}  {json.dumps(data)}"]

@@ -64,6 +64,11 @@ GGML_TYPES: dict[int, tuple[int, int]] = {
 # Keys whose values the estimate reads, by the suffix after `{architecture}`.
 _ARCH_KEY = b"general.architecture"
 _ALIGNMENT_KEY = b"general.alignment"
+# What `neuronctl show` says besides the estimate: the quantization llama.cpp wrote, and
+# whether a chat template is there (its text is skipped, never kept: it can be megabytes).
+_FILE_TYPE_KEY = b"general.file_type"
+_CHAT_TEMPLATE_KEY = b"tokenizer.chat_template"
+_POOLING_SUFFIX = b".pooling_type"  # set by embedding models (bert, nomic-bert, ...)
 _SUFFIXES = {
     b".block_count": "block_count",
     b".context_length": "context_length",
@@ -92,8 +97,9 @@ class CannotEstimate(Exception):
 class Header:
     """What the estimate needs from a model's header(s); None where the file is silent."""
 
-    __slots__ = ("architecture", "block_count", "context_length", "embedding_length",
-                 "head_count", "head_count_kv", "key_length", "sliding_window", "tensor_count",
+    __slots__ = ("architecture", "block_count", "chat_template", "context_length",
+                 "embedding_length", "file_type", "head_count", "head_count_kv", "key_length",
+                 "parameter_count", "pooling_type", "sliding_window", "tensor_count",
                  "value_length", "weights_bytes")
 
     def __init__(
@@ -109,6 +115,10 @@ class Header:
         key_length: int | None = None,
         value_length: int | None = None,
         sliding_window: int | None = None,
+        parameter_count: int | None = None,
+        file_type: int | None = None,
+        chat_template: bool | None = None,
+        pooling_type: int | None = None,
     ) -> None:
         self.weights_bytes = weights_bytes  # every tensor of every part
         self.tensor_count = tensor_count
@@ -121,6 +131,10 @@ class Header:
         self.key_length = key_length
         self.value_length = value_length
         self.sliding_window = sliding_window
+        self.parameter_count = parameter_count  # elements of every tensor
+        self.file_type = file_type  # llama.cpp's LLAMA_FTYPE_*: the quantization
+        self.chat_template = chat_template  # whether tokenizer.chat_template is there
+        self.pooling_type = pooling_type  # an embedding model's pooling, when it has one
 
     def as_json(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -133,6 +147,8 @@ class Header:
         for name, value in data.items():
             ok = value is None or _is_int(value) or (name == "architecture"
                                                      and isinstance(value, str))
+            if name == "chat_template":
+                ok = value is None or isinstance(value, bool)
             if name in ("head_count", "head_count_kv") and isinstance(value, list):
                 ok = all(_is_int(v) for v in value)
             if not ok or (name in ("weights_bytes", "tensor_count") and value is None):
@@ -233,6 +249,7 @@ class _Part:
     def __init__(self) -> None:
         self.weights_bytes = 0
         self.tensor_count = 0
+        self.elements = 0
         self.values: dict[bytes, int | str | list[int]] = {}
 
 
@@ -248,7 +265,7 @@ def _read_value(cur: _Cursor, vtype: int, key: bytes, keep: bool) -> int | str |
         if keep and key == _ARCH_KEY and n <= 256:
             return cur.read(n, what).decode("utf-8", "replace")
         cur.skip(n, what)
-        return None
+        return 1 if keep and key == _CHAT_TEMPLATE_KEY else None  # there; its text unread
     if vtype != _ARRAY:
         raise BadHeader(f"{_shown(key)} has an unknown value type {vtype}")
     itype = cur.unpack(cur.u32, what)
@@ -274,7 +291,8 @@ def _read_value(cur: _Cursor, vtype: int, key: bytes, keep: bool) -> int | str |
 
 
 def _wanted(key: bytes) -> bool:
-    return key in (_ARCH_KEY, _ALIGNMENT_KEY) or key.endswith(tuple(_SUFFIXES))
+    return key in (_ARCH_KEY, _ALIGNMENT_KEY, _FILE_TYPE_KEY, _CHAT_TEMPLATE_KEY) \
+        or key.endswith((*_SUFFIXES, _POOLING_SUFFIX))
 
 
 def read_part(path: str) -> _Part:
@@ -346,6 +364,7 @@ def read_part(path: str) -> _Part:
                                 f"multiple of its type's block of {block}")
             n_bytes = elements * type_bytes // block
             part.weights_bytes += n_bytes
+            part.elements += elements
             if offset + n_bytes > end:
                 end, last = offset + n_bytes, name
         data_start = -(-cur.pos // alignment) * alignment
@@ -396,10 +415,16 @@ def read_model(paths: Sequence[str | os.PathLike[str]]) -> Header:
             return value[:layers] if layers is not None else value
         return number(name)
 
+    file_type = values.get(_FILE_TYPE_KEY)
+    pooling = values.get(arch.encode() + _POOLING_SUFFIX) if arch is not None else None
     return Header(
         sum(p.weights_bytes for p in parts), tensors, arch, layers, number("context_length"),
         number("embedding_length"), per_layer("head_count"), per_layer("head_count_kv"),
-        number("key_length"), number("value_length"), number("sliding_window"))
+        number("key_length"), number("value_length"), number("sliding_window"),
+        parameter_count=sum(p.elements for p in parts),
+        file_type=file_type if isinstance(file_type, int) else None,
+        chat_template=_CHAT_TEMPLATE_KEY in values,
+        pooling_type=pooling if isinstance(pooling, int) else None)
 
 
 def _quote(text: str) -> str:
@@ -416,6 +441,8 @@ def _quote(text: str) -> str:
 def _to_json(value: object) -> str:
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):

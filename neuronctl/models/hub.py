@@ -10,8 +10,10 @@ event loop, the API and the systemd heartbeat keep going.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelSpec
-from ..errors import DownloadError, ModelFileError, clip
+from ..errors import DownloadError, ModelFileError, NotEnoughDisk, clip
 from ..units import fmt_bytes
 
 # `Model-Q4_K_M-00001-of-00003.gguf`: llama.cpp's split files; the worker is given part 1.
@@ -183,6 +185,7 @@ class Progress:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.total_bytes: int | None = None
         self.file: str | None = None
+        self.file_total_bytes: int | None = None  # the current part's size, when listed
         self._log = log
         self._clock = clock
         self._finished_bytes = 0  # parts already complete
@@ -197,6 +200,11 @@ class Progress:
         done = self._finished_bytes + max(self._bar_bytes, self._incomplete_bytes())
         return min(done, self.total_bytes) if self.total_bytes else done
 
+    @property
+    def file_done_bytes(self) -> int:
+        """The current part's bytes so far (a resumed part counts what it resumed from)."""
+        return max(self._bar_bytes, self._incomplete_bytes())
+
     def as_json(self) -> dict[str, Any]:
         return {"file": self.file, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes}
 
@@ -210,8 +218,8 @@ class Progress:
     def log(self, line: str) -> None:
         self._log(line)
 
-    def start_part(self, name: str, blob_dir: Path) -> None:
-        self.file, self._blob_dir = name, blob_dir
+    def start_part(self, name: str, blob_dir: Path, size: int | None = None) -> None:
+        self.file, self._blob_dir, self.file_total_bytes = name, blob_dir, size
         self._bar_bytes = 0
         self._part_started = time.time()
         self._logged_at = -_LOG_EVERY_S
@@ -251,6 +259,54 @@ class Progress:
         return best
 
 
+# --- disk space -----------------------------------------------------------------------------
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes (for this user) on the filesystem that holds `path`, or would: its
+    nearest existing folder, since a cache not made yet lands in its parent."""
+    for where in (path, *path.parents):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            return shutil.disk_usage(where).free
+    return shutil.disk_usage("/").free
+
+
+def partial_bytes(cache: Path, repo_id: str) -> int:
+    """What interrupted downloads of `repo_id` left (`blobs/*.incomplete`): a resumed
+    download needs only the rest."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for path in (repo_cache_dir(cache, repo_id) / "blobs").glob("*.incomplete"):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+    return total
+
+
+def _out_of_space(exc: BaseException | None) -> bool:
+    """Whether ENOSPC (or EDQUOT) is anywhere in what `exc` was raised from."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _remove_partials(blob_dir: Path, since: float) -> tuple[int, int]:
+    """Remove the `.incomplete` blobs written since `since`: a full disk must not be left
+    full by a download that will not finish. Returns (files, bytes) removed."""
+    files = removed = 0
+    with contextlib.suppress(OSError):
+        for path in blob_dir.glob("*.incomplete"):
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if st.st_mtime >= since - 1:
+                    path.unlink()
+                    files, removed = files + 1, removed + st.st_size
+    return files, removed
+
+
 def _size(n: int) -> str:
     return fmt_bytes(n)  # the package's one byte formatter: the CLI says the same size
 
@@ -283,6 +339,41 @@ def _accepts_tqdm_class(fn: Callable[..., Any]) -> bool:
         return False
 
 
+def resumable_download(repo_id: str, filename: str, *, revision: str | None, cache_dir: str,
+                       tqdm_class: Any = None, endpoint: str | None = None) -> str:
+    """hf_hub_download, resumable across processes. huggingface_hub writes each download to
+    a file unique to its process and deletes it when the download fails, so an interrupted
+    pull would start over; here the blob is fetched first into `blobs/<etag>.incomplete`,
+    a name that outlives the process, continued with a Range request (huggingface_hub's own
+    `http_get`), and then hf_hub_download finds the blob in place and only writes the
+    snapshot link and the ref, its own cache layout."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.file_download import http_get
+
+    url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, endpoint=endpoint)
+    if meta.etag and meta.commit_hash:
+        from filelock import FileLock
+
+        blob = repo_cache_dir(Path(cache_dir), repo_id) / "blobs" / meta.etag
+        # One writer per partial file, across processes (a load in the daemon and a pull
+        # beside it): in the cache's `.locks`, which scan_cache_dir skips, under a name of
+        # our own so that hf_hub_download's lock, taken below, is never held here.
+        locks = Path(cache_dir) / ".locks" / repo_cache_dir(Path(), repo_id).name
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{meta.etag}.neuronctl.lock")):
+            if not blob.exists():
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                partial = blob.with_name(blob.name + ".incomplete")
+                with open(partial, "ab") as fh:
+                    http_get(meta.location, fh, resume_size=fh.tell(),
+                             expected_size=meta.size, displayed_filename=filename,
+                             tqdm_class=tqdm_class)
+                partial.replace(blob)
+    return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                           endpoint=endpoint)
+
+
 @dataclass(frozen=True)
 class _RemoteFile:
     name: str
@@ -292,16 +383,21 @@ class _RemoteFile:
 class Fetcher:
     """Resolves a Hugging Face model to local files, downloading what the cache lacks.
 
-    `api` lists a repo (huggingface_hub's HfApi) and `download` fetches one file
-    (hf_hub_download); tests replace them.
+    `api` lists a repo (huggingface_hub's HfApi), `download` fetches one file
+    (hf_hub_download) and `free_space` says how many bytes the cache's filesystem has
+    left (`free_bytes`); tests replace them.
     """
 
     def __init__(self, cache: Path | None, *, offline: bool | None = None,
-                 api: Any = None, download: Callable[..., str] | None = None) -> None:
+                 api: Any = None, download: Callable[..., str] | None = None,
+                 free_space: Callable[[Path], int] = free_bytes,
+                 endpoint: str | None = None) -> None:
         self.cache = cache or default_cache()
+        self.endpoint = endpoint  # the Hub's URL: HF_ENDPOINT's, unless given
         self.offline = hf_offline() if offline is None else offline
         self._api = api
         self._download = download
+        self._free_space = free_space
 
     def resolve(self, spec: ModelSpec, progress: Progress) -> Resolved:
         repo_id = spec.repo or spec.model_id  # an alias id names its repo in `repo`
@@ -331,6 +427,8 @@ class Fetcher:
         sizes = {f.name: f.size for f in remote}
         known = [sizes.get(p) for p in parts]
         progress.total_bytes = sum(s for s in known if s) if all(known) else None
+        if progress.total_bytes is not None:
+            self._check_space(repo_id, parts[0], progress.total_bytes)
         paths = tuple(self._fetch(repo_id, spec.revision, p, sizes.get(p), progress)
                       for p in parts)
         progress.log(f"download: done, {progress.describe()}")
@@ -343,7 +441,7 @@ class Fetcher:
         if api is None:
             from huggingface_hub import HfApi
 
-            api = HfApi()
+            api = HfApi(endpoint=self.endpoint)
         try:
             entries = list(api.list_repo_tree(repo_id, revision=revision, recursive=True))
         except RevisionNotFoundError:
@@ -357,24 +455,43 @@ class Fetcher:
         return [_RemoteFile(e.path, getattr(e, "size", None))
                 for e in entries if hasattr(e, "size")]  # files; folders have no size
 
+    def _check_space(self, repo_id: str, name: str, total: int) -> None:
+        """Refuse a download the cache's filesystem cannot hold, before its first byte."""
+        needed = max(0, total - partial_bytes(self.cache, repo_id))
+        free = self._free_space(self.cache)
+        if needed > free:
+            raise NotEnoughDisk(
+                f"not enough disk space for {repo_id}:{name}: it needs {_size(needed)}, "
+                f"the Hugging Face cache {self.cache} has {_size(free)} free")
+
     def _fetch(self, repo_id: str, revision: str | None, name: str, size: int | None,
                progress: Progress) -> Path:
         download = self._download
-        if download is None:
-            from huggingface_hub import hf_hub_download
-
-            download = hf_hub_download
         kwargs: dict[str, Any] = {"revision": revision, "cache_dir": str(self.cache)}
+        if download is None:
+            download = resumable_download
+            kwargs["endpoint"] = self.endpoint
         if _accepts_tqdm_class(download):
             kwargs["tqdm_class"] = _bar_class(progress)
-        progress.start_part(name, repo_cache_dir(self.cache, repo_id) / "blobs")
+        blob_dir = repo_cache_dir(self.cache, repo_id) / "blobs"
+        progress.start_part(name, blob_dir, size)
+        started = time.time()
         try:
             path = Path(download(repo_id, name, **kwargs))
         except DownloadCancelled:
-            raise
+            raise  # its partial file stays: the next pull resumes from it
         except Exception as exc:
             if progress.cancelled:
                 raise DownloadCancelled from None
+            if _out_of_space(exc):
+                files, removed = _remove_partials(blob_dir, started)
+                progress.log(f"download: out of disk space; removed {files} partial "
+                             f"file(s), {_size(removed)}")
+                raise NotEnoughDisk(
+                    f"the disk of the Hugging Face cache {self.cache} filled up while "
+                    f"downloading {name} from {repo_id}; removed its partial files "
+                    f"({_size(removed)}), {_size(self._free_space(self.cache))} free "
+                    "now") from None
             raise DownloadError(
                 f"cannot download {name} from {repo_id}: {_describe(exc)}") from None
         progress.finish_part(size if size is not None else path.stat().st_size)

@@ -182,6 +182,9 @@ class Daemon:
         # READY=1 only now: systemd's "started" then means the API answers.
         self.notifier.send("READY=1", f"STATUS={summary(results)}")
         self.registry.events.on_event(NodeStatus(self.notifier, self.registry.models))
+        if self.config.prefetch:  # after activation, never before it: see models/pulls.py
+            queued = self.registry.pulls.prefetch(self.config.catalogue().values())
+            log.info("prefetch: %d catalogue model(s) queued for download", len(queued))
         log.info("listening on http://%s:%d (%s)", self.config.host, self.config.port,
                  summary(results))
         self.serving = True

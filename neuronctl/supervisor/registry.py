@@ -32,6 +32,7 @@ from ..events import EventBus
 from ..models import files as modelfiles
 from ..models.admission import VramGate
 from ..models.discovery import Discovery
+from ..models.pulls import Pulls
 from ..states import WorkerState
 from . import listing
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
@@ -93,6 +94,9 @@ class ModelRegistry:
             prompt_caches=prompt_caches or PromptCaches(lambda: self.config),
         )
         self._models: dict[str, ModelLifecycle] = {}
+        # Downloads without a load (POST /models/pull, prefetch), through the same fetcher.
+        self.pulls = Pulls(lambda name: self.config.harness_config(name),
+                           fetcher_factory or modelfiles.default_fetcher)
         self.activity = activity
         self.evictions: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -152,7 +156,9 @@ class ModelRegistry:
         return [{**listing.with_traffic(entry, self.activity(entry["id"])),
                  "autoload": entry["id"] in catalogue
                  and self.config.autoloads(catalogue[entry["id"]]),
-                 **self._prompt_cache_keys(entry["id"])} for entry in listed]
+                 **self._prompt_cache_keys(entry["id"]),
+                 # A download without a load of it (prefetch, POST /models/pull), if any.
+                 "pull": self._pull_json(entry["id"])} for entry in listed]
 
     def _prompt_cache_keys(self, model_id: str) -> dict[str, Any]:
         """`prompt_cache` (whether its worker keeps one) and `prompt_cache_bytes` (what its
@@ -165,6 +171,10 @@ class ModelRegistry:
               and caches.wanted(spec, harness.keeps_prompt_cache))
         return {"prompt_cache": on,
                 "prompt_cache_bytes": caches.bytes_held(model_id) if caches is not None else 0}
+
+    def _pull_json(self, model_id: str) -> dict[str, Any] | None:
+        pull = self.pulls.get(model_id)
+        return pull.as_json() if pull is not None else None
 
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no
@@ -379,6 +389,7 @@ class ModelRegistry:
     async def shutdown(self) -> None:
         """Stop every model, all in parallel: cancel loads and restarts, then SIGTERM,
         a bounded wait and SIGKILL for each worker."""
+        await self.pulls.close()
         models = list(self._models.values())
         outcomes = await asyncio.gather(
             *(self._stop(m, "shutting down", False) for m in models), return_exceptions=True)

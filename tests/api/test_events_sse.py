@@ -175,7 +175,7 @@ async def test_the_snapshot_comes_first_and_lists_loaded_models(
 async def test_a_load_streams_its_transitions_in_order(make_registry: MakeRegistry) -> None:
     registry = make_registry()
     async with serve(registry) as served, stream(served) as events:
-        assert await events.frame() == ("snapshot", {"models": []})
+        assert await events.frame() == ("snapshot", {"models": [], "pulls": []})
         load = asyncio.create_task(served.session.post(served.url + "/models/load", json=FAKE))
         states = await events.states_until("m", "ready")
         assert (await load).status == 200
@@ -465,7 +465,8 @@ def test_neuronctl_events_and_status_watch_against_a_real_daemon(
         # `events --json`: the snapshot, a load's transitions, then Ctrl-C: exit 0, quietly.
         watcher, lines = start(client[0], "events", "--json", *client[1:])
         assert watcher.stderr is not None
-        assert json.loads(lines.next() or "") == {"event": "snapshot", "models": []}
+        assert json.loads(lines.next() or "") == {"event": "snapshot", "models": [],
+                                                  "pulls": []}
         load = subprocess.run([client[0], "load", "tiny", "--harness", "llama-server",
                                "--path", str(tiny_gguf), *client[1:]],
                               env=clean_env(), capture_output=True, text=True, timeout=60)

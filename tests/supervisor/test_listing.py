@@ -33,7 +33,7 @@ async def test_a_live_and_an_unloaded_model_list_the_same_keys(
                         "pinned": False, "n_ctx": None, "ttl_s": config.ttl_s}
     listed = {entry["id"]: entry for entry in registry.listing()}
     assert list(listed["cat"]) == [*KEYS, "in_flight", "queued", "idle_until", "autoload",
-                                   "prompt_cache", "prompt_cache_bytes"]
+                                   "prompt_cache", "prompt_cache_bytes", "pull"]
     # The fake harness keeps no prompt cache; none is saved either.
     assert listed["cat"] == {**listing.with_traffic(unloaded, IDLE), "autoload": True,
-                             "prompt_cache": False, "prompt_cache_bytes": 0}
+                             "prompt_cache": False, "prompt_cache_bytes": 0, "pull": None}
