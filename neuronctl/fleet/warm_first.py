@@ -19,9 +19,10 @@ A node that cannot be reached, or where the model is failed, restarting, or not 
 drops out. Knowledge older than `MAX_AGE_S` is not trusted (the node counts as unknown);
 when nothing is known, or everything would drop out, LiteLLM's own list is returned as is:
 the hook never makes a request fail that LiteLLM would have sent somewhere.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations`: LiteLLM imports this file without entering it in
+`sys.modules`, where `dataclasses` looks string annotations up.
+"""
 
 import asyncio
 import contextlib

@@ -244,3 +244,23 @@ async def test_a_bug_in_the_choice_leaves_litellms_list(monkeypatch: pytest.Monk
         await warm.close()
     assert await asyncio.wait_for(warm.async_filter_deployments("m", {"x": 1}, None), 5) == \
         {"x": 1}  # type: ignore[comparison-overlap]
+
+
+def test_the_file_imports_as_litellm_imports_it(tmp_path: Path) -> None:
+    """By path, under its own name, not entered in sys.modules (LiteLLM's get_instance_fn),
+    in a fresh interpreter without neuronctl on its path."""
+    import subprocess
+    import sys
+
+    copy = tmp_path / "neuron_routing.py"
+    copy.write_bytes(Path(hook.__file__).read_bytes())
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('neuron_routing', {str(copy)!r})\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(module)\n"
+            "assert 'neuronctl' not in sys.modules, 'it imported neuronctl'\n"
+            "print(type(module.warm_first).__name__)\n")
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "WarmFirst"
