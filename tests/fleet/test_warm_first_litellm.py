@@ -137,10 +137,11 @@ class Fleet:
     def fresh(self, *names: str, streams: int = 1) -> None:
         """Until the hook(s) in `streams` proxies heard two heartbeats more from each node:
         what they know now is what the nodes say now."""
-        for name in names or NODES:
-            relay = self.relays[name]
-            before = relay.heard()
-            poll_until(lambda: relay.fresh_since(before, 2, streams), 30, interval=0.05)
+        relays = [self.relays[name] for name in names or NODES]
+        before = [relay.heard() for relay in relays]
+        poll_until(lambda: all(relay.fresh_since(heard, 2, streams)
+                               for relay, heard in zip(relays, before, strict=True)),
+                   30, interval=0.05)
 
     def start_proxy(self) -> str:
         port = free_port()
