@@ -338,9 +338,11 @@ def test_two_proxies_through_redis_share_cooldowns_and_both_prefer_warm_nodes(
 ) -> None:
     second = len(fleet.proxy_urls)
     fleet.start_proxy()
+    # Its hook starts following the nodes with its first request, which goes where LiteLLM
+    # alone sends it (and may load a model there): the scene is set after it.
+    assert fleet.chat("beta", second)[0] == 200
     fleet.load("node-a", "alpha")
     fleet.load("node-b", "beta")
-    assert fleet.chat("beta", second)[0] == 200  # its hook starts following the nodes
     fleet.fresh(streams=2)
     for proxy in (0, second):
         answers = fleet.alternate(6, proxy)
