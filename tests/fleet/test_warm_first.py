@@ -187,7 +187,7 @@ async def test_the_hook_follows_a_node_and_prefers_where_it_is_warm(node: Node) 
         before = warm.views[node.url].heard_at
         await poll_until_async(lambda: warm.views[node.url].heard_at != before, 5)
     finally:
-        await warm.close()
+        await asyncio.wait_for(warm.close(), 20)
 
 
 async def test_a_node_that_goes_away_drops_out_and_comes_back(
@@ -195,12 +195,13 @@ async def test_a_node_that_goes_away_drops_out_and_comes_back(
 ) -> None:
     config = dataclasses.replace(node_config, node_id="n2",
                                  models=(ModelSpec("m", harness="fake"),))
-    registry = make_registry(config)
-    await registry.load(config.catalogue()["m"])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
 
     async def serve() -> web.AppRunner:
+        """A node on `port`: a new one each time (a restart), its model loaded."""
+        registry = make_registry(config)
+        await registry.load(config.catalogue()["m"])
         runner = web.AppRunner(create_app(registry), access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -211,15 +212,15 @@ async def test_a_node_that_goes_away_drops_out_and_comes_back(
     try:
         warm.watch([deployment(url)])
         await poll_until_async(lambda: warm.views[url].heard_at is not None, 20)
-        await runner.cleanup()
+        await asyncio.wait_for(runner.cleanup(), 20)
         await poll_until_async(lambda: warm.views[url].down_at is not None, 20)
         assert hook.rank(warm.views[url], "m", warm.clock()) is None
         runner = await serve()
         await poll_until_async(lambda: warm.views[url].heard_at is not None, 20)
         assert hook.rank(warm.views[url], "m", warm.clock()) == (hook.FREE,)
     finally:
-        await warm.close()
-        await runner.cleanup()
+        await asyncio.wait_for(warm.close(), 20)
+        await asyncio.wait_for(runner.cleanup(), 20)
 
 
 async def test_a_wrong_key_is_a_node_out_of_the_choice(node: Node) -> None:
@@ -228,7 +229,7 @@ async def test_a_wrong_key_is_a_node_out_of_the_choice(node: Node) -> None:
         warm.watch([deployment(node.url, key="wrong")])
         await poll_until_async(lambda: warm.views[node.url].down_at is not None, 20)
     finally:
-        await warm.close()
+        await asyncio.wait_for(warm.close(), 20)
 
 
 async def test_a_bug_in_the_choice_leaves_litellms_list(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,7 +242,7 @@ async def test_a_bug_in_the_choice_leaves_litellms_list(monkeypatch: pytest.Monk
     try:
         assert await warm.async_filter_deployments("m", listed, None) is listed
     finally:
-        await warm.close()
+        await asyncio.wait_for(warm.close(), 20)
     assert await asyncio.wait_for(warm.async_filter_deployments("m", {"x": 1}, None), 5) == \
         {"x": 1}  # type: ignore[comparison-overlap]
 
