@@ -5,7 +5,8 @@ port at once, answers GET /health with 503 `{"error":{"code":503,"message":"Load
 ...}}` for --fake-load-s seconds and 200 `{"status":"ok"}` after; GET /v1/models answers 200
 all along, as the real one does, so a supervisor probing it would call the model ready too
 early; GET /props says its `total_slots`. A POST (a completion) answers `max_tokens`
-characters with OpenAI's `usage`. Every
+characters with OpenAI's `usage` (a chat completion's shape on `/v1/chat/completions`,
+which LiteLLM's proxy checks). Every
 request and its status is printed (to the worker's log), and so is the environment, so
 tests can see CUDA_VISIBLE_DEVICES.
 
@@ -87,6 +88,11 @@ def main() -> None:
                                                                "finish_reason": "length"}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
                               "total_tokens": tokens + 1}}
+            if self.path.endswith("/chat/completions"):  # in the shape a client checks
+                body = {**body, "object": "chat.completion", "id": "chatcmpl-fake",
+                        "created": int(time.time()), "model": args.model,
+                        "choices": [{"index": 0, "finish_reason": "length", "message": {
+                            "role": "assistant", "content": "x" * tokens}}]}
             data = json.dumps(body).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

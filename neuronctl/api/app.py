@@ -315,7 +315,7 @@ def create_app(
     if metrics.stats is not stats:
         raise ValueError("metrics made over other router counters than the app's")
     router = Router(registry, stats, metrics.requests)
-    streams = EventStreams(registry)
+    streams = EventStreams(registry, traffic=stats.traffic)
     followers = LogFollowers(registry)
     app[ROUTER_STATS] = stats
     app[STREAMS] = streams

@@ -5,6 +5,10 @@ each `ModelEvent` as a `state` event, a `progress` event about once a second for
 model downloading, a `pull` event when a download without a load (models/pulls.py)
 moved since the last, and a `: keep-alive` comment after a quiet `keepalive_s`, so
 proxies keep the connection open.
+With `?traffic_s=S` it also sends a `traffic` event every S seconds (0.1 to 10): each
+model's requests in flight, waiting and its worker's slots, the router's counts now. A
+gateway's routing hook reads it (fleet/warm_first.py) and takes a silent stream for a
+stale one: the event is the stream's heartbeat as well as its news.
 It reads a bounded `Subscription`: a client too slow to keep up loses events there, and
 is told so (`resync`, then a fresh snapshot) instead of seeing a silent gap.
 
@@ -18,10 +22,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from .. import errors
 from ..events import ModelEvent, Subscription
 from ..states import WorkerState
 from ..supervisor.registry import ModelRegistry
@@ -40,6 +48,11 @@ BACKLOG = 256
 # snapshot per stream (about 4 MB for 8,000 catalogue models).
 BACKLOG_BYTES = 4 * 1024 * 1024
 BACKLOG_GRACE_S = 1.0
+# `traffic_s`: often enough for a gateway to trust what it knows for about a second,
+# rarely enough that a stream per gateway costs the node nothing it notices.
+TRAFFIC_S_RANGE = (0.1, 10.0)
+# The router's counts now, by model: {"in_flight", "queued", "slots"} (RouterStats.traffic).
+Traffic = Callable[[], dict[str, dict[str, int]]]
 
 HEADERS = {
     "Content-Type": "text/event-stream",
@@ -125,9 +138,11 @@ class EventStreams(Streams[_EventStream]):
         progress_s: float = PROGRESS_S,
         backlog: int = BACKLOG,
         backlog_bytes: int = BACKLOG_BYTES,
+        traffic: Traffic | None = None,
     ) -> None:
         super().__init__("event streams", limit)
         self.registry = registry
+        self.traffic = traffic
         self.keepalive_s = keepalive_s
         self.progress_s = progress_s
         self.backlog = backlog
@@ -138,6 +153,7 @@ class EventStreams(Streams[_EventStream]):
             # The headers alone: a snapshot sent to a HEAD would be read by a kept-alive
             # connection as the next answer, and the stream would never end.
             return web.Response(headers=HEADERS)
+        traffic_s = self._traffic_s(request)
         self.check_room()
         response = web.StreamResponse(headers=HEADERS)
         # Subscribed before the snapshot is taken, in the same turn of the loop: every event
@@ -149,20 +165,36 @@ class EventStreams(Streams[_EventStream]):
             await response.prepare(request)
             try:
                 await stream.send("snapshot", {"models": snapshot, "pulls": pulls})
-                await self._follow(stream, events)
+                await self._follow(stream, events, traffic_s)
             except ConnectionError:
                 pass  # the client left during a write
         return response
 
-    async def _follow(self, stream: _EventStream, events: Subscription) -> None:
+    def _traffic_s(self, request: web.Request) -> float | None:
+        raw = request.query.get("traffic_s")
+        if raw is None or self.traffic is None:
+            return None
+        low, high = TRAFFIC_S_RANGE
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # NaN fails too
+            raise errors.InvalidValue(f"traffic_s: expected seconds from {low:g} to {high:g}, "
+                                      f"got {raw[:40]!r}", param="traffic_s")
+        return value
+
+    async def _follow(self, stream: _EventStream, events: Subscription,
+                      traffic_s: float | None) -> None:
         loop = asyncio.get_running_loop()
         closing = asyncio.ensure_future(self.closing.wait())
         arrived = asyncio.ensure_future(events.get())
         dropped = events.dropped
         next_progress = loop.time() + self.progress_s
+        next_traffic = loop.time() if traffic_s is not None else math.inf
         try:
             while not closing.done():
-                wake_at = min(next_progress, stream.last_write + self.keepalive_s)
+                wake_at = min(next_progress, next_traffic, stream.last_write + self.keepalive_s)
                 await asyncio.wait({closing, arrived}, timeout=max(0.0, wake_at - loop.time()),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if closing.done() or stream.hung_up:
@@ -182,6 +214,11 @@ class EventStreams(Streams[_EventStream]):
                 if loop.time() >= next_progress:
                     await self._send_progress(stream)
                     next_progress = loop.time() + self.progress_s
+                if traffic_s is not None and self.traffic is not None \
+                        and loop.time() >= next_traffic:
+                    await stream.send("traffic", {"time": time.time(),
+                                                  "models": self.traffic()})
+                    next_traffic = loop.time() + traffic_s
                 if loop.time() - stream.last_write >= self.keepalive_s:
                     await stream.write(b": keep-alive\n\n")
         finally:

@@ -216,6 +216,13 @@ class RouterStats:
         return Activity(max(stats.in_flight, stats.queue.in_flight), stats.queue.queued,
                         stats.last_used)
 
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Every counted model's requests in flight, waiting, and its worker's slots: what
+        a gateway needs to tell a free worker from a busy one (`/models/events?traffic_s`)."""
+        return {model_id: {"in_flight": max(stats.in_flight, stats.queue.in_flight),
+                           "queued": stats.queue.queued, "slots": stats.queue.slots}
+                for model_id, stats in self.models.items()}
+
     def model(self, model_id: str) -> ModelStats:
         stats = self.models.get(model_id)
         if stats is None:

@@ -59,9 +59,9 @@ def _urls(nodes: list[str]) -> list[str]:
     return urls
 
 
-def _write_if_changed(path: Path, text: str) -> bool:
+def _write_if_changed(path: Path, text: str, mode: int = 0o600) -> bool:
     """Replace `path` with `text` atomically, only if it differs: a systemd path unit that
-    restarts the proxy on change must not see a change that is none. Mode 0600: the file
+    restarts the proxy on change must not see a change that is none. Mode 0600: the config
     holds the nodes' key."""
     try:
         if path.read_text(encoding="utf-8") == text:
@@ -71,7 +71,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"--out: cannot read {path}: {exc}", 1)
     try:
-        write_atomically(path, text.encode("utf-8"), mode=0o600)
+        write_atomically(path, text.encode("utf-8"), mode=mode)
     except OSError as exc:
         # Only creating the temporary file names one path: nothing was written at all.
         if exc.filename is not None and exc.filename2 is None:
@@ -93,6 +93,11 @@ def litellm_config(
         bool, typer.Option("--redis", help="Share cooldowns between proxies through Redis "
                                            "($REDIS_HOST, $REDIS_PORT, $REDIS_PASSWORD)")
     ] = False,
+    routing_hook: Annotated[
+        bool, typer.Option("--routing-hook/--no-routing-hook",
+                           help="With --out: write neuron_routing.py beside the config and "
+                                "name it, so the proxy prefers nodes where a model is warm")
+    ] = True,
 ) -> None:
     """Write LiteLLM's proxy config: a deployment per servable model per node.
 
@@ -100,7 +105,10 @@ def litellm_config(
     stderr); 1 nothing written (no node answered, or none serves a model); 2 a bad argument.
     """
     urls = _urls(nodes)
-    result = fleet.litellm_config(fleet.read_nodes(urls, api_key, timeout), api_key, redis)
+    # The hook is a file beside the config: printed to stdout, the config goes without it.
+    hook = routing_hook and out_file is not None
+    result = fleet.litellm_config(fleet.read_nodes(urls, api_key, timeout), api_key, redis,
+                                  hook)
     for url, why in result.left_out:
         sys.stderr.write(f"neuronctl: left out {url}: {why}\n")
     if result.empty:
@@ -109,6 +117,9 @@ def litellm_config(
     if out_file is None:
         sys.stdout.write(text)
     else:
+        if hook:  # first: the config never names a module that is not there
+            _write_if_changed(out_file.parent / f"{fleet.HOOK_MODULE}.py",
+                              fleet.hook_source().decode("utf-8"), mode=0o644)
         changed = _write_if_changed(out_file, text)
         count = len(result.config["model_list"])
         sys.stderr.write(f"neuronctl: {out_file}: {count} deployments"

@@ -39,6 +39,10 @@ GENERAL_SETTINGS: dict[str, Any] = {"master_key": "os.environ/LITELLM_MASTER_KEY
 REDIS_SETTINGS: dict[str, Any] = {"redis_host": "os.environ/REDIS_HOST",
                                   "redis_port": "os.environ/REDIS_PORT",
                                   "redis_password": "os.environ/REDIS_PASSWORD"}
+# The warm-first routing hook (warm_first.py), written beside the config under this name
+# and named in `litellm_settings: callbacks:` as MODULE.INSTANCE.
+HOOK_MODULE = "neuron_routing"
+HOOK_CALLBACK = f"{HOOK_MODULE}.warm_first"
 SERVABLE_NOW = "loaded"
 # The fleet commands take the nodes' key from --api-key, never from a config file.
 KEY_HINT = "set NEURON_API_KEY, or pass --api-key"
@@ -148,9 +152,10 @@ class FleetConfig:
 
 
 def litellm_config(nodes: Iterable[Node], api_key: str | None,
-                   redis: bool = False) -> FleetConfig:
+                   redis: bool = False, routing_hook: bool = False) -> FleetConfig:
     """LiteLLM proxy config for `nodes`: their deployments and the router settings (with
-    `redis`, those that make several proxies one). A node
+    `redis`, those that make several proxies one; with `routing_hook`, the callback that
+    prefers warm nodes, whose file the caller writes beside the config). A node
     that did not answer, or that answers under a node id already seen at another URL (two
     nodes configured alike, or one node named twice), is left out and reported."""
     model_list: list[dict[str, Any]] = []
@@ -167,9 +172,19 @@ def litellm_config(nodes: Iterable[Node], api_key: str | None,
         seen[node.node_id] = node.url
         model_list += deployments(node, api_key)
     router = {**ROUTER_SETTINGS, **(REDIS_SETTINGS if redis else {})}
-    config = {"model_list": model_list, "router_settings": router,
-              "general_settings": dict(GENERAL_SETTINGS)}
+    config: dict[str, Any] = {"model_list": model_list, "router_settings": router,
+                              "general_settings": dict(GENERAL_SETTINGS)}
+    if routing_hook:
+        config["litellm_settings"] = {"callbacks": [HOOK_CALLBACK]}
     return FleetConfig(config, left_out)
+
+
+def hook_source() -> bytes:
+    """The routing hook's file as the proxy imports it: warm_first.py, which imports
+    nothing of neuronctl, as shipped in this package."""
+    from importlib import resources
+
+    return (resources.files(__package__) / "warm_first.py").read_bytes()
 
 
 def render(config: FleetConfig, urls: Sequence[str]) -> str:

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from neuronctl.api.app import create_app
+from neuronctl.api.app import ROUTER_STATS, create_app
 from neuronctl.api.events_sse import STREAMS, EventStreams
 from neuronctl.client import read_events
 from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
@@ -344,6 +344,41 @@ async def test_the_number_of_streams_is_bounded(make_registry: MakeRegistry) -> 
         await poll_until_async(lambda: served.streams.open == 0)
         async with stream(served) as again:  # room again once they left
             assert (await again.frame())[0] == "snapshot"
+
+
+async def test_traffic_s_sends_the_routers_counts_as_a_heartbeat(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = make_registry()
+    await registry.load(ModelSpec("a", harness="fake"))
+    async with serve(registry) as served:
+        stats = served.runner.app[ROUTER_STATS]
+        stats.model("a").queue.ready(4)
+        stats.model("a").queue.in_flight = 3
+        async with served.session.get(served.url + "/models/events?traffic_s=0.1") as resp:
+            events = Stream(resp)
+            assert (await events.frame())[0] == "snapshot"
+            frames = await events.until(lambda f: f[0] == "traffic")
+            first = frames[-1][1]
+            assert first["models"]["a"] == {"in_flight": 3, "queued": 0, "slots": 4}
+            started = time.monotonic()
+            # Another one without any event in between: the stream's heartbeat.
+            second = (await events.until(lambda f: f[0] == "traffic"))[-1][1]
+            assert second["time"] > first["time"]
+            assert time.monotonic() - started < 5
+        async with stream(served) as plain:  # without traffic_s: none
+            served.streams.keepalive_s = 0.3
+            assert (await plain.frame())[0] == "snapshot"
+            assert await plain.frame() == (":", "keep-alive")
+
+
+@pytest.mark.parametrize("value", ["0", "0.01", "11", "nan", "x", "inf"])
+async def test_a_bad_traffic_s_is_a_400(make_registry: MakeRegistry, value: str) -> None:
+    async with serve(make_registry()) as served:
+        refused = await served.session.get(served.url + f"/models/events?traffic_s={value}")
+        assert refused.status == 400
+        body = await refused.json()
+        assert body["code"] == "invalid_value" and "traffic_s" in body["error"]
 
 
 async def test_the_stream_needs_the_api_key(

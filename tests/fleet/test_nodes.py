@@ -270,6 +270,34 @@ def fake(model_id: str, **kw: Any) -> ModelSpec:
     return ModelSpec(model_id, harness="fake", **kw)
 
 
+async def test_the_routing_hook_is_written_beside_the_config_and_named_in_it(
+    serve_node: StartNode, tmp_path: Path,
+) -> None:
+    yaml = pytest.importorskip("yaml")
+    a = await serve_node("node-a", fake("m"), load=("m",))
+    out = tmp_path / "litellm.yaml"
+    hook = tmp_path / "neuron_routing.py"
+    code, _, err = await neuronctl("fleet", "litellm-config", a, "--out", str(out))
+    assert code == 0, err
+    assert yaml.safe_load(out.read_text())["litellm_settings"] == {
+        "callbacks": ["neuron_routing.warm_first"]}
+    shipped = Path(fleet.__file__).with_name("warm_first.py").read_bytes()
+    assert hook.read_bytes() == shipped
+    assert oct(hook.stat().st_mode & 0o777) == "0o644"  # no secret in it
+    # The file the proxy imports stands alone: nothing of neuronctl in it.
+    assert b"neuronctl" not in b"".join(
+        line for line in shipped.splitlines() if line.lstrip().startswith((b"import", b"from")))
+
+    hook.unlink()
+    code, _, err = await neuronctl("fleet", "litellm-config", a, "--out", str(out),
+                                   "--no-routing-hook")
+    assert code == 0, err
+    assert "litellm_settings" not in yaml.safe_load(out.read_text()) and not hook.exists()
+    # To stdout there is nowhere to put the file: the config goes without the hook.
+    code, text, err = await neuronctl("fleet", "litellm-config", a)
+    assert code == 0 and "litellm_settings" not in yaml.safe_load(text)
+
+
 async def test_litellm_config_from_two_nodes_and_one_that_is_down(
     serve_node: StartNode, tmp_path: Path,
 ) -> None:
