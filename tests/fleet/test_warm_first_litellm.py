@@ -65,7 +65,7 @@ def node_toml(port: int, name: str, model: Path, binary: Path) -> str:
     return (f'host = "127.0.0.1"\nport = {port}\nnode_id = "{name}"\n'
             f'api_key = "{NODE_KEY}"\nlog_dir = "log"\nstate_dir = "state"\n'
             f'stop_timeout_s = 2.0\nmax_loaded_models = 1\n'
-            f'[harness.llama-server]\nbinary = "{binary}"\n{catalogue}')
+            f'[harness.llama-server]\nbinary = "{binary}"\nparallel = 1\n{catalogue}')
 
 
 @dataclass
