@@ -22,7 +22,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .. import __version__, errors
-from ..config import ConfigError, ModelSpec, model_id_problem, model_spec_from_mapping
+from ..config import (
+    ConfigError,
+    ModelSpec,
+    model_id_problem,
+    model_spec_from_mapping,
+    same_worker,
+)
 from ..errors import NeuronError
 from ..identity import INCARNATION_HEADER, NODE_HEADER, NodeIdentity, is_loopback
 from ..models.discovery import Discovery
@@ -134,12 +140,17 @@ async def load_model(request: web.Request) -> web.Response:
     spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
     if "args" in body:  # against the harness that will run it (a catalogue entry's)
         _check_args(registry, spec)
+    before = registry.get(spec.model_id)
+    already = before is not None and before.status is ModelStatus.LOADED \
+        and same_worker(before.spec, spec)
     try:
         model = await registry.load(spec, by_client=True)
     except errors.LoadError as exc:
         failed = registry.get(spec.model_id)
         return error_response(exc, model=failed.to_json() if failed else None)
-    return web.json_response({"status": "loaded", "model": model.to_json()})
+    # `already_loaded`: nothing was started; `evicted`: what was unloaded to make room.
+    return web.json_response({"status": "loaded", "model": model.to_json(),
+                              "already_loaded": already, "evicted": list(model.evicted)})
 
 
 # What a client on another host may set when it loads a catalogue model: an allow-list,

@@ -112,6 +112,7 @@ class ModelLifecycle:
         self.vram_estimate_mb: int | None = None  # from the GGUF header, at the VRAM gate
         self.slots = 1  # requests its worker serves at once (the harness says, at each start)
         self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
+        self.evicted: list[str] = []  # the models unloaded to make room for it (load says)
         self._log_started = False  # a download began a fresh log: the first start appends
         self._run_task: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] | None = None  # the first start's outcome

@@ -33,6 +33,7 @@ from ..models import files as modelfiles
 from ..models.admission import VramGate
 from ..models.discovery import Discovery
 from ..states import WorkerState
+from ..suggest import did_you_mean
 from . import listing
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 # Keys that say where a model's file comes from: a load request with one of them is a
 # model of its own, not the catalogue entry of the same id.
 _SOURCE_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness"})
+# Keys that say where a file comes from: without one, an id outside the catalogue is a
+# typo far more often than a Hugging Face repo, and is refused rather than fetched.
+_FETCH_KEYS = frozenset({"path", "repo", "file", "quant", "revision"})
 
 
 # A model whose last load failed for one of these reasons is loaded again by the next /v1
@@ -146,19 +150,40 @@ class ModelRegistry:
         catalogue = self.catalogue
         # `autoload`: a /v1 request naming it loads it when it is not loaded (a gateway may
         # send it requests while it is unloaded; docs/fleet.md).
+        # `catalogue`: whether the config lists it; a failed model that is not can only be
+        # loaded again as it was, or removed (the dashboard's Remove).
         return [{**listing.with_traffic(entry, self.activity(entry["id"])),
                  "autoload": entry["id"] in catalogue
-                 and self.config.autoloads(catalogue[entry["id"]])} for entry in listed]
+                 and self.config.autoloads(catalogue[entry["id"]]),
+                 "catalogue": entry["id"] in catalogue,
+                 "default": self.config.is_default(entry["id"])} for entry in listed]
 
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no
         path, repo, file, quant or revision) is the catalogue's entry, with whatever other
-        keys the request sets (`ttl_s`, `force`, ...); anything else is taken as written."""
+        keys the request sets (`ttl_s`, `force`, ...); a bare id outside the catalogue is
+        the spec the node already has for it (a failed model loaded by `path` is loaded
+        again from that path), and refused when it has none (ModelNotFound: a typo is
+        never fetched from the Hub). Anything else is taken as written."""
         entry = self.catalogue.get(parsed.model_id)
+        overrides = {k: getattr(parsed, k) for k in keys if k != "model_id"}
+        if entry is None and not _FETCH_KEYS.intersection(keys):
+            known = self._models.get(parsed.model_id)
+            if known is not None:
+                return dataclasses.replace(known.spec, **overrides)
+            harness = self.harnesses.get(parsed.harness)
+            if harness is not None and harness.needs_model_file:
+                raise ModelNotFound(self.unknown_model(parsed.model_id))
         if entry is None or _SOURCE_KEYS.intersection(keys):
             return parsed
-        overrides = {k: getattr(parsed, k) for k in keys if k != "model_id"}
         return dataclasses.replace(entry, **overrides)
+
+    def unknown_model(self, model_id: str) -> str:
+        """Why a bare id that the node does not know is refused, with the nearest it
+        knows."""
+        hint = did_you_mean(model_id, [*self.catalogue, *self._models])
+        return (f"no model {model_id!r} in the catalogue{hint}; to fetch a Hugging Face repo "
+                "give --repo/--quant/--file")
 
     async def demand(self, model_id: str) -> ModelLifecycle | None:
         """A /v1 request names `model_id`: its lifecycle, or a load started for it when it
@@ -263,6 +288,7 @@ class ModelRegistry:
             log.info("%s: evicting it (least recently used, idle) to make room: %s",
                      victim.model_id, why)
             self.evictions[(victim.model_id, "vram" if shortage else "max_loaded_models")] += 1
+            incoming.evicted.append(victim.model_id)
             # No await between the idle check and this call: stop() marks it stopping at
             # once, so no request can be admitted to it after it was judged idle.
             await self._stop(victim, f"evicted: {why}")

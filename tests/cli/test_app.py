@@ -514,3 +514,60 @@ def test_ctrl_c_during_load_says_the_daemon_goes_on(tmp_path: Path) -> None:
         if conn is not None:
             conn.close()
         silent.close()
+
+
+def test_load_of_an_unknown_id_says_so_once(stub: Stub) -> None:
+    message = ("no model 'tyni' in the catalogue (did you mean tiny?); to fetch a Hugging "
+               "Face repo give --repo/--quant/--file")
+    stub.routes[("POST", "/models/load")] = (404, {"error": message, "code": "model_not_found"})
+    result = neuronctl("load", "tyni", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == [f"neuronctl: {message}"]  # the id once, not `tyni: `
+
+
+def test_load_says_already_loaded_and_what_it_evicted(stub: Stub) -> None:
+    stub.routes[("POST", "/models/load")] = (
+        200, {"status": "loaded", "model": {}, "already_loaded": True, "evicted": []})
+    result = neuronctl("load", "gemma", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"gemma is already loaded: model 'gemma' at {stub.url}/v1"]
+    stub.routes[("POST", "/models/load")] = (
+        200, {"status": "loaded", "model": {}, "already_loaded": False,
+              "evicted": ["tiny-native"]})
+    result = neuronctl("load", "fifth", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("fifth loaded in ") and line.endswith(
+        f"s (unloaded tiny-native to make room): model 'fifth' at {stub.url}/v1"), line
+
+
+def test_load_sends_every_model_key_the_api_takes(stub: Stub) -> None:
+    stub.routes[("POST", "/models/load")] = (200, {"status": "loaded", "model": {}})
+    result = neuronctl(
+        "load", "p2", "--harness", "llama-server", "--repo", "org/r", "--quant", "Q4_K_M",
+        "--parallel", "2", "--max-queue", "8", "--queue-timeout", "30", "--pinned",
+        "--device", "0", "--device", "1", "--tensor-split", "3", "--tensor-split", "1",
+        "--restart", "never", "--max-restarts", "2", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert stub.requests[-1][2] == {
+        "model_id": "p2", "harness": "llama-server", "repo": "org/r", "quant": "Q4_K_M",
+        "parallel": 2, "max_queue": 8, "queue_timeout_s": 30.0, "pinned": True,
+        "devices": [0, 1], "tensor_split": [3.0, 1.0], "restart": "never",
+        "max_restarts": 2}
+
+
+def test_load_defaults_brings_the_default_models_back(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [
+        {"id": "gemma", "status": "unloaded", "default": True},
+        {"id": "native", "status": "loaded", "default": True},
+        {"id": "tiny", "status": "unloaded", "default": False}])
+    stub.routes[("POST", "/models/load")] = (200, {"status": "loaded", "model": {}})
+    result = neuronctl("load", "--defaults", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["gemma loaded"]
+    assert [body for method, _, body in stub.requests if method == "POST"] == [
+        {"model_id": "gemma"}]
+    both = neuronctl("load", "gemma", "--defaults", "--url", stub.url)
+    assert both.returncode == 2
+    assert stderr_lines(both) == ["neuronctl: give a MODEL_ID or --defaults, not both"]

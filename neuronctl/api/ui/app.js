@@ -287,10 +287,14 @@
     c[8].textContent = until(m);
     const busy = ["loading", "downloading", "restarting", "unloading"].includes(status);
     const pending = notices.get(id) && notices.get(id).pending;
+    // A failed model outside the catalogue is removed (its row goes) rather than unloaded.
+    const removable = status === "failed" && m.catalogue === false;
     row.load.hidden = !(status === "unloaded" || status === "failed");
-    row.unload.hidden = status === "unloaded" || (status === "failed" && !m.pid);
+    row.unload.hidden = status === "unloaded" || (status === "failed" && !m.pid && !removable);
+    row.unload.textContent = removable ? "Remove" : "Unload";
     row.load.disabled = Boolean(pending) || busy;
-    row.unload.disabled = Boolean(pending) || (busy && status !== "loading");
+    // Unloading cancels a download and ends a restart loop (api.md): never disabled then.
+    row.unload.disabled = Boolean(pending) || status === "unloading";
     drawChart(id);
     const notice = notices.get(id);
     let text = "";
