@@ -273,17 +273,27 @@ def load_config(
     return _with_env(raw, environ, source, path.parent.resolve())
 
 
-def read_keys_leniently(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+def read_keys_leniently(path: Path, keys: tuple[str, ...],
+                        problems: list[str] | None = None) -> dict[str, Any]:
     """The top-level `keys` of the config file at `path` that are valid, converted exactly
     as `load_config` converts them (`~` expanded, relative paths next to the file); a key
     with a bad value is left out rather than failing the whole read. For clients (the CLI),
-    which must reach a running daemon when the file has a mistake elsewhere."""
+    which must reach a running daemon when the file has a mistake elsewhere: with
+    `problems`, a file that is not valid TOML (being edited, say) is read line by line
+    instead, its top-level `key = value` lines that parse alone kept, and why it could not
+    be read whole appended to `problems`."""
     source = str(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError("", "config file not found", source) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        if problems is None:
+            raise ConfigError("", f"cannot read config file: {exc}", source) from None
+        problems.append(str(ConfigError("", f"cannot read config file: {exc}", source)))
+        raw = _top_level_lines(text)
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config file: {exc}", source) from None
     hints = typing.get_type_hints(NeuronConfig)
     values: dict[str, Any] = {}
@@ -294,6 +304,20 @@ def read_keys_leniently(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
             except ConfigError:
                 continue
     return values
+
+
+def _top_level_lines(text: str) -> dict[str, Any]:
+    """What each line before the first table says, each parsed alone (a broken line, or a
+    value over several lines, is skipped)."""
+    found: dict[str, Any] = {}
+    for line in text.splitlines():
+        if line.lstrip().startswith("["):
+            break
+        try:
+            found.update(tomllib.loads(line))
+        except (tomllib.TOMLDecodeError, RecursionError):
+            continue
+    return found
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> NeuronConfig:

@@ -65,6 +65,8 @@ def client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Cli
         fail(f"config error: {exc}", EX_CONFIG)
     except ValueError as exc:  # a --url or NEURON_URL that is no URL
         fail(f"--url: {exc}", 2)
+    if made.warning:
+        sys.stderr.write(f"neuronctl: warning: {made.warning}\n")
     if made.note:
         sys.stderr.write(f"neuronctl: note: {made.note}\n")
     return made

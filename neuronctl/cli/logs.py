@@ -37,7 +37,10 @@ def logs(
         _log_path_from_daemon(url, config, model_id)
     if path is None:
         try:
-            settings = settings_for(config)
+            problems: list[str] = []
+            settings = settings_for(config, problems)
+            for problem in problems:
+                sys.stderr.write(f"neuronctl: warning: {problem}\n")
             log_dir = settings.log_dir if settings else config_from_env().log_dir
         except ConfigError as exc:
             fail(f"config error: {exc}", EX_CONFIG)

@@ -487,7 +487,7 @@ def test_help_text_is_shown_as_written() -> None:
     assert "<bool>" not in result.stdout  # flags take no value
     assert "--install-completion" in neuronctl("--help").stdout
     # Arguments by the names docs/cli.md uses.
-    assert "neuronctl load [OPTIONS] {MODEL_ID}" in neuronctl("load", "-h").stdout
+    assert "neuronctl load [OPTIONS] [MODEL_ID]" in neuronctl("load", "-h").stdout
     assert "neuronctl chat [OPTIONS] {MODEL_ID} [PROMPT]" in neuronctl("chat", "-h").stdout
 
 
@@ -571,3 +571,28 @@ def test_load_defaults_brings_the_default_models_back(stub: Stub) -> None:
     both = neuronctl("load", "gemma", "--defaults", "--url", stub.url)
     assert both.returncode == 2
     assert stderr_lines(both) == ["neuronctl: give a MODEL_ID or --defaults, not both"]
+
+
+def test_a_config_that_is_not_valid_toml_does_not_blind_the_cli(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """The operator is editing the file (`ttl_s = 60s`): status still reaches the node the
+    file names, with a warning; reload still asks it, and its refusal is what is said."""
+    port = int(stub.url.rsplit(":", 1)[1])
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'host = "127.0.0.1"\nport = {port}\nttl_s = 60s\n'
+                      f'state_dir = "{tmp_path}/state"\n', encoding="utf-8")
+    stub.routes[("GET", "/models")] = (200, [])
+    result = neuronctl("status", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert stderr_lines(result) == [
+        f"neuronctl: warning: {config}: cannot read config file: Expected newline or end of "
+        f"document after a statement (at line 3, column 11); asking the node at {stub.url} "
+        "anyway (a reload would refuse this file)"]
+    refusal = (f"reload refused, nothing changed: {config}: cannot read config file: "
+               "Expected newline or end of document after a statement (at line 3, column 11)")
+    stub.routes[("POST", "/reload")] = (400, {"error": refusal, "code": "invalid_config"})
+    reload = neuronctl("reload", "--config", str(config))
+    assert reload.returncode == 1
+    assert stderr_lines(reload)[-1] == f"neuronctl: {refusal}"
+    assert ("POST", "/reload", None) in stub.requests
