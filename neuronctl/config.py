@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import clip
+from .suggest import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -450,12 +451,22 @@ def _convert_dataclass(cls: type[Any], raw: Any, key: str, base_dir: Path | None
     values: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in fields:
-            raise ConfigError(_join(key, str(name)), "unknown key")
+            raise ConfigError(_join(key, str(name)),
+                              f"unknown key{did_you_mean(str(name), fields)}")
         values[name] = _convert(value, hints[name], _join(key, name), base_dir)
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in values:
             raise ConfigError(_join(key, name), "required key is missing")
+    if cls is HarnessConfig and base_dir is not None:
+        # A program named by a relative path (`./llama-server`, `bin/python`) is next to
+        # the config file, as every other relative path; a bare name is looked up on PATH.
+        for name in ("python", "binary"):
+            program = values.get(name)
+            if program and "/" in program and not os.path.isabs(os.path.expanduser(program)):
+                values[name] = str(base_dir / program)
+            elif program and program.startswith("~"):
+                values[name] = os.path.expanduser(program)
     obj = cls(**values)
     _check_values(obj, key)
     return obj

@@ -11,6 +11,11 @@ def main() -> None:
         from .node.start import run
 
         sys.exit(run(sys.argv[2:]))
+    if sys.argv[1:2] == ["check"]:
+        # As `start`: it needs the harnesses, which the typer app never imports.
+        from .node.check import run as check
+
+        sys.exit(check(sys.argv[2:]))
     from .cli.app import main as cli_main
 
     cli_main()

@@ -60,6 +60,20 @@ def start(ctx: typer.Context) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "neuronctl", "start", *ctx.args])
 
 
+@app.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+def check(ctx: typer.Context) -> None:
+    """Validate a config without starting anything: every problem at once, exit 0 or 78.
+
+    Options: --config F (see `neuronctl check --help`).
+    """
+    # As `start`: run by main.py before typer; whoever calls this app directly is handed
+    # over to that path.
+    os.execv(sys.executable, [sys.executable, "-m", "neuronctl", "check", *ctx.args])
+
+
 # In --help's order. `ps`, as in `ollama ps` and `lms ps`: the same command as `status`,
 # not listed twice.
 app.command()(status.status)
