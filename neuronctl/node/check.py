@@ -18,14 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from ..config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
     NeuronConfig,
     apply_env_overrides,
     config_from_mapping,
+    tomllib,  # the standard one, or tomli before Python 3.11
 )
 from ..errors import EX_CONFIG
 
