@@ -246,8 +246,9 @@ async def reload_config(request: web.Request) -> web.Response:
     reloader = request.app.get(RELOADER)
     if reloader is None:
         raise errors.NotFound("this server was started without a config file to reload")
+    dry_run = request.query.get("dry_run", "").lower() in ("1", "true", "yes")
     try:
-        result = await reloader.reload()
+        result = await reloader.reload(dry_run=dry_run)
     except ConfigError as exc:
         # SIGHUP's refusals reach the journal too: whoever reads it later sees both.
         request.app[RELOAD_REFUSALS].log(

@@ -268,14 +268,21 @@ def unload(
 
 
 def reload(
-    timeout: Annotated[float, typer.Option(help="Seconds this command waits.")] = 1800.0,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Say what a reload would change; change nothing.")] = False,
+    timeout: Annotated[float, typer.Option(
+        metavar="SECONDS", help="Seconds this command waits.")] = 1800.0,
     url: UrlOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Re-read the daemon's config: load new default models, unload removed ones, reload
-    changed ones (the same as `systemctl reload neuron`)."""
-    result = call(client(url, config, timeout_s=timeout).request, "POST", "/reload")
+    changed ones, loaded catalogue models included (the same as `systemctl reload
+    neuron`); each model it touches is named with why."""
+    path = "/reload?dry_run=1" if dry_run else "/reload"
+    result = call(client(url, config, timeout_s=timeout).request, "POST", path)
     say(result.get("summary", "reloaded"))
+    for line in result.get("details") or []:
+        say(f"  {line}")
     if result.get("failed"):
         for model_id, message in result["failed"].items():
             first = str(message).splitlines()[0] if message else ""

@@ -353,15 +353,19 @@ class ModelRegistry:
         await model.wait_loaded()  # single flight: every caller waits on the one attempt
         return model
 
-    async def unload(self, model_id: str) -> None:
-        """Stop the model whatever it is doing (a load in progress, a backoff)."""
+    async def unload(self, model_id: str, reason: str = "unloaded") -> None:
+        """Stop the model whatever it is doing (a load in progress, a backoff); `reason`
+        goes with its events and journal lines (`config changed: ...` for a reload)."""
         model = self._models.get(model_id)
         if model is None:
             raise ModelNotFound(f"model not loaded: {model_id}")
         if model.stopping:
             raise Conflict(f"{model_id} is already being unloaded")
-        await self._stop(model, "unloaded")
-        log.info("unloaded %s", model_id)
+        await self._stop(model, reason)
+        if reason == "unloaded":
+            log.info("unloaded %s", model_id)
+        else:
+            log.info("unloaded %s (%s)", model_id, reason)
 
     async def _stop(self, model: ModelLifecycle, reason: str, release_vram: bool = True) -> None:
         await asyncio.shield(self._stop_soon(model, reason, release_vram))

@@ -596,3 +596,15 @@ def test_a_config_that_is_not_valid_toml_does_not_blind_the_cli(
     assert reload.returncode == 1
     assert stderr_lines(reload)[-1] == f"neuronctl: {refusal}"
     assert ("POST", "/reload", None) in stub.requests
+
+
+def test_reload_names_each_model_and_a_dry_run_asks_for_one(stub: Stub) -> None:
+    answer = {"status": "reloaded", "dry_run": True,
+              "summary": "would reload config: 0 added, 0 removed, 1 reloaded",
+              "details": ["gemma: n_ctx 2048 → 1024, reloaded"]}
+    stub.routes[("POST", "/reload?dry_run=1")] = (200, answer)
+    result = neuronctl("reload", "--dry-run", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "would reload config: 0 added, 0 removed, 1 reloaded",
+        "  gemma: n_ctx 2048 → 1024, reloaded"]
