@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,8 +33,9 @@ def logs(
     url: UrlOpt = None,
 ) -> None:
     """Print a model's log file; works whether or not the daemon runs."""
+    known = _model_from_daemon(url, config, model_id) if log_dir is None else None
     path = logfiles.log_path(log_dir, model_id) if log_dir is not None else \
-        _log_path_from_daemon(url, config, model_id)
+        Path(known["log_path"]) if known and known.get("log_path") else None
     if path is None:
         try:
             problems: list[str] = []
@@ -51,6 +52,12 @@ def logs(
         tail = logfiles.read_tail(path, lines)
     except FileNotFoundError:
         which = "previous log" if previous else "log"
+        if previous and known and known.get("last_error"):
+            # Restarts that failed before spawning (the model file is gone) start no new
+            # log: the crash is in the current one.
+            fail(f"no {which} for {model_id} at {path}: no worker started after the one "
+                 f"in its current log (`neuronctl logs {model_id}`); its last error: "
+                 f"{str(known['last_error']).splitlines()[0]}")
         fail(f"no {which} for {model_id} at {path}")
     except logfiles.UnsafeLog as exc:  # a symlink or a FIFO planted in log_dir
         fail(f"{path} {exc.strerror}")
@@ -68,14 +75,16 @@ def logs(
             fail(f"{path} {exc.strerror}")
 
 
-def _log_path_from_daemon(url: str | None, config: Path | None, model_id: str) -> Path | None:
-    """Where the daemon writes this model's log (`log_path` in /models): the daemon knows,
-    whatever config this shell finds. None when it does not answer or does not know."""
+def _model_from_daemon(url: str | None, config: Path | None,
+                       model_id: str) -> dict[str, Any] | None:
+    """The model's `/models` entry: the daemon knows where it writes its log (`log_path`),
+    whatever config this shell finds, and its last error. None when it does not answer or
+    does not know it."""
     try:
         models = connect(url, config, timeout_s=3.0).models()
     except (ApiError, DaemonNotRunning, ConfigError, ValueError):
         return None
     for model in models:
-        if model.get("id") == model_id and model.get("log_path"):
-            return Path(model["log_path"])
+        if model.get("id") == model_id:
+            return model
     return None

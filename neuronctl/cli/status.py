@@ -27,6 +27,8 @@ def status(
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Keep the table up to date until Ctrl-C.")
     ] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Exit 1 when a model is failed or restarting (for scripts).")] = False,
     url: UrlOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -36,16 +38,29 @@ def status(
             fail("--watch draws a table; for JSON as it happens, use neuronctl events --json")
         _watch_status(client(url, config))
     models = call(client(url, config).models)
+    unwell = [m["id"] for m in models if m.get("status") in ("failed", "restarting")]
     if json_:
         print(json.dumps(models, indent=2))
-        return
-    if not models:
+    elif not models:
         say("no models")
-        return
-    print_table(lambda width: status_table(models, width=width))
+    else:
+        print_table(lambda width: status_table(models, width=width))
+        for line in problem_lines(models):
+            warn(line, style="red")
+    if check and unwell:
+        raise typer.Exit(1)
+
+
+def problem_lines(models: list[dict[str, Any]]) -> list[str]:
+    """Under the table: why each failed model failed, and what a restarting one's last
+    worker died of (a crash loop must not look like a model on its way up)."""
+    lines = []
     for m in models:
         if m.get("error"):
-            warn(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
+            lines.append(f"{m['id']}: {m['error'].splitlines()[0]}")
+        elif m.get("status") == "restarting" and m.get("last_error"):
+            lines.append(f"{m['id']}: restarting after: {m['last_error'].splitlines()[0]}")
+    return lines
 
 
 def _clock(when: float | None = None) -> str:
@@ -148,8 +163,7 @@ def _watch_view(models: list[dict[str, Any]] | None) -> RenderableType:
     # Uptime goes on between events: from `since`, at each redraw.
     shown = [{**m, "uptime_s": now - m["since"]} if m.get("uptime_s") is not None
              and m.get("since") else m for m in models]
-    errors = [Text(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
-              for m in models if m.get("error")]
+    errors = [Text(line, style="red") for line in problem_lines(models)]
     return Group(status_table(shown, width=out.width), *errors)
 
 

@@ -25,9 +25,11 @@ from typing import Any
 from .. import logfiles
 from ..config import ModelSpec, NeuronConfig, effective
 from ..errors import (
+    HarnessUnavailable,
     InternalError,
     LoadCancelled,
     LoadError,
+    ModelFileError,
     NoRoom,
     NoSuchGpu,
     NotEnoughVram,
@@ -341,8 +343,11 @@ class ModelLifecycle:
             policy = RestartPolicy.for_model(self._shared.config, self.spec)
             decision = policy.decide(self.history, exit_code, crashed_at)
             if isinstance(decision, GiveUp):
-                # READY/STARTING -> FAILED: out of restarts, or restart = never
-                self._set_state(WorkerState.FAILED, decision.reason, logging.WARNING)
+                # READY/STARTING -> FAILED: out of restarts, or restart = never. The cause
+                # stays in the line: "last exit code none" alone says nothing.
+                why = f"{decision.reason}; last error: {self.last_error}" \
+                    if self.last_error else decision.reason
+                self._set_state(WorkerState.FAILED, why, logging.WARNING)
                 return False
             self._set_state(  # READY or STARTING -> BACKOFF
                 WorkerState.BACKOFF,
@@ -358,6 +363,14 @@ class ModelLifecycle:
                     ready_s = await self._start_worker(self._harness(), hold)
             except LoadError as exc:
                 self._note(exc.message, exc.detail, exc.exit_code)
+                if isinstance(exc, (ModelFileError, HarnessUnavailable)):
+                    # Nothing a restart changes (the file is gone, the program missing):
+                    # failed at once rather than after max_restarts tries.
+                    self.failure_code = exc.code
+                    self._set_state(WorkerState.FAILED,  # STARTING -> FAILED
+                                    f"{exc.message}; not restarted: a restart cannot fix it",
+                                    logging.WARNING)
+                    return False
                 exit_code, crashed_at = exc.exit_code, self._shared.clock()
                 continue
             self.history = self.history.ready(self._shared.clock())

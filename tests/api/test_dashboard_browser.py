@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import statistics
 import threading
 import time
@@ -373,3 +375,31 @@ def test_with_a_key_the_page_asks_for_it_and_keeps_it_in_the_tab(
     poll_until(browser.find_element(By.ID, "login").is_displayed, 5)
     assert js(browser, "return sessionStorage.getItem('neuron.apiKey')") is None
     assert csp_violations(browser) == []
+
+
+def test_the_field_refuses_a_typo_and_a_failed_ad_hoc_row_can_be_removed(
+    node: Daemon, browser: WebDriver, tmp_path: Path, tiny_gguf: Path
+) -> None:
+    open_page(browser, node.url)
+    field = browser.find_element(By.ID, "load-id")
+    field.clear()
+    field.send_keys("betaa\n")
+    poll_until(lambda: browser.find_element(By.ID, "load-error").text, 10)
+    assert browser.find_element(By.ID, "load-error").text == (
+        "load betaa: no model 'betaa' in the catalogue (did you mean beta?); to fetch a "
+        "Hugging Face repo give --repo/--quant/--file")
+    assert row_of(browser, "betaa") is None  # nothing was fetched, no row left behind
+    # A model of its own whose file goes away: failed at once, and removable.
+    model_file = tmp_path / "adhoc.gguf"
+    model_file.write_bytes(tiny_gguf.read_bytes())
+    status, answer = node.request("POST", "/models/load", {
+        "model_id": "adhoc", "harness": "llama-server", "path": str(model_file)})
+    assert status == 200, answer
+    model_file.unlink()
+    os.kill(answer["model"]["pid"], signal.SIGKILL)
+    poll_until(lambda: status_of(browser, "adhoc") == "failed", 15)
+    assert "model file not found" in detail_of(browser, "adhoc")
+    remove = button(browser, "adhoc", "Remove")
+    poll_until(remove.is_displayed, 2)
+    remove.click()
+    poll_until(lambda: row_of(browser, "adhoc") is None, 10)

@@ -608,3 +608,33 @@ def test_reload_names_each_model_and_a_dry_run_asks_for_one(stub: Stub) -> None:
     assert result.stdout.splitlines() == [
         "would reload config: 0 added, 0 removed, 1 reloaded",
         "  gemma: n_ctx 2048 → 1024, reloaded"]
+
+
+def test_status_says_why_a_model_restarts_and_check_exits_1(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [
+        {**MODELS[0], "id": "victim", "status": "restarting", "restarts": 3,
+         "last_error": "worker was killed by SIGKILL unexpectedly\nmore"},
+        {**MODELS[1], "id": "ok", "status": "loaded", "error": None, "last_error": None}])
+    result = neuronctl("status", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert stderr_lines(result) == [
+        "victim: restarting after: worker was killed by SIGKILL unexpectedly"]
+    checked = neuronctl("status", "--check", "--url", stub.url)
+    assert checked.returncode == 1
+    stub.routes[("GET", "/models")] = (200, [{**MODELS[1], "id": "ok", "status": "loaded",
+                                              "error": None}])
+    assert neuronctl("status", "--check", "--url", stub.url).returncode == 0
+
+
+def test_logs_previous_says_when_no_worker_started_since(stub: Stub, tmp_path: Path) -> None:
+    log = tmp_path / "victim.log"
+    log.write_text("=== worker pid 7 was killed by SIGKILL\n", encoding="utf-8")
+    stub.routes[("GET", "/models")] = (200, [
+        {"id": "victim", "status": "failed", "log_path": str(log),
+         "last_error": "model file not found or not readable: /m/victim.gguf"}])
+    result = neuronctl("logs", "victim", "--previous", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == [
+        f"neuronctl: no previous log for victim at {log}.1: no worker started after the "
+        "one in its current log (`neuronctl logs victim`); its last error: model file not "
+        "found or not readable: /m/victim.gguf"]

@@ -302,6 +302,7 @@
     if (notice) { text = notice.text; isError = notice.error; }
     else if (status === "failed" && m.error) text = `error: ${m.error}`;
     else if (m.warning) text = `warning: ${m.warning}`;
+    else if (status === "restarting" && m.last_error) text = `restarting after: ${m.last_error}`;
     else if (m.last_error && status === "loaded") {
       text = `last failure: ${m.last_error}`;
       isError = false;
