@@ -131,6 +131,10 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     problems: list[str] = []
     settings = settings_for(config_path, problems)
     key = os.environ.get("NEURON_API_KEY") or (settings.api_key if settings else None)
+    # Where the key came from, said when the node refuses it: $NEURON_API_KEY silently
+    # overrides a config's right key.
+    key_source = "$NEURON_API_KEY (it overrides the config's key)" \
+        if os.environ.get("NEURON_API_KEY") else "the config file" if key else None
     url = url or os.environ.get("NEURON_URL")
     if url:
         client = Client(normalize_url(url), timeout_s, key)
@@ -141,6 +145,7 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
         client = Client(local_url(settings.host, port), timeout_s, key, settings.state_dir)
         if _env_port() is None:
             _follow_listening(client, settings.state_dir, _config_used(config_path))
+    client.key_source = key_source
     if problems:
         client.warning = (f"{problems[0]}; asking the node at {client.url} anyway (a reload "
                           "would refuse this file)")
@@ -186,6 +191,7 @@ class Client:
         self._state_dir = state_dir  # known when the URL came from the config
         self.note: str | None = None  # something the operator should know (the CLI says it)
         self.warning: str | None = None  # something wrong the operator should fix
+        self.key_source: str | None = None  # where the key sent came from, when known
 
     def _not_running(self) -> DaemonNotRunning:
         starting = read_starting(self._state_dir) if self._state_dir is not None else None
@@ -245,6 +251,9 @@ class Client:
                        "node does (no JSON error); is --url the node's address?")
         if exc.code == 401 and not self._api_key:
             message = f"{message} ({self._key_hint})"
+        elif exc.code == 401 and self.key_source:
+            # A person typed no header: say which key was wrong, not how HTTP sends one.
+            message = f"the node refused the API key from {self.key_source}"
         return ApiError(exc.code, message, payload)
 
     def models(self) -> list[dict[str, Any]]:

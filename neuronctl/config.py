@@ -703,6 +703,20 @@ def model_id_problem(model_id: object) -> str | None:
     return None
 
 
+def shown_setting(value: Any) -> str:
+    """A setting as the config writes it, for messages: no Python reprs (`PosixPath(...)`,
+    `None`, `('a',)`)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(shown_setting(v) for v in value) + "]"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def same_worker(a: ModelSpec, b: ModelSpec) -> bool:
     """Whether two specs run the same worker: they differ at most in what the node reads
     from the current config when it needs it (`pinned`, `autoload`)."""

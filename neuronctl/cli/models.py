@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -149,7 +150,9 @@ def load(
         fail("give a MODEL_ID, or --defaults", 2)
     spec: dict[str, Any] = {"model_id": model_id}
     options = {
-        "path": str(path.resolve()) if path else None, "repo": repo, "quant": quant,
+        # Absolute as typed (the daemon's cwd is not ours), symlinks kept: the messages
+        # then name the path the operator knows.
+        "path": os.path.abspath(path) if path else None, "repo": repo, "quant": quant,
         "harness": harness, "n_ctx": n_ctx, "n_gpu_layers": n_gpu_layers,
         "chat_format": chat_format, "devices": device or None,
         "tensor_split": tensor_split or None, "args": arg or None, "parallel": parallel,

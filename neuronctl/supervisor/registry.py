@@ -17,7 +17,14 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
-from ..config import ConfigError, ModelSpec, NeuronConfig, gpu_layers, same_worker
+from ..config import (
+    ConfigError,
+    ModelSpec,
+    NeuronConfig,
+    gpu_layers,
+    same_worker,
+    shown_setting,
+)
 from ..errors import (
     ApiModelsRefused,
     Conflict,
@@ -339,8 +346,8 @@ class ModelRegistry:
                 self._api_room(spec)
             model = self._begin(spec, by_client)
         elif not same_worker(model.spec, spec):
-            differ = [f"{f.name} {clip(repr(getattr(model.spec, f.name)))} → "
-                      f"{clip(repr(getattr(spec, f.name)))}"
+            differ = [f"{f.name} {clip(shown_setting(getattr(model.spec, f.name)))} → "
+                      f"{clip(shown_setting(getattr(spec, f.name)))}"
                       for f in dataclasses.fields(spec) if f.name not in ("pinned", "autoload")
                       and getattr(model.spec, f.name) != getattr(spec, f.name)]
             raise Conflict(f"{spec.model_id} is {model.status.value} with different settings "

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from ..aio import bounded, in_thread
-from ..config import ConfigError, ModelSpec, NeuronConfig, load_config, same_worker
+from ..config import (
+    ConfigError,
+    ModelSpec,
+    NeuronConfig,
+    load_config,
+    same_worker,
+    shown_setting,
+)
 from ..errors import Conflict
 from ..sdnotify import Notifier
 from ..states import ModelStatus
@@ -207,23 +214,10 @@ class Reloader:
                               f"within {self._read_timeout_s:g} s") from None
 
 
-def _shown(value: Any) -> str:
-    """A setting as the config writes it: no Python reprs (`PosixPath(...)`, `None`)."""
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def change(old: NeuronConfig, a: ModelSpec, new: NeuronConfig, b: ModelSpec) -> str:
     """What differs between two entries of one model: `n_ctx 2048 → 1024; harness
     llama-server settings`."""
-    parts = [f"{f.name} {_shown(getattr(a, f.name))} → {_shown(getattr(b, f.name))}"
+    parts = [f"{f.name} {shown_setting(getattr(a, f.name))} → {shown_setting(getattr(b, f.name))}"
              for f in dataclasses.fields(ModelSpec)
              if getattr(a, f.name) != getattr(b, f.name)]
     if old.harness_config(a.harness) != new.harness_config(b.harness):

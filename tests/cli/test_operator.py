@@ -243,6 +243,7 @@ class SseStub:
         self.answers: list[Any] = []
         self.bodies: list[dict[str, Any]] = []
         self.url = ""
+        self.models: list[dict[str, Any]] | None = None  # GET /models; None: a 404
 
 
 @pytest.fixture
@@ -277,6 +278,15 @@ def sse_stub() -> Iterator[SseStub]:
                 self.wfile.flush()
             if not cut:
                 self.wfile.write(b"data: [DONE]\n\n")
+
+        def do_GET(self) -> None:
+            found = self.path == "/models" and stub.models is not None
+            data = json.dumps(stub.models if found else {"error": "no such route"}).encode()
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -527,3 +537,36 @@ def test_a_missing_python_for_llama_cpp_python_is_said_at_start(tmp_path: Path) 
     finally:
         node.stop()
     assert "harness llama-cpp-python cannot run here: python " in node.journal.read_text()
+
+
+def test_a_cut_off_answer_from_a_worker_still_loaded_quotes_its_log(
+    sse_stub: SseStub, tmp_path: Path
+) -> None:
+    """A prompt longer than the context (llama-cpp-python ends the stream): the node and
+    the worker are fine, and the worker's own line says why."""
+    log = tmp_path / "gemma.log"
+    log.write_text("Traceback (most recent call last):\n  ...\nValueError: Requested tokens "
+                   "(1502) exceed context window of 1024\n", encoding="utf-8")
+    sse_stub.models = [{"id": "gemma", "status": "loaded", "log_path": str(log)}]
+    sse_stub.answers = [{"cut": []}]
+    cut = run_cli("chat", "gemma", "hi", "--raw", "--url", sse_stub.url)
+    assert cut.returncode == 1
+    assert cut.stderr.splitlines() == [
+        f"neuronctl: the answer was cut off: {sse_stub.url} ended the stream before it was "
+        "complete: gemma is still loaded, so its worker ended the answer; its log says: "
+        "ValueError: Requested tokens (1502) exceed context window of 1024"]
+    sse_stub.models = [{"id": "gemma", "status": "restarting"}]
+    sse_stub.answers = [{"cut": ["Once"]}]
+    died = run_cli("chat", "gemma", "hi", "--url", sse_stub.url)
+    assert died.stderr.splitlines()[-1] == (
+        f"neuronctl: the answer was cut off: {sse_stub.url} ended the stream before it was "
+        "complete (its worker stopped: gemma is restarting now)")
+
+
+def test_chat_says_it_waits_for_an_on_demand_load(sse_stub: SseStub) -> None:
+    sse_stub.models = [{"id": "slow", "status": "unloaded"}]
+    sse_stub.answers = [["Hello"]]
+    result = run_cli("chat", "slow", "hi", "--url", sse_stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["loading slow on demand…"]
+    assert result.stdout == "Hello\n"

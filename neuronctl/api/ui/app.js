@@ -258,7 +258,7 @@
     const counts = {};
     for (const m of models.values()) counts[m.status] = (counts[m.status] || 0) + 1;
     const parts = Object.entries(counts).map(([s, n]) => `${n} ${s}`);
-    $("summary").textContent = `${ids.length} models` + (parts.length ? ": " + parts.join(", ") : "");
+    $("summary").textContent = `${ids.length} model${ids.length === 1 ? "" : "s"}` + (parts.length ? ": " + parts.join(", ") : "");
     if (ids.length && !firstRowMarked) {
       firstRowMarked = true;
       performance.mark("neuron:first-row");
