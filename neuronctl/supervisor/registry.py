@@ -148,13 +148,16 @@ class ModelRegistry:
             getattr(entry, key) == getattr(spec, key) for key in _SOURCE_KEYS)
 
     def listing(self) -> list[dict[str, Any]]:
-        """What `GET /models` lists (and an event stream's snapshot): every model with a
-        lifecycle, then the catalogue's models that have none (`unloaded`), each with the
-        router's counts."""
-        listed = [m.to_json() for m in self._models.values()]
-        listed += [listing.of_spec(spec, self.config).as_json()
-                   for model_id, spec in self.catalogue.items() if model_id not in self._models]
+        """What `GET /models` lists (and an event stream's snapshot): the catalogue's models
+        in the config's order, loaded or not (`unloaded`), then the others in the order they
+        were loaded, each with the router's counts. A row keeps its place as its model
+        loads and unloads (`status --watch`, the dashboard)."""
         catalogue = self.catalogue
+        listed = [self._models[model_id].to_json() if model_id in self._models
+                  else listing.of_spec(spec, self.config).as_json()
+                  for model_id, spec in catalogue.items()]
+        listed += [m.to_json() for model_id, m in self._models.items()
+                   if model_id not in catalogue]
         # `autoload`: a /v1 request naming it loads it when it is not loaded (a gateway may
         # send it requests while it is unloaded; docs/fleet.md).
         # `catalogue`: whether the config lists it; a failed model that is not can only be

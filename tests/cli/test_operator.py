@@ -510,12 +510,34 @@ def test_events_name_states_as_the_api_and_the_journal_do() -> None:
 
     line, = _event_lines("state", {"model": "m", "from": "ready", "to": "backoff",
                                    "reason": "worker was killed by SIGKILL", "time": 0})
-    assert "  m  loaded → restarting  worker was killed by SIGKILL" in line
+    assert line.endswith("  m  loaded → restarting  worker was killed by SIGKILL")
     line, = _event_lines("state", {"model": "m", "from": "pending", "to": "starting",
                                    "time": 0})
-    assert line.endswith("  m  loading: pending → starting")
+    assert line.endswith("  m  loading")  # the API's names only: no `pending → starting`
     line, = _event_lines("state", {"model": "m", "from": "warming", "to": "ready", "time": 0})
     assert line.endswith("  m  warming → ready")  # a state this CLI does not know yet
+
+
+def test_events_are_aligned_say_why_and_say_a_download_once_per_change() -> None:
+    from neuronctl.cli.status import EventLines
+
+    printer = EventLines()
+    snapshot = printer.lines("snapshot", {"models": [
+        {"id": "qwen3-0.6b", "status": "failed", "error": "cannot list Hugging Face repo\nx"},
+        {"id": "tiny", "status": "loaded"}]})
+    assert [line[10:] for line in snapshot] == [
+        "qwen3-0.6b  failed      cannot list Hugging Face repo",
+        "tiny        loaded"]
+    progress = {"model": "tyni", "download": {"file": None, "done_bytes": 0,
+                                              "total_bytes": None}}
+    first = printer.lines("progress", progress)
+    assert len(first) == 1 and printer.lines("progress", progress) == []  # the same: quiet
+    unloaded = printer.lines("state", {"model": "tiny", "from": "ready", "to": "stopping",
+                                       "reason": "idle: no request for 60 s (ttl_s 60)",
+                                       "time": 0})
+    # Columns as wide as the widest seen so far (the download's line here).
+    assert unloaded[0][10:].startswith("tiny        loaded → unloading   ")
+    assert unloaded[0].endswith("  idle: no request for 60 s (ttl_s 60)")
 
 
 @pytest.mark.parametrize(("url", "message"), [

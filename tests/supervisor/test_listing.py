@@ -32,5 +32,21 @@ async def test_a_live_and_an_unloaded_model_list_the_same_keys(
                         "status": "unloaded", "devices": [], "restarts": 0,
                         "pinned": False, "n_ctx": None, "ttl_s": config.ttl_s}
     listed = {entry["id"]: entry for entry in registry.listing()}
-    assert list(listed["cat"]) == [*KEYS, "in_flight", "queued", "idle_until", "autoload"]
-    assert listed["cat"] == {**listing.with_traffic(unloaded, IDLE), "autoload": True}
+    assert list(listed["cat"]) == [*KEYS, "in_flight", "queued", "idle_until", "autoload",
+                                   "catalogue", "default"]
+    assert listed["cat"] == {**listing.with_traffic(unloaded, IDLE), "autoload": True,
+                             "catalogue": True, "default": False}
+
+
+async def test_rows_keep_the_config_order_as_models_load(
+    make_registry: MakeRegistry, node_config: NeuronConfig
+) -> None:
+    """`status --watch` and the dashboard must not jump: a catalogue model keeps its place
+    when it loads; models outside the catalogue follow, in the order they were loaded."""
+    config = dataclasses.replace(node_config, models=(
+        ModelSpec("a", harness="fake"), ModelSpec("b", harness="fake")))
+    registry = make_registry(config)
+    assert [m["id"] for m in registry.listing()] == ["a", "b"]
+    await registry.load(ModelSpec("own", harness="fake"))
+    await registry.load(config.models[1])
+    assert [m["id"] for m in registry.listing()] == ["a", "b", "own"]
