@@ -181,6 +181,9 @@ _CAUSE = re.compile(
     r"exceeds? (the )?(available )?context|context window|no space left|"
     r"failed to open gguf|invalid magic|unknown model architecture", re.IGNORECASE)
 _HEADLINE_MAX = 300
+# How many of a log's last lines are shown by default, the same everywhere: `neuronctl
+# logs`, `GET /models/{id}/logs` and the dashboard's log view.
+DEFAULT_TAIL_LINES = 100
 
 
 def excerpt(path: Path, n: int, fallback: bool = True) -> tuple[str | None, str]:

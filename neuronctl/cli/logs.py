@@ -21,13 +21,14 @@ def logs(
         str, typer.Argument(metavar="MODEL_ID", help="The model whose log to show.")
     ],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 50,
+    lines: Annotated[int, typer.Option(
+        "--lines", "-n", metavar="N", help="Lines to show.")] = logfiles.DEFAULT_TAIL_LINES,
     previous: Annotated[
         bool, typer.Option("--previous", "-p", help="The log of the start before this one.")
     ] = False,
     log_dir: Annotated[
-        Path | None, typer.Option(help="Log directory [default: the daemon's, else the "
-                                       "config's log_dir].")
+        Path | None, typer.Option(metavar="DIR", help="Log directory.",
+                                  show_default="the daemon's, else the config's log_dir")
     ] = None,
     config: ConfigOpt = None,
     url: UrlOpt = None,

@@ -477,7 +477,8 @@
     const previous = $("log-previous").checked;
     const state = $("log-state");
     state.textContent = "opening…";
-    const query = previous ? "?lines=500&previous=1" : "?lines=200&follow=1";
+    // The server's default number of lines (100), as `neuronctl logs` shows.
+    const query = previous ? "?previous=1" : "?follow=1";
     let resp;
     try {
       resp = await call(`/models/${modelPath(id)}/logs${query}`, {signal: ctl.signal});
