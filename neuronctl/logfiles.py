@@ -108,7 +108,10 @@ def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
     rotate(path, keep)
     fd = open_log(path, _APPEND)
     try:
-        os.write(fd, b"\n" + stamped(f"neuronctl starting: {shlex.join(command)}"))
+        # A blank line parts this start from an earlier one appended to (keep = 0); a
+        # fresh file starts with its header.
+        gap = b"\n" if os.fstat(fd).st_size else b""
+        os.write(fd, gap + stamped(f"neuronctl starting: {shlex.join(command)}"))
     except BaseException:
         os.close(fd)  # a full disk must not leak a descriptor per attempt
         raise

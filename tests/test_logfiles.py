@@ -229,3 +229,14 @@ def test_the_headline_is_the_line_that_says_why(tmp_path: Path) -> None:
     headline, _ = excerpt(log, 20)
     assert headline == ("ggml_aligned_malloc: insufficient memory (attempted to allocate "
                         "292968.75 MB)")
+
+
+def test_a_fresh_log_starts_with_its_header_and_appended_starts_are_parted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.log"
+    for _ in range(2):
+        os.close(open_for_worker(path, ["worker", "--port", "1"], keep=0))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("=== ") and "neuronctl starting: worker --port 1" in lines[0]
+    assert lines[1] == "" and lines[2].startswith("=== ")  # the second start, appended
