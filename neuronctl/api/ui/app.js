@@ -351,14 +351,25 @@
 
   function traffic(m) {
     if (m.queued === undefined || m.in_flight === undefined) return "–";
+    // An unloaded model with nothing waiting: nothing to count (as `neuronctl status`).
+    if (m.status === "unloaded" && !m.queued && !m.in_flight) return "–";
     return `${m.queued} / ${m.in_flight}`;
+  }
+
+  // A coarse span for a countdown or a TTL, as `neuronctl status` words it (formats.py's
+  // fmt_span): `45s`, `5m`, `2h05m`.
+  function coarse(seconds) {
+    const s = Math.round(Math.max(0, seconds));
+    if (s < 100) return `${s}s`;
+    if (s < 6000) return `${Math.round(s / 60)}m`;
+    return `${Math.floor(s / 3600)}h${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
   }
 
   function until(m) {
     if (m.idle_until !== null && m.idle_until !== undefined) {
-      return "in " + span(m.idle_until - Date.now() / 1000);
+      return "in " + coarse(m.idle_until - Date.now() / 1000);
     }
-    if (m.ttl_s !== null && m.ttl_s !== undefined) return "ttl " + span(m.ttl_s);
+    if (m.ttl_s !== null && m.ttl_s !== undefined) return "ttl " + coarse(m.ttl_s);
     return m.pinned ? "pinned" : "–";
   }
 
@@ -445,9 +456,13 @@
     } catch (e) {
       message = String(e.message || e);
     }
-    if (message) notices.set(id, {text: `${action} failed: ${message}`, error: true});
+    // An error is shown once: in the model's row when it has one, else under the field.
+    const inRow = rows.has(id);
+    if (message && inRow) notices.set(id, {text: `${action} failed: ${message}`, error: true});
     else notices.delete(id);
-    if (errorTarget) errorTarget.textContent = message ? `${action} ${id}: ${message}` : "";
+    if (errorTarget) {
+      errorTarget.textContent = message && !inRow ? `${action} ${id}: ${message}` : "";
+    }
     if (rows.has(id)) renderRow(id);
     scheduleRefresh();
   }
