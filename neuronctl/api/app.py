@@ -253,7 +253,7 @@ async def reload_config(request: web.Request) -> web.Response:
         # SIGHUP's refusals reach the journal too: whoever reads it later sees both.
         request.app[RELOAD_REFUSALS].log(
             "reload (POST /reload from %s) refused, nothing changed: %s",
-            request.remote or "?", exc)
+            request.remote or "?", exc, key=str(exc))
         raise errors.InvalidConfig(f"reload refused, nothing changed: {exc}") from None
     return web.json_response(result.to_json())
 

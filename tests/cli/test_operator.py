@@ -592,3 +592,22 @@ def test_chat_says_it_waits_for_an_on_demand_load(sse_stub: SseStub) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["loading slow on demand…"]
     assert result.stdout == "Hello\n"
+
+
+def test_a_second_refused_reload_with_another_reason_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from neuronctl.api.ratelog import RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("test.reloads"), "reloads refused",
+                             clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "test.reloads"):
+        for reason in ("ttl_s: expected a number", "ttl_s: expected a number",
+                       "port: must be between 1 and 65535", "ttl_s: expected a number"):
+            limited.log("reload refused, nothing changed: %s", reason, key=reason)
+    assert [r.getMessage() for r in caplog.records] == [
+        "reload refused, nothing changed: ttl_s: expected a number",
+        "reload refused, nothing changed: port: must be between 1 and 65535"]
