@@ -421,3 +421,31 @@ def test_an_error_is_shown_once_and_until_reads_as_in_the_cli(
     field.send_keys("broken\n")
     poll_until(lambda: "failed" in detail_of(browser, "broken"), 10)
     assert browser.find_element(By.ID, "load-error").text == ""
+
+
+def test_the_node_panel_and_a_phone_card_that_holds_its_error(
+    node: Daemon, browser: WebDriver
+) -> None:
+    from neuronctl import __version__
+
+    open_page(browser, node.url)
+    poll_until(lambda: browser.find_element(By.ID, "node").text, 10)
+    panel = browser.find_element(By.ID, "node").text
+    assert panel.startswith(f"neuronctl {__version__} · node ") and " · up " in panel, panel
+    assert "no GPU: CPU only" in panel or "free of" in panel, panel
+    button(browser, "broken", "Load").click()
+    poll_until(lambda: "failed" in detail_of(browser, "broken"), 10)
+    with emulated(browser, phone=True):
+        boxes = js(browser, """
+            const card = [...document.querySelectorAll('#rows tr.model')]
+                .find(r => r.dataset.modelId === 'broken');
+            const detail = [...document.querySelectorAll('#rows tr.detail')]
+                .find(r => r.dataset.detailFor === 'broken');
+            const a = card.getBoundingClientRect(), b = detail.getBoundingClientRect();
+            const style = getComputedStyle(detail);
+            return [a.left, a.right, a.bottom, b.left, b.right, b.top, style.borderLeftWidth];""")
+        card_left, card_right, card_bottom, left, right, top, border = boxes
+        # The error sits in the card: the same edges, right under it, inside a border.
+        assert abs(left - card_left) < 1 and abs(right - card_right) < 1, boxes
+        assert abs(top - card_bottom) < 1 and border == "1px", boxes
+        screenshot(browser, "phone-error")

@@ -137,6 +137,7 @@
     setConn("live", "live");
     renderAll();
     if (!lastSample) sample(); // the first reading, so the charts start one period sooner
+    nodeInfo();
   }
 
   function onState(ev) {
@@ -589,6 +590,28 @@
     for (const id of rows.keys()) drawChart(id);
   });
   $("node-name").textContent = location.host;
+
+  // The node panel: what GET /health says (version, uptime, each GPU's used and free VRAM),
+  // read every 10 s: on a GPU node, free VRAM is the first thing an operator looks for.
+  async function nodeInfo() {
+    if (document.hidden || $("dash").hidden) return;
+    let h;
+    try {
+      const resp = await call("/health");
+      if (!resp.ok) return;
+      h = await resp.json();
+    } catch (_) { return; }
+    const parts = [`neuronctl ${h.version}`, `node ${h.node_id}`, `up ${span(h.uptime_s)}`];
+    const gpus = h.gpus || [];
+    if (!gpus.length) parts.push("no GPU: CPU only");
+    for (const g of gpus) {
+      const mib = (n) => (n === null || n === undefined) ? "–" : bytes(n * 1048576);
+      parts.push(`GPU ${g.index} ${g.name}: ${mib(g.memory_used_mb)} used, ` +
+                 `${mib(g.memory_free_mb)} free of ${mib(g.memory_total_mb)}`);
+    }
+    $("node").textContent = parts.join(" · ");
+  }
+  setInterval(nodeInfo, 10000);
   setInterval(() => {  // the clocks: uptime and idle countdowns tick without a request
     for (const [id, m] of models) {
       const row = rows.get(id);
