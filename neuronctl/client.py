@@ -57,13 +57,13 @@ class ClientSettings:
     state_dir: Path | None = None  # where a starting supervisor leaves its note
 
 
-def client_settings(path: Path) -> ClientSettings:
+def client_settings(path: Path, problems: list[str] | None = None) -> ClientSettings:
     """What a client needs from a config file, read leniently with the daemon's own
     converter: a daemon that runs must stay reachable when the file has a mistake elsewhere
     (the daemon reports those on reload) or when this user may not read the key file
     (NEURON_API_KEY is the way then)."""
     found = read_keys_leniently(path, ("host", "port", "log_dir", "api_key", "api_key_file",
-                                       "state_dir"))
+                                       "state_dir"), problems)
     defaults = ClientSettings()
     port = found.get("port")
     key = found.get("api_key")
@@ -80,12 +80,15 @@ def client_settings(path: Path) -> ClientSettings:
     )
 
 
-def settings_for(config_path: Path | None) -> ClientSettings | None:
-    """The settings of `--config`, else of the default config file when readable."""
+def settings_for(config_path: Path | None,
+                 problems: list[str] | None = None) -> ClientSettings | None:
+    """The settings of `--config`, else of the default config file when readable; with
+    `problems`, a file that is not valid TOML is read as far as it goes (read_keys_leniently)
+    and why is appended there."""
     if config_path is not None:
-        return client_settings(config_path)
+        return client_settings(config_path, problems)
     if os.access(DEFAULT_CONFIG_PATH, os.R_OK):
-        return client_settings(DEFAULT_CONFIG_PATH)
+        return client_settings(DEFAULT_CONFIG_PATH, problems)
     return None
 
 
@@ -123,17 +126,29 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     default one when readable), else the default. API key: NEURON_API_KEY, else the
     config file's.
     """
-    settings = settings_for(config_path)
+    # A config being edited (not valid TOML) must not blind the client: what can be read
+    # of it is used, the daemon's own note says where it listens, and the operator is told.
+    problems: list[str] = []
+    settings = settings_for(config_path, problems)
     key = os.environ.get("NEURON_API_KEY") or (settings.api_key if settings else None)
+    # Where the key came from, said when the node refuses it: $NEURON_API_KEY silently
+    # overrides a config's right key.
+    key_source = "$NEURON_API_KEY (it overrides the config's key)" \
+        if os.environ.get("NEURON_API_KEY") else "the config file" if key else None
     url = url or os.environ.get("NEURON_URL")
     if url:
-        return Client(normalize_url(url), timeout_s, key)
-    settings = settings or ClientSettings(state_dir=NeuronConfig.state_dir)
-    # NEURON_PORT overrides the config's port for the daemon, so for its clients too.
-    port = _env_port() or settings.port
-    client = Client(local_url(settings.host, port), timeout_s, key, settings.state_dir)
-    if _env_port() is None:
-        _follow_listening(client, settings.state_dir, _config_used(config_path))
+        client = Client(normalize_url(url), timeout_s, key)
+    else:
+        settings = settings or ClientSettings(state_dir=NeuronConfig.state_dir)
+        # NEURON_PORT overrides the config's port for the daemon, so for its clients too.
+        port = _env_port() or settings.port
+        client = Client(local_url(settings.host, port), timeout_s, key, settings.state_dir)
+        if _env_port() is None:
+            _follow_listening(client, settings.state_dir, _config_used(config_path))
+    client.key_source = key_source
+    if problems:
+        client.warning = (f"{problems[0]}; asking the node at {client.url} anyway (a reload "
+                          "would refuse this file)")
     return client
 
 
@@ -175,6 +190,8 @@ class Client:
         self._key_hint = key_hint  # said with a 401 when no key was sent
         self._state_dir = state_dir  # known when the URL came from the config
         self.note: str | None = None  # something the operator should know (the CLI says it)
+        self.warning: str | None = None  # something wrong the operator should fix
+        self.key_source: str | None = None  # where the key sent came from, when known
 
     def _not_running(self) -> DaemonNotRunning:
         starting = read_starting(self._state_dir) if self._state_dir is not None else None
@@ -234,6 +251,9 @@ class Client:
                        "node does (no JSON error); is --url the node's address?")
         if exc.code == 401 and not self._api_key:
             message = f"{message} ({self._key_hint})"
+        elif exc.code == 401 and self.key_source:
+            # A person typed no header: say which key was wrong, not how HTTP sends one.
+            message = f"the node refused the API key from {self.key_source}"
         return ApiError(exc.code, message, payload)
 
     def models(self) -> list[dict[str, Any]]:

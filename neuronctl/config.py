@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import clip
+from .suggest import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -289,17 +290,27 @@ def load_config(
     return _with_env(raw, environ, source, path.parent.resolve())
 
 
-def read_keys_leniently(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+def read_keys_leniently(path: Path, keys: tuple[str, ...],
+                        problems: list[str] | None = None) -> dict[str, Any]:
     """The top-level `keys` of the config file at `path` that are valid, converted exactly
     as `load_config` converts them (`~` expanded, relative paths next to the file); a key
     with a bad value is left out rather than failing the whole read. For clients (the CLI),
-    which must reach a running daemon when the file has a mistake elsewhere."""
+    which must reach a running daemon when the file has a mistake elsewhere: with
+    `problems`, a file that is not valid TOML (being edited, say) is read line by line
+    instead, its top-level `key = value` lines that parse alone kept, and why it could not
+    be read whole appended to `problems`."""
     source = str(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError("", "config file not found", source) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        if problems is None:
+            raise ConfigError("", f"cannot read config file: {exc}", source) from None
+        problems.append(str(ConfigError("", f"cannot read config file: {exc}", source)))
+        raw = _top_level_lines(text)
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config file: {exc}", source) from None
     hints = typing.get_type_hints(NeuronConfig)
     values: dict[str, Any] = {}
@@ -310,6 +321,20 @@ def read_keys_leniently(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
             except ConfigError:
                 continue
     return values
+
+
+def _top_level_lines(text: str) -> dict[str, Any]:
+    """What each line before the first table says, each parsed alone (a broken line, or a
+    value over several lines, is skipped)."""
+    found: dict[str, Any] = {}
+    for line in text.splitlines():
+        if line.lstrip().startswith("["):
+            break
+        try:
+            found.update(tomllib.loads(line))
+        except (tomllib.TOMLDecodeError, RecursionError):
+            continue
+    return found
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> NeuronConfig:
@@ -442,12 +467,22 @@ def _convert_dataclass(cls: type[Any], raw: Any, key: str, base_dir: Path | None
     values: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in fields:
-            raise ConfigError(_join(key, str(name)), "unknown key")
+            raise ConfigError(_join(key, str(name)),
+                              f"unknown key{did_you_mean(str(name), fields)}")
         values[name] = _convert(value, hints[name], _join(key, name), base_dir)
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in values:
             raise ConfigError(_join(key, name), "required key is missing")
+    if cls is HarnessConfig and base_dir is not None:
+        # A program named by a relative path (`./llama-server`, `bin/python`) is next to
+        # the config file, as every other relative path; a bare name is looked up on PATH.
+        for name in ("python", "binary"):
+            program = values.get(name)
+            if program and "/" in program and not os.path.isabs(os.path.expanduser(program)):
+                values[name] = str(base_dir / program)
+            elif program and program.startswith("~"):
+                values[name] = os.path.expanduser(program)
     obj = cls(**values)
     _check_values(obj, key)
     return obj
@@ -693,6 +728,20 @@ def model_id_problem(model_id: object) -> str | None:
     except ConfigError as exc:
         return exc.message
     return None
+
+
+def shown_setting(value: Any) -> str:
+    """A setting as the config writes it, for messages: no Python reprs (`PosixPath(...)`,
+    `None`, `('a',)`)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(shown_setting(v) for v in value) + "]"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def same_worker(a: ModelSpec, b: ModelSpec) -> bool:

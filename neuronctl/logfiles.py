@@ -108,7 +108,10 @@ def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
     rotate(path, keep)
     fd = open_log(path, _APPEND)
     try:
-        os.write(fd, b"\n" + stamped(f"neuronctl starting: {shlex.join(command)}"))
+        # A blank line parts this start from an earlier one appended to (keep = 0); a
+        # fresh file starts with its header.
+        gap = b"\n" if os.fstat(fd).st_size else b""
+        os.write(fd, gap + stamped(f"neuronctl starting: {shlex.join(command)}"))
     except BaseException:
         os.close(fd)  # a full disk must not leak a descriptor per attempt
         raise
@@ -173,7 +176,17 @@ def _last_lines(fh: BinaryIO, n: int, max_bytes: int) -> list[str]:
 _ERRORISH = re.compile(
     r"error|exception|unrecognized|invalid|fail|cannot|can't|could not|unable|not found|"
     r"no such|denied|fatal|abort|out of memory", re.IGNORECASE)
+# Lines that say *why* (memory, context, the file), over the generic ones after them
+# (`Failed to create llama_context`, `exiting due to model loading error`): the first of
+# them in the tail is the root cause.
+_CAUSE = re.compile(
+    r"insufficient memory|failed to allocate|out of memory|unable to allocate|cannot allocate|"
+    r"exceeds? (the )?(available )?context|context window|no space left|"
+    r"failed to open gguf|invalid magic|unknown model architecture", re.IGNORECASE)
 _HEADLINE_MAX = 300
+# How many of a log's last lines are shown by default, the same everywhere: `neuronctl
+# logs`, `GET /models/{id}/logs` and the dashboard's log view.
+DEFAULT_TAIL_LINES = 100
 
 
 def excerpt(path: Path, n: int, fallback: bool = True) -> tuple[str | None, str]:
@@ -187,8 +200,9 @@ def excerpt(path: Path, n: int, fallback: bool = True) -> tuple[str | None, str]
     if not said:
         return (f"it wrote nothing to its log {path}" if fallback else None,
                 f"log {path} has no output")
-    headline = next((ln for ln in reversed(said) if _ERRORISH.search(ln)),
-                    said[-1] if fallback else None)
+    headline = next((ln for ln in said if _CAUSE.search(ln)), None) or \
+        next((ln for ln in reversed(said) if _ERRORISH.search(ln)),
+             said[-1] if fallback else None)
     if headline is not None and len(headline) > _HEADLINE_MAX:
         headline = headline[: _HEADLINE_MAX - 3] + "..."
     return headline, f"last lines of {path}:\n" + "\n".join(lines[-n:])

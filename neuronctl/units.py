@@ -15,3 +15,8 @@ def fmt_bytes(n: int | None) -> str:
         if n >= scale:
             return f"{n / scale:.0f} {unit}"
     return f"{n} B"
+
+
+def plural(n: int, noun: str) -> str:
+    """`1 model`, `2 models`: counts as people write them."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

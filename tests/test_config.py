@@ -396,3 +396,23 @@ def test_start_with_non_utf8_config_exits_78(tmp_path: Path) -> None:
     result = run_start(path, tmp_path)
     assert "Traceback" not in result.stderr
     assert result.returncode == EX_CONFIG
+
+
+def test_a_relative_program_is_next_to_the_config_file(tmp_path: Path) -> None:
+    """`binary = "./x"` is the file beside the config, whatever the daemon's working
+    directory (/ under systemd); a bare name is still looked up on PATH."""
+    path = tmp_path / "neuron.toml"
+    path.write_text('[harness.llama-server]\nbinary = "./slow-llama-server"\n'
+                    '[harness.llama-cpp-python]\npython = "python3"\n', encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.harness_config("llama-server").binary == str(tmp_path / "slow-llama-server")
+    assert config.harness_config("llama-cpp-python").python == "python3"
+
+
+def test_an_unknown_key_names_the_nearest_one(tmp_path: Path) -> None:
+    path = tmp_path / "neuron.toml"
+    path.write_text('hots = "0.0.0.0"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.key == "hots"
+    assert caught.value.message == "unknown key (did you mean host?)"

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from neuronctl.logfiles import log_path, open_for_worker, safe_name, tail_lines, write_pid_line
+from neuronctl.logfiles import (
+    excerpt,
+    log_path,
+    open_for_worker,
+    safe_name,
+    tail_lines,
+    write_pid_line,
+)
 
 HOSTILE_IDS = [
     "../../etc/passwd",
@@ -207,3 +214,29 @@ def test_follow_moves_on_to_the_new_file_after_a_rotation(tmp_path: Path) -> Non
     path.write_text("the new start\n")
     assert next(lines) == "the new start\n"  # not stuck on the rotated-away file
     lines.close()
+
+
+def test_the_headline_is_the_line_that_says_why(tmp_path: Path) -> None:
+    """The root cause (memory for the KV cache) over the generic line after it."""
+    log = tmp_path / "huge.log"
+    log.write_text(
+        "=== 2026-12-05 neuronctl starting: python worker.py\n"
+        "llama_model_loader: loaded meta data\n"
+        "ggml_aligned_malloc: insufficient memory (attempted to allocate 292968.75 MB)\n"
+        "llama_kv_cache_init: failed to allocate buffer for kv cache\n"
+        "Traceback (most recent call last):\n"
+        "ValueError: Failed to create llama_context\n", encoding="utf-8")
+    headline, _ = excerpt(log, 20)
+    assert headline == ("ggml_aligned_malloc: insufficient memory (attempted to allocate "
+                        "292968.75 MB)")
+
+
+def test_a_fresh_log_starts_with_its_header_and_appended_starts_are_parted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.log"
+    for _ in range(2):
+        os.close(open_for_worker(path, ["worker", "--port", "1"], keep=0))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("=== ") and "neuronctl starting: worker --port 1" in lines[0]
+    assert lines[1] == "" and lines[2].startswith("=== ")  # the second start, appended

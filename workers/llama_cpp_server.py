@@ -26,6 +26,7 @@ And two flags the stock server lacks:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -88,9 +89,22 @@ def main() -> None:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    # The supervisor probes /health every few seconds: 8,640 access-log lines a day per
+    # model that say nothing. Every other request is still logged.
+    logging.getLogger("uvicorn.access").addFilter(NoHealthProbes())
     uvicorn.run(app, host=server_settings.host, port=server_settings.port,
                 ssl_keyfile=server_settings.ssl_keyfile,
                 ssl_certfile=server_settings.ssl_certfile)
+
+
+class NoHealthProbes(logging.Filter):
+    """Drops uvicorn's access-log line of a GET /health (its args: client, method, path,
+    HTTP version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) >= 3 and args[1] == "GET"
+                    and args[2] == "/health")
 
 
 def _default_pooling(llama: type, pooling_type: int) -> None:

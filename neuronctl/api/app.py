@@ -22,7 +22,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .. import __version__, errors
-from ..config import ConfigError, ModelSpec, model_id_problem, model_spec_from_mapping
+from ..config import (
+    ConfigError,
+    ModelSpec,
+    model_id_problem,
+    model_spec_from_mapping,
+    same_worker,
+)
 from ..errors import NeuronError
 from ..identity import INCARNATION_HEADER, NODE_HEADER, NodeIdentity, is_loopback
 from ..models.discovery import Discovery
@@ -135,12 +141,17 @@ async def load_model(request: web.Request) -> web.Response:
     spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
     if "args" in body:  # against the harness that will run it (a catalogue entry's)
         _check_args(registry, spec)
+    before = registry.get(spec.model_id)
+    already = before is not None and before.status is ModelStatus.LOADED \
+        and same_worker(before.spec, spec)
     try:
         model = await registry.load(spec, by_client=True)
     except errors.LoadError as exc:
         failed = registry.get(spec.model_id)
         return error_response(exc, model=failed.to_json() if failed else None)
-    return web.json_response({"status": "loaded", "model": model.to_json()})
+    # `already_loaded`: nothing was started; `evicted`: what was unloaded to make room.
+    return web.json_response({"status": "loaded", "model": model.to_json(),
+                              "already_loaded": already, "evicted": list(model.evicted)})
 
 
 # What a client on another host may set when it loads a catalogue model: an allow-list,
@@ -236,13 +247,14 @@ async def reload_config(request: web.Request) -> web.Response:
     reloader = request.app.get(RELOADER)
     if reloader is None:
         raise errors.NotFound("this server was started without a config file to reload")
+    dry_run = request.query.get("dry_run", "").lower() in ("1", "true", "yes")
     try:
-        result = await reloader.reload()
+        result = await reloader.reload(dry_run=dry_run)
     except ConfigError as exc:
         # SIGHUP's refusals reach the journal too: whoever reads it later sees both.
         request.app[RELOAD_REFUSALS].log(
             "reload (POST /reload from %s) refused, nothing changed: %s",
-            request.remote or "?", exc)
+            request.remote or "?", exc, key=str(exc))
         raise errors.InvalidConfig(f"reload refused, nothing changed: {exc}") from None
     return web.json_response(result.to_json())
 

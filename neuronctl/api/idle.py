@@ -77,8 +77,10 @@ class IdleReaper:
                 continue  # a request came while an earlier one was being unloaded
             log.info("%s: no request for %.0f s (ttl_s %g); unloading",
                      model.model_id, idle_s, self.ttl_for(model) or 0)
+            # The reason its events carry: a TTL unload reads apart from one by hand.
+            why = f"idle: no request for {idle_s:.0f} s (ttl_s {self.ttl_for(model) or 0:g})"
             with contextlib.suppress(ModelNotFound, Conflict):  # someone else unloaded it first
-                await self.registry.unload(model.model_id)
+                await self.registry.unload(model.model_id, why)
 
     async def run(self, interval_s: float = CHECK_INTERVAL_S) -> None:
         while True:

@@ -41,7 +41,7 @@ from ..supervisor.registry import ModelRegistry
 from .streams import Stream, Streams
 
 MAX_LINES = 5000
-DEFAULT_LINES = 100
+DEFAULT_LINES = logfiles.DEFAULT_TAIL_LINES
 READ_BYTES = 64 * 1024
 TAIL_BYTES = 64 * 1024  # read for a tail, or 512 per line asked for when that is more
 MAX_FOLLOWERS = 32

@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable
 
 WINDOW_S = 60.0
+# Distinct reasons logged at once within one window (`key`): a second, different refused
+# reload is said, not only counted; a client cycling reasons is still bounded.
+MAX_KEYS = 8
 
 
 class RateLimitedLog:
@@ -24,16 +27,27 @@ class RateLimitedLog:
         self._logged_at: float | None = None
         self._since = 0
         self._flush: asyncio.TimerHandle | None = None
+        self._keys: set[str] = set()  # the reasons said in this window
 
-    def log(self, message: str, *args: object) -> None:
+    def log(self, message: str, *args: object, key: str | None = None) -> None:
+        """Log now, or count it. `key`: what sets this line apart (a refusal's reason); a
+        key not yet said in this window is logged at once too, up to MAX_KEYS of them."""
         now = self._clock()
-        if self._logged_at is not None and now - self._logged_at < self.window_s:
+        began = self._logged_at
+        within = began is not None and now - began < self.window_s
+        if within and key is not None and key not in self._keys \
+                and len(self._keys) < MAX_KEYS:
+            self._keys.add(key)
+            self._log.log(self._level, message, *args)
+            return
+        if began is not None and within:
             self._since += 1
             if self._flush is None:
-                self._schedule(self._logged_at + self.window_s - now)
+                self._schedule(began + self.window_s - now)
             return
         self._log.log(self._level, message, *args)
         self._logged_at = now
+        self._keys = {key} if key is not None else set()
 
     def _schedule(self, delay: float) -> None:
         try:

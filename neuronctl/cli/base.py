@@ -22,14 +22,19 @@ from ..errors import EX_CONFIG, fail
 out = Console()
 err = Console(stderr=True)
 
+# Every option says its environment variable and its default the same way: typer's own
+# `[env var: X]` and `[default: Y]`, never written into the description.
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="NEURON_CONFIG",
-                 help=f"Config file [default: $NEURON_CONFIG, else {DEFAULT_CONFIG_PATH}]"),
+    typer.Option("--config", "-c", envvar="NEURON_CONFIG", metavar="FILE",
+                 show_default=str(DEFAULT_CONFIG_PATH), help="Config file.",
+                 rich_help_panel="Connection"),
 ]
 UrlOpt = Annotated[
     str | None,
-    typer.Option("--url", help="Daemon URL [default: $NEURON_URL, else the config's port]"),
+    typer.Option("--url", envvar="NEURON_URL", metavar="URL",
+                 show_default="the port in the config", help="Daemon URL.",
+                 rich_help_panel="Connection"),
 ]
 
 
@@ -65,6 +70,8 @@ def client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Cli
         fail(f"config error: {exc}", EX_CONFIG)
     except ValueError as exc:  # a --url or NEURON_URL that is no URL
         fail(f"--url: {exc}", 2)
+    if made.warning:
+        sys.stderr.write(f"neuronctl: warning: {made.warning}\n")
     if made.note:
         sys.stderr.write(f"neuronctl: note: {made.note}\n")
     return made

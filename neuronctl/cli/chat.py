@@ -14,11 +14,13 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, TextIO
 
 import typer
 
-from ..client import ApiError, Client
+from .. import logfiles
+from ..client import ApiError, Client, DaemonNotRunning
 from ..errors import fail
 from . import base
 from .base import ConfigOpt, UrlOpt
@@ -90,8 +92,42 @@ def answer_chunks(client: Client, conversation: Conversation, prompt: str) -> It
             text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
             if isinstance(text, str) and text:
                 yield text
-    raise ApiError(0, f"the answer was cut off: {client.url} ended the stream before it was "
-                      "complete (the node or its worker stopped)")
+    raise ApiError(0, cut_off(client, conversation.options.model))
+
+
+def cut_off(client: Client, model_id: str) -> str:
+    """Why an answer ended without the stream's end. A worker that is still loaded ended
+    it itself (a prompt longer than its context, say): its log says why, and that is
+    what the operator needs, not "the node stopped"."""
+    said = f"the answer was cut off: {client.url} ended the stream before it was complete"
+    try:
+        entry = next((m for m in client.models() if m.get("id") == model_id), None)
+    except DaemonNotRunning:
+        return f"{said} (the node stopped: it does not answer now)"
+    except ApiError:
+        return f"{said} (the node or its worker stopped)"
+    if entry is None or entry.get("status") != "loaded":
+        status = entry.get("status") if entry else "gone"
+        return f"{said} (its worker stopped: {model_id} is {status} now)"
+    why = None
+    if entry.get("log_path"):
+        with contextlib.suppress(OSError, logfiles.UnsafeLog):
+            why, _ = logfiles.excerpt(Path(entry["log_path"]), 40, fallback=False)
+    quoted = f"; its log says: {why}" if why else f" (neuronctl logs {model_id} shows why)"
+    return f"{said}: {model_id} is still loaded, so its worker ended the answer{quoted}"
+
+
+def loading_note(client: Client, model_id: str) -> str | None:
+    """`loading MODEL on demand…` when the first request will wait for a load (the model is
+    not loaded, or still loading), so a silent wait does not read as a hang."""
+    try:
+        entry = next((m for m in client.models() if m.get("id") == model_id), None)
+    except (ApiError, DaemonNotRunning):
+        return None  # the request itself will say what is wrong
+    if entry is not None and entry.get("status") in ("unloaded", "loading", "downloading",
+                                                      "restarting"):
+        return f"loading {model_id} on demand…"
+    return None
 
 
 def stream_answer(client: Client, conversation: Conversation, prompt: str, out: TextIO) -> str:
@@ -189,6 +225,9 @@ def chat(
         prompt = prompt.rstrip("\n") if raw else prompt.strip()  # a raw prompt keeps its indent
         if not prompt.strip():
             fail("no prompt: stdin was empty", 2)
+    note = loading_note(node, model_id)
+    if note is not None:
+        base.warn(note, style="dim")
     try:
         if prompt is not None:
             base.call(stream_answer, node, conversation, clean_text(prompt), sys.stdout)

@@ -32,16 +32,17 @@ app = typer.Typer(
 )
 
 NodesArg = Annotated[
-    list[str], typer.Argument(metavar="NODE_URL...", show_default=False,
+    list[str], typer.Argument(metavar="NODE_URL", show_default=False,
                               help="Each node's address: http://HOST:PORT, HOST:PORT or HOST.")
 ]
 ApiKeyOpt = Annotated[
     str | None,
-    typer.Option("--api-key", envvar="NEURON_API_KEY", show_envvar=False,
-                 help="The nodes' API key [default: $NEURON_API_KEY]"),
+    typer.Option("--api-key", envvar="NEURON_API_KEY", metavar="KEY",
+                 help="The nodes' API key."),
 ]
 TimeoutOpt = Annotated[
-    float, typer.Option("--timeout", min=0.1, max=600.0, help="Seconds to wait for each node.")
+    float, typer.Option("--timeout", min=0.1, max=600.0, metavar="SECONDS",
+                        help="Seconds to wait for each node.")
 ]
 STATUS_STYLES = {**formats.STATUS_STYLES, "unreachable": "red"}
 

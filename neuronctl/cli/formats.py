@@ -105,24 +105,32 @@ def status_table(models: list[dict[str, Any]], width: int | None = None,
                  str(m["n_ctx"]) if m.get("n_ctx") else "-", fmt_until(m, now),
                  fmt_traffic(m), fmt_duration(m.get("uptime_s")), str(m.get("restarts", 0))]
         rows.append(cells)
+    columns: tuple[str, ...] = COLUMNS
+    # Two harnesses side by side: which runs each model is worth a column (one alone is
+    # not: every row would say the same).
+    if len({m.get("harness") for m in models}) > 1:
+        columns = ("HARNESS", *COLUMNS)
+        rows = [[str(m.get("harness") or "-"), *cells] for m, cells in zip(models, rows,
+                                                                        strict=True)]
     # Every column but MODEL is as wide as its widest line; MODEL gets the rest.
     widths = [max([len(h), *(len(line) for r in rows for line in r[i].splitlines())])
-              for i, h in enumerate(COLUMNS)]
+              for i, h in enumerate(columns)]
     longest = max([5, *(cell_len(m["id"]) for m in models)])
     gap, model_width = 2, longest
     if width is not None:
-        room = width - sum(widths) - gap * len(COLUMNS)
+        room = width - sum(widths) - gap * len(columns)
         if room < min(longest, 24):  # tight: one space between columns
-            gap, room = 1, room + len(COLUMNS)
+            gap, room = 1, room + len(columns)
         model_width = max(8, min(longest, room))
     table = Table(box=None, header_style="bold", pad_edge=False,
                   padding=(0, 1) if gap == 2 else (0, 1, 0, 0))
     # Ids are what people grep for and paste: folded onto more lines, never cut short.
     table.add_column("MODEL", overflow="fold", width=model_width)
-    for header in COLUMNS:
+    for header in columns:
         table.add_column(header, no_wrap=True, justify="right" if header in RIGHT else "left")
     for m, cells in zip(models, rows, strict=True):
         style = STATUS_STYLES.get(m["status"], "")
-        table.add_row(Text(m["id"]), Text(cells[0], style=style), *cells[1:],
-                      style="dim" if m["status"] == "unloaded" else None)
+        at = columns.index("STATUS")
+        table.add_row(Text(m["id"]), *cells[:at], Text(cells[at], style=style),
+                      *cells[at + 1:], style="dim" if m["status"] == "unloaded" else None)
     return table

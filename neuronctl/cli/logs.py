@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -21,23 +21,28 @@ def logs(
         str, typer.Argument(metavar="MODEL_ID", help="The model whose log to show.")
     ],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show.")] = 50,
+    lines: Annotated[int, typer.Option(
+        "--lines", "-n", metavar="N", help="Lines to show.")] = logfiles.DEFAULT_TAIL_LINES,
     previous: Annotated[
         bool, typer.Option("--previous", "-p", help="The log of the start before this one.")
     ] = False,
     log_dir: Annotated[
-        Path | None, typer.Option(help="Log directory [default: the daemon's, else the "
-                                       "config's log_dir].")
+        Path | None, typer.Option(metavar="DIR", help="Log directory.",
+                                  show_default="the daemon's, else the config's log_dir")
     ] = None,
     config: ConfigOpt = None,
     url: UrlOpt = None,
 ) -> None:
     """Print a model's log file; works whether or not the daemon runs."""
+    known = _model_from_daemon(url, config, model_id) if log_dir is None else None
     path = logfiles.log_path(log_dir, model_id) if log_dir is not None else \
-        _log_path_from_daemon(url, config, model_id)
+        Path(known["log_path"]) if known and known.get("log_path") else None
     if path is None:
         try:
-            settings = settings_for(config)
+            problems: list[str] = []
+            settings = settings_for(config, problems)
+            for problem in problems:
+                sys.stderr.write(f"neuronctl: warning: {problem}\n")
             log_dir = settings.log_dir if settings else config_from_env().log_dir
         except ConfigError as exc:
             fail(f"config error: {exc}", EX_CONFIG)
@@ -48,6 +53,12 @@ def logs(
         tail = logfiles.read_tail(path, lines)
     except FileNotFoundError:
         which = "previous log" if previous else "log"
+        if previous and known and known.get("last_error"):
+            # Restarts that failed before spawning (the model file is gone) start no new
+            # log: the crash is in the current one.
+            fail(f"no {which} for {model_id} at {path}: no worker started after the one "
+                 f"in its current log (`neuronctl logs {model_id}`); its last error: "
+                 f"{str(known['last_error']).splitlines()[0]}")
         fail(f"no {which} for {model_id} at {path}")
     except logfiles.UnsafeLog as exc:  # a symlink or a FIFO planted in log_dir
         fail(f"{path} {exc.strerror}")
@@ -65,14 +76,16 @@ def logs(
             fail(f"{path} {exc.strerror}")
 
 
-def _log_path_from_daemon(url: str | None, config: Path | None, model_id: str) -> Path | None:
-    """Where the daemon writes this model's log (`log_path` in /models): the daemon knows,
-    whatever config this shell finds. None when it does not answer or does not know."""
+def _model_from_daemon(url: str | None, config: Path | None,
+                       model_id: str) -> dict[str, Any] | None:
+    """The model's `/models` entry: the daemon knows where it writes its log (`log_path`),
+    whatever config this shell finds, and its last error. None when it does not answer or
+    does not know it."""
     try:
         models = connect(url, config, timeout_s=3.0).models()
     except (ApiError, DaemonNotRunning, ConfigError, ValueError):
         return None
     for model in models:
-        if model.get("id") == model_id and model.get("log_path"):
-            return Path(model["log_path"])
+        if model.get("id") == model_id:
+            return model
     return None

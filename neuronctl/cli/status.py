@@ -27,6 +27,8 @@ def status(
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Keep the table up to date until Ctrl-C.")
     ] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Exit 1 when a model is failed or restarting (for scripts).")] = False,
     url: UrlOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -36,18 +38,31 @@ def status(
             fail("--watch draws a table; for JSON as it happens, use neuronctl events --json")
         _watch_status(client(url, config))
     models = call(client(url, config).models)
+    unwell = [m["id"] for m in models if m.get("status") in ("failed", "restarting")]
     if json_:
         print(json.dumps(models, indent=2))
-        return
-    if not models:
+    elif not models:
         say("no models")
-        return
-    print_table(lambda width: status_table(models, width=width))
+    else:
+        print_table(lambda width: status_table(models, width=width))
+        for line in problem_lines(models):
+            warn(line, style="red")
+        for line in pull_lines(models):
+            say(line)
+    if check and unwell:
+        raise typer.Exit(1)
+
+
+def problem_lines(models: list[dict[str, Any]]) -> list[str]:
+    """Under the table: why each failed model failed, and what a restarting one's last
+    worker died of (a crash loop must not look like a model on its way up)."""
+    lines = []
     for m in models:
         if m.get("error"):
-            warn(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
-    for line in pull_lines(models):
-        say(line)
+            lines.append(f"{m['id']}: {m['error'].splitlines()[0]}")
+        elif m.get("status") == "restarting" and m.get("last_error"):
+            lines.append(f"{m['id']}: restarting after: {m['last_error'].splitlines()[0]}")
+    return lines
 
 
 def pull_lines(models: list[dict[str, Any]]) -> list[str]:
@@ -69,54 +84,101 @@ def _clock(when: float | None = None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(when))
 
 
+class EventLines:
+    """`neuronctl events`' lines: time, model, what happened (in the API's status words),
+    why; columns aligned on the widest id and transition seen so far. A download's
+    progress is said only when its text changes (the node sends one a second)."""
+
+    def __init__(self) -> None:
+        self._width = 0
+        self._what_width = 10
+        self._progress: dict[str, str] = {}
+
+    def _line(self, when: str, model: str, what: str, why: str = "") -> str:
+        self._width = max(self._width, len(model))
+        self._what_width = max(self._what_width, len(what))
+        line = f"{when}  {model:<{self._width}}  {what:<{self._what_width}}  {why}"
+        return line.rstrip()
+
+    def lines(self, name: str, data: Any) -> list[str]:
+        now = _clock()
+        if name == "snapshot" or name == "resync":
+            models = data.get("models") or []
+            for m in models:
+                self._width = max(self._width, len(str(m.get("id", ""))))
+            head = [] if name == "snapshot" else [
+                f"{now}  fell behind, {data.get('dropped')} events lost; the models now:"]
+            # A failure with its reason (cli.md), as `status` says it.
+            return head + [self._line(now, m["id"], m["status"],
+                                      (str(m.get("error") or "").splitlines() or [""])[0])
+                           for m in models] + ([] if models or head else [f"{now}  no models"])
+        if name == "state":
+            reason = (str(data.get("reason") or "").splitlines() or [""])[0]
+            self._progress.pop(data["model"], None)
+            return [self._line(_clock(data.get("time")), data["model"], _transition(data),
+                               reason)]
+        if name == "progress":
+            download = data.get("download") or {}
+            what = f"downloading {download.get('file') or ''}  {fmt_download(download)}"
+            if self._progress.get(data["model"]) == what:
+                return []
+            self._progress[data["model"]] = what
+            return [self._line(now, data["model"], what)]
+        if name == "pull":
+            said = data.get("error") or (fmt_download(data) if data.get("state") == "downloading"
+                                         else data.get("path") or "")
+            return [self._line(now, data["model"], f"pull ({data.get('by')}) {data.get('state')}",
+                               str(said))]
+        return [f"{now}  {name}  {json.dumps(data)}"]
+
+
 def _event_lines(name: str, data: Any) -> list[str]:
-    """One readable line per event (a snapshot: one per model)."""
-    now = _clock()
-    if name == "snapshot":
-        models = data.get("models") or []
-        return [f"{now}  {m['id']}  {m['status']}" for m in models] or [f"{now}  no models"]
-    if name == "state":
-        reason = (str(data.get("reason") or "").splitlines() or [""])[0]
-        line = f"{_clock(data.get('time'))}  {data['model']}  {_transition(data)}"
-        return [f"{line}  {reason}" if reason else line]
-    if name == "progress":
-        download = data.get("download") or {}
-        file = download.get("file") or ""
-        return [f"{now}  {data['model']}  downloading {file}  {fmt_download(download)}"]
-    if name == "pull":
-        said = data.get("error") or (fmt_download(data) if data.get("state") == "downloading"
-                                     else data.get("path") or "")
-        return [f"{now}  {data['model']}  pull ({data.get('by')}) {data.get('state')}  "
-                f"{said}".rstrip()]
-    if name == "resync":
-        return [f"{now}  fell behind, {data.get('dropped')} events lost; the models now:"]
-    return [f"{now}  {name}  {json.dumps(data)}"]
+    """One event's lines, on their own (no alignment with others)."""
+    return EventLines().lines(name, data)
 
 
 def _transition(data: dict[str, Any]) -> str:
-    """In the API's words, as the journal says it (`loaded → restarting`)."""
+    """In the API's words (`loaded → restarting`); a step within one status is that
+    status alone (`loading`): the finer states are the journal's, not the API's."""
     try:
         said = journal_transition(WorkerState(data["from"]), WorkerState(data["to"]))
     except (KeyError, ValueError):  # a newer daemon's state: show what it sent
         return f"{data.get('from')} → {data.get('to')}"
-    return said.replace(" -> ", " → ")
+    return said.split(":", 1)[0] if ": " in said else said.replace(" -> ", " → ")
 
 
-def _follow(node: Client, show: Callable[[str, Any], None]) -> NoReturn:
+STARTING_POLL_S = 1.0
+
+
+def _follow(node: Client, show: Callable[[str, Any], None],
+            while_starting: Callable[[str], None] | None = None,
+            sleep: Callable[[float], None] = time.sleep) -> NoReturn:
     """Call `show(event, data)` for each event until the stream ends: Ctrl-C exits 0
-    quietly, a daemon that goes away (or ends the stream: it is stopping) exits 1."""
-    try:
-        for name, data in node.events():
-            show(name, data)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
-    except BrokenPipeError:  # `neuronctl events | head`: the reader left
-        # Python's own flush at exit would complain about the closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
-    except (DaemonNotRunning, ApiError) as exc:
-        fail(str(exc))
-    fail(f"the daemon at {node.url} ended the stream (it is stopping)")
+    quietly, a daemon that goes away (or ends the stream: it is stopping) exits 1. With
+    `while_starting`, a daemon still activating is waited for (told what it says each
+    time) rather than an error."""
+    while True:
+        try:
+            for name, data in node.events():
+                show(name, data)
+        except KeyboardInterrupt:
+            raise typer.Exit(0) from None
+        except BrokenPipeError:  # `neuronctl events | head`: the reader left
+            # Python's own flush at exit would complain about the closed pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
+        except DaemonNotRunning as exc:
+            if while_starting is None or exc.starting is None:
+                fail(str(exc))
+            while_starting(str(exc))
+            try:
+                sleep(STARTING_POLL_S)
+            except KeyboardInterrupt:
+                raise typer.Exit(0) from None
+            continue
+        except ApiError as exc:
+            fail(str(exc))
+        fail(f"the daemon at {node.url} ended the stream (it is stopping)")
 
 
 def events(
@@ -128,12 +190,14 @@ def events(
 ) -> None:
     """Print every model state change as it happens, the models as they are first;
     Ctrl-C ends it."""
+    printer = EventLines()
+
     def show(name: str, data: Any) -> None:
         if json_:
             lines = [json.dumps({"event": name, **data} if isinstance(data, dict)
                                 else {"event": name, "data": data})]
         else:
-            lines = _event_lines(name, data)
+            lines = printer.lines(name, data)
         sys.stdout.write("".join(line + "\n" for line in lines))
         sys.stdout.flush()
 
@@ -170,8 +234,7 @@ def _watch_view(models: list[dict[str, Any]] | None) -> RenderableType:
     # Uptime goes on between events: from `since`, at each redraw.
     shown = [{**m, "uptime_s": now - m["since"]} if m.get("uptime_s") is not None
              and m.get("since") else m for m in models]
-    errors = [Text(f"{m['id']}: {m['error'].splitlines()[0]}", style="red")
-              for m in models if m.get("error")]
+    errors = [Text(line, style="red") for line in problem_lines(models)]
     return Group(status_table(shown, width=out.width), *errors)
 
 
@@ -181,9 +244,15 @@ def _watch_status(node: Client) -> NoReturn:
     from rich.live import Live
 
     models: list[dict[str, Any]] | None = None
+    starting: str | None = None  # what an activating daemon says, until its stream opens
+
+    def waiting(said: str) -> None:
+        nonlocal starting
+        starting = said
 
     def show(name: str, data: Any) -> None:
-        nonlocal models
+        nonlocal models, starting
+        starting = None
         if name == "snapshot":
             models = list(data["models"])
         elif name == "state":
@@ -193,8 +262,10 @@ def _watch_status(node: Client) -> NoReturn:
                 if m["id"] == data["model"]:
                     m["download"] = data["download"]
 
-    with Live(console=out, refresh_per_second=4, get_renderable=lambda: _watch_view(models)):
+    with Live(console=out, refresh_per_second=4,
+              get_renderable=lambda: Text(starting) if starting and models is None
+              else _watch_view(models)):
         try:
-            _follow(node, show)
+            _follow(node, show, waiting)
         except KeyboardInterrupt:  # before the stream was open
             raise typer.Exit(0) from None

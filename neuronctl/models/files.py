@@ -62,7 +62,9 @@ async def download(
     except asyncio.CancelledError:
         progress.cancel()
         raise
-    except LoadError:
+    except LoadError as exc:
+        # `neuronctl logs MODEL` says why, a listing that failed before any progress too.
+        append_line(log_path, f"download failed: {exc.message}")
         raise
     except Exception as exc:  # a bug, or huggingface_hub surprising us
         log.exception("%s: download failed", spec.model_id)

@@ -36,6 +36,7 @@ from ..supervisor.orphans import stop_orphans
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.reload import Reloader
 from ..supervisor.statefile import StateFile
+from ..units import plural
 from . import listener
 from .systemd import ActivationStatus, NodeStatus, summary, watchdog
 
@@ -94,9 +95,10 @@ class Daemon:
         """The exit status: 0 after a requested stop, 1 when a step failed."""
         self._install_signals()
         # The one line that says which daemon this is and what it will do.
-        log.info("neuronctl %s starting: config %s, %d default models, %d in the catalogue, "
+        log.info("neuronctl %s starting: config %s, %s, %d in the catalogue, "
                  "the API on %s:%d once they are loaded, API key %s", __version__,
-                 self.config_path or "(none)", len(self.config.default_models),
+                 self.config_path or "(none)",
+                 plural(len(self.config.default_models), "default model"),
                  len(self.config.models), self.config.host, self.config.port,
                  "required" if self.config.api_key else "not set")
         self._warn_unrunnable()

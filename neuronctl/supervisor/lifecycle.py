@@ -27,9 +27,11 @@ from typing import Any
 from .. import logfiles
 from ..config import ModelSpec, NeuronConfig, effective
 from ..errors import (
+    HarnessUnavailable,
     InternalError,
     LoadCancelled,
     LoadError,
+    ModelFileError,
     NoRoom,
     NoSuchGpu,
     NotEnoughVram,
@@ -119,6 +121,7 @@ class ModelLifecycle:
         self.slots = 1  # requests its worker serves at once (the harness says, at each start)
         self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
         self.prompt_cache: Session | None = None  # its worker's, restored and saved by it
+        self.evicted: list[str] = []  # the models unloaded to make room for it (load says)
         self._log_started = False  # a download began a fresh log: the first start appends
         self._run_task: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
@@ -348,8 +351,11 @@ class ModelLifecycle:
             policy = RestartPolicy.for_model(self._shared.config, self.spec)
             decision = policy.decide(self.history, exit_code, crashed_at)
             if isinstance(decision, GiveUp):
-                # READY/STARTING -> FAILED: out of restarts, or restart = never
-                self._set_state(WorkerState.FAILED, decision.reason, logging.WARNING)
+                # READY/STARTING -> FAILED: out of restarts, or restart = never. The cause
+                # stays in the line: "last exit code none" alone says nothing.
+                why = f"{decision.reason}; last error: {self.last_error}" \
+                    if self.last_error else decision.reason
+                self._set_state(WorkerState.FAILED, why, logging.WARNING)
                 return False
             self._set_state(  # READY or STARTING -> BACKOFF
                 WorkerState.BACKOFF,
@@ -365,6 +371,14 @@ class ModelLifecycle:
                     ready_s = await self._start_worker(self._harness(), hold)
             except LoadError as exc:
                 self._note(exc.message, exc.detail, exc.exit_code)
+                if isinstance(exc, (ModelFileError, HarnessUnavailable)):
+                    # Nothing a restart changes (the file is gone, the program missing):
+                    # failed at once rather than after max_restarts tries.
+                    self.failure_code = exc.code
+                    self._set_state(WorkerState.FAILED,  # STARTING -> FAILED
+                                    f"{exc.message}; not restarted: a restart cannot fix it",
+                                    logging.WARNING)
+                    return False
                 exit_code, crashed_at = exc.exit_code, self._shared.clock()
                 continue
             self.history = self.history.ready(self._shared.clock())

@@ -81,10 +81,8 @@ class RestartPolicy:
                 return GiveUp(f"worker {describe_exit(exit_code)}; restart = {self.mode}")
         recent = [t for t in history.restart_times if now - t <= self.window_s]
         if len(recent) >= self.max_restarts:
-            last = "none" if exit_code is None else str(exit_code)
-            return GiveUp(
-                f"gave up after {len(recent)} restarts within {self.window_s:g} s; "
-                f"last exit code {last}"
-            )
+            # No exit code (a restart that never spawned a worker): the caller adds why.
+            last = "" if exit_code is None else f"; last exit code {exit_code}"
+            return GiveUp(f"gave up after {len(recent)} restarts within {self.window_s:g} s{last}")
         streak = self.consecutive(history, now)
         return Restart(min(self.delay_max_s, self.delay_s * 2 ** streak))

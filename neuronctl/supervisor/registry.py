@@ -17,7 +17,14 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
-from ..config import ConfigError, ModelSpec, NeuronConfig, gpu_layers, same_worker
+from ..config import (
+    ConfigError,
+    ModelSpec,
+    NeuronConfig,
+    gpu_layers,
+    same_worker,
+    shown_setting,
+)
 from ..errors import (
     ApiModelsRefused,
     Conflict,
@@ -34,6 +41,7 @@ from ..models.admission import VramGate
 from ..models.discovery import Discovery
 from ..models.pulls import Pulls
 from ..states import WorkerState
+from ..suggest import did_you_mean
 from . import listing
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
@@ -47,6 +55,9 @@ log = logging.getLogger(__name__)
 # Keys that say where a model's file comes from: a load request with one of them is a
 # model of its own, not the catalogue entry of the same id.
 _SOURCE_KEYS = frozenset({"path", "repo", "file", "quant", "revision", "harness"})
+# Keys that say where a file comes from: without one, an id outside the catalogue is a
+# typo far more often than a Hugging Face repo, and is refused rather than fetched.
+_FETCH_KEYS = frozenset({"path", "repo", "file", "quant", "revision"})
 
 
 # A model whose last load failed for one of these reasons is loaded again by the next /v1
@@ -144,19 +155,26 @@ class ModelRegistry:
             getattr(entry, key) == getattr(spec, key) for key in _SOURCE_KEYS)
 
     def listing(self) -> list[dict[str, Any]]:
-        """What `GET /models` lists (and an event stream's snapshot): every model with a
-        lifecycle, then the catalogue's models that have none (`unloaded`), each with the
-        router's counts."""
-        listed = [m.to_json() for m in self._models.values()]
-        listed += [listing.of_spec(spec, self.config).as_json()
-                   for model_id, spec in self.catalogue.items() if model_id not in self._models]
+        """What `GET /models` lists (and an event stream's snapshot): the catalogue's models
+        in the config's order, loaded or not (`unloaded`), then the others in the order they
+        were loaded, each with the router's counts. A row keeps its place as its model
+        loads and unloads (`status --watch`, the dashboard)."""
         catalogue = self.catalogue
+        listed = [self._models[model_id].to_json() if model_id in self._models
+                  else listing.of_spec(spec, self.config).as_json()
+                  for model_id, spec in catalogue.items()]
+        listed += [m.to_json() for model_id, m in self._models.items()
+                   if model_id not in catalogue]
         # `autoload`: a /v1 request naming it loads it when it is not loaded (a gateway may
         # send it requests while it is unloaded; docs/fleet.md).
+        # `catalogue`: whether the config lists it; a failed model that is not can only be
+        # loaded again as it was, or removed (the dashboard's Remove).
         return [{**listing.with_traffic(entry, self.activity(entry["id"])),
                  "autoload": entry["id"] in catalogue
                  and self.config.autoloads(catalogue[entry["id"]]),
                  **self._prompt_cache_keys(entry["id"]),
+                 "catalogue": entry["id"] in catalogue,
+                 "default": self.config.is_default(entry["id"]),
                  # A download without a load of it (prefetch, POST /models/pull), if any.
                  "pull": self._pull_json(entry["id"])} for entry in listed]
 
@@ -179,12 +197,29 @@ class ModelRegistry:
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no
         path, repo, file, quant or revision) is the catalogue's entry, with whatever other
-        keys the request sets (`ttl_s`, `force`, ...); anything else is taken as written."""
+        keys the request sets (`ttl_s`, `force`, ...); a bare id outside the catalogue is
+        the spec the node already has for it (a failed model loaded by `path` is loaded
+        again from that path), and refused when it has none (ModelNotFound: a typo is
+        never fetched from the Hub). Anything else is taken as written."""
         entry = self.catalogue.get(parsed.model_id)
+        overrides = {k: getattr(parsed, k) for k in keys if k != "model_id"}
+        if entry is None and not _FETCH_KEYS.intersection(keys):
+            known = self._models.get(parsed.model_id)
+            if known is not None:
+                return dataclasses.replace(known.spec, **overrides)
+            harness = self.harnesses.get(parsed.harness)
+            if harness is not None and harness.needs_model_file:
+                raise ModelNotFound(self.unknown_model(parsed.model_id))
         if entry is None or _SOURCE_KEYS.intersection(keys):
             return parsed
-        overrides = {k: getattr(parsed, k) for k in keys if k != "model_id"}
         return dataclasses.replace(entry, **overrides)
+
+    def unknown_model(self, model_id: str) -> str:
+        """Why a bare id that the node does not know is refused, with the nearest it
+        knows."""
+        hint = did_you_mean(model_id, [*self.catalogue, *self._models])
+        return (f"no model {model_id!r} in the catalogue{hint}; to fetch a Hugging Face repo "
+                "give --repo/--quant/--file")
 
     async def demand(self, model_id: str) -> ModelLifecycle | None:
         """A /v1 request names `model_id`: its lifecycle, or a load started for it when it
@@ -289,6 +324,7 @@ class ModelRegistry:
             log.info("%s: evicting it (least recently used, idle) to make room: %s",
                      victim.model_id, why)
             self.evictions[(victim.model_id, "vram" if shortage else "max_loaded_models")] += 1
+            incoming.evicted.append(victim.model_id)
             # No await between the idle check and this call: stop() marks it stopping at
             # once, so no request can be admitted to it after it was judged idle.
             await self._stop(victim, f"evicted: {why}")
@@ -339,8 +375,8 @@ class ModelRegistry:
                 self._api_room(spec)
             model = self._begin(spec, by_client)
         elif not same_worker(model.spec, spec):
-            differ = [f"{f.name} {clip(repr(getattr(model.spec, f.name)))} → "
-                      f"{clip(repr(getattr(spec, f.name)))}"
+            differ = [f"{f.name} {clip(shown_setting(getattr(model.spec, f.name)))} → "
+                      f"{clip(shown_setting(getattr(spec, f.name)))}"
                       for f in dataclasses.fields(spec) if f.name not in ("pinned", "autoload")
                       and getattr(model.spec, f.name) != getattr(spec, f.name)]
             raise Conflict(f"{spec.model_id} is {model.status.value} with different settings "
@@ -353,15 +389,19 @@ class ModelRegistry:
         await model.wait_loaded()  # single flight: every caller waits on the one attempt
         return model
 
-    async def unload(self, model_id: str) -> None:
-        """Stop the model whatever it is doing (a load in progress, a backoff)."""
+    async def unload(self, model_id: str, reason: str = "unloaded") -> None:
+        """Stop the model whatever it is doing (a load in progress, a backoff); `reason`
+        goes with its events and journal lines (`config changed: ...` for a reload)."""
         model = self._models.get(model_id)
         if model is None:
             raise ModelNotFound(f"model not loaded: {model_id}")
         if model.stopping:
             raise Conflict(f"{model_id} is already being unloaded")
-        await self._stop(model, "unloaded")
-        log.info("unloaded %s", model_id)
+        await self._stop(model, reason)
+        if reason == "unloaded":
+            log.info("unloaded %s", model_id)
+        else:
+            log.info("unloaded %s (%s)", model_id, reason)
 
     async def _stop(self, model: ModelLifecycle, reason: str, release_vram: bool = True) -> None:
         await asyncio.shield(self._stop_soon(model, reason, release_vram))

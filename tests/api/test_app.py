@@ -108,7 +108,8 @@ async def test_load_fake_worker(node_config: NeuronConfig, make_registry: MakeRe
 
 async def test_endpoint_route_takes_ids_with_slashes(make_registry: MakeRegistry) -> None:
     async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
-        await post_json(client, "/models/load", {"model_id": "Org/Model-GGUF", "harness": "fake"})
+        await post_json(client, "/models/load", {"model_id": "Org/Model-GGUF", "harness": "fake",
+                                                  "repo": "Org/Model-GGUF"})
         (model,) = await get_json(client, "/models")
         endpoint = await get_json(client, "/models/Org/Model-GGUF/endpoint")
         assert endpoint == {"url": model["endpoint"]}
@@ -358,3 +359,69 @@ async def test_discovery_lists_only_harnesses_that_run_here(
         body = await get_json(client, "/discovery")
     assert body["harnesses"] == ["fake"]
     assert "llama-server not found" in body["harnesses_unavailable"]["llama-server"]
+
+
+async def test_a_bare_id_outside_the_catalogue_is_refused_not_fetched(
+    node_config: NeuronConfig, make_registry: MakeRegistry, tiny_gguf: Path
+) -> None:
+    """A typo (`tyni` for `tiny`) is a 404 at once with the nearest id, never a Hub fetch;
+    a failed model loaded by path is loaded again from that path by its id alone, and
+    can be removed."""
+    from dataclasses import replace
+
+    from neuronctl.config import ModelSpec
+
+    from ..fakes import FileHarness
+
+    fetched: list[str] = []
+
+    def no_hub(spec: ModelSpec, *args: Any) -> Any:
+        fetched.append(spec.model_id)
+        raise AssertionError("nothing may be fetched")
+
+    model_file = tiny_gguf
+    config = replace(node_config, models=(ModelSpec("tiny", harness="file", path=model_file),))
+    harness = FileHarness()
+
+    async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
+        body = await post_json(client, "/models/load", {"model_id": "tyni", "harness": "file"},
+                               404)
+        assert body["error"] == ("no model 'tyni' in the catalogue (did you mean tiny?); to "
+                                 "fetch a Hugging Face repo give --repo/--quant/--file")
+        assert body["code"] == "model_not_found"
+        assert [m["id"] for m in await get_json(client, "/models")] == ["tiny"]  # no row
+        # A model of its own, by path, that then fails: its id alone loads that path again.
+        await post_json(client, "/models/load", {"model_id": "victim", "harness": "file",
+                                                 "path": str(model_file),
+                                                 "args": ["--mode", "crash"]}, 502)
+        again = await client.post("/models/load", json={"model_id": "victim"})
+        assert again.status == 502, await again.text()
+        assert [s.path for s in harness.planned_specs if s.model_id == "victim"] == \
+            [model_file, model_file]
+        # And removed: its row goes.
+        await post_json(client, "/models/unload", {"model_id": "victim"})
+        assert [m["id"] for m in await get_json(client, "/models")] == ["tiny"]
+
+    await run_api(lambda: make_registry(config, {"file": harness}, fetcher_factory=no_hub),
+                  scenario)
+    assert fetched == []
+
+
+async def test_a_load_answer_says_already_loaded_and_what_it_evicted(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
+    from dataclasses import replace
+
+    config = replace(node_config, max_loaded_models=1)
+
+    async def scenario(client: TestClient[Any, Any], registry: ModelRegistry) -> None:
+        first = await post_json(client, "/models/load", {**FAKE, "model_id": "a"})
+        assert (first["already_loaded"], first["evicted"]) == (False, [])
+        again = await post_json(client, "/models/load", {**FAKE, "model_id": "a"})
+        assert (again["already_loaded"], again["evicted"]) == (True, [])
+        other = await post_json(client, "/models/load", {**FAKE, "model_id": "b"})
+        assert (other["already_loaded"], other["evicted"]) == (False, ["a"])
+        (listed,) = await get_json(client, "/models")
+        assert (listed["id"], listed["catalogue"], listed["default"]) == ("b", False, False)
+
+    await run_api(lambda: make_registry(config), scenario)

@@ -358,7 +358,7 @@ async def test_a_hundred_followers_get_the_bound_and_one_waits_for_a_log_to_appe
             assert node.followers.open == node.followers.limit
             await node.registry.load(fake("org/other+x@1"))
             seen = await read_until(waiting, b"fake worker pid")
-            assert seen.startswith(b"\n=== ")  # the start header, the file's first line
+            assert seen.startswith(b"=== ")  # the start header: the first line, no blank one
         finally:
             waiting.close()
             for r in answers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -172,7 +173,7 @@ def test_logs_prints_the_last_lines(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "line 197\nline 198\nline 199\n"
     default = neuronctl("logs", "Qwen/Qwen3-0.6B-GGUF", "--log-dir", str(tmp_path))
-    assert default.stdout.splitlines() == [f"line {i}" for i in range(150, 200)]
+    assert default.stdout.splitlines() == [f"line {i}" for i in range(100, 200)]
 
 
 def test_logs_reads_the_log_dir_from_the_config(tmp_path: Path) -> None:
@@ -368,7 +369,7 @@ def test_ps_is_status(stub: Stub) -> None:
     ps, status = neuronctl("ps", "--url", stub.url), neuronctl("status", "--url", stub.url)
     assert ps.returncode == 0, ps.stderr
     assert (ps.stdout, ps.stderr) == (status.stdout, status.stderr)
-    assert " ps " not in neuronctl("--help").stdout  # hidden: one command, listed once
+    assert "  ps      The same as status." in neuronctl("--help").stdout  # listed
 
 
 # --- known bugs -------------------------------------------------------------------------------
@@ -482,13 +483,51 @@ def test_help_text_is_shown_as_written() -> None:
     result = neuronctl("status", "-h")  # -h as well as --help, on every command
     assert result.returncode == 0, result.stderr
     help_text = squash(result.stdout)
-    assert squash("[default: $NEURON_URL, else the config's port]") in help_text
-    assert squash("[default: $NEURON_CONFIG, else /etc/neuron/neuron.toml]") in help_text
+    # Env vars and defaults the same way on every option: typer's own brackets.
+    assert squash("--url URL Daemon URL. [env var: NEURON_URL; default: (the port in the "
+                  "config)]") in help_text
+    assert squash("-c, --config FILE Config file. [env var: NEURON_CONFIG; default: "
+                  "(/etc/neuron/neuron.toml)]") in help_text
     assert "<bool>" not in result.stdout  # flags take no value
     assert "--install-completion" in neuronctl("--help").stdout
     # Arguments by the names docs/cli.md uses.
-    assert "neuronctl load [OPTIONS] {MODEL_ID}" in neuronctl("load", "-h").stdout
-    assert "neuronctl chat [OPTIONS] {MODEL_ID} [PROMPT]" in neuronctl("chat", "-h").stdout
+    assert "neuronctl load [OPTIONS] [MODEL_ID]" in neuronctl("load", "-h").stdout
+    assert "neuronctl chat [OPTIONS] MODEL_ID [PROMPT]" in neuronctl("chat", "-h").stdout
+
+
+COMMANDS = ["start", "check", "status", "ps", "events", "load", "unload", "reload", "chat",
+            "logs", "fleet"]
+
+
+def test_help_reads_like_one_tool() -> None:
+    """No Python types or typer braces as value names, every summary whole in the command
+    list, `ps` listed, `start` in the same style as the others."""
+    top = neuronctl("--help").stdout
+    listed = [line.split()[0] for line in top.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed == COMMANDS
+    assert "..." not in top.split("Commands:")[1]  # no summary cut short
+    for command in [*COMMANDS, "fleet status", "fleet litellm-config"]:
+        text = neuronctl(*command.split(), "--help").stdout
+        assert text.startswith(f"Usage: neuronctl {command} "), (command, text)
+        for leak in (r"<[a-z]", r"\{", r"list\[", r" range", r"\[default: \$"):
+            assert not re.search(leak, text), (command, leak, text)
+    start = neuronctl("start", "--help").stdout
+    assert "-c, --config FILE" in start and "--log-level LEVEL" in start
+    load = neuronctl("load", "--help").stdout
+    assert "--device GPU" in load and "--ttl SECONDS" in load
+    assert load.index("\n  --file ") < load.index("\n  --harness ") < load.index("\n  --ttl ")
+
+
+@pytest.mark.parametrize(("verb", "hint"), [
+    ("list", "use `neuronctl status` (the models this node runs, its catalogue too) or "
+             "`neuronctl models` (the model files it has)"),
+    ("run", "use `neuronctl chat MODEL` (a prompt, or an interactive chat)"),
+    ("version", "use `neuronctl --version`"),
+])
+def test_ollama_verbs_are_answered_with_the_equivalent(verb: str, hint: str) -> None:
+    result = neuronctl(verb, "gemma")
+    assert result.returncode == 2
+    assert stderr_lines(result) == [f"neuronctl: no command {verb!r} (that is Ollama's); {hint}"]
 
 
 def test_ctrl_c_during_load_says_the_daemon_goes_on(tmp_path: Path) -> None:
@@ -514,3 +553,127 @@ def test_ctrl_c_during_load_says_the_daemon_goes_on(tmp_path: Path) -> None:
         if conn is not None:
             conn.close()
         silent.close()
+
+
+def test_load_of_an_unknown_id_says_so_once(stub: Stub) -> None:
+    message = ("no model 'tyni' in the catalogue (did you mean tiny?); to fetch a Hugging "
+               "Face repo give --repo/--quant/--file")
+    stub.routes[("POST", "/models/load")] = (404, {"error": message, "code": "model_not_found"})
+    result = neuronctl("load", "tyni", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == [f"neuronctl: {message}"]  # the id once, not `tyni: `
+
+
+def test_load_says_already_loaded_and_what_it_evicted(stub: Stub) -> None:
+    stub.routes[("POST", "/models/load")] = (
+        200, {"status": "loaded", "model": {}, "already_loaded": True, "evicted": []})
+    result = neuronctl("load", "gemma", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"gemma is already loaded: model 'gemma' at {stub.url}/v1"]
+    stub.routes[("POST", "/models/load")] = (
+        200, {"status": "loaded", "model": {}, "already_loaded": False,
+              "evicted": ["tiny-native"]})
+    result = neuronctl("load", "fifth", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("fifth loaded in ") and line.endswith(
+        f"s (unloaded tiny-native to make room): model 'fifth' at {stub.url}/v1"), line
+
+
+def test_load_sends_every_model_key_the_api_takes(stub: Stub) -> None:
+    stub.routes[("POST", "/models/load")] = (200, {"status": "loaded", "model": {}})
+    result = neuronctl(
+        "load", "p2", "--harness", "llama-server", "--repo", "org/r", "--quant", "Q4_K_M",
+        "--parallel", "2", "--max-queue", "8", "--queue-timeout", "30", "--pinned",
+        "--device", "0", "--device", "1", "--tensor-split", "3", "--tensor-split", "1",
+        "--restart", "never", "--max-restarts", "2", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert stub.requests[-1][2] == {
+        "model_id": "p2", "harness": "llama-server", "repo": "org/r", "quant": "Q4_K_M",
+        "parallel": 2, "max_queue": 8, "queue_timeout_s": 30.0, "pinned": True,
+        "devices": [0, 1], "tensor_split": [3.0, 1.0], "restart": "never",
+        "max_restarts": 2}
+
+
+def test_load_defaults_brings_the_default_models_back(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [
+        {"id": "gemma", "status": "unloaded", "default": True},
+        {"id": "native", "status": "loaded", "default": True},
+        {"id": "tiny", "status": "unloaded", "default": False}])
+    stub.routes[("POST", "/models/load")] = (200, {"status": "loaded", "model": {}})
+    result = neuronctl("load", "--defaults", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["gemma loaded"]
+    assert [body for method, _, body in stub.requests if method == "POST"] == [
+        {"model_id": "gemma"}]
+    both = neuronctl("load", "gemma", "--defaults", "--url", stub.url)
+    assert both.returncode == 2
+    assert stderr_lines(both) == ["neuronctl: give a MODEL_ID or --defaults, not both"]
+
+
+def test_a_config_that_is_not_valid_toml_does_not_blind_the_cli(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """The operator is editing the file (`ttl_s = 60s`): status still reaches the node the
+    file names, with a warning; reload still asks it, and its refusal is what is said."""
+    port = int(stub.url.rsplit(":", 1)[1])
+    config = tmp_path / "neuron.toml"
+    config.write_text(f'host = "127.0.0.1"\nport = {port}\nttl_s = 60s\n'
+                      f'state_dir = "{tmp_path}/state"\n', encoding="utf-8")
+    stub.routes[("GET", "/models")] = (200, [])
+    result = neuronctl("status", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert stderr_lines(result) == [
+        f"neuronctl: warning: {config}: cannot read config file: Expected newline or end of "
+        f"document after a statement (at line 3, column 11); asking the node at {stub.url} "
+        "anyway (a reload would refuse this file)"]
+    refusal = (f"reload refused, nothing changed: {config}: cannot read config file: "
+               "Expected newline or end of document after a statement (at line 3, column 11)")
+    stub.routes[("POST", "/reload")] = (400, {"error": refusal, "code": "invalid_config"})
+    reload = neuronctl("reload", "--config", str(config))
+    assert reload.returncode == 1
+    assert stderr_lines(reload)[-1] == f"neuronctl: {refusal}"
+    assert ("POST", "/reload", None) in stub.requests
+
+
+def test_reload_names_each_model_and_a_dry_run_asks_for_one(stub: Stub) -> None:
+    answer = {"status": "reloaded", "dry_run": True,
+              "summary": "would reload config: 0 added, 0 removed, 1 reloaded",
+              "details": ["gemma: n_ctx 2048 → 1024, reloaded"]}
+    stub.routes[("POST", "/reload?dry_run=1")] = (200, answer)
+    result = neuronctl("reload", "--dry-run", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "would reload config: 0 added, 0 removed, 1 reloaded",
+        "  gemma: n_ctx 2048 → 1024, reloaded"]
+
+
+def test_status_says_why_a_model_restarts_and_check_exits_1(stub: Stub) -> None:
+    stub.routes[("GET", "/models")] = (200, [
+        {**MODELS[0], "id": "victim", "status": "restarting", "restarts": 3,
+         "last_error": "worker was killed by SIGKILL unexpectedly\nmore"},
+        {**MODELS[1], "id": "ok", "status": "loaded", "error": None, "last_error": None}])
+    result = neuronctl("status", "--url", stub.url)
+    assert result.returncode == 0, result.stderr
+    assert stderr_lines(result) == [
+        "victim: restarting after: worker was killed by SIGKILL unexpectedly"]
+    checked = neuronctl("status", "--check", "--url", stub.url)
+    assert checked.returncode == 1
+    stub.routes[("GET", "/models")] = (200, [{**MODELS[1], "id": "ok", "status": "loaded",
+                                              "error": None}])
+    assert neuronctl("status", "--check", "--url", stub.url).returncode == 0
+
+
+def test_logs_previous_says_when_no_worker_started_since(stub: Stub, tmp_path: Path) -> None:
+    log = tmp_path / "victim.log"
+    log.write_text("=== worker pid 7 was killed by SIGKILL\n", encoding="utf-8")
+    stub.routes[("GET", "/models")] = (200, [
+        {"id": "victim", "status": "failed", "log_path": str(log),
+         "last_error": "model file not found or not readable: /m/victim.gguf"}])
+    result = neuronctl("logs", "victim", "--previous", "--url", stub.url)
+    assert result.returncode == 1
+    assert stderr_lines(result) == [
+        f"neuronctl: no previous log for victim at {log}.1: no worker started after the "
+        "one in its current log (`neuronctl logs victim`); its last error: model file not "
+        "found or not readable: /m/victim.gguf"]

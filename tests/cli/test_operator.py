@@ -243,6 +243,7 @@ class SseStub:
         self.answers: list[Any] = []
         self.bodies: list[dict[str, Any]] = []
         self.url = ""
+        self.models: list[dict[str, Any]] | None = None  # GET /models; None: a 404
 
 
 @pytest.fixture
@@ -277,6 +278,15 @@ def sse_stub() -> Iterator[SseStub]:
                 self.wfile.flush()
             if not cut:
                 self.wfile.write(b"data: [DONE]\n\n")
+
+        def do_GET(self) -> None:
+            found = self.path == "/models" and stub.models is not None
+            data = json.dumps(stub.models if found else {"error": "no such route"}).encode()
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -500,12 +510,34 @@ def test_events_name_states_as_the_api_and_the_journal_do() -> None:
 
     line, = _event_lines("state", {"model": "m", "from": "ready", "to": "backoff",
                                    "reason": "worker was killed by SIGKILL", "time": 0})
-    assert "  m  loaded → restarting  worker was killed by SIGKILL" in line
+    assert line.endswith("  m  loaded → restarting  worker was killed by SIGKILL")
     line, = _event_lines("state", {"model": "m", "from": "pending", "to": "starting",
                                    "time": 0})
-    assert line.endswith("  m  loading: pending → starting")
+    assert line.endswith("  m  loading")  # the API's names only: no `pending → starting`
     line, = _event_lines("state", {"model": "m", "from": "warming", "to": "ready", "time": 0})
     assert line.endswith("  m  warming → ready")  # a state this CLI does not know yet
+
+
+def test_events_are_aligned_say_why_and_say_a_download_once_per_change() -> None:
+    from neuronctl.cli.status import EventLines
+
+    printer = EventLines()
+    snapshot = printer.lines("snapshot", {"models": [
+        {"id": "qwen3-0.6b", "status": "failed", "error": "cannot list Hugging Face repo\nx"},
+        {"id": "tiny", "status": "loaded"}]})
+    assert [line[10:] for line in snapshot] == [
+        "qwen3-0.6b  failed      cannot list Hugging Face repo",
+        "tiny        loaded"]
+    progress = {"model": "tyni", "download": {"file": None, "done_bytes": 0,
+                                              "total_bytes": None}}
+    first = printer.lines("progress", progress)
+    assert len(first) == 1 and printer.lines("progress", progress) == []  # the same: quiet
+    unloaded = printer.lines("state", {"model": "tiny", "from": "ready", "to": "stopping",
+                                       "reason": "idle: no request for 60 s (ttl_s 60)",
+                                       "time": 0})
+    # Columns as wide as the widest seen so far (the download's line here).
+    assert unloaded[0][10:].startswith("tiny        loaded → unloading   ")
+    assert unloaded[0].endswith("  idle: no request for 60 s (ttl_s 60)")
 
 
 @pytest.mark.parametrize(("url", "message"), [
@@ -527,3 +559,55 @@ def test_a_missing_python_for_llama_cpp_python_is_said_at_start(tmp_path: Path) 
     finally:
         node.stop()
     assert "harness llama-cpp-python cannot run here: python " in node.journal.read_text()
+
+
+def test_a_cut_off_answer_from_a_worker_still_loaded_quotes_its_log(
+    sse_stub: SseStub, tmp_path: Path
+) -> None:
+    """A prompt longer than the context (llama-cpp-python ends the stream): the node and
+    the worker are fine, and the worker's own line says why."""
+    log = tmp_path / "gemma.log"
+    log.write_text("Traceback (most recent call last):\n  ...\nValueError: Requested tokens "
+                   "(1502) exceed context window of 1024\n", encoding="utf-8")
+    sse_stub.models = [{"id": "gemma", "status": "loaded", "log_path": str(log)}]
+    sse_stub.answers = [{"cut": []}]
+    cut = run_cli("chat", "gemma", "hi", "--raw", "--url", sse_stub.url)
+    assert cut.returncode == 1
+    assert cut.stderr.splitlines() == [
+        f"neuronctl: the answer was cut off: {sse_stub.url} ended the stream before it was "
+        "complete: gemma is still loaded, so its worker ended the answer; its log says: "
+        "ValueError: Requested tokens (1502) exceed context window of 1024"]
+    sse_stub.models = [{"id": "gemma", "status": "restarting"}]
+    sse_stub.answers = [{"cut": ["Once"]}]
+    died = run_cli("chat", "gemma", "hi", "--url", sse_stub.url)
+    assert died.stderr.splitlines()[-1] == (
+        f"neuronctl: the answer was cut off: {sse_stub.url} ended the stream before it was "
+        "complete (its worker stopped: gemma is restarting now)")
+
+
+def test_chat_says_it_waits_for_an_on_demand_load(sse_stub: SseStub) -> None:
+    sse_stub.models = [{"id": "slow", "status": "unloaded"}]
+    sse_stub.answers = [["Hello"]]
+    result = run_cli("chat", "slow", "hi", "--url", sse_stub.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["loading slow on demand…"]
+    assert result.stdout == "Hello\n"
+
+
+def test_a_second_refused_reload_with_another_reason_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from neuronctl.api.ratelog import RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("test.reloads"), "reloads refused",
+                             clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "test.reloads"):
+        for reason in ("ttl_s: expected a number", "ttl_s: expected a number",
+                       "port: must be between 1 and 65535", "ttl_s: expected a number"):
+            limited.log("reload refused, nothing changed: %s", reason, key=reason)
+    assert [r.getMessage() for r in caplog.records] == [
+        "reload refused, nothing changed: ttl_s: expected a number",
+        "reload refused, nothing changed: port: must be between 1 and 65535"]

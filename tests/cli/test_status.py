@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from aiohttp.test_utils import TestClient, TestServer
 from rich.console import Console
 
@@ -291,3 +292,43 @@ n_ctx = 128
                 kill_quietly(daemon.pid)
                 daemon.wait(10)
     assert daemon.returncode == 0
+
+
+def test_a_harness_column_when_two_harnesses_run_side_by_side() -> None:
+    lines = render([entry("gemma", harness="llama-cpp-python"), entry("native")])
+    assert lines[0].split() == ["MODEL", "HARNESS", *HEADER[1:]]
+    assert row(lines, "gemma")[:2] == ["llama-cpp-python", "loaded"]
+    assert row(lines, "native")[:2] == ["llama-server", "loaded"]
+    assert max(len(line) for line in lines) <= 80
+    # One harness: no column that says the same on every row.
+    assert render([entry("native")])[0].split() == HEADER
+
+
+def test_watch_waits_through_activation_instead_of_exiting() -> None:
+    """`status --watch` while the daemon activates: what it says, then the table once its
+    API answers (the stream's snapshot); not `neuron is starting` and exit 1."""
+    from neuronctl.cli.status import _follow
+    from neuronctl.client import Client, DaemonNotRunning
+
+    class Activating(Client):
+        tries = 0
+
+        def events(self, read_timeout_s: float = 45.0) -> Any:
+            Activating.tries += 1
+            if Activating.tries <= 2:
+                raise DaemonNotRunning(self.url, (4711, f"loading {Activating.tries}/2 slow"))
+            yield "snapshot", {"models": []}
+            raise KeyboardInterrupt  # the operator's Ctrl-C ends the watch
+
+    said: list[str] = []
+    shown: list[str] = []
+    with pytest.raises(typer.Exit) as ended:
+        _follow(Activating("http://127.0.0.1:1"), lambda name, data: shown.append(name),
+                said.append, sleep=lambda s: None)
+    assert ended.value.exit_code == 0
+    assert said == [
+        "neuron is starting (pid 4711): loading 1/2 slow; http://127.0.0.1:1 answers once "
+        "its default models are loaded",
+        "neuron is starting (pid 4711): loading 2/2 slow; http://127.0.0.1:1 answers once "
+        "its default models are loaded"]
+    assert shown == ["snapshot"]

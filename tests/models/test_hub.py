@@ -338,3 +338,20 @@ def test_every_state_edge_is_commented_with_its_reason() -> None:
     edges = {(new.name, old.name) for old, news in states.TRANSITIONS.items() for new in news}
     assert commented == edges
     assert states.WorkerState.DOWNLOADING.status is ModelStatus.DOWNLOADING
+
+
+async def test_a_download_that_fails_says_why_in_the_models_log(
+    node_config: NeuronConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_registry: MakeRegistry,
+) -> None:
+    hide_nvidia_smi(tmp_path, monkeypatch)
+    cache = tmp_path / "hf"
+    hub = FakeHub(cache, {"m-Q8_0.gguf": b"w" * 4000})  # no Q4_K_M in the repo
+    config = dataclasses.replace(node_config, harness={"fake": HarnessConfig(hf_cache=cache)})
+    registry = make_registry(config, {"fake": FileHarness()}, fetcher_factory=hub.fetcher)
+    with pytest.raises(LoadError) as failed:
+        await registry.load(ModelSpec(REPO, harness="fake", quant="Q4_K_M"))
+    record = registry.get(REPO)
+    assert record is not None
+    log = record.log_path.read_text(encoding="utf-8")
+    assert f"download failed: {failed.value.message}" in log

@@ -23,7 +23,7 @@ from neuronctl.supervisor.reload import Reloader
 from neuronctl.supervisor.statefile import StateFile
 from neuronctl.supervisor.worker import Worker
 
-from ..helpers import MakeRegistry, pid_alive, poll_until
+from ..helpers import MakeRegistry, llama_required, pid_alive, poll_until
 
 FAKE = ModelSpec("m", harness="fake")
 
@@ -200,3 +200,27 @@ async def test_loading_a_model_that_is_being_unloaded_is_a_conflict(
     await registry.load(spec)  # once it is gone, a load starts it again
     await registry.unload("m")
     await assert_all_gone(PidRecordingWorker.pids)
+
+
+@pytest.mark.llama
+@llama_required
+async def test_a_real_workers_log_has_no_health_probe_lines(
+    node_config: NeuronConfig, tiny_gguf: Path, make_registry: MakeRegistry
+) -> None:
+    """The supervisor's /health probes would write a line each (8,640 a day per model);
+    requests that clients make are still logged. The log starts with its header."""
+    import urllib.request
+
+    from neuronctl.supervisor.harness import build_harnesses
+
+    registry = make_registry(node_config, build_harnesses(node_config))
+    model = await registry.load(ModelSpec("tiny", path=tiny_gguf, n_ctx=256))
+    assert model.worker is not None
+    for path in ("/health", "/health", "/v1/models"):
+        await asyncio.to_thread(lambda p=path: urllib.request.urlopen(
+            model.worker.endpoint + p, timeout=30).read())  # type: ignore[union-attr]
+    await asyncio.to_thread(poll_until, lambda: '"GET /v1/models' in model.log_path.read_text(),
+                            30)
+    text = model.log_path.read_text()
+    assert '"GET /health' not in text
+    assert text.startswith("=== ")  # no empty first line

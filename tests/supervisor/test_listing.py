@@ -33,7 +33,23 @@ async def test_a_live_and_an_unloaded_model_list_the_same_keys(
                         "pinned": False, "n_ctx": None, "ttl_s": config.ttl_s}
     listed = {entry["id"]: entry for entry in registry.listing()}
     assert list(listed["cat"]) == [*KEYS, "in_flight", "queued", "idle_until", "autoload",
-                                   "prompt_cache", "prompt_cache_bytes", "pull"]
+                                   "prompt_cache", "prompt_cache_bytes", "catalogue", "default",
+                                   "pull"]
     # The fake harness keeps no prompt cache; none is saved either.
     assert listed["cat"] == {**listing.with_traffic(unloaded, IDLE), "autoload": True,
-                             "prompt_cache": False, "prompt_cache_bytes": 0, "pull": None}
+                             "prompt_cache": False, "prompt_cache_bytes": 0,
+                             "catalogue": True, "default": False, "pull": None}
+
+
+async def test_rows_keep_the_config_order_as_models_load(
+    make_registry: MakeRegistry, node_config: NeuronConfig
+) -> None:
+    """`status --watch` and the dashboard must not jump: a catalogue model keeps its place
+    when it loads; models outside the catalogue follow, in the order they were loaded."""
+    config = dataclasses.replace(node_config, models=(
+        ModelSpec("a", harness="fake"), ModelSpec("b", harness="fake")))
+    registry = make_registry(config)
+    assert [m["id"] for m in registry.listing()] == ["a", "b"]
+    await registry.load(ModelSpec("own", harness="fake"))
+    await registry.load(config.models[1])
+    assert [m["id"] for m in registry.listing()] == ["a", "b", "own"]

@@ -17,14 +17,14 @@ def policy(**kw: object) -> RestartPolicy:
 
 
 def crash_loop(p: RestartPolicy, crashes: int, uptime_s: float = 0.1,
-               start: float = 1000.0) -> list[Restart | GiveUp]:
+               start: float = 1000.0, exit_code: int | None = 1) -> list[Restart | GiveUp]:
     """`crashes` exits in a row, each after `uptime_s` of being ready; the decisions."""
     history = History().ready(start)
     now = start
     decisions: list[Restart | GiveUp] = []
     for _ in range(crashes):
         now += uptime_s
-        decision = p.decide(history, 1, now)
+        decision = p.decide(history, exit_code, now)
         decisions.append(decision)
         if isinstance(decision, GiveUp):
             break
@@ -69,6 +69,14 @@ def test_max_restarts_within_the_window_gives_up_with_a_reason() -> None:
     last = decisions[-1]
     assert isinstance(last, GiveUp)
     assert last.reason == "gave up after 3 restarts within 600 s; last exit code 1"
+
+
+def test_giving_up_without_an_exit_code_says_no_none() -> None:
+    """Restarts that never spawned a worker have no exit code: not `last exit code none`
+    (the lifecycle adds the last error instead)."""
+    last = crash_loop(policy(max_restarts=2, window_s=600.0), 10, exit_code=None)[-1]
+    assert isinstance(last, GiveUp)
+    assert last.reason == "gave up after 2 restarts within 600 s"
 
 
 def test_restarts_older_than_the_window_do_not_count() -> None:

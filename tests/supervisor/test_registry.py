@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,8 +38,14 @@ async def test_concurrent_loads_of_one_model_start_one_process(
     assert fake_harness.planned == ["org/m"]
     with pytest.raises(Conflict, match="different settings") as conflict:
         await registry.load(fake("org/m", "--delay", "0.1"))
-    # It says which: only the args differ here.
-    assert "(args ('--delay', '0.3') → ('--delay', '0.1'))" in conflict.value.message
+    # It says which (only the args differ here), as the config writes them: no reprs.
+    assert conflict.value.message == (
+        "org/m is loaded with different settings (args [--delay, 0.3] → [--delay, 0.1]); "
+        "unload it first")
+    with pytest.raises(Conflict) as other_path:
+        await registry.load(dataclasses.replace(spec, path=Path("/m/tiny.gguf"), n_ctx=None))
+    assert "path unset → /m/tiny.gguf" in other_path.value.message
+    assert "PosixPath" not in other_path.value.message
 
 
 async def test_loads_of_different_models_are_serialized(make_registry: MakeRegistry) -> None:

@@ -354,3 +354,29 @@ async def test_concurrent_unloads_stop_once_and_never_500(make_registry: MakeReg
         results = await asyncio.gather(*(unload() for _ in range(3)), registry.shutdown())
         assert set(results[:3]) <= {200, 404, 409}
         assert fake_worker_pids() == []
+
+
+async def test_a_model_whose_file_is_gone_fails_at_once_with_its_cause(
+    node_config: NeuronConfig, make_registry: MakeRegistry, tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """A crash after the model file was deleted: no restart can bring it back, so it is
+    failed at the first restart, not after max_restarts, and the journal's line keeps why."""
+    from ..fakes import FileHarness
+
+    config = fast_restarts(node_config, max_restarts=5, restart_delay_s=0.05)
+    model_file = tmp_path / "victim.gguf"
+    model_file.write_bytes(tiny_gguf.read_bytes())
+    registry = make_registry(config, {"file": FileHarness()})
+    reasons: list[str] = []
+    registry.events.on_event(lambda e: reasons.append(e.reason))
+    record = await registry.load(ModelSpec("victim", harness="file", path=model_file))
+    assert record.worker is not None and record.worker.pid is not None
+    model_file.unlink()
+    os.kill(record.worker.pid, signal.SIGKILL)
+    await wait_for(lambda: record.status is ModelStatus.FAILED, 10)
+    shown = record.to_json()
+    assert shown["restarts"] == 1  # one try, which found no file
+    assert shown["error"].startswith(f"model file not found or not readable: {model_file}")
+    assert reasons[-1] == (f"model file not found or not readable: {model_file}; "
+                           "not restarted: a restart cannot fix it")
+    assert fake_worker_pids() == []

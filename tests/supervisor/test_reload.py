@@ -161,3 +161,55 @@ def test_log_formats(tmp_path: Path, fmt: str, journal: str) -> None:
         assert all(line[:3] in {"<6>", "<4>", "<3>"} for line in lines), lines
     else:
         assert listening[:4].isdigit() and " INFO neuronctl: listening on" in listening
+
+
+def write_catalogue(path: Path, defaults: dict[str, list[str]],
+                    catalogue: dict[str, list[str]]) -> None:
+    entries = "".join(
+        f'[[{table}]]\nmodel_id = "{m}"\nharness = "fake"\nargs = {json.dumps(a)}\n'
+        for table, models in (("default_models", defaults), ("models", catalogue))
+        for m, a in models.items())
+    path.write_text(f'host = "127.0.0.1"\nlog_dir = "log"\nstate_dir = "state"\n'
+                    f'stop_timeout_s = 2.0\n{entries}')
+
+
+async def test_reload_names_each_model_and_why_and_reloads_loaded_catalogue_models(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """A loaded catalogue model changed is reloaded, one removed from the file unloaded, one
+    not loaded takes its entry at its next load; each said per model, the reason in its
+    events; a dry run says the same and changes nothing."""
+    path = tmp_path / "neuron.toml"
+    write_catalogue(path, {"gemma": []}, {"tiny": [], "gone": [], "idle": []})
+    config = load_config(path, {})
+    registry = make_registry(config, with_fake(config))
+    reloader = Reloader(registry, path, build=with_fake)
+    await load_default_models(registry, config.default_models)
+    for model_id in ("tiny", "gone"):
+        await registry.load(config.catalogue()[model_id])
+    before = pids(registry)
+    reasons: list[tuple[str, str]] = []
+    registry.events.on_event(lambda e: reasons.append((e.model, e.reason)))
+
+    write_catalogue(path, {"gemma": ["--delay", "0.1"]},
+                    {"tiny": ["--delay", "0.2"], "idle": ["--delay", "0.3"]})
+    dry = await reloader.reload(dry_run=True)
+    expected = [
+        "gemma: args [] → [--delay, 0.1], reloaded",
+        "tiny: args [] → [--delay, 0.2], reloaded",
+        "gone: removed from the config, unloaded",
+        "idle: args [] → [--delay, 0.3], applies at its next load",
+    ]
+    assert dry.details == expected
+    assert dry.summary() == "would reload config: 0 added, 1 removed, 2 reloaded"
+    assert pids(registry) == before and registry.config == config  # nothing done
+
+    result = await reloader.reload()
+    assert result.details == expected
+    assert (result.added, result.removed, result.reloaded) == ([], ["gone"], ["gemma", "tiny"])
+    after = pids(registry)
+    assert set(after) == {"gemma", "tiny"}
+    assert after["tiny"] != before["tiny"] and after["gemma"] != before["gemma"]
+    assert registry.get("tiny").spec.args == ("--delay", "0.2")  # type: ignore[union-attr]
+    assert ("tiny", "config changed: args [] → [--delay, 0.2]") in reasons
+    assert ("gone", "config changed: removed from the config") in reasons

@@ -137,6 +137,7 @@
     setConn("live", "live");
     renderAll();
     if (!lastSample) sample(); // the first reading, so the charts start one period sooner
+    nodeInfo();
   }
 
   function onState(ev) {
@@ -258,7 +259,7 @@
     const counts = {};
     for (const m of models.values()) counts[m.status] = (counts[m.status] || 0) + 1;
     const parts = Object.entries(counts).map(([s, n]) => `${n} ${s}`);
-    $("summary").textContent = `${ids.length} models` + (parts.length ? ": " + parts.join(", ") : "");
+    $("summary").textContent = `${ids.length} model${ids.length === 1 ? "" : "s"}` + (parts.length ? ": " + parts.join(", ") : "");
     if (ids.length && !firstRowMarked) {
       firstRowMarked = true;
       performance.mark("neuron:first-row");
@@ -287,10 +288,14 @@
     c[8].textContent = until(m);
     const busy = ["loading", "downloading", "restarting", "unloading"].includes(status);
     const pending = notices.get(id) && notices.get(id).pending;
+    // A failed model outside the catalogue is removed (its row goes) rather than unloaded.
+    const removable = status === "failed" && m.catalogue === false;
     row.load.hidden = !(status === "unloaded" || status === "failed");
-    row.unload.hidden = status === "unloaded" || (status === "failed" && !m.pid);
+    row.unload.hidden = status === "unloaded" || (status === "failed" && !m.pid && !removable);
+    row.unload.textContent = removable ? "Remove" : "Unload";
     row.load.disabled = Boolean(pending) || busy;
-    row.unload.disabled = Boolean(pending) || (busy && status !== "loading");
+    // Unloading cancels a download and ends a restart loop (api.md): never disabled then.
+    row.unload.disabled = Boolean(pending) || status === "unloading";
     drawChart(id);
     const notice = notices.get(id);
     let text = "";
@@ -298,6 +303,7 @@
     if (notice) { text = notice.text; isError = notice.error; }
     else if (status === "failed" && m.error) text = `error: ${m.error}`;
     else if (m.warning) text = `warning: ${m.warning}`;
+    else if (status === "restarting" && m.last_error) text = `restarting after: ${m.last_error}`;
     else if (m.last_error && status === "loaded") {
       text = `last failure: ${m.last_error}`;
       isError = false;
@@ -346,14 +352,25 @@
 
   function traffic(m) {
     if (m.queued === undefined || m.in_flight === undefined) return "–";
+    // An unloaded model with nothing waiting: nothing to count (as `neuronctl status`).
+    if (m.status === "unloaded" && !m.queued && !m.in_flight) return "–";
     return `${m.queued} / ${m.in_flight}`;
+  }
+
+  // A coarse span for a countdown or a TTL, as `neuronctl status` words it (formats.py's
+  // fmt_span): `45s`, `5m`, `2h05m`.
+  function coarse(seconds) {
+    const s = Math.round(Math.max(0, seconds));
+    if (s < 100) return `${s}s`;
+    if (s < 6000) return `${Math.round(s / 60)}m`;
+    return `${Math.floor(s / 3600)}h${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
   }
 
   function until(m) {
     if (m.idle_until !== null && m.idle_until !== undefined) {
-      return "in " + span(m.idle_until - Date.now() / 1000);
+      return "in " + coarse(m.idle_until - Date.now() / 1000);
     }
-    if (m.ttl_s !== null && m.ttl_s !== undefined) return "ttl " + span(m.ttl_s);
+    if (m.ttl_s !== null && m.ttl_s !== undefined) return "ttl " + coarse(m.ttl_s);
     return m.pinned ? "pinned" : "–";
   }
 
@@ -440,9 +457,13 @@
     } catch (e) {
       message = String(e.message || e);
     }
-    if (message) notices.set(id, {text: `${action} failed: ${message}`, error: true});
+    // An error is shown once: in the model's row when it has one, else under the field.
+    const inRow = rows.has(id);
+    if (message && inRow) notices.set(id, {text: `${action} failed: ${message}`, error: true});
     else notices.delete(id);
-    if (errorTarget) errorTarget.textContent = message ? `${action} ${id}: ${message}` : "";
+    if (errorTarget) {
+      errorTarget.textContent = message && !inRow ? `${action} ${id}: ${message}` : "";
+    }
     if (rows.has(id)) renderRow(id);
     scheduleRefresh();
   }
@@ -472,7 +493,8 @@
     const previous = $("log-previous").checked;
     const state = $("log-state");
     state.textContent = "opening…";
-    const query = previous ? "?lines=500&previous=1" : "?lines=200&follow=1";
+    // The server's default number of lines (100), as `neuronctl logs` shows.
+    const query = previous ? "?previous=1" : "?follow=1";
     let resp;
     try {
       resp = await call(`/models/${modelPath(id)}/logs${query}`, {signal: ctl.signal});
@@ -568,6 +590,28 @@
     for (const id of rows.keys()) drawChart(id);
   });
   $("node-name").textContent = location.host;
+
+  // The node panel: what GET /health says (version, uptime, each GPU's used and free VRAM),
+  // read every 10 s: on a GPU node, free VRAM is the first thing an operator looks for.
+  async function nodeInfo() {
+    if (document.hidden || $("dash").hidden) return;
+    let h;
+    try {
+      const resp = await call("/health");
+      if (!resp.ok) return;
+      h = await resp.json();
+    } catch (_) { return; }
+    const parts = [`neuronctl ${h.version}`, `node ${h.node_id}`, `up ${span(h.uptime_s)}`];
+    const gpus = h.gpus || [];
+    if (!gpus.length) parts.push("no GPU: CPU only");
+    for (const g of gpus) {
+      const mib = (n) => (n === null || n === undefined) ? "–" : bytes(n * 1048576);
+      parts.push(`GPU ${g.index} ${g.name}: ${mib(g.memory_used_mb)} used, ` +
+                 `${mib(g.memory_free_mb)} free of ${mib(g.memory_total_mb)}`);
+    }
+    $("node").textContent = parts.join(" · ");
+  }
+  setInterval(nodeInfo, 10000);
   setInterval(() => {  // the clocks: uptime and idle countdowns tick without a request
     for (const [id, m] of models) {
       const row = rows.get(id);
