@@ -1,4 +1,5 @@
-"""Idle unload: a model with a `ttl_s` is unloaded after that long without a /v1 request.
+"""Idle unload: a model with a `ttl_s` is unloaded after that long without a /v1 request
+(or after the `keep_alive` its latest Ollama request asked for: `Activity.keep_alive_s`).
 
 Idle is what `/models` shows as `idle_until`, computed once (`listing.with_traffic`) from
 the router's counters (`RouterStats.activity`: nothing in flight or queued, and when the
@@ -63,8 +64,11 @@ class IdleReaper:
         for model in self.registry.models():
             if model.status is not ModelStatus.LOADED:
                 continue
+            activity = self.activity(model.model_id)
             ttl = self.ttl_for(model)
-            until = idle_until(model, ttl, self.activity(model.model_id))
+            if activity.keep_alive_s is not None:  # a client's keep_alive (Ollama's API)
+                ttl = activity.keep_alive_s if activity.keep_alive_s >= 0 else None
+            until = idle_until(model, self.ttl_for(model), activity)
             if ttl is not None and until is not None and now >= until:
                 due.append((model, now - until + ttl))
         return due
@@ -75,8 +79,8 @@ class IdleReaper:
                 continue  # reloaded or unloaded meanwhile
             if self.activity(model.model_id).busy:
                 continue  # a request came while an earlier one was being unloaded
-            log.info("%s: no request for %.0f s (ttl_s %g); unloading",
-                     model.model_id, idle_s, self.ttl_for(model) or 0)
+            log.info("%s: no request for %.0f s (ttl_s %g, or the keep_alive a request "
+                     "asked for); unloading", model.model_id, idle_s, self.ttl_for(model) or 0)
             with contextlib.suppress(ModelNotFound, Conflict):  # someone else unloaded it first
                 await self.registry.unload(model.model_id)
 

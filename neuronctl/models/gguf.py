@@ -64,6 +64,8 @@ GGML_TYPES: dict[int, tuple[int, int]] = {
 # Keys whose values the estimate reads, by the suffix after `{architecture}`.
 _ARCH_KEY = b"general.architecture"
 _ALIGNMENT_KEY = b"general.alignment"
+# Not for the estimate: how Ollama's API describes a model (its quantization level).
+_FILE_TYPE_KEY = b"general.file_type"
 _SUFFIXES = {
     b".block_count": "block_count",
     b".context_length": "context_length",
@@ -90,8 +92,8 @@ class Header:
     """What the estimate needs from a model's header(s); None where the file is silent."""
 
     __slots__ = ("architecture", "block_count", "context_length", "embedding_length",
-                 "head_count", "head_count_kv", "key_length", "tensor_count", "value_length",
-                 "weights_bytes")
+                 "file_type", "head_count", "head_count_kv", "key_length", "parameter_count",
+                 "tensor_count", "value_length", "weights_bytes")
 
     def __init__(
         self,
@@ -105,6 +107,8 @@ class Header:
         head_count_kv: int | list[int] | None = None,
         key_length: int | None = None,
         value_length: int | None = None,
+        parameter_count: int | None = None,
+        file_type: int | None = None,
     ) -> None:
         self.weights_bytes = weights_bytes  # every tensor of every part
         self.tensor_count = tensor_count
@@ -116,6 +120,10 @@ class Header:
         self.head_count_kv = head_count_kv
         self.key_length = key_length
         self.value_length = value_length
+        # Every tensor's elements (the model's parameters) and `general.file_type` (llama.cpp's
+        # LLAMA_FTYPE_*): what Ollama's API shows as parameter size and quantization level.
+        self.parameter_count = parameter_count
+        self.file_type = file_type
 
     def as_json(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -228,6 +236,7 @@ class _Part:
     def __init__(self) -> None:
         self.weights_bytes = 0
         self.tensor_count = 0
+        self.elements = 0
         self.values: dict[bytes, int | str | list[int]] = {}
 
 
@@ -269,7 +278,7 @@ def _read_value(cur: _Cursor, vtype: int, key: bytes, keep: bool) -> int | str |
 
 
 def _wanted(key: bytes) -> bool:
-    return key in (_ARCH_KEY, _ALIGNMENT_KEY) or key.endswith(tuple(_SUFFIXES))
+    return key in (_ARCH_KEY, _ALIGNMENT_KEY, _FILE_TYPE_KEY) or key.endswith(tuple(_SUFFIXES))
 
 
 def read_part(path: str) -> _Part:
@@ -340,6 +349,7 @@ def read_part(path: str) -> _Part:
                 raise BadHeader(f"tensor {name}: its first dimension {dims[0]} is not a "
                                 f"multiple of its type's block of {block}")
             n_bytes = elements * type_bytes // block
+            part.elements += elements
             part.weights_bytes += n_bytes
             if offset + n_bytes > end:
                 end, last = offset + n_bytes, name
@@ -394,7 +404,8 @@ def read_model(paths: Sequence[str | os.PathLike[str]]) -> Header:
     return Header(
         sum(p.weights_bytes for p in parts), tensors, arch, layers, number("context_length"),
         number("embedding_length"), per_layer("head_count"), per_layer("head_count_kv"),
-        number("key_length"), number("value_length"))
+        number("key_length"), number("value_length"), sum(p.elements for p in parts),
+        file_type if isinstance(file_type := values.get(_FILE_TYPE_KEY), int) else None)
 
 
 def _quote(text: str) -> str:
