@@ -4,9 +4,9 @@ error middleware.
 Every route the node serves is listed in `routes()`. The control routes answer JSON,
 errors included (`{"error": "...", "type": ..., "code": ...}`): one middleware turns
 whatever went wrong into that shape, with the status errors.py gives it, so no client ever
-sees an HTML page or a traceback. `/v1` answers errors in OpenAI's shape itself (v1.py);
-the dashboard's page and assets, `/metrics` and a model's logs are not JSON, and a client
-that left before its answer gets an empty 400 nobody reads.
+sees an HTML page or a traceback. `/v1` answers errors in OpenAI's shape itself (v1.py),
+`/api` in Ollama's (ollama.py); the dashboard's page and assets, `/metrics` and a model's
+logs are not JSON, and a client that left before its answer gets an empty 400 nobody reads.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .events_sse import STREAMS, EventStreams
 from .idle import IdleReaper
 from .logstream import FOLLOWERS, LogFollowers
 from .metrics import Metrics
+from .ollama import OllamaApi
 from .ratelog import RateLimitedLog
 from .requestbody import read_limited
 from .traffic import RouterStats
@@ -119,8 +120,9 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY].listing())
 
 
-async def load_model(request: web.Request) -> web.Response:
-    body = await _json_object(request)
+def checked_spec(request: web.Request, body: dict[str, Any]) -> ModelSpec:
+    """The spec a load request's body means, with every check a client's load passes
+    (`POST /models/load`, Ollama's `/api/pull`): the body, remote loads, `args`."""
     try:
         spec = model_spec_from_mapping(body)
     except ConfigError as exc:
@@ -134,6 +136,13 @@ async def load_model(request: web.Request) -> web.Response:
     spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
     if "args" in body:  # against the harness that will run it (a catalogue entry's)
         _check_args(registry, spec)
+    return spec
+
+
+async def load_model(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    spec = checked_spec(request, body)
+    registry = request.app[REGISTRY]
     try:
         model = await registry.load(spec, by_client=True)
     except errors.LoadError as exc:
@@ -255,7 +264,7 @@ async def _identity_headers(request: web.Request, response: web.StreamResponse) 
 
 
 def routes(router: Router, streams: EventStreams, followers: LogFollowers,
-           metrics: Metrics, stats: RouterStats) -> list[web.RouteDef]:
+           metrics: Metrics, stats: RouterStats, ollama: OllamaApi) -> list[web.RouteDef]:
     """Every route the node serves. Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence
     the greedy patterns; `/v1/models` comes before the `/v1` catch-all that forwards."""
     return [
@@ -274,6 +283,7 @@ def routes(router: Router, streams: EventStreams, followers: LogFollowers,
         web.get("/v1/models", router.list_models),
         web.get("/v1/models/{model_id:.+}", router.get_model),
         web.route("*", "/v1/{path:.*}", router.forward),
+        *ollama.routes(),  # /api/...: Ollama's API, through the same router (ollama.py)
     ]
 
 
@@ -316,7 +326,8 @@ def create_app(
     app[ROUTER_STATS] = stats
     app[STREAMS] = streams
     app[FOLLOWERS] = followers
-    app.router.add_routes(routes(router, streams, followers, metrics, stats))
+    ollama = OllamaApi(registry, router, checked_spec)
+    app.router.add_routes(routes(router, streams, followers, metrics, stats, ollama))
     app.on_response_prepare.append(_identity_headers)
     app.cleanup_ctx.extend([
         router.upstream.client_session,  # one pooled client for every worker

@@ -146,7 +146,7 @@ class Router:
             loop = asyncio.get_running_loop()
             self._check_handle = loop.call_later(HANG_UP_CHECK_S, self._check_clients)
 
-    def _servable(self) -> dict[str, dict[str, Any]]:
+    def servable(self) -> dict[str, dict[str, Any]]:
         """What a request may name: loaded models, and catalogue models that a request
         would load (autoload), as `unloaded`."""
         entries = {m.model_id: _model_entry(m) for m in self.registry.models()
@@ -160,11 +160,11 @@ class Router:
         return entries
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": list(self._servable().values())})
+        return web.json_response({"object": "list", "data": list(self.servable().values())})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
-        entry = self._servable().get(model_id)
+        entry = self.servable().get(model_id)
         if entry is None:
             return openai_error(self._unknown_model(model_id))
         return web.json_response(entry)

@@ -1,0 +1,634 @@
+"""Ollama's API (`/api/...`) on the node's port, for the clients that speak only it.
+
+Nothing here reaches a worker by a path of its own: a chat, generate or embed request is
+translated (ollama_convert.py) into the OpenAI-style body the worker already serves and
+goes through `v1.Router.serve`, so it is queued, loaded on demand, counted and timed
+exactly as a `/v1` request is; only the exchange differs: the worker's answer is turned
+back into Ollama's JSON, or its server-sent chunks into Ollama's NDJSON lines. Errors are
+Ollama's shape, `{"error": "..."}`, with its statuses (404 for an unknown model, 400 for a
+bad request); a stream the worker breaks off ends with an `{"error": ...}` line before the
+connection is cut, as Ollama's clients raise that.
+
+What the node does not do (create, copy, delete, push models) answers a 400 that says
+what to do instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientError, ClientResponse, web
+
+from .. import __version__, errors
+from ..config import ModelSpec, effective
+from ..errors import NeuronError
+from ..models import files as modelfiles
+from ..models.headers import read_bounded
+from ..supervisor.lifecycle import ModelLifecycle
+from ..supervisor.registry import ModelRegistry
+from ..supervisor.worker import Worker
+from . import ollama_convert as convert
+from .requestbody import read_limited
+from .traffic import ModelStats
+from .v1 import Router
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+# Where a request's options the node does not apply per request are named.
+IGNORED_HEADER = "X-Neuron-Ignored-Options"
+# A non-streamed answer is read whole to be translated; past this it is refused.
+ANSWER_LIMIT = 16 * 1024 * 1024
+# How often a pull in progress reports.
+PULL_REPORT_S = 0.5
+# Headers read for /api/tags and /api/show, by file version; bounded.
+HEADERS_KEPT = 64
+# `expires_at` of a model with no idle time: Ollama's own "forever" is that far too.
+FOREVER_S = 100 * 365 * 86400
+
+CheckLoad = Callable[[web.Request, dict[str, Any]], ModelSpec]
+
+_REFUSED = {
+    "/api/create": "models are not created on this node: add a [[models]] entry (a GGUF "
+                   "`path`, or a Hugging Face `repo` and `quant`) to the node's config, or "
+                   "load one with POST /models/load",
+    "/api/copy": "model ids are the node config's: add another [[models]] entry with the "
+                 "same file under the new id",
+    "/api/delete": "models are not deleted through this node: unload one with "
+                   "POST /models/unload (or keep_alive 0) and remove it from the node's "
+                   "config; downloaded files stay in the Hugging Face cache",
+    "/api/push": "this node does not push models to a registry",
+}
+
+
+def ollama_error(exc: NeuronError) -> web.Response:
+    """`exc` in Ollama's shape, with its status (and headers: Retry-After)."""
+    return web.json_response({"error": exc.message}, status=exc.status, headers=exc.headers)
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+class OllamaApi:
+    """The `/api` routes. `router`: the /v1 router whose queues and counters every request
+    goes through; `check_load`: the checks of a client's load (app.checked_spec)."""
+
+    def __init__(self, registry: ModelRegistry, router: Router, check_load: CheckLoad
+                 ) -> None:
+        self.registry = registry
+        self.router = router
+        self.check_load = check_load
+        self._headers: dict[tuple[Any, ...], dict[str, Any] | None] = {}
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/version", self.version),
+            web.get("/api/tags", self.tags),
+            web.get("/api/ps", self.ps),
+            web.post("/api/show", self.handler(self.show)),
+            web.post("/api/chat", self.handler(self.chat)),
+            web.post("/api/generate", self.handler(self.generate)),
+            web.post("/api/embed", self.handler(self.embed)),
+            web.post("/api/embeddings", self.handler(self.embeddings)),
+            web.post("/api/pull", self.handler(self.pull)),
+            *(web.route("*", path, self.refuse) for path in _REFUSED),
+        ]
+
+    def handler(self, handle: Callable[[web.Request, dict[str, Any]], Any]
+                ) -> Callable[[web.Request], Any]:
+        """A POST route: its body read and parsed (bounded, as /v1's), every refusal
+        answered in Ollama's shape."""
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                body = await self._body(request)
+                response: web.StreamResponse = await handle(request, body)
+                return response
+            except NeuronError as exc:
+                return ollama_error(exc)
+            except ConnectionError:  # the client left while its body was being read
+                return web.Response(status=400)  # nobody will read it
+        return run
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        config = self.registry.config
+        limit = config.max_request_bytes
+        raw = await read_limited(request.content, request.content_length, limit,
+                                 self.router.stats.queued_bytes, config.max_queued_bytes)
+        if raw is None:
+            raise errors.PayloadTooLarge(
+                f"request body too large (limit {limit} bytes; max_request_bytes in the "
+                "node config)")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise errors.InvalidJson("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise errors.InvalidJson("request body must be a JSON object")
+        return body
+
+    # --- what is served -------------------------------------------------------------------
+
+    def _known(self) -> set[str]:
+        return {m.model_id for m in self.registry.models()} | set(self.registry.catalogue)
+
+    def _model_id(self, body: dict[str, Any], key: str = "model") -> tuple[str, str]:
+        """(the node's id, the name the client used) of the model a request names."""
+        name = convert.model_field(body, key)
+        return convert.model_id_for(name, self._known()), name
+
+    def _spec(self, model_id: str) -> ModelSpec | None:
+        model = self.registry.get(model_id)
+        return model.spec if model is not None else self.registry.catalogue.get(model_id)
+
+    def _n_ctx(self, spec: ModelSpec | None) -> int | None:
+        if spec is None:
+            return None
+        value = effective(spec, self.registry.config.harness_config(spec.harness), "n_ctx")
+        return value if isinstance(value, int) else None
+
+    def _parts(self, model_id: str) -> tuple[Path, ...]:
+        model = self.registry.get(model_id)
+        spec = self._spec(model_id)
+        if spec is None:
+            return ()
+        resolved = model.resolved if model is not None else None
+        try:
+            return modelfiles.run_spec(spec, resolved, needs_file=False)[2]
+        except NeuronError:
+            return ()
+
+    async def _header(self, parts: tuple[Path, ...]) -> dict[str, Any] | None:
+        """The GGUF header of `parts` (as_json), read in the bounded child once per
+        version of the files; None when there is no file yet or it cannot be read."""
+        if not parts:
+            return None
+        try:
+            key = tuple((str(p), (st := os.stat(p)).st_size, st.st_mtime_ns) for p in parts)
+        except OSError:
+            return None
+        if key not in self._headers:
+            try:
+                header: dict[str, Any] | None = (await read_bounded(parts)).as_json()
+            except Exception as exc:  # BadHeader, CannotEstimate: the listing goes on
+                log.info("ollama api: cannot read the header of %s: %s", parts[0], exc)
+                header = None
+            while len(self._headers) >= HEADERS_KEPT:
+                del self._headers[next(iter(self._headers))]
+            self._headers[key] = header
+        return self._headers[key]
+
+    async def _describe(self, model_id: str) -> dict[str, Any]:
+        """What /api/tags, /api/ps and /api/show share about a model."""
+        parts = self._parts(model_id)
+        header = await self._header(parts)
+        size, mtime = 0, 0.0
+        for part in parts:
+            try:
+                st = os.stat(part)
+            except OSError:
+                continue
+            size += st.st_size
+            mtime = max(mtime, st.st_mtime)
+        name = convert.ollama_name(model_id)
+        identity = "|".join(f"{p}:{size}:{mtime}" for p in parts) or model_id
+        return {"name": name, "model": name, "modified_at": convert.timestamp(mtime),
+                "size": size, "digest": convert.digest(identity),
+                "details": convert.details(header), "_header": header}
+
+    @staticmethod
+    def _public(entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": convert.OLLAMA_VERSION,
+                                  "neuronctl": __version__})
+
+    async def tags(self, request: web.Request) -> web.Response:
+        """Every model a request may name: what /v1/models lists."""
+        entries = [self._public(await self._describe(model_id))
+                   for model_id in self.router.servable()]
+        return web.json_response({"models": entries})
+
+    async def ps(self, request: web.Request) -> web.Response:
+        now = time.time()
+        entries = []
+        for listed in self.registry.listing():
+            if listed["status"] != "loaded":
+                continue
+            entry = self._public(await self._describe(listed["id"]))
+            vram = (listed.get("vram_used_mb") or 0) * 1024 * 1024
+            until = listed.get("idle_until")
+            entries.append({
+                **entry,
+                "size": (listed.get("rss_bytes") or 0) + vram,
+                "size_vram": vram,
+                "expires_at": convert.timestamp(until if until is not None
+                                                else now + FOREVER_S),
+                "context_length": listed.get("n_ctx") or 0,
+            })
+        return web.json_response({"models": entries})
+
+    async def show(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        model_id, name = self._model_id(body)
+        spec = self._spec(model_id)
+        if spec is None:
+            raise errors.ModelNotFound(f"model '{name}' not found")
+        described = await self._describe(model_id)
+        header = described["_header"]
+        n_ctx = self._n_ctx(spec)
+        parameters = [f"num_ctx {n_ctx}"] if n_ctx else []
+        harness = self.registry.harnesses.get(spec.harness)
+        capabilities = ["completion"]
+        if spec.harness == "llama-server":  # its Jinja chat templates take tools
+            capabilities.append("tools")
+        source = spec.path or spec.repo or spec.model_id
+        return web.json_response({
+            "license": "",
+            "modelfile": f"# served by neuronctl ({spec.harness})\nFROM {source}\n",
+            "parameters": "\n".join(parameters),
+            "template": spec.chat_format or "",  # the GGUF's own template otherwise
+            "details": described["details"],
+            "model_info": convert.model_info(header),
+            "capabilities": capabilities if harness is not None else ["completion"],
+            "modified_at": described["modified_at"],
+        })
+
+    async def refuse(self, request: web.Request) -> web.Response:
+        message = _REFUSED[request.path]
+        return ollama_error(errors.BadRequest(f"{request.path}: {message}"))
+
+    # --- answers ---------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return await self._answer(request, body, "chat")
+
+    async def generate(self, request: web.Request, body: dict[str, Any]
+                       ) -> web.StreamResponse:
+        return await self._answer(request, body, "generate")
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], kind: str
+                      ) -> web.StreamResponse:
+        model_id, name = self._model_id(body)
+        n_ctx = self._n_ctx(self._spec(model_id))
+        translate = convert.chat_request if kind == "chat" else convert.generate_request
+        asked = translate(body, model_id, n_ctx)
+        headers = {IGNORED_HEADER: "; ".join(asked.ignored)[:1000]} if asked.ignored else {}
+        if asked.ignored:
+            log.info("ollama api: %s: options not applied: %s", model_id,
+                     "; ".join(asked.ignored))
+        if asked.empty:
+            return await self._load_or_unload(request, model_id, name, kind, asked, headers)
+        payload = json.dumps(asked.body).encode()
+        tally = convert.Tally(started=time.monotonic(),
+                              loaded_for_it=not self._serving(model_id))
+
+        async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
+            tally.admitted = time.monotonic()
+            upstream = await self.router.upstream.post(worker, asked.path, payload, model_id,
+                                                       stats)
+            try:
+                if upstream.status != 200:
+                    return await self._refused_by_worker(upstream, stats, model_id, worker)
+                if asked.stream:
+                    return await self._stream(request, upstream, kind, name, tally, model_id,
+                                              worker, stats, headers)
+                answer = await self._whole(upstream, model_id, worker, stats)
+                return self._single(answer, kind, name, tally, stats, headers)
+            finally:
+                upstream.close()
+
+        try:
+            return await self.router.serve(request, model_id, len(payload), asked.stream,
+                                           exchange, asked.keep_alive_s)
+        except NeuronError as exc:
+            raise self._named(exc, model_id, name) from None
+
+    def _serving(self, model_id: str) -> bool:
+        model = self.registry.get(model_id)
+        return model is not None and model.serving_worker is not None
+
+    @staticmethod
+    def _named(exc: NeuronError, model_id: str, name: str) -> NeuronError:
+        """Ollama's words for a model it does not have; every other refusal as it is."""
+        if isinstance(exc, errors.ModelNotFound):
+            return errors.ModelNotFound(f"model '{name}' not found; this node serves what "
+                                        "GET /api/tags lists")
+        return exc
+
+    async def _load_or_unload(self, request: web.Request, model_id: str, name: str,
+                              kind: str, asked: convert.Translated, headers: dict[str, str]
+                              ) -> web.StreamResponse:
+        """Ollama's idiom: no messages (or prompt) loads the model; with keep_alive 0 it
+        unloads it. A load waits in the model's queue like any request."""
+        if asked.keep_alive_s == 0:
+            model = self.registry.get(model_id)
+            if model is None and self._spec(model_id) is None:
+                raise self._named(errors.ModelNotFound(""), model_id, name)
+            if model is not None and not self.registry.config.pinned(model.spec):
+                stats = self.router.stats.model(model_id)
+                stats.keep_alive_s = 0.0  # busy now: the idle unloader's, once it is idle
+                if not self.router.stats.activity(model_id).busy:
+                    await self.registry.unload(model_id)
+            answer = convert.line(kind, name, time.time(), "", True)
+            return web.json_response({**answer, "done_reason": "unload"}, headers=headers)
+
+        async def loaded(worker: Worker, stats: ModelStats) -> web.StreamResponse:
+            stats.count(200)
+            answer = convert.line(kind, name, time.time(), "", True)
+            return web.json_response({**answer, "done_reason": "load"}, headers=headers)
+
+        try:
+            return await self.router.serve(request, model_id, 0, False, loaded,
+                                           asked.keep_alive_s)
+        except NeuronError as exc:
+            raise self._named(exc, model_id, name) from None
+
+    async def _refused_by_worker(self, upstream: ClientResponse, stats: ModelStats,
+                                 model_id: str, worker: Worker) -> web.Response:
+        """The worker refused the translated request: its reason, Ollama's shape; a 4xx
+        stays a 400 (the request), anything else is a 500 (the worker's)."""
+        body = await self._whole(upstream, model_id, worker, stats)
+        status = 400 if 400 <= upstream.status < 500 else 500
+        stats.count(status)
+        message = convert.worker_error(upstream.status, body)
+        return web.json_response({"error": message}, status=status)
+
+    async def _whole(self, upstream: ClientResponse, model_id: str, worker: Worker,
+                     stats: ModelStats) -> bytes:
+        idle_s = self.registry.config.upstream_idle_timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while chunk := await asyncio.wait_for(upstream.content.readany(), idle_s):
+                size += len(chunk)
+                if size > ANSWER_LIMIT:
+                    raise errors.WorkerUnavailable(
+                        f"the worker's answer for {model_id!r} is over {ANSWER_LIMIT} bytes; "
+                        "ask for it streamed")
+                chunks.append(chunk)
+        except (asyncio.TimeoutError, ClientError, OSError) as exc:
+            raise errors.WorkerUnavailable(
+                self.router.upstream.broken_off(model_id, worker, stats, exc)) from None
+        return b"".join(chunks)
+
+    def _single(self, raw: bytes, kind: str, name: str, tally: convert.Tally,
+                stats: ModelStats, headers: dict[str, str]) -> web.Response:
+        try:
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
+            answer = None
+        if not isinstance(answer, dict):
+            raise errors.WorkerUnavailable("the worker's answer is not JSON")
+        tally.take(answer)
+        text, tools = convert.text_of(answer, delta=False)
+        now = time.monotonic()
+        tally.first_token = tally.first_token or now
+        out = convert.line(kind, name, time.time(), text, True,
+                           convert.tool_calls_back(tools))
+        final = tally.final(now)
+        stats.count(200)
+        stats.tokens += final["eval_count"]
+        return web.json_response(
+            {**out, "done_reason": convert.done_reason(tally.finish_reason), **final},
+            headers=headers)
+
+    async def _stream(self, request: web.Request, upstream: ClientResponse, kind: str,
+                      name: str, tally: convert.Tally, model_id: str, worker: Worker,
+                      stats: ModelStats, headers: dict[str, str]) -> web.StreamResponse:
+        """The worker's server-sent chunks as Ollama's NDJSON lines, a last `done` line
+        with its counts and timings; an `{"error": ...}` line when the worker breaks off."""
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, **headers})
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            stats.client_disconnects += 1
+            return response
+        stats.count(200)
+        idle_s = self.registry.config.upstream_idle_timeout_s
+        gathered: list[dict[str, Any]] = []
+        pending = b""
+        finished = False
+        try:
+            while not finished:
+                try:
+                    chunk = await asyncio.wait_for(upstream.content.readany(), idle_s)
+                except (asyncio.TimeoutError, ClientError, OSError) as exc:
+                    message = self.router.upstream.broken_off(model_id, worker, stats, exc)
+                    await self._cut(request, response, message)
+                    return response
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                for data in _events(lines):
+                    if data == b"[DONE]":
+                        finished = True
+                        continue
+                    answer = _json_or_none(data)
+                    if answer is None:
+                        continue
+                    if "error" in answer:  # the worker's own error event
+                        message = convert.worker_error(500, data)
+                        stats.worker_errors += 1
+                        await self._cut(request, response, message)
+                        return response
+                    tally.take(answer)
+                    text, tools = convert.text_of(answer, delta=True)
+                    convert.merge_tool_deltas(gathered, tools)
+                    if text:
+                        tally.first_token = tally.first_token or time.monotonic()
+                        tally.chunks += 1
+                        await response.write(_line(convert.line(kind, name, time.time(),
+                                                                text, False)))
+            if not finished and tally.finish_reason is None:
+                message = self.router.upstream.broken_off(
+                    model_id, worker, stats, ConnectionError("the stream ended early"))
+                await self._cut(request, response, message)
+                return response
+            now = time.monotonic()
+            if gathered:
+                calls = convert.tool_calls_back(gathered)
+                await response.write(_line(convert.line(kind, name, time.time(), "", False,
+                                                        calls)))
+            final = tally.final(now)
+            stats.tokens += final["eval_count"]
+            last = convert.line(kind, name, time.time(), "", True)
+            await response.write(_line({**last, "done_reason":
+                                        convert.done_reason(tally.finish_reason), **final}))
+            await response.write_eof()
+        except ConnectionError:
+            stats.client_disconnects += 1
+        return response
+
+    @staticmethod
+    async def _cut(request: web.Request, response: web.StreamResponse, message: str) -> None:
+        """An `{"error": ...}` line (Ollama's clients raise it), then the connection cut, so
+        even a client that ignores the line sees a broken transfer."""
+        try:
+            await response.write(_line({"error": message}))
+        except ConnectionError:
+            return
+        if request.transport is not None:
+            request.transport.close()
+
+    # --- embeddings ------------------------------------------------------------------------
+
+    async def embed(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return await self._embed(request, body, "input", legacy=False)
+
+    async def embeddings(self, request: web.Request, body: dict[str, Any]
+                         ) -> web.StreamResponse:
+        return await self._embed(request, body, "prompt", legacy=True)
+
+    async def _embed(self, request: web.Request, body: dict[str, Any], key: str,
+                     legacy: bool) -> web.StreamResponse:
+        model_id, name = self._model_id(body)
+        texts = convert.embed_inputs(body, key)
+        alive = convert.keep_alive_s(body.get("keep_alive"))
+        convert.options(body.get("options"), self._n_ctx(self._spec(model_id)))  # checked
+        for flag in ("truncate",):
+            if body.get(flag) is not None and not isinstance(body[flag], bool):
+                raise errors.BadRequest(f"{flag}: expected a boolean")
+        payload = json.dumps({"model": model_id, "input": texts}).encode()
+        tally = convert.Tally(started=time.monotonic(),
+                              loaded_for_it=not self._serving(model_id))
+
+        async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
+            tally.admitted = time.monotonic()
+            if not texts or (legacy and texts == [""]):  # Ollama's load idiom
+                stats.count(200)
+                return web.json_response({"embedding": []} if legacy else
+                                         {"model": name, "embeddings": []})
+            upstream = await self.router.upstream.post(worker, "/v1/embeddings", payload,
+                                                       model_id, stats)
+            try:
+                if upstream.status != 200:
+                    return await self._refused_by_worker(upstream, stats, model_id, worker)
+                raw = await self._whole(upstream, model_id, worker, stats)
+            finally:
+                upstream.close()
+            vectors = _vectors(_json_or_none(raw))
+            stats.count(200)
+            if legacy:
+                return web.json_response({"embedding": vectors[0] if vectors else []})
+            answer = _json_or_none(raw) or {}
+            tally.take(answer)
+            final = tally.final(time.monotonic())
+            return web.json_response({
+                "model": name, "embeddings": [convert.normalized(v) for v in vectors],
+                "total_duration": final["total_duration"],
+                "load_duration": final["load_duration"],
+                "prompt_eval_count": final["prompt_eval_count"]})
+
+        try:
+            return await self.router.serve(request, model_id, len(payload), False, exchange,
+                                           alive)
+        except NeuronError as exc:
+            raise self._named(exc, model_id, name) from None
+
+    # --- pull ------------------------------------------------------------------------------
+
+    async def pull(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """A catalogue id, or `hf.co/ORG/REPO:QUANT`, loaded as `POST /models/load` would
+        (the same checks: remote loads, docs/security.md), with Ollama's progress lines."""
+        name = convert.model_field(body)
+        stream = body.get("stream", True)
+        if stream is None:
+            stream = True
+        if not isinstance(stream, bool):
+            raise errors.BadRequest("stream: expected a boolean")
+        target = convert.pull_target(convert.model_id_for(name, self._known()))
+        model_id = target["model_id"]
+        if len(target) == 1 and self._spec(model_id) is None:
+            raise errors.ModelNotFound(
+                f"pull model manifest: {name!r} is not in this node's catalogue; add it to "
+                "[[models]] in the node's config, or pull hf.co/ORG/REPO:QUANT")
+        spec = self.check_load(request, target)  # RemoteLoadRefused, InvalidSpec, ...
+        loading = asyncio.create_task(self.registry.load(spec, by_client=True),
+                                      name=f"ollama pull {model_id}")
+        if not stream:
+            await asyncio.shield(loading)  # a LoadError answers with its status
+            return web.json_response({"status": "success"})
+        response = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+        try:
+            await response.write(_line({"status": "pulling manifest"}))
+            async for progress in self._pull_lines(loading, model_id):
+                await response.write(_line(progress))
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the load goes on, as POST /models/load's does
+        return response
+
+    async def _pull_lines(self, loading: asyncio.Task[ModelLifecycle], model_id: str
+                          ) -> AsyncIterator[dict[str, Any]]:
+        """Ollama's pull lines while the load runs: a download's bytes, then loading, then
+        success (or an error line)."""
+        said_loading = False
+        last: tuple[int, int | None] | None = None
+        while not loading.done():
+            await asyncio.wait({loading}, timeout=PULL_REPORT_S)
+            model = self.registry.get(model_id)
+            progress = model.download if model is not None else None
+            if progress is not None and model is not None and model.state.value \
+                    == "downloading":
+                now = (progress.done_bytes, progress.total_bytes)
+                if now != last:
+                    last = now
+                    digest = "sha256:" + convert.digest(f"{model_id}:{progress.file}")
+                    yield {"status": f"pulling {digest[7:19]}", "digest": digest,
+                           "total": progress.total_bytes or 0,
+                           "completed": progress.done_bytes}
+            elif not said_loading:
+                said_loading = True
+                yield {"status": "loading model"}
+        try:
+            loading.result()
+        except NeuronError as exc:
+            yield {"error": exc.message}
+            return
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "success"}
+
+
+def _events(lines: list[bytes]) -> Iterable[bytes]:
+    """The data of server-sent event lines."""
+    for raw in lines:
+        raw = raw.strip()
+        if raw.startswith(b"data:"):
+            yield raw[5:].strip()
+
+
+def _json_or_none(data: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _vectors(answer: dict[str, Any] | None) -> list[list[float]]:
+    """The worker's embeddings in input order (OpenAI's `data[i].embedding`)."""
+    data = answer.get("data") if answer else None
+    if not isinstance(data, list):
+        raise errors.WorkerUnavailable("the worker's embeddings answer has no data")
+    out = []
+    for item in sorted((d for d in data if isinstance(d, dict)),
+                       key=lambda d: d.get("index", 0) if isinstance(d.get("index"), int)
+                       else 0):
+        vector = item.get("embedding")
+        if isinstance(vector, list) and vector and isinstance(vector[0], list):
+            vector = vector[0]  # a worker without pooling: one vector per token; the first
+        if not isinstance(vector, list) or not all(
+                isinstance(v, int | float) and math.isfinite(v) for v in vector):
+            raise errors.WorkerUnavailable("the worker's embedding is not a list of numbers")
+        out.append([float(v) for v in vector])
+    return out
