@@ -199,7 +199,7 @@ class OllamaApi:
             size += st.st_size
             mtime = max(mtime, st.st_mtime)
         name = convert.ollama_name(model_id)
-        identity = "|".join(f"{p}:{size}:{mtime}" for p in parts) or model_id
+        identity = "|".join([model_id, *(f"{p}:{size}:{mtime}" for p in parts)])
         return {"name": name, "model": name, "modified_at": convert.timestamp(mtime),
                 "size": size, "digest": convert.digest(identity),
                 "details": convert.details(header), "_header": header}
@@ -298,16 +298,16 @@ class OllamaApi:
             try:
                 if upstream.status != 200:
                     return await self._refused_by_worker(upstream, stats, model_id, worker)
+                chunks = self._chunks(upstream, model_id, worker, stats, tally)
                 if asked.stream:
-                    return await self._stream(request, upstream, kind, name, tally, model_id,
-                                              worker, stats, headers)
-                answer = await self._whole(upstream, model_id, worker, stats)
-                return self._single(answer, kind, name, tally, stats, headers)
+                    return await self._stream(request, chunks, kind, name, tally, stats,
+                                              headers)
+                return await self._single(chunks, kind, name, tally, stats, headers)
             finally:
                 upstream.close()
 
-        try:
-            return await self.router.serve(request, model_id, len(payload), asked.stream,
+        try:  # the worker is always asked for a stream: its first token is timed
+            return await self.router.serve(request, model_id, len(payload), True,
                                            exchange, asked.keep_alive_s)
         except NeuronError as exc:
             raise self._named(exc, model_id, name) from None
@@ -380,89 +380,80 @@ class OllamaApi:
                 self.router.upstream.broken_off(model_id, worker, stats, exc)) from None
         return b"".join(chunks)
 
-    def _single(self, raw: bytes, kind: str, name: str, tally: convert.Tally,
-                stats: ModelStats, headers: dict[str, str]) -> web.Response:
-        try:
-            answer = json.loads(raw)
-        except (ValueError, RecursionError):
-            answer = None
-        if not isinstance(answer, dict):
-            raise errors.WorkerUnavailable("the worker's answer is not JSON")
-        tally.take(answer)
-        text, tools = convert.text_of(answer, delta=False)
-        now = time.monotonic()
-        tally.first_token = tally.first_token or now
-        out = convert.line(kind, name, time.time(), text, True,
-                           convert.tool_calls_back(tools))
-        final = tally.final(now)
-        stats.count(200)
-        stats.tokens += final["eval_count"]
-        return web.json_response(
-            {**out, "done_reason": convert.done_reason(tally.finish_reason), **final},
-            headers=headers)
+    async def _chunks(self, upstream: ClientResponse, model_id: str, worker: Worker,
+                      stats: ModelStats, tally: convert.Tally) -> AsyncIterator[str]:
+        """The text of the worker's stream, piece by piece, its counts, finish reason and
+        tool calls gathered in `tally`; `_BrokenOff` when the worker breaks off (an error
+        event, a dropped connection, silence past upstream_idle_timeout_s, or an end
+        with no finish)."""
+        idle_s = self.registry.config.upstream_idle_timeout_s
+        pending = b""
+        while True:
+            try:
+                chunk = await asyncio.wait_for(upstream.content.readany(), idle_s)
+            except (asyncio.TimeoutError, ClientError, OSError) as exc:
+                raise _BrokenOff(self.router.upstream.broken_off(model_id, worker, stats,
+                                                                 exc)) from None
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for data in _events(lines):
+                if data == b"[DONE]":
+                    return
+                answer = _json_or_none(data)
+                if answer is None:
+                    continue
+                if "error" in answer:  # the worker's own error event
+                    stats.worker_errors += 1
+                    raise _BrokenOff(convert.worker_error(500, data))
+                tally.take(answer)
+                text, tools = convert.text_of(answer, delta=True)
+                convert.merge_tool_deltas(tally.tool_calls, tools)
+                if text:
+                    tally.first_token = tally.first_token or time.monotonic()
+                    yield text
+        if tally.finish_reason is None:
+            raise _BrokenOff(self.router.upstream.broken_off(
+                model_id, worker, stats, ConnectionError("its stream ended early")))
 
-    async def _stream(self, request: web.Request, upstream: ClientResponse, kind: str,
-                      name: str, tally: convert.Tally, model_id: str, worker: Worker,
-                      stats: ModelStats, headers: dict[str, str]) -> web.StreamResponse:
-        """The worker's server-sent chunks as Ollama's NDJSON lines, a last `done` line
-        with its counts and timings; an `{"error": ...}` line when the worker breaks off."""
+    def _last(self, kind: str, name: str, tally: convert.Tally, stats: ModelStats,
+              text: str = "") -> dict[str, Any]:
+        """The `done` object: the answer's end, its counts and timings."""
+        final = tally.final(time.monotonic())
+        stats.tokens += final["eval_count"]
+        calls = convert.tool_calls_back(tally.tool_calls) if kind == "chat" else None
+        last = convert.line(kind, name, time.time(), text, True, calls)
+        return {**last, "done_reason": convert.done_reason(tally.finish_reason), **final}
+
+    async def _single(self, chunks: AsyncIterator[str], kind: str, name: str,
+                      tally: convert.Tally, stats: ModelStats, headers: dict[str, str]
+                      ) -> web.Response:
+        """`"stream": false`: the whole answer in one object."""
+        try:
+            text = "".join([piece async for piece in chunks])
+        except _BrokenOff as exc:
+            stats.count(502)
+            raise errors.WorkerUnavailable(str(exc)) from None
+        stats.count(200)
+        return web.json_response(self._last(kind, name, tally, stats, text), headers=headers)
+
+    async def _stream(self, request: web.Request, chunks: AsyncIterator[str], kind: str,
+                      name: str, tally: convert.Tally, stats: ModelStats,
+                      headers: dict[str, str]) -> web.StreamResponse:
+        """Ollama's NDJSON: a line per piece of text, then the `done` line; an
+        `{"error": ...}` line when the worker breaks off."""
         response = web.StreamResponse(headers={"Content-Type": NDJSON, **headers})
         try:
             await response.prepare(request)
-        except ConnectionError:
-            stats.client_disconnects += 1
-            return response
-        stats.count(200)
-        idle_s = self.registry.config.upstream_idle_timeout_s
-        gathered: list[dict[str, Any]] = []
-        pending = b""
-        finished = False
-        try:
-            while not finished:
-                try:
-                    chunk = await asyncio.wait_for(upstream.content.readany(), idle_s)
-                except (asyncio.TimeoutError, ClientError, OSError) as exc:
-                    message = self.router.upstream.broken_off(model_id, worker, stats, exc)
-                    await self._cut(request, response, message)
-                    return response
-                if not chunk:
-                    break
-                *lines, pending = (pending + chunk).split(b"\n")
-                for data in _events(lines):
-                    if data == b"[DONE]":
-                        finished = True
-                        continue
-                    answer = _json_or_none(data)
-                    if answer is None:
-                        continue
-                    if "error" in answer:  # the worker's own error event
-                        message = convert.worker_error(500, data)
-                        stats.worker_errors += 1
-                        await self._cut(request, response, message)
-                        return response
-                    tally.take(answer)
-                    text, tools = convert.text_of(answer, delta=True)
-                    convert.merge_tool_deltas(gathered, tools)
-                    if text:
-                        tally.first_token = tally.first_token or time.monotonic()
-                        tally.chunks += 1
-                        await response.write(_line(convert.line(kind, name, time.time(),
-                                                                text, False)))
-            if not finished and tally.finish_reason is None:
-                message = self.router.upstream.broken_off(
-                    model_id, worker, stats, ConnectionError("the stream ended early"))
-                await self._cut(request, response, message)
+            stats.count(200)
+            try:
+                async for text in chunks:
+                    await response.write(_line(convert.line(kind, name, time.time(), text,
+                                                            False)))
+            except _BrokenOff as exc:
+                await self._cut(request, response, str(exc))
                 return response
-            now = time.monotonic()
-            if gathered:
-                calls = convert.tool_calls_back(gathered)
-                await response.write(_line(convert.line(kind, name, time.time(), "", False,
-                                                        calls)))
-            final = tally.final(now)
-            stats.tokens += final["eval_count"]
-            last = convert.line(kind, name, time.time(), "", True)
-            await response.write(_line({**last, "done_reason":
-                                        convert.done_reason(tally.finish_reason), **final}))
+            await response.write(_line(self._last(kind, name, tally, stats)))
             await response.write_eof()
         except ConnectionError:
             stats.client_disconnects += 1
@@ -597,6 +588,10 @@ class OllamaApi:
             return
         yield {"status": "verifying sha256 digest"}
         yield {"status": "success"}
+
+
+class _BrokenOff(Exception):
+    """The worker's stream ended before its answer did; the message says how."""
 
 
 def _events(lines: list[bytes]) -> Iterable[bytes]:

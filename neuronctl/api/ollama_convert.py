@@ -322,9 +322,10 @@ def _common(body: Mapping[str, Any], n_ctx: int | None) -> tuple[bool, float | N
     fmt = response_format(body.get("format"))
     if fmt is not None:
         extra["response_format"] = fmt
-    if stream:
-        extra["stream"] = True
-        extra["stream_options"] = {"include_usage": True}
+    # The worker streams either way: the node times its first token, and a stream the
+    # worker breaks off is noticed as one.
+    extra["stream"] = True
+    extra["stream_options"] = {"include_usage": True}
     return stream, alive, opts, extra
 
 
@@ -431,6 +432,7 @@ class Tally:
     loaded_for_it: bool = False  # it waited for a load: that wait is its load_duration
     prompt_tokens: int | None = None
     completion_tokens: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # merge_tool_deltas
     chunks: int = 0  # streamed chunks with text: the tokens, when the worker has no usage
     finish_reason: object = None
     # llama-server's own `timings` (ms), better than the node's clock when present.
@@ -449,9 +451,16 @@ class Tally:
             self.timings = timings
         choices = answer.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            reason = choices[0].get("finish_reason")
+            choice = choices[0]
+            reason = choice.get("finish_reason")
             if reason is not None:
                 self.finish_reason = reason
+            # One chunk per token, "" for a token that ends inside a UTF-8 character; not
+            # the role-only first chunk nor the empty last one.
+            delta = choice.get("delta")
+            if "text" in choice or (isinstance(delta, dict) and delta.get("content")
+                                    is not None):
+                self.chunks += 1
 
     def final(self, now: float) -> dict[str, Any]:
         """The timing and count fields of Ollama's last line (nanoseconds)."""
