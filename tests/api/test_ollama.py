@@ -21,6 +21,7 @@ from ..helpers import (
     NEURONCTL,
     Daemon,
     clean_env,
+    find_llama_server,
     free_port,
     poll_until,
     start_daemon,
@@ -338,5 +339,52 @@ path = "{model}"
                     lines.append(part)
         assert "broke off its answer" in broken.value.error
         assert len(lines) == 2 and not any(p.done for p in lines)
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.llama_server
+@pytest.mark.skipif(find_llama_server() is None, reason="needs llama.cpp's llama-server")
+def test_llama_server_full_context_ends_with_length(tmp_path: Path, tiny_gguf: Path) -> None:
+    port = free_port()
+    config = tmp_path / "neuron.toml"
+    config.write_text(f"""
+port = {port}
+host = "127.0.0.1"
+log_dir = "{tmp_path}/log"
+state_dir = "{tmp_path}/state"
+stop_timeout_s = 5.0
+[harness.llama-server]
+binary = "{find_llama_server()}"
+
+[[default_models]]
+model_id = "small"
+harness = "llama-server"
+path = "{tiny_gguf}"
+n_ctx = 128
+""")
+    with (tmp_path / "daemon.log").open("ab") as log:
+        process = subprocess.Popen([str(NEURONCTL), "start", "--config", str(config)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    daemon = Daemon(process, f"http://127.0.0.1:{port}", tmp_path)
+    try:
+        def loaded() -> bool:
+            assert process.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
+            try:
+                return bool(daemon.model("small")["status"] == "loaded")
+            except (OSError, StopIteration, AssertionError):
+                return False
+
+        poll_until(loaded, 120, interval=0.2)
+        with connected(daemon.url) as client:
+            for _ in range(3):  # every time, not most times
+                # Greedy: this prompt's answer runs until the context is full (no EOS).
+                whole = client.generate(model="small", prompt="hello", stream=False,
+                                        options={"temperature": 0})
+                assert whole.done and whole.done_reason == "length", whole
+                assert whole.prompt_eval_count and whole.eval_count  # llama-server's timings
+                parts = list(client.chat(model="small:latest", messages=CHAT, stream=True,
+                                         options={"temperature": 0}))
+                assert parts[-1].done is True and parts[-1].done_reason == "length"
     finally:
         daemon.stop()

@@ -231,5 +231,5 @@ def test_pull_targets() -> None:
         "model_id": "hf.co/org/repo-GGUF:Q4_K_M", "repo": "org/repo-GGUF", "quant": "Q4_K_M"}
     assert convert.pull_target("hf.co/org/repo-GGUF") == {
         "model_id": "hf.co/org/repo-GGUF", "repo": "org/repo-GGUF"}
-    with pytest.raises(BadRequest, match="hf.co/ORG/REPO"):
+    with pytest.raises(BadRequest, match=r"hf\.co/ORG/REPO"):
         convert.pull_target("hf.co/just-a-repo")
