@@ -332,3 +332,16 @@ async def test_the_header_is_read_once_and_only_where_a_gpu_judges_it(
     cpu = await registry.load(ModelSpec("cpu", harness="fake", path=tiny_gguf))
     assert cpu.status is ModelStatus.LOADED and cpu.vram_estimate_mb is None
     assert read == [tiny_gguf]
+
+
+async def test_parameter_count_and_file_type_for_ollamas_details(tiny_gguf: Path) -> None:
+    """What /api/tags shows as parameter size and quantization, through the child too."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(tiny_gguf)
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    file_type = reader.fields["general.file_type"].contents()
+    header = read_model([tiny_gguf])
+    assert (header.parameter_count, header.file_type) == (elements, file_type)
+    bounded = await read_bounded([tiny_gguf])
+    assert bounded.as_json() == header.as_json()
