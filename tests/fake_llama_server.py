@@ -15,7 +15,9 @@ sending after that many bytes of it, and wait a minute, the connection open), `l
 Content-Length of 1000, 10 bytes, then the same wait) and `extra_headers` (that many more
 headers). A streamed request (`"stream": true`) is answered with chat chunks as
 server-sent events; one whose last message says "die mid-stream" gets two chunks, and then
-the process exits (code 3), as a worker that crashes while it answers.
+the process exits (code 3), as a worker that crashes while it answers; one whose last
+message says "call a tool" calls the first of its `tools` with `{"city": "Oslo"}`, the
+arguments in two pieces, as llama-server streams them.
 """
 
 from __future__ import annotations
@@ -97,6 +99,19 @@ def main() -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
+            if messages[-1].get("content") == "call a tool" and request.get("tools"):
+                name = request["tools"][0]["function"]["name"]
+                pieces = [{"index": 0, "id": "call_1", "type": "function",
+                           "function": {"name": name, "arguments": '{"city": '}},
+                          {"index": 0, "function": {"arguments": '"Oslo"}'}}]
+                for piece in pieces:
+                    chunk = {"object": "chat.completion.chunk", "choices": [
+                        {"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]}
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                end = {"object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+                self.wfile.write(b"data: " + json.dumps(end).encode() + b"\n\ndata: [DONE]\n\n")
+                return
             for _ in range(2 if dies else tokens):
                 chunk = {"object": "chat.completion.chunk", "choices": [
                     {"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}

@@ -316,7 +316,7 @@ def test_keys_on(tmp_path: Path, tiny_gguf: Path) -> None:
         daemon.stop()
 
 
-def test_worker_dying_mid_stream_ends_with_an_error_line(tmp_path: Path) -> None:
+def test_a_worker_dying_mid_stream_and_tool_calls_both_ways(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     daemon = start_daemon(tmp_path, f"""
@@ -339,6 +339,26 @@ path = "{model}"
                     lines.append(part)
         assert "broke off its answer" in broken.value.error
         assert len(lines) == 2 and not any(p.done for p in lines)
+        # Tool calls both ways: the worker's streamed call comes back whole, arguments an
+        # object; sent back with the tool's answer, it reaches the worker as OpenAI's.
+        tools = [{"type": "function", "function": {"name": "weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        with connected(daemon.url) as client:
+            for stream in (False, True):
+                asked = [{"role": "user", "content": "call a tool"}]
+                parts = list(client.chat(model="fake", messages=asked, tools=tools,
+                                         stream=True)) if stream else [
+                    client.chat(model="fake", messages=asked, tools=tools)]
+                last = parts[-1]
+                assert last.done is True and last.done_reason == "stop"
+                (call,) = last.message.tool_calls or []
+                assert call.function.name == "weather"
+                assert call.function.arguments == {"city": "Oslo"}
+            answered = client.chat(model="fake", tools=tools, messages=[
+                *asked, last.message, {"role": "tool", "content": "cold",
+                                       "tool_name": "weather"}],
+                options={"num_predict": 2})
+            assert answered.done and answered.message.content == "xx"
     finally:
         daemon.stop()
 
