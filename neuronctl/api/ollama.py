@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..config import ModelSpec, effective
 from ..errors import NeuronError
 from ..models import files as modelfiles
 from ..models.headers import read_bounded
+from ..states import WorkerState
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
@@ -246,7 +248,6 @@ class OllamaApi:
         header = described["_header"]
         n_ctx = self._n_ctx(spec)
         parameters = [f"num_ctx {n_ctx}"] if n_ctx else []
-        harness = self.registry.harnesses.get(spec.harness)
         capabilities = ["completion"]
         if spec.harness == "llama-server":  # its Jinja chat templates take tools
             capabilities.append("tools")
@@ -258,7 +259,7 @@ class OllamaApi:
             "template": spec.chat_format or "",  # the GGUF's own template otherwise
             "details": described["details"],
             "model_info": convert.model_info(header),
-            "capabilities": capabilities if harness is not None else ["completion"],
+            "capabilities": capabilities,
             "modified_at": described["modified_at"],
         })
 
@@ -281,10 +282,7 @@ class OllamaApi:
         n_ctx = self._n_ctx(self._spec(model_id))
         translate = convert.chat_request if kind == "chat" else convert.generate_request
         asked = translate(body, model_id, n_ctx)
-        headers = {IGNORED_HEADER: "; ".join(asked.ignored)[:1000]} if asked.ignored else {}
-        if asked.ignored:
-            log.info("ollama api: %s: options not applied: %s", model_id,
-                     "; ".join(asked.ignored))
+        headers = _ignored_header(asked.ignored)
         if asked.empty:
             return await self._load_or_unload(request, model_id, name, kind, asked, headers)
         payload = json.dumps(asked.body).encode()
@@ -485,9 +483,8 @@ class OllamaApi:
         texts = convert.embed_inputs(body, key)
         alive = convert.keep_alive_s(body.get("keep_alive"))
         convert.options(body.get("options"), self._n_ctx(self._spec(model_id)))  # checked
-        for flag in ("truncate",):
-            if body.get(flag) is not None and not isinstance(body[flag], bool):
-                raise errors.BadRequest(f"{flag}: expected a boolean")
+        if body.get("truncate") is not None and not isinstance(body["truncate"], bool):
+            raise errors.BadRequest("truncate: expected a boolean")
         payload = json.dumps({"model": model_id, "input": texts}).encode()
         tally = convert.Tally(started=time.monotonic(),
                               loaded_for_it=not self._serving(model_id))
@@ -569,8 +566,8 @@ class OllamaApi:
             await asyncio.wait({loading}, timeout=PULL_REPORT_S)
             model = self.registry.get(model_id)
             progress = model.download if model is not None else None
-            if progress is not None and model is not None and model.state.value \
-                    == "downloading":
+            if progress is not None and model is not None \
+                    and model.state is WorkerState.DOWNLOADING:
                 now = (progress.done_bytes, progress.total_bytes)
                 if now != last:
                     last = now
@@ -588,6 +585,15 @@ class OllamaApi:
             return
         yield {"status": "verifying sha256 digest"}
         yield {"status": "success"}
+
+
+def _ignored_header(ignored: list[str]) -> dict[str, str]:
+    """The options not applied, for the answer's header: printable ASCII only (the keys
+    are the client's), bounded. A header, not a journal line: any client can cause it."""
+    if not ignored:
+        return {}
+    text = re.sub(r"[^\x20-\x7e]", "?", "; ".join(ignored))
+    return {IGNORED_HEADER: text[:1000]}
 
 
 class _BrokenOff(Exception):

@@ -177,13 +177,14 @@ def test_chat_and_generate_streamed_and_not(client: ollama.Client) -> None:
 def test_format_json_schema_and_ignored_num_ctx(node: Daemon) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     body = {"model": "tiny", "messages": CHAT, "stream": False, "format": schema,
-            "options": {"num_predict": 8, "num_ctx": 4096, "num_gpu": 1}}
+            "options": {"num_predict": 8, "num_ctx": 4096, "num_gpu": 1, "wé\r\nX-Evil": 1}}
     seen: dict[str, str] = {}
     status, _, text = raw(node, "POST", "/api/chat", json.dumps(body).encode(), seen=seen)
     assert status == 200, text
     ignored = seen.get("X-Neuron-Ignored-Options", "")
     assert "num_ctx=4096 (the model is loaded with n_ctx 256" in ignored
     assert "num_gpu" in ignored
+    assert "w???X-Evil (not supported)" in ignored and "X-Evil" not in seen  # no injection
     content = json.loads(text)["message"]["content"]
     assert content.lstrip().startswith("{")  # the grammar held the tiny model to JSON
 
