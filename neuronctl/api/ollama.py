@@ -291,8 +291,11 @@ class OllamaApi:
 
         async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
             tally.admitted = time.monotonic()
-            upstream = await self.router.upstream.post(worker, asked.path, payload, model_id,
-                                                       stats)
+            try:
+                upstream = await self.router.upstream.post(worker, asked.path, payload,
+                                                           model_id, stats)
+            except NeuronError as exc:  # counted as /v1 counts its 502s
+                return ollama_error(exc)
             try:
                 if upstream.status != 200:
                     return await self._refused_by_worker(upstream, stats, model_id, worker)
@@ -301,6 +304,9 @@ class OllamaApi:
                     return await self._stream(request, chunks, kind, name, tally, stats,
                                               headers)
                 return await self._single(chunks, kind, name, tally, stats, headers)
+            except errors.WorkerUnavailable as exc:  # an answer, not the router's refusal
+                stats.count(exc.status)
+                return ollama_error(exc)
             finally:
                 upstream.close()
 
@@ -430,7 +436,6 @@ class OllamaApi:
         try:
             text = "".join([piece async for piece in chunks])
         except _BrokenOff as exc:
-            stats.count(502)
             raise errors.WorkerUnavailable(str(exc)) from None
         stats.count(200)
         return web.json_response(self._last(kind, name, tally, stats, text), headers=headers)
@@ -495,15 +500,21 @@ class OllamaApi:
                 stats.count(200)
                 return web.json_response({"embedding": []} if legacy else
                                          {"model": name, "embeddings": []})
-            upstream = await self.router.upstream.post(worker, "/v1/embeddings", payload,
-                                                       model_id, stats)
+            try:
+                upstream = await self.router.upstream.post(worker, "/v1/embeddings", payload,
+                                                           model_id, stats)
+            except NeuronError as exc:  # counted as /v1 counts its 502s
+                return ollama_error(exc)
             try:
                 if upstream.status != 200:
                     return await self._refused_by_worker(upstream, stats, model_id, worker)
                 raw = await self._whole(upstream, model_id, worker, stats)
+                vectors = _vectors(_json_or_none(raw))
+            except errors.WorkerUnavailable as exc:  # an answer, not the router's refusal
+                stats.count(exc.status)
+                return ollama_error(exc)
             finally:
                 upstream.close()
-            vectors = _vectors(_json_or_none(raw))
             stats.count(200)
             if legacy:
                 return web.json_response({"embedding": vectors[0] if vectors else []})

@@ -340,6 +340,15 @@ path = "{model}"
                     lines.append(part)
         assert "broke off its answer" in broken.value.error
         assert len(lines) == 2 and not any(p.done for p in lines)
+        # Not streamed: a 502 in Ollama's shape, counted once, as /v1 counts it.
+        poll_until(lambda: daemon.model("fake")["status"] == "loaded", 30, interval=0.1)
+        with connected(daemon.url) as client, pytest.raises(ollama.ResponseError) as cut:
+            client.chat(model="fake", messages=[{"role": "user", "content": "die mid-stream"}])
+        assert cut.value.status_code == 502 and "broke off" in cut.value.error
+        poll_until(lambda: daemon.model("fake")["status"] == "loaded", 30, interval=0.1)
+        _, _, metrics = raw(daemon, "GET", "/metrics")
+        assert 'neuron_requests_total{code="502",model="fake"} 1.0' in metrics.decode()
+        assert "worker_unavailable" not in metrics.decode()  # not a refusal of the router
         # Tool calls both ways: the worker's streamed call comes back whole, arguments an
         # object; sent back with the tool's answer, it reaches the worker as OpenAI's.
         tools = [{"type": "function", "function": {"name": "weather", "parameters": {
