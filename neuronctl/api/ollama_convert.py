@@ -326,6 +326,9 @@ def _common(body: Mapping[str, Any], n_ctx: int | None) -> tuple[bool, float | N
     # worker breaks off is noticed as one.
     extra["stream"] = True
     extra["stream_options"] = {"include_usage": True}
+    for key in ("think", "logprobs", "top_logprobs"):  # no worker answers them in kind
+        if body.get(key):
+            opts.ignored.append(f"{key} (not supported)")
     return stream, alive, opts, extra
 
 

@@ -143,6 +143,8 @@ def test_generate_request() -> None:
     assert asked.body["messages"] == [{"role": "system", "content": "brief"},
                                       {"role": "user", "content": "hi"}]
     assert [i.split(" ")[0] for i in asked.ignored] == ["template", "context"]
+    thinking = convert.chat_request({"messages": [], "think": True}, "m", None)
+    assert thinking.ignored == ["think (not supported)"]
     raw = convert.generate_request({"prompt": "hi", "raw": True}, "m", None)
     assert raw.path == "/v1/completions" and raw.body["prompt"] == "hi"
     with pytest.raises(BadRequest, match="suffix"):
