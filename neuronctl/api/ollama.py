@@ -49,6 +49,9 @@ NDJSON = "application/x-ndjson"
 IGNORED_HEADER = "X-Neuron-Ignored-Options"
 # A non-streamed answer is read whole to be translated; past this it is refused.
 ANSWER_LIMIT = 16 * 1024 * 1024
+# Bodies past this many bytes are parsed only when they hold few JSON values (see _body).
+MAX_PARSED_BYTES = 1024 * 1024
+MAX_ITEMS = 100_000
 # How often a pull in progress reports.
 PULL_REPORT_S = 0.5
 # Headers read for /api/tags and /api/show, by file version; bounded.
@@ -129,6 +132,11 @@ class OllamaApi:
             raise errors.PayloadTooLarge(
                 f"request body too large (limit {limit} bytes; max_request_bytes in the "
                 "node config)")
+        if len(raw) > MAX_PARSED_BYTES and sum(raw.count(c) for c in b"{[,") > MAX_ITEMS:
+            # Parsed, 16 MiB of `[{},{},...]` would be hundreds of MiB of objects; a large
+            # body that is a real request is a few long strings (base64 images, prompts).
+            raise errors.PayloadTooLarge(
+                f"request body has more than {MAX_ITEMS} JSON values; send fewer, longer ones")
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):
@@ -286,6 +294,10 @@ class OllamaApi:
         if asked.empty:
             return await self._load_or_unload(request, model_id, name, kind, asked, headers)
         payload = json.dumps(asked.body).encode()
+        # Only the bytes wait in the queue (and count against max_queued_bytes), never the
+        # parsed objects: the handler's frames keep the dicts, not what was in them.
+        body.clear()
+        asked.body.clear()
         tally = convert.Tally(started=time.monotonic(),
                               loaded_for_it=not self._serving(model_id))
 
@@ -491,12 +503,15 @@ class OllamaApi:
         if body.get("truncate") is not None and not isinstance(body["truncate"], bool):
             raise errors.BadRequest("truncate: expected a boolean")
         payload = json.dumps({"model": model_id, "input": texts}).encode()
+        preload = not texts or (legacy and texts == [""])  # Ollama's load idiom
+        body.clear()  # only the bytes wait in the queue
+        del texts
         tally = convert.Tally(started=time.monotonic(),
                               loaded_for_it=not self._serving(model_id))
 
         async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
             tally.admitted = time.monotonic()
-            if not texts or (legacy and texts == [""]):  # Ollama's load idiom
+            if preload:
                 stats.count(200)
                 return web.json_response({"embedding": []} if legacy else
                                          {"model": name, "embeddings": []})
