@@ -9,8 +9,9 @@ Ollama's shape, `{"error": "..."}`, with its statuses (404 for an unknown model,
 bad request); a stream the worker breaks off ends with an `{"error": ...}` line before the
 connection is cut, as Ollama's clients raise that.
 
-What the node does not do (create, copy, delete, push models) answers a 400 that says
-what to do instead.
+What is said about models (`/api/tags`, `/api/ps`, `/api/show`) and `/api/pull` are
+ollama_models.py's; what the node does not do (create, copy, delete, push models) answers
+a 400 that says what to do instead.
 """
 
 from __future__ import annotations
@@ -19,32 +20,25 @@ import asyncio
 import json
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientError, ClientResponse, web
 
-from .. import __version__, errors
-from ..config import ModelSpec, effective
+from .. import errors
 from ..errors import NeuronError
-from ..models import files as modelfiles
-from ..models.headers import read_bounded
-from ..states import WorkerState
-from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
 from . import ollama_convert as convert
+from .ollama_models import CheckLoad, OllamaModels
 from .requestbody import read_limited
 from .traffic import ModelStats
 from .v1 import Router
 
 log = logging.getLogger(__name__)
 
-NDJSON = "application/x-ndjson"
 # Where a request's options the node does not apply per request are named.
 IGNORED_HEADER = "X-Neuron-Ignored-Options"
 # A non-streamed answer is read whole to be translated; past this it is refused.
@@ -52,14 +46,6 @@ ANSWER_LIMIT = 16 * 1024 * 1024
 # Bodies past this many bytes are parsed only when they hold few JSON values (see _body).
 MAX_PARSED_BYTES = 1024 * 1024
 MAX_ITEMS = 100_000
-# How often a pull in progress reports.
-PULL_REPORT_S = 0.5
-# Headers read for /api/tags and /api/show, by file version; bounded.
-HEADERS_KEPT = 64
-# `expires_at` of a model with no idle time: Ollama's own "forever" is that far too.
-FOREVER_S = 100 * 365 * 86400
-
-CheckLoad = Callable[[web.Request, dict[str, Any]], ModelSpec]
 
 _REFUSED = {
     "/api/create": "models are not created on this node: add a [[models]] entry (a GGUF "
@@ -79,10 +65,6 @@ def ollama_error(exc: NeuronError) -> web.Response:
     return web.json_response({"error": exc.message}, status=exc.status, headers=exc.headers)
 
 
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
 class OllamaApi:
     """The `/api` routes. `router`: the /v1 router whose queues and counters every request
     goes through; `check_load`: the checks of a client's load (app.checked_spec)."""
@@ -91,20 +73,19 @@ class OllamaApi:
                  ) -> None:
         self.registry = registry
         self.router = router
-        self.check_load = check_load
-        self._headers: dict[tuple[Any, ...], dict[str, Any] | None] = {}
+        self.models = OllamaModels(registry, router, check_load)
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/api/version", self.version),
-            web.get("/api/tags", self.tags),
-            web.get("/api/ps", self.ps),
-            web.post("/api/show", self.handler(self.show)),
+            web.get("/api/version", self.models.version),
+            web.get("/api/tags", self.models.tags),
+            web.get("/api/ps", self.models.ps),
+            web.post("/api/show", self.handler(self.models.show)),
             web.post("/api/chat", self.handler(self.chat)),
             web.post("/api/generate", self.handler(self.generate)),
             web.post("/api/embed", self.handler(self.embed)),
             web.post("/api/embeddings", self.handler(self.embeddings)),
-            web.post("/api/pull", self.handler(self.pull)),
+            web.post("/api/pull", self.handler(self.models.pull)),
             *(web.route("*", path, self.refuse) for path in _REFUSED),
         ]
 
@@ -145,132 +126,6 @@ class OllamaApi:
             raise errors.InvalidJson("request body must be a JSON object")
         return body
 
-    # --- what is served -------------------------------------------------------------------
-
-    def _known(self) -> set[str]:
-        return {m.model_id for m in self.registry.models()} | set(self.registry.catalogue)
-
-    def _model_id(self, body: dict[str, Any], key: str = "model") -> tuple[str, str]:
-        """(the node's id, the name the client used) of the model a request names."""
-        name = convert.model_field(body, key)
-        return convert.model_id_for(name, self._known()), name
-
-    def _spec(self, model_id: str) -> ModelSpec | None:
-        model = self.registry.get(model_id)
-        return model.spec if model is not None else self.registry.catalogue.get(model_id)
-
-    def _n_ctx(self, spec: ModelSpec | None) -> int | None:
-        if spec is None:
-            return None
-        value = effective(spec, self.registry.config.harness_config(spec.harness), "n_ctx")
-        return value if isinstance(value, int) else None
-
-    def _parts(self, model_id: str) -> tuple[Path, ...]:
-        model = self.registry.get(model_id)
-        spec = self._spec(model_id)
-        if spec is None:
-            return ()
-        resolved = model.resolved if model is not None else None
-        try:
-            return modelfiles.run_spec(spec, resolved, needs_file=False)[2]
-        except NeuronError:
-            return ()
-
-    async def _header(self, parts: tuple[Path, ...]) -> dict[str, Any] | None:
-        """The GGUF header of `parts` (as_json), read in the bounded child once per
-        version of the files; None when there is no file yet or it cannot be read."""
-        if not parts:
-            return None
-        try:
-            key = tuple((str(p), (st := os.stat(p)).st_size, st.st_mtime_ns) for p in parts)
-        except OSError:
-            return None
-        if key not in self._headers:
-            try:
-                header: dict[str, Any] | None = (await read_bounded(parts)).as_json()
-            except Exception as exc:  # BadHeader, CannotEstimate: the listing goes on
-                log.info("ollama api: cannot read the header of %s: %s", parts[0], exc)
-                header = None
-            while len(self._headers) >= HEADERS_KEPT:
-                del self._headers[next(iter(self._headers))]
-            self._headers[key] = header
-        return self._headers[key]
-
-    async def _describe(self, model_id: str) -> dict[str, Any]:
-        """What /api/tags, /api/ps and /api/show share about a model."""
-        parts = self._parts(model_id)
-        header = await self._header(parts)
-        size, mtime = 0, 0.0
-        for part in parts:
-            try:
-                st = os.stat(part)
-            except OSError:
-                continue
-            size += st.st_size
-            mtime = max(mtime, st.st_mtime)
-        name = convert.ollama_name(model_id)
-        identity = "|".join([model_id, *(f"{p}:{size}:{mtime}" for p in parts)])
-        return {"name": name, "model": name, "modified_at": convert.timestamp(mtime),
-                "size": size, "digest": convert.digest(identity),
-                "details": convert.details(header), "_header": header}
-
-    @staticmethod
-    def _public(entry: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in entry.items() if not k.startswith("_")}
-
-    async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": convert.OLLAMA_VERSION,
-                                  "neuronctl": __version__})
-
-    async def tags(self, request: web.Request) -> web.Response:
-        """Every model a request may name: what /v1/models lists."""
-        entries = [self._public(await self._describe(model_id))
-                   for model_id in self.router.servable()]
-        return web.json_response({"models": entries})
-
-    async def ps(self, request: web.Request) -> web.Response:
-        now = time.time()
-        entries = []
-        for listed in self.registry.listing():
-            if listed["status"] != "loaded":
-                continue
-            entry = self._public(await self._describe(listed["id"]))
-            vram = (listed.get("vram_used_mb") or 0) * 1024 * 1024
-            until = listed.get("idle_until")
-            entries.append({
-                **entry,
-                "size": (listed.get("rss_bytes") or 0) + vram,
-                "size_vram": vram,
-                "expires_at": convert.timestamp(until if until is not None
-                                                else now + FOREVER_S),
-                "context_length": listed.get("n_ctx") or 0,
-            })
-        return web.json_response({"models": entries})
-
-    async def show(self, request: web.Request, body: dict[str, Any]) -> web.Response:
-        model_id, name = self._model_id(body)
-        spec = self._spec(model_id)
-        if spec is None:
-            raise errors.ModelNotFound(f"model '{name}' not found")
-        described = await self._describe(model_id)
-        header = described["_header"]
-        n_ctx = self._n_ctx(spec)
-        parameters = [f"num_ctx {n_ctx}"] if n_ctx else []
-        capabilities = ["completion"]
-        if spec.harness == "llama-server":  # its Jinja chat templates take tools
-            capabilities.append("tools")
-        source = spec.path or spec.repo or spec.model_id
-        return web.json_response({
-            "license": "",
-            "modelfile": f"# served by neuronctl ({spec.harness})\nFROM {source}\n",
-            "parameters": "\n".join(parameters),
-            "template": spec.chat_format or "",  # the GGUF's own template otherwise
-            "details": described["details"],
-            "model_info": convert.model_info(header),
-            "capabilities": capabilities,
-            "modified_at": described["modified_at"],
-        })
-
     async def refuse(self, request: web.Request) -> web.Response:
         message = _REFUSED[request.path]
         return ollama_error(errors.BadRequest(f"{request.path}: {message}"))
@@ -286,8 +141,8 @@ class OllamaApi:
 
     async def _answer(self, request: web.Request, body: dict[str, Any], kind: str
                       ) -> web.StreamResponse:
-        model_id, name = self._model_id(body)
-        n_ctx = self._n_ctx(self._spec(model_id))
+        model_id, name = self.models.model_id(body)
+        n_ctx = self.models.n_ctx(self.models.spec(model_id))
         translate = convert.chat_request if kind == "chat" else convert.generate_request
         asked = translate(body, model_id, n_ctx)
         headers = _ignored_header(asked.ignored)
@@ -347,7 +202,7 @@ class OllamaApi:
         unloads it. A load waits in the model's queue like any request."""
         if asked.keep_alive_s == 0:
             model = self.registry.get(model_id)
-            if model is None and self._spec(model_id) is None:
+            if model is None and self.models.spec(model_id) is None:
                 raise self._named(errors.ModelNotFound(""), model_id, name)
             if model is not None and not self.registry.config.pinned(model.spec):
                 stats = self.router.stats.model(model_id)
@@ -457,18 +312,18 @@ class OllamaApi:
                       headers: dict[str, str]) -> web.StreamResponse:
         """Ollama's NDJSON: a line per piece of text, then the `done` line; an
         `{"error": ...}` line when the worker breaks off."""
-        response = web.StreamResponse(headers={"Content-Type": NDJSON, **headers})
+        response = web.StreamResponse(headers={"Content-Type": convert.NDJSON, **headers})
         try:
             await response.prepare(request)
             stats.count(200)
             try:
                 async for text in chunks:
-                    await response.write(_line(convert.line(kind, name, time.time(), text,
+                    await response.write(convert.ndjson(convert.line(kind, name, time.time(), text,
                                                             False)))
             except _BrokenOff as exc:
                 await self._cut(request, response, str(exc))
                 return response
-            await response.write(_line(self._last(kind, name, tally, stats)))
+            await response.write(convert.ndjson(self._last(kind, name, tally, stats)))
             await response.write_eof()
         except ConnectionError:
             stats.client_disconnects += 1
@@ -479,7 +334,7 @@ class OllamaApi:
         """An `{"error": ...}` line (Ollama's clients raise it), then the connection cut, so
         even a client that ignores the line sees a broken transfer."""
         try:
-            await response.write(_line({"error": message}))
+            await response.write(convert.ndjson({"error": message}))
         except ConnectionError:
             return
         if request.transport is not None:
@@ -496,10 +351,11 @@ class OllamaApi:
 
     async def _embed(self, request: web.Request, body: dict[str, Any], key: str,
                      legacy: bool) -> web.StreamResponse:
-        model_id, name = self._model_id(body)
+        model_id, name = self.models.model_id(body)
         texts = convert.embed_inputs(body, key)
         alive = convert.keep_alive_s(body.get("keep_alive"))
-        convert.options(body.get("options"), self._n_ctx(self._spec(model_id)))  # checked
+        # Checked as chat's are; an embedding has no sampling to apply them to.
+        convert.options(body.get("options"), self.models.n_ctx(self.models.spec(model_id)))
         if body.get("truncate") is not None and not isinstance(body["truncate"], bool):
             raise errors.BadRequest("truncate: expected a boolean")
         payload = json.dumps({"model": model_id, "input": texts}).encode()
@@ -547,71 +403,6 @@ class OllamaApi:
                                            alive)
         except NeuronError as exc:
             raise self._named(exc, model_id, name) from None
-
-    # --- pull ------------------------------------------------------------------------------
-
-    async def pull(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        """A catalogue id, or `hf.co/ORG/REPO:QUANT`, loaded as `POST /models/load` would
-        (the same checks: remote loads, docs/security.md), with Ollama's progress lines."""
-        name = convert.model_field(body)
-        stream = body.get("stream", True)
-        if stream is None:
-            stream = True
-        if not isinstance(stream, bool):
-            raise errors.BadRequest("stream: expected a boolean")
-        target = convert.pull_target(convert.model_id_for(name, self._known()))
-        model_id = target["model_id"]
-        if len(target) == 1 and self._spec(model_id) is None:
-            raise errors.ModelNotFound(
-                f"pull model manifest: {name!r} is not in this node's catalogue; add it to "
-                "[[models]] in the node's config, or pull hf.co/ORG/REPO:QUANT")
-        spec = self.check_load(request, target)  # RemoteLoadRefused, InvalidSpec, ...
-        loading = asyncio.create_task(self.registry.load(spec, by_client=True),
-                                      name=f"ollama pull {model_id}")
-        if not stream:
-            await asyncio.shield(loading)  # a LoadError answers with its status
-            return web.json_response({"status": "success"})
-        response = web.StreamResponse(headers={"Content-Type": NDJSON})
-        await response.prepare(request)
-        try:
-            await response.write(_line({"status": "pulling manifest"}))
-            async for progress in self._pull_lines(loading, model_id):
-                await response.write(_line(progress))
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the load goes on, as POST /models/load's does
-        return response
-
-    async def _pull_lines(self, loading: asyncio.Task[ModelLifecycle], model_id: str
-                          ) -> AsyncIterator[dict[str, Any]]:
-        """Ollama's pull lines while the load runs: a download's bytes, then loading, then
-        success (or an error line)."""
-        said_loading = False
-        last: tuple[int, int | None] | None = None
-        while not loading.done():
-            await asyncio.wait({loading}, timeout=PULL_REPORT_S)
-            model = self.registry.get(model_id)
-            progress = model.download if model is not None else None
-            if progress is not None and model is not None \
-                    and model.state is WorkerState.DOWNLOADING:
-                now = (progress.done_bytes, progress.total_bytes)
-                if now != last:
-                    last = now
-                    digest = "sha256:" + convert.digest(f"{model_id}:{progress.file}")
-                    yield {"status": f"pulling {digest[7:19]}", "digest": digest,
-                           "total": progress.total_bytes or 0,
-                           "completed": progress.done_bytes}
-            elif not said_loading:
-                said_loading = True
-                yield {"status": "loading model"}
-        try:
-            loading.result()
-        except NeuronError as exc:
-            yield {"error": exc.message}
-            return
-        yield {"status": "verifying sha256 digest"}
-        yield {"status": "success"}
-
 
 def _ignored_header(ignored: list[str]) -> dict[str, str]:
     """The options not applied, for the answer's header: printable ASCII only (the keys

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import hashlib
 import json
 import math
 import re
@@ -24,21 +23,9 @@ from typing import Any
 
 from ..errors import BadRequest
 
+NDJSON = "application/x-ndjson"  # Ollama's streams
 # Ollama's default tag: clients (Open WebUI, the CLI) append it to a name that has none.
 DEFAULT_TAG = ":latest"
-# The version /api/version reports: clients gate features on it (Open WebUI asks for
-# 0.1.x at least; the `ollama` client does not look). A recent Ollama's, so none refuses.
-OLLAMA_VERSION = "0.12.0"
-
-# llama.cpp's LLAMA_FTYPE_* (general.file_type), as Ollama shows quantization levels.
-FILE_TYPES: Mapping[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
-    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
-    38: "MXFP4",
-}
 
 # Ollama's options the worker takes per request under the same name.
 _SAME_NAME: Mapping[str, type] = {
@@ -546,6 +533,11 @@ def line(kind: str, name: str, now_unix: float, text: str, done: bool,
     return out
 
 
+def ndjson(obj: dict[str, Any]) -> bytes:
+    """One line of Ollama's streams."""
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
 def worker_error(status: int, body: bytes) -> str:
     """What a worker's refusal says (OpenAI's shape, FastAPI's `detail`, or its text)."""
     try:
@@ -568,76 +560,3 @@ def normalized(vector: Sequence[float]) -> list[float]:
     """L2-normalized, as Ollama's /api/embed answers (its /api/embeddings does not)."""
     norm = math.sqrt(sum(v * v for v in vector))
     return [v / norm for v in vector] if norm > 0 else list(vector)
-
-
-# --- what a model is, for /api/tags, /api/ps and /api/show ----------------------------------
-
-
-def parameter_size(count: int | None) -> str:
-    """As Ollama writes it: "268.10M", "7.6B"."""
-    if not count:
-        return ""
-    if count >= 1_000_000_000:
-        return f"{count / 1e9:.1f}B"
-    if count >= 1_000_000:
-        return f"{count / 1e6:.2f}M"
-    return f"{count / 1e3:.0f}K" if count >= 1000 else str(count)
-
-
-def details(header: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Ollama's `details` from a GGUF header's `as_json()` (empty fields without one)."""
-    header = header or {}
-    family = header.get("architecture") or ""
-    file_type = header.get("file_type")
-    return {
-        "parent_model": "",
-        "format": "gguf",
-        "family": family,
-        "families": [family] if family else None,
-        "parameter_size": parameter_size(header.get("parameter_count")),
-        "quantization_level": FILE_TYPES.get(file_type, "") if isinstance(file_type, int)
-        else "",
-    }
-
-
-def model_info(header: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`/api/show`'s model_info: the GGUF keys the header reader keeps, by their names."""
-    if not header:
-        return {}
-    arch = header.get("architecture")
-    info: dict[str, Any] = {"general.architecture": arch,
-                            "general.parameter_count": header.get("parameter_count"),
-                            "general.file_type": header.get("file_type")}
-    if arch:
-        for key, gguf_key in (("block_count", "block_count"),
-                              ("context_length", "context_length"),
-                              ("embedding_length", "embedding_length"),
-                              ("head_count", "attention.head_count"),
-                              ("head_count_kv", "attention.head_count_kv"),
-                              ("key_length", "attention.key_length"),
-                              ("value_length", "attention.value_length")):
-            info[f"{arch}.{gguf_key}"] = header.get(key)
-    return {k: v for k, v in info.items() if v is not None}
-
-
-def digest(identity: str) -> str:
-    """A stable sha256 for a model's listing. Not its file's: hashing gigabytes per
-    `/api/tags` is not affordable; it changes when the file (path, size, mtime) does."""
-    return hashlib.sha256(identity.encode()).hexdigest()
-
-
-def pull_target(name: str) -> dict[str, Any]:
-    """What `/api/pull` of `name` loads, as a `POST /models/load` body: a catalogue id,
-    or `hf.co/ORG/REPO[:QUANT]`, a Hugging Face GGUF as Ollama names it."""
-    if name.startswith(("hf.co/", "huggingface.co/")):
-        repo, _, quant = name.split("/", 1)[1].partition(":")
-        if repo.count("/") != 1:
-            raise BadRequest(f"{name[:200]!r}: expected hf.co/ORG/REPO or "
-                             "hf.co/ORG/REPO:QUANT")
-        target: dict[str, Any] = {"model_id": name, "repo": repo}
-        if quant and quant != "latest":
-            target["quant"] = quant
-        else:
-            target["model_id"] = "hf.co/" + repo
-        return target
-    return {"model_id": name}

@@ -204,7 +204,7 @@ async def test_ollamas_pull_is_checked_as_a_load(node_config: NeuronConfig,
     with allow_remote_loads; a catalogue id is fine from anywhere (api.checked_spec)."""
     from aiohttp import web
 
-    from neuronctl.api.ollama_convert import pull_target
+    from neuronctl.api.ollama_models import pull_target
 
     config = dataclasses.replace(node_config, models=(ModelSpec("cat", harness="fake"),))
     app = web.Application()

@@ -1,4 +1,5 @@
-"""Ollama's requests and answers translated, without processes (api/ollama_convert.py)."""
+"""Ollama's requests and answers translated, and models described, without processes
+(api/ollama_convert.py, the pure functions of api/ollama_models.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import pytest
 
 from neuronctl.api import ollama_convert as convert
+from neuronctl.api import ollama_models
 from neuronctl.errors import BadRequest
 
 
@@ -216,22 +218,22 @@ def test_lines_errors_and_vectors() -> None:
 def test_details_from_the_gguf_header() -> None:
     header = {"architecture": "gemma3", "parameter_count": 268_098_176, "file_type": 15,
               "context_length": 32768, "block_count": 18, "head_count": 4}
-    assert convert.details(header) == {
+    assert ollama_models.details(header) == {
         "parent_model": "", "format": "gguf", "family": "gemma3", "families": ["gemma3"],
         "parameter_size": "268.10M", "quantization_level": "Q4_K_M"}
-    assert convert.parameter_size(7_615_616_512) == "7.6B"
-    info = convert.model_info(header)
+    assert ollama_models.parameter_size(7_615_616_512) == "7.6B"
+    info = ollama_models.model_info(header)
     assert info["gemma3.context_length"] == 32768
     assert info["gemma3.attention.head_count"] == 4
     assert info["general.parameter_count"] == 268_098_176
-    assert convert.details(None)["family"] == "" and convert.model_info(None) == {}
+    assert ollama_models.details(None)["family"] == "" and ollama_models.model_info(None) == {}
 
 
 def test_pull_targets() -> None:
-    assert convert.pull_target("tiny") == {"model_id": "tiny"}
-    assert convert.pull_target("hf.co/org/repo-GGUF:Q4_K_M") == {
+    assert ollama_models.pull_target("tiny") == {"model_id": "tiny"}
+    assert ollama_models.pull_target("hf.co/org/repo-GGUF:Q4_K_M") == {
         "model_id": "hf.co/org/repo-GGUF:Q4_K_M", "repo": "org/repo-GGUF", "quant": "Q4_K_M"}
-    assert convert.pull_target("hf.co/org/repo-GGUF") == {
+    assert ollama_models.pull_target("hf.co/org/repo-GGUF") == {
         "model_id": "hf.co/org/repo-GGUF", "repo": "org/repo-GGUF"}
     with pytest.raises(BadRequest, match=r"hf\.co/ORG/REPO"):
-        convert.pull_target("hf.co/just-a-repo")
+        ollama_models.pull_target("hf.co/just-a-repo")
