@@ -310,6 +310,7 @@ class Router:
             # after its next load began): the queue follows the current one.
             self._follow(stats.queue, model)
         elif event.new in (WorkerState.STOPPING, WorkerState.STOPPED) or model is None:
+            stats.keep_alive_s = None  # a keep_alive lasts while the model does
             stats.queue.fail(errors.ModelNotReady(
                 f"model {event.model!r} was unloaded while this request waited",
                 param="model"))

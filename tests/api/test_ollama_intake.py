@@ -5,13 +5,15 @@ The answers of real workers are tests/api/test_ollama.py's."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
 from neuronctl.api.app import create_app
-from neuronctl.config import ModelSpec
+from neuronctl.api.v1 import ROUTER_STATS
+from neuronctl.config import ModelSpec, NeuronConfig
 
 from ..helpers import MakeRegistry, poll_until
 
@@ -26,9 +28,11 @@ async def error_of(client: TestClient[Any, Any], path: str, data: bytes, status:
     return str(body["error"])
 
 
-async def test_what_the_node_answers_itself(make_registry: MakeRegistry) -> None:
-    registry = make_registry()
-    await registry.load(ModelSpec("m", harness="fake"))
+async def test_what_the_node_answers_itself(node_config: NeuronConfig,
+                                            make_registry: MakeRegistry) -> None:
+    spec = ModelSpec("m", harness="fake")
+    registry = make_registry(dataclasses.replace(node_config, models=(spec,)))
+    await registry.load(spec)
     async with TestClient(TestServer(create_app(registry), host="127.0.0.1")) as client:
         async with client.get("/api/version") as resp:
             assert resp.status == 200 and "version" in await resp.json()
@@ -64,3 +68,7 @@ async def test_what_the_node_answers_itself(make_registry: MakeRegistry) -> None
         await asyncio.to_thread(poll_until, lambda: registry.get("m") is None, 10)
         async with client.get("/api/ps") as resp:
             assert (await resp.json())["models"] == []
+        # The keep_alive ended with the model: loaded again, it has no idle deadline.
+        async with client.post("/models/load", json={"model_id": "m"}) as resp:
+            assert resp.status == 200
+        assert client.app[ROUTER_STATS].models["m"].keep_alive_s is None
