@@ -358,6 +358,9 @@ class OllamaApi:
         convert.options(body.get("options"), self.models.n_ctx(self.models.spec(model_id)))
         if body.get("truncate") is not None and not isinstance(body["truncate"], bool):
             raise errors.BadRequest("truncate: expected a boolean")
+        if body.get("dimensions") is not None:  # silently longer vectors would mislead
+            raise errors.BadRequest("dimensions: not supported; the node answers the "
+                                    "model's own embedding size")
         payload = json.dumps({"model": model_id, "input": texts}).encode()
         preload = not texts or (legacy and texts == [""])  # Ollama's load idiom
         body.clear()  # only the bytes wait in the queue

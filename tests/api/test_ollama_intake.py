@@ -52,6 +52,8 @@ async def test_what_the_node_answers_itself(node_config: NeuronConfig,
         many = b'{"model": "m", "prompt": [' + b"1," * (1 << 20) + b'1]}'
         assert "JSON values" in await error_of(client, "/api/generate", many, 413)
 
+        assert "dimensions" in await error_of(
+            client, "/api/embed", b'{"model": "m", "input": "a", "dimensions": 8}', 400)
         for path in ("/api/create", "/api/copy", "/api/delete", "/api/push"):
             message = await error_of(client, path, b"{}", 400)
             assert message.startswith(path)
