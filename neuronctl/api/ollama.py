@@ -145,6 +145,10 @@ class OllamaApi:
         n_ctx = self.models.n_ctx(self.models.spec(model_id))
         translate = convert.chat_request if kind == "chat" else convert.generate_request
         asked = translate(body, model_id, n_ctx)
+        spec = self.models.spec(model_id)
+        if asked.keep_alive_s is not None and spec is not None \
+                and self.registry.config.pinned(spec):
+            asked.ignored.append("keep_alive (the model is pinned: it stays loaded)")
         headers = _ignored_header(asked.ignored)
         if asked.empty:
             return await self._load_or_unload(request, model_id, name, kind, asked, headers)

@@ -65,6 +65,12 @@ async def test_what_the_node_answers_itself(node_config: NeuronConfig,
             assert resp.status == 200
             answer = await resp.json()
         assert answer["done"] is True and answer["done_reason"] == "load"
+        pinned = ModelSpec("pinned", harness="fake", pinned=True)
+        await registry.load(pinned)
+        async with client.post("/api/chat", json={"model": "pinned", "keep_alive": 0}) as resp:
+            assert resp.status == 200 and "pinned" in resp.headers["X-Neuron-Ignored-Options"]
+        assert registry.get("pinned") is not None  # the operator's to keep
+        await registry.unload("pinned")
         async with client.post("/api/chat", json={"model": "m", "keep_alive": 0}) as resp:
             assert resp.status == 200 and (await resp.json())["done_reason"] == "unload"
         await asyncio.to_thread(poll_until, lambda: registry.get("m") is None, 10)
