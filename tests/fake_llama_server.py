@@ -15,7 +15,11 @@ client): `hold_s` (answer only after that long), `answer_mib` (an answer that lo
 1 MiB writes, with its Content-Length unless `no_length`), `stall_after_bytes` (stop
 sending after that many bytes of it, and wait a minute, the connection open), `lie` (a
 Content-Length of 1000, 10 bytes, then the same wait) and `extra_headers` (that many more
-headers).
+headers). A streamed request (`"stream": true`) is answered with chat chunks as
+server-sent events; one whose last message says "die mid-stream" gets two chunks, and then
+the process exits (code 3), as a worker that crashes while it answers; one whose last
+message says "call a tool" calls the first of its `tools` with `{"city": "Oslo"}`, the
+arguments in two pieces, as llama-server streams them.
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ def main() -> None:
                 self.misbehave(request)
                 return
             tokens = int(request.get("max_tokens") or 4)
+            if request.get("stream"):
+                self.stream(request, tokens)
+                return
             body = {"object": "text_completion", "choices": [{"index": 0, "text": "x" * tokens,
                                                                "finish_reason": "length"}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
@@ -100,6 +107,40 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(data)
             print(f"POST {self.path} 200", flush=True)
+
+        def stream(self, request: dict[str, Any], tokens: int) -> None:
+            messages = request.get("messages") or [{}]
+            dies = messages[-1].get("content") == "die mid-stream"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            if messages[-1].get("content") == "call a tool" and request.get("tools"):
+                name = request["tools"][0]["function"]["name"]
+                pieces = [{"index": 0, "id": "call_1", "type": "function",
+                           "function": {"name": name, "arguments": '{"city": '}},
+                          {"index": 0, "function": {"arguments": '"Oslo"}'}}]
+                for piece in pieces:
+                    chunk = {"object": "chat.completion.chunk", "choices": [
+                        {"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]}
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                end = {"object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+                self.wfile.write(b"data: " + json.dumps(end).encode() + b"\n\ndata: [DONE]\n\n")
+                return
+            for _ in range(2 if dies else tokens):
+                chunk = {"object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.flush()
+            if dies:
+                print(f"POST {self.path} dying mid-stream", flush=True)
+                os._exit(3)
+            last = {"object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": {}, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
+                          "total_tokens": tokens + 1}}
+            self.wfile.write(b"data: " + json.dumps(last).encode() + b"\n\ndata: [DONE]\n\n")
+            print(f"POST {self.path} 200 streamed", flush=True)
 
         def misbehave(self, request: dict[str, Any]) -> None:
             prefix, suffix = b'{"data": "', b'"}'

@@ -4,9 +4,9 @@ error middleware.
 Every route the node serves is listed in `routes()`. The control routes answer JSON,
 errors included (`{"error": "...", "type": ..., "code": ...}`): one middleware turns
 whatever went wrong into that shape, with the status errors.py gives it, so no client ever
-sees an HTML page or a traceback. `/v1` answers errors in OpenAI's shape itself (v1.py);
-the dashboard's page and assets, `/metrics` and a model's logs are not JSON, and a client
-that left before its answer gets an empty 400 nobody reads.
+sees an HTML page or a traceback. `/v1` answers errors in OpenAI's shape itself (v1.py),
+`/api` in Ollama's (ollama.py); the dashboard's page and assets, `/metrics` and a model's
+logs are not JSON, and a client that left before its answer gets an empty 400 nobody reads.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from .events_sse import STREAMS, EventStreams
 from .idle import IdleReaper
 from .logstream import FOLLOWERS, LogFollowers
 from .metrics import Metrics
+from .ollama import OllamaApi
 from .ratelog import RateLimitedLog
 from .requestbody import read_limited
 from .store import StoreRoutes
@@ -126,8 +127,9 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(request.app[REGISTRY].listing())
 
 
-async def load_model(request: web.Request) -> web.Response:
-    body = await _json_object(request)
+def checked_spec(request: web.Request, body: dict[str, Any]) -> ModelSpec:
+    """The spec a load request's body means, with every check a client's load passes
+    (`POST /models/load`, Ollama's `/api/pull`): the body, remote loads, `args`."""
     try:
         spec = model_spec_from_mapping(body)
     except ConfigError as exc:
@@ -141,6 +143,13 @@ async def load_model(request: web.Request) -> web.Response:
     spec = registry.spec_for(spec, body.keys())  # a catalogue id alone: its entry
     if "args" in body:  # against the harness that will run it (a catalogue entry's)
         _check_args(registry, spec)
+    return spec
+
+
+async def load_model(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    spec = checked_spec(request, body)
+    registry = request.app[REGISTRY]
     before = registry.get(spec.model_id)
     already = before is not None and before.status is ModelStatus.LOADED \
         and same_worker(before.spec, spec)
@@ -268,7 +277,7 @@ async def _identity_headers(request: web.Request, response: web.StreamResponse) 
 
 
 def routes(router: Router, streams: EventStreams, followers: LogFollowers,
-           metrics: Metrics, stats: RouterStats,
+           metrics: Metrics, stats: RouterStats, ollama: OllamaApi,
            store: StoreRoutes | None = None) -> list[web.RouteDef]:
     """Every route the node serves. Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence
     the greedy patterns; `/v1/models` comes before the `/v1` catch-all that forwards."""
@@ -290,6 +299,7 @@ def routes(router: Router, streams: EventStreams, followers: LogFollowers,
         web.get("/v1/models", router.list_models),
         web.get("/v1/models/{model_id:.+}", router.get_model),
         web.route("*", "/v1/{path:.*}", router.forward),
+        *ollama.routes(),  # /api/...: Ollama's API, through the same router (ollama.py)
     ]
 
 
@@ -333,7 +343,8 @@ def create_app(
     app[STREAMS] = streams
     app[FOLLOWERS] = followers
     store = StoreRoutes(registry, _json_object)
-    app.router.add_routes(routes(router, streams, followers, metrics, stats, store))
+    ollama = OllamaApi(registry, router, checked_spec)
+    app.router.add_routes(routes(router, streams, followers, metrics, stats, ollama, store))
     app.on_response_prepare.append(_identity_headers)
     app.cleanup_ctx.extend([
         router.upstream.client_session,  # one pooled client for every worker

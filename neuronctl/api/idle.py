@@ -1,4 +1,5 @@
-"""Idle unload: a model with a `ttl_s` is unloaded after that long without a /v1 request.
+"""Idle unload: a model with a `ttl_s` is unloaded after that long without a /v1 request
+(or after the `keep_alive` its latest Ollama request asked for: `Activity.keep_alive_s`).
 
 Idle is what `/models` shows as `idle_until`, computed once (`listing.with_traffic`) from
 the router's counters (`RouterStats.activity`: nothing in flight or queued, and when the
@@ -56,29 +57,33 @@ class IdleReaper:
     def ttl_for(self, model: ModelLifecycle) -> float | None:
         return self.registry.config.ttl_for(model.spec)
 
-    def idle(self) -> list[tuple[ModelLifecycle, float]]:
-        """Loaded models past their TTL, with how long they have been idle."""
+    def idle(self) -> list[tuple[ModelLifecycle, float, float]]:
+        """Loaded models past their TTL, with how long they have been idle and the TTL
+        that applied (the config's, or the keep_alive a client asked for)."""
         now = self._clock()
         due = []
         for model in self.registry.models():
             if model.status is not ModelStatus.LOADED:
                 continue
+            activity = self.activity(model.model_id)
             ttl = self.ttl_for(model)
-            until = idle_until(model, ttl, self.activity(model.model_id))
+            if activity.keep_alive_s is not None:  # a client's keep_alive (Ollama's API)
+                ttl = activity.keep_alive_s if activity.keep_alive_s >= 0 else None
+            until = idle_until(model, self.ttl_for(model), activity)
             if ttl is not None and until is not None and now >= until:
-                due.append((model, now - until + ttl))
+                due.append((model, now - until + ttl, ttl))
         return due
 
     async def reap(self) -> None:
-        for model, idle_s in self.idle():
+        for model, idle_s, ttl in self.idle():
             if self.registry.get(model.model_id) is not model:
                 continue  # reloaded or unloaded meanwhile
             if self.activity(model.model_id).busy:
                 continue  # a request came while an earlier one was being unloaded
-            log.info("%s: no request for %.0f s (ttl_s %g); unloading",
-                     model.model_id, idle_s, self.ttl_for(model) or 0)
             # The reason its events carry: a TTL unload reads apart from one by hand.
-            why = f"idle: no request for {idle_s:.0f} s (ttl_s {self.ttl_for(model) or 0:g})"
+            what = "ttl_s" if self.activity(model.model_id).keep_alive_s is None else "keep_alive"
+            why = f"idle: no request for {idle_s:.0f} s ({what} {ttl:g})"
+            log.info("%s: %s; unloading", model.model_id, why)
             with contextlib.suppress(ModelNotFound, Conflict):  # someone else unloaded it first
                 await self.registry.unload(model.model_id, why)
 

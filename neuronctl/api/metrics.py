@@ -115,7 +115,8 @@ class NodeCollector(Collector):
         yield log_unwritable
 
         requests = CounterMetricFamily(
-            "neuron_requests", "Requests through /v1 naming the model, by HTTP status.",
+            "neuron_requests", "Requests through /v1 (or Ollama's /api) naming the model, by "
+            "HTTP status.",
             labels=["model", "code"])
         in_flight = GaugeMetricFamily(
             "neuron_requests_in_flight", "Requests forwarded to the model's worker, not done.",

@@ -184,6 +184,9 @@ class ModelStats:
     # (llama.cpp servers send one token per chunk). For the dashboard's tokens/s.
     tokens: int = 0
     last_used: float = 0.0  # monotonic time a request last arrived or finished (eviction)
+    # The idle time its latest request asked for (Ollama's keep_alive, seconds; negative:
+    # forever); None: the config's ttl_s. See Activity.
+    keep_alive_s: float | None = None
     responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> count
     rejections: dict[str, int] = field(default_factory=dict)  # the router's refusals, by code
 
@@ -214,7 +217,7 @@ class RouterStats:
         if stats is None:
             return IDLE
         return Activity(max(stats.in_flight, stats.queue.in_flight), stats.queue.queued,
-                        stats.last_used)
+                        stats.last_used, stats.keep_alive_s)
 
     def traffic(self) -> dict[str, dict[str, int]]:
         """Every counted model's requests in flight, waiting, and its worker's slots: what

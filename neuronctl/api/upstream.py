@@ -113,6 +113,15 @@ def _exit_note(worker: Worker) -> str:
     return f"; it {describe_exit(code)}" if code is not None else ""
 
 
+class _Unreached(Exception):
+    """The request did not reach the worker, or its answer's head was unreadable."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(what)
+        self.what = what
+        self.cause = cause
+
+
 class _AnswerStopped(Exception):
     """A worker's non-streamed answer stopped before its end; `what` says how."""
 
@@ -167,30 +176,12 @@ class Upstream:
         stats: ModelStats,
     ) -> web.StreamResponse:
         """Send `body` to `worker` and pass its answer on to `request`'s client."""
-        assert self._session is not None, "router used outside its app's lifetime"
         headers = _request_headers(request.headers)
-        for attempt in range(1, STALE_RETRIES + 2):
-            try:
-                upstream = await self._session.post(
-                    worker.endpoint + request.raw_path, data=body, headers=headers,
-                    allow_redirects=False,
-                )
-                break
-            except ClientConnectorError as exc:
-                return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
-            except ClientResponseError as exc:  # reached, but its answer's head is unreadable
-                what = f"sent an answer the router cannot read ({str(exc.message)[:200]})"
-                return self._bad_gateway(model_id, worker, stats, what, exc)
-            except _STALE_CONNECTION as exc:
-                # A pooled connection the worker had closed (llama-server's HTTP server
-                # drops keep-alive connections on its own): nothing reached the worker, so
-                # it is sent again on another connection.
-                if attempt > STALE_RETRIES or worker.returncode is not None:
-                    return self._bad_gateway(model_id, worker, stats, "could not be reached",
-                                             exc)
-                log.debug("router: %s: stale connection (%s); sending again", model_id, exc)
-            except _UPSTREAM_ERRORS as exc:
-                return self._bad_gateway(model_id, worker, stats, "could not be reached", exc)
+        try:
+            upstream = await self._send(worker, request.raw_path, body, headers)
+        except _Unreached as exc:
+            return openai_error(self._gateway_error(model_id, worker, stats, exc.what,
+                                                    exc.cause))
         watch = self._restore_watch(model_id, worker)
         try:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
@@ -208,6 +199,42 @@ class Upstream:
         model = self.registry.get(model_id)
         cache = model.prompt_cache if model is not None and model.worker is worker else None
         return cache.observe if cache is not None and cache.expecting_answer else None
+
+    async def post(self, worker: Worker, path: str, body: bytes, model_id: str,
+                   stats: ModelStats) -> ClientResponse:
+        """`body` (JSON) posted to `worker`'s `path`, for a caller that translates the
+        answer itself (ollama.py); the caller closes the response. Raises
+        WorkerUnavailable (counted as /v1 counts it) when the worker cannot be reached."""
+        try:
+            return await self._send(worker, path, body,
+                                    [("Content-Type", "application/json")])
+        except _Unreached as exc:
+            raise self._gateway_error(model_id, worker, stats, exc.what, exc.cause) from None
+
+    async def _send(self, worker: Worker, path: str, body: bytes,
+                    headers: list[tuple[str, str]]) -> ClientResponse:
+        assert self._session is not None, "router used outside its app's lifetime"
+        for attempt in range(1, STALE_RETRIES + 2):
+            try:
+                return await self._session.post(
+                    worker.endpoint + path, data=body, headers=headers,
+                    allow_redirects=False,
+                )
+            except ClientConnectorError as exc:
+                raise _Unreached("could not be reached", exc) from exc
+            except ClientResponseError as exc:  # reached, but its answer's head is unreadable
+                what = f"sent an answer the router cannot read ({str(exc.message)[:200]})"
+                raise _Unreached(what, exc) from exc
+            except _STALE_CONNECTION as exc:
+                # A pooled connection the worker had closed (llama-server's HTTP server
+                # drops keep-alive connections on its own): nothing reached the worker, so
+                # it is sent again on another connection.
+                if attempt > STALE_RETRIES or worker.returncode is not None:
+                    raise _Unreached("could not be reached", exc) from exc
+                log.debug("router: %s: stale connection (%s); sending again", path, exc)
+            except _UPSTREAM_ERRORS as exc:
+                raise _Unreached("could not be reached", exc) from exc
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _relay(
         self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
@@ -317,10 +344,7 @@ class Upstream:
         """The worker died mid-stream, after a 200 went out. Send one last event in OpenAI's
         error shape (OpenAI's client libraries raise it), then cut the connection without
         the final chunk, so even a client that ignores the event sees a broken transfer."""
-        stats.worker_errors += 1
-        message = f"the worker for model {model_id!r} broke off its answer{_exit_note(worker)}"
-        message, level = self._cut_by_unload(model_id, message)
-        log.log(level, "router: %s: %s", message, exc)
+        message = self.broken_off(model_id, worker, stats, exc)
         body = errors.WorkerUnavailable(message).openai_body()
         event = b"\n\ndata: " + json.dumps(body).encode() + b"\n\n"
         try:
@@ -330,15 +354,30 @@ class Upstream:
         if request.transport is not None:
             request.transport.close()
 
+    def broken_off(self, model_id: str, worker: Worker, stats: ModelStats,
+                   exc: BaseException) -> str:
+        """A stream the worker broke off after the 200 went out: counted, logged, and
+        the message its client gets in its API's last event."""
+        stats.worker_errors += 1
+        message = f"the worker for model {model_id!r} broke off its answer{_exit_note(worker)}"
+        message, level = self._cut_by_unload(model_id, message)
+        log.log(level, "router: %s: %s", message, str(exc) or type(exc).__name__)
+        return message
+
     def _bad_gateway(
         self, model_id: str, worker: Worker, stats: ModelStats, what: str, exc: BaseException
     ) -> web.Response:
+        return openai_error(self._gateway_error(model_id, worker, stats, what, exc))
+
+    def _gateway_error(
+        self, model_id: str, worker: Worker, stats: ModelStats, what: str, exc: BaseException
+    ) -> NeuronError:
         stats.worker_errors += 1
         stats.count(502)
         message = f"the worker for model {model_id!r} {what}{_exit_note(worker)}"
         message, level = self._cut_by_unload(model_id, message)
         log.log(level, "router: %s: %s", message, str(exc) or type(exc).__name__)
-        return openai_error(errors.WorkerUnavailable(message))
+        return errors.WorkerUnavailable(message)
 
     def _cut_by_unload(self, model_id: str, message: str) -> tuple[str, int]:
         """An answer cut because an operator unloaded the model (or the node stops) is what

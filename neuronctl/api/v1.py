@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -30,6 +30,7 @@ from ..states import ModelStatus, WorkerState
 from ..supervisor.harness import Harness
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
+from ..supervisor.worker import Worker
 from .metrics import RequestTimes
 from .requestbody import read_limited, routing
 from .traffic import ModelQueue, ModelStats, RouterStats, unloaded_for_good
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 NOT_READY_RETRY_S = 5
 # How often requests waiting on a worker check that their clients are still there.
 HANG_UP_CHECK_S = 0.25
+
+# What a request does with the worker once admitted: its answer, to the client.
+Exchange = Callable[[Worker, ModelStats], Awaitable[web.StreamResponse]]
 
 # The router's counters, on the app for whoever reads them there (tests); the app's own
 # handlers are given them where they are made.
@@ -142,7 +146,7 @@ class Router:
             loop = asyncio.get_running_loop()
             self._check_handle = loop.call_later(HANG_UP_CHECK_S, self._check_clients)
 
-    def _servable(self) -> dict[str, dict[str, Any]]:
+    def servable(self) -> dict[str, dict[str, Any]]:
         """What a request may name: loaded models, and catalogue models that a request
         would load (autoload), as `unloaded`."""
         entries = {m.model_id: _model_entry(m) for m in self.registry.models()
@@ -156,11 +160,11 @@ class Router:
         return entries
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": list(self._servable().values())})
+        return web.json_response({"object": "list", "data": list(self.servable().values())})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
-        entry = self._servable().get(model_id)
+        entry = self.servable().get(model_id)
         if entry is None:
             return openai_error(self._unknown_model(model_id))
         return web.json_response(entry)
@@ -198,6 +202,22 @@ class Router:
             raise errors.ModelNotFound(
                 f"request names no model; models on this node: {self._loaded_ids()}",
                 param="model")
+
+        async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
+            return await self.upstream.exchange(request, body, model_id, worker, stats)
+
+        return await self.serve(request, model_id, len(body), stream, exchange)
+
+    async def serve(self, request: web.Request, model_id: str, size: int, stream: bool,
+                    exchange: Exchange, keep_alive_s: float | None = None
+                    ) -> web.StreamResponse:
+        """One request for `model_id` through the node's machinery, whichever API it came
+        in by: the model found (loaded on demand), counted, queued (`size`: the bytes that
+        wait), a client that hangs up noticed, then `exchange` with the worker. `stream`:
+        whether the worker is asked for a stream (a non-streamed answer of a harness that
+        finishes abandoned answers keeps its slot to the end). `keep_alive_s`: the idle
+        time the request asked for (Ollama's keep_alive; None: the config's ttl_s).
+        Refusals are raised, for the caller to answer in its API's shape."""
         if self._stopping is not None:
             raise self._stopping
         model = self.registry.get(model_id)
@@ -212,6 +232,9 @@ class Router:
         stats = self._stats_for(model)
         stats.requests += 1
         stats.last_used = time.monotonic()
+        # Each request says how long the model stays (Ollama's rule): none, the config's.
+        # A pinned model is the operator's to keep.
+        stats.keep_alive_s = None if self.registry.config.pinned(model.spec) else keep_alive_s
         task = self._watch_client(request)  # a client that hangs up leaves the queue too
         # A worker that cannot stop an answer its client no longer waits for (see
         # harness.py) keeps its slot until it is done: the request is not cancelled once
@@ -224,15 +247,15 @@ class Router:
                 del self._waiting[task]  # no longer cancelled when its client hangs up
 
         try:
-            return await self._admitted(request, body, model, stats, admitted)
+            return await self._admitted(size, model, stats, admitted, exchange)
         except NeuronError as refusal:
             stats.reject(refusal)
             raise
         finally:
             self._waiting.pop(task, None)
 
-    async def _admitted(self, request: web.Request, body: bytes, model: ModelLifecycle,
-                        stats: ModelStats, on_admitted: Callable[[], None]
+    async def _admitted(self, size: int, model: ModelLifecycle, stats: ModelStats,
+                        on_admitted: Callable[[], None], exchange: Exchange
                         ) -> web.StreamResponse:
         """Wait for a slot of the model's worker (it may still be loading), then forward."""
         model_id = model.model_id
@@ -240,7 +263,7 @@ class Router:
             raise self._not_ready(model)
         max_queue, timeout_s = model.queue_limits()
         max_bytes = self.registry.config.max_queued_bytes
-        async with stats.queue.admit(max_queue, timeout_s, len(body), max_bytes) as waited:
+        async with stats.queue.admit(max_queue, timeout_s, size, max_bytes) as waited:
             if self.stats.keeps(model_id, stats):
                 self.times.queue_wait.labels(model_id).observe(waited)
             current = self.registry.get(model_id)  # a reload may have replaced it
@@ -251,7 +274,7 @@ class Router:
             stats.in_flight += 1
             started = time.monotonic()
             try:
-                return await self.upstream.exchange(request, body, model_id, worker, stats)
+                return await exchange(worker, stats)
             except asyncio.CancelledError:  # the client left (or the node is shutting down)
                 stats.client_disconnects += 1
                 raise
@@ -287,6 +310,7 @@ class Router:
             # after its next load began): the queue follows the current one.
             self._follow(stats.queue, model)
         elif event.new in (WorkerState.STOPPING, WorkerState.STOPPED) or model is None:
+            stats.keep_alive_s = None  # a keep_alive lasts while the model does
             stats.queue.fail(errors.ModelNotReady(
                 f"model {event.model!r} was unloaded while this request waited",
                 param="model"))

@@ -20,6 +20,9 @@ class Activity:
     in_flight: int = 0
     queued: int = 0
     last_used: float = 0.0  # monotonic time of its last request; 0: never
+    # The idle time its latest request asked for, over the config's ttl_s (Ollama's
+    # keep_alive: seconds, negative for never); None: the config's.
+    keep_alive_s: float | None = None
 
     @property
     def busy(self) -> bool:

@@ -134,6 +134,8 @@ def with_traffic(entry: dict[str, Any], activity: Activity) -> dict[str, Any]:
     a TTL, unless loaded, or while busy (the countdown starts when it is idle again)."""
     idle_until = None
     ttl, since = entry.get("ttl_s"), entry.get("since")
+    if activity.keep_alive_s is not None:  # a client's keep_alive, over the config's
+        ttl = activity.keep_alive_s if activity.keep_alive_s >= 0 else None
     if (ttl is not None and since is not None and not activity.busy
             and entry["status"] == ModelStatus.LOADED.value):
         last = since

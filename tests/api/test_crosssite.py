@@ -196,3 +196,28 @@ def test_an_exposed_node_says_what_it_exposes() -> None:
         assert exposed in warning
     opted_in = exposure_warning(NeuronConfig(host="10.0.0.5", allow_remote_loads=True))
     assert opted_in is not None and "any model file or Hugging Face repo" in opted_in
+
+
+async def test_ollamas_pull_is_checked_as_a_load(node_config: NeuronConfig,
+                                                 make_registry: MakeRegistry) -> None:
+    """`/api/pull hf.co/ORG/REPO:QUANT` is a Hugging Face load: from another host only
+    with allow_remote_loads; a catalogue id is fine from anywhere (api.checked_spec)."""
+    from aiohttp import web
+
+    from neuronctl.api.ollama_models import pull_target
+
+    config = dataclasses.replace(node_config, models=(ModelSpec("cat", harness="fake"),))
+    app = web.Application()
+    app[api.REGISTRY] = make_registry(config)
+
+    def request(peer: str) -> Any:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda name, default=None: (
+            (peer, 40000) if name == "peername" else default)
+        return make_mocked_request("POST", "/api/pull", transport=transport, app=app)
+
+    hub = pull_target("hf.co/org/repo-GGUF:Q4_K_M")
+    with pytest.raises(RemoteLoadRefused, match="quant, repo"):
+        api.checked_spec(request("10.0.0.7"), hub)
+    assert api.checked_spec(request("127.0.0.1"), hub).repo == "org/repo-GGUF"
+    assert api.checked_spec(request("10.0.0.7"), pull_target("cat")).harness == "fake"

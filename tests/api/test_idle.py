@@ -71,3 +71,32 @@ async def test_the_app_unloads_an_idle_model(make_registry: MakeRegistry) -> Non
         async with client.post("/models/load", json=body) as resp:
             assert resp.status == 200
         await asyncio.to_thread(poll_until, lambda: registry.get("m") is None, 10)
+
+
+async def test_a_requests_keep_alive_replaces_the_ttl_until_the_next(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
+    """Ollama's keep_alive (ModelStats.keep_alive_s): seconds in place of ttl_s, negative
+    for never; what the reaper does and what /models shows agree."""
+    config = dataclasses.replace(node_config, ttl_s=5.0)
+    stats = RouterStats()
+    registry = make_registry(config, activity=stats.activity)
+    for model_id in ("short", "forever", "other"):
+        await registry.load(ModelSpec(model_id, harness="fake"))
+    start = max(m.since for m in registry.models())
+    now = [start]
+    reaper = IdleReaper(registry, stats.activity, clock=lambda: now[0])
+    stats.model("short").keep_alive_s = 1.0
+    stats.model("forever").keep_alive_s = -1.0
+    listed = {m["id"]: m for m in registry.listing()}
+    assert abs(listed["short"]["idle_until"] - (listed["short"]["since"] + 1.0)) < 0.01
+    assert listed["forever"]["idle_until"] is None
+    now[0] = start + 2.0
+    await reaper.reap()
+    assert {m.model_id for m in registry.models()} == {"forever", "other"}
+    now[0] = start + 60.0
+    await reaper.reap()  # past the node's ttl_s: only keep_alive -1 keeps a model
+    assert {m.model_id for m in registry.models()} == {"forever"}
+    stats.model("forever").keep_alive_s = None  # a request without keep_alive: ttl_s again
+    await reaper.reap()
+    assert registry.models() == []

@@ -368,3 +368,16 @@ async def test_a_header_is_read_again_only_when_its_file_changes(
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     await registry.load(fake("m", model))
     assert read == [model, model, model]
+
+
+async def test_parameter_count_and_file_type_for_ollamas_details(tiny_gguf: Path) -> None:
+    """What /api/tags shows as parameter size and quantization, through the child too."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(tiny_gguf)
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    file_type = reader.fields["general.file_type"].contents()
+    header = read_model([tiny_gguf])
+    assert (header.parameter_count, header.file_type) == (elements, file_type)
+    bounded = await read_bounded([tiny_gguf])
+    assert bounded.as_json() == header.as_json()
