@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -30,10 +30,11 @@ from ..states import ModelStatus, WorkerState
 from ..supervisor.harness import Harness
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
+from ..supervisor.worker import Worker
 from .metrics import RequestTimes
 from .requestbody import read_limited, routing
 from .traffic import ModelQueue, ModelStats, RouterStats, unloaded_for_good
-from .upstream import Upstream, openai_error
+from .upstream import OPENAI, Dialect, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ HANG_UP_CHECK_S = 0.25
 # The router's counters, on the app for whoever reads them there (tests); the app's own
 # handlers are given them where they are made.
 ROUTER_STATS = web.AppKey("router_stats", RouterStats)
+
+
+# What a route does with a request once the model's worker has a slot for it: the exchange
+# (the body, the model, its worker, its counters) and the answer to the client.
+Exchange = Callable[[web.Request, bytes, ModelLifecycle, Worker, ModelStats],
+                    Awaitable[web.StreamResponse]]
+# A route's own check of a body it has read (the router's `model` and `stream` aside),
+# before any model is found or loaded for it: raises a NeuronError (a 400).
+BodyCheck = Callable[[bytes], None]
 
 
 def _model_entry(model: ModelLifecycle) -> dict[str, Any]:
@@ -162,10 +172,22 @@ class Router:
         model_id = request.match_info["model_id"]
         entry = self._servable().get(model_id)
         if entry is None:
-            return openai_error(self._unknown_model(model_id))
+            return OPENAI.answer(self._unknown_model(model_id))
         return web.json_response(entry)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        """The `/v1` catch-all: the request goes to its model's worker as it came."""
+        return await self.serve(request, self._pass_through)
+
+    async def _pass_through(self, request: web.Request, body: bytes, model: ModelLifecycle,
+                            worker: Worker, stats: ModelStats) -> web.StreamResponse:
+        return await self.upstream.exchange(request, body, model.model_id, worker, stats)
+
+    async def serve(self, request: web.Request, exchange: Exchange,
+                    dialect: Dialect = OPENAI, check: BodyCheck | None = None
+                    ) -> web.StreamResponse:
+        """A `/v1` route: intake, the model's queue, then `exchange` with its worker;
+        the router's own refusals in `dialect`'s shape."""
         try:
             if request.method != "POST":
                 raise errors.MethodNotAllowed(
@@ -173,16 +195,17 @@ class Router:
                     "that names a model", headers={"Allow": "POST"})
             _check_target(request)
             _check_path(request)
-            return await self._forward(request)
+            return await self._forward(request, exchange, check)
         except NeuronError as exc:
-            return openai_error(exc)
+            return dialect.answer(exc)
         except ConnectionError:  # the client left while its body was being read
             return web.Response(status=400)  # nobody will read it
         except Exception:
             log.exception("router: unhandled error in %s %s", request.method, request.path)
-            return openai_error(NeuronError("internal error; see the neuron service log"))
+            return dialect.answer(NeuronError("internal error; see the neuron service log"))
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, exchange: Exchange,
+                       check: BodyCheck | None) -> web.StreamResponse:
         # Read per request, so a config reload that changes it applies at once.
         config = self.registry.config
         limit = config.max_request_bytes
@@ -194,6 +217,8 @@ class Router:
                 "the node config)")
         # Only the bytes wait in the queue, never the parsed JSON (see requestbody.py).
         model_id, stream = (fields := routing(body)).model, fields.stream
+        if check is not None:
+            check(body)
         if model_id is None:
             raise errors.ModelNotFound(
                 f"request names no model; models on this node: {self._loaded_ids()}",
@@ -224,7 +249,7 @@ class Router:
                 del self._waiting[task]  # no longer cancelled when its client hangs up
 
         try:
-            return await self._admitted(request, body, model, stats, admitted)
+            return await self._admitted(request, body, model, stats, admitted, exchange)
         except NeuronError as refusal:
             stats.reject(refusal)
             raise
@@ -232,8 +257,8 @@ class Router:
             self._waiting.pop(task, None)
 
     async def _admitted(self, request: web.Request, body: bytes, model: ModelLifecycle,
-                        stats: ModelStats, on_admitted: Callable[[], None]
-                        ) -> web.StreamResponse:
+                        stats: ModelStats, on_admitted: Callable[[], None],
+                        exchange: Exchange) -> web.StreamResponse:
         """Wait for a slot of the model's worker (it may still be loading), then forward."""
         model_id = model.model_id
         if model.status is ModelStatus.FAILED:
@@ -251,7 +276,7 @@ class Router:
             stats.in_flight += 1
             started = time.monotonic()
             try:
-                return await self.upstream.exchange(request, body, model_id, worker, stats)
+                return await exchange(request, body, current or model, worker, stats)
             except asyncio.CancelledError:  # the client left (or the node is shutting down)
                 stats.client_disconnects += 1
                 raise

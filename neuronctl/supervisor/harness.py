@@ -48,6 +48,9 @@ class Harness(ABC):
     # A non-streamed answer runs to its end even when its client hung up (the router then
     # keeps its slot until it does).
     finishes_abandoned_answers: bool = False
+    # Its workers answer Anthropic's `/v1/messages` (and `/v1/messages/count_tokens`)
+    # themselves: passed through; otherwise the node translates to chat completions.
+    serves_anthropic_messages: bool = False
     # Flags the harness sets itself, and why: `args` may not hold them.
     reserved_flags: ClassVar[Mapping[str, str]] = {}
     # What `args` of an API load may hold (apiargs.py); none unless a harness says.
@@ -254,6 +257,7 @@ class LlamaServerHarness(Harness):
     # default_n_ctx stays None: without -c it takes the model's own context length.
     api_flags = LLAMA_SERVER_API_FLAGS
     serves_metrics = True  # run with --metrics
+    serves_anthropic_messages = True
 
     def __init__(self, defaults: HarnessConfig) -> None:
         self._defaults = defaults
