@@ -189,7 +189,8 @@ def _message(message: object, where: str) -> list[dict[str, Any]]:
                        "(text, tool_use and tool_result are)"[:300], at)
     out: list[dict[str, Any]] = list(results)  # tool results answer the previous turn
     if role == "assistant":
-        turn: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+        # "" rather than None beside tool calls: llama-cpp-python's server refuses a null.
+        turn: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
         if calls:
             turn["tool_calls"] = calls
         out.append(turn)
@@ -293,6 +294,14 @@ def from_chat(answer: Mapping[str, Any], model: str) -> dict[str, Any]:
     }
 
 
+def message_start(model: str, input_tokens: int = 0) -> bytes:
+    """The `message_start` event: a stream's first."""
+    return sse("message_start", {"type": "message_start", "message": {
+        "id": message_id(), "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})
+
+
 def _count(value: object) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
@@ -321,10 +330,7 @@ class EventStream:
         self._any_tool = False
 
     def start(self) -> bytes:
-        return sse("message_start", {"type": "message_start", "message": {
-            "id": message_id(), "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}})
+        return message_start(self.model, self.input_tokens)
 
     def _close(self) -> bytes:
         if self._open is None:

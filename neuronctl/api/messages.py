@@ -33,7 +33,8 @@ def anthropic_error(error: NeuronError) -> web.Response:
                              headers=error.headers)
 
 
-ANTHROPIC = Dialect(anthropic_error, anthropic.error_event, anthropic.chat_error)
+ANTHROPIC = Dialect(anthropic_error, anthropic.error_event, anthropic.chat_error,
+                    (b"event: message_start", anthropic.message_start))
 # A translated answer is read whole before it is translated; past this it is refused.
 TRANSLATED_ANSWER_BYTES = 16 * 1024 * 1024
 COUNT_PATH = "/v1/messages/count_tokens"

@@ -89,11 +89,13 @@ def _openai_event(error: NeuronError) -> bytes:
 class Dialect:
     """How one API says an error: as a whole answer, and as the last event of a stream
     that cannot go on. `worker_errors`: a worker's own error answers are said again in
-    this shape (None: passed on as the worker wrote them)."""
+    this shape (None: passed on as the worker wrote them). `first_event`: the event a
+    stream must begin with, and how to make it for a model when a worker's does not."""
 
     answer: Callable[[NeuronError], web.Response]
     event: Callable[[NeuronError], bytes]
     worker_errors: Callable[[int, bytes], NeuronError] | None = None
+    first_event: tuple[bytes, Callable[[str], bytes]] | None = None
 
 
 OPENAI = Dialect(openai_error, _openai_event)
@@ -311,6 +313,7 @@ class Upstream:
             content = upstream.content
             end = STREAM_ENDS.get(request.path) if upstream.status == 200 else None
             tail = b""
+            first = dialect.first_event if upstream.status == 200 else None
             while True:
                 try:
                     chunk = await content.readany()
@@ -329,6 +332,13 @@ class Upstream:
                         return response
                     break
                 tail = (tail + chunk)[-_END_TAIL:]
+                if first is not None:
+                    head, make = first
+                    if not (chunk.lstrip().startswith(head) or head.startswith(chunk.lstrip())):
+                        # llama-server (b7000s) leaves out its message_start now and then
+                        # (1 stream in 5 here); Anthropic's clients cannot read on without.
+                        chunk = make(model_id) + chunk
+                    first = None
                 # llama.cpp's servers send one token per chunk.
                 stats.tokens += chunk.count(b"data: {")
                 try:
