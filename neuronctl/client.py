@@ -127,7 +127,12 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     key = os.environ.get("NEURON_API_KEY") or (settings.api_key if settings else None)
     url = url or os.environ.get("NEURON_URL")
     if url:
-        return Client(normalize_url(url), timeout_s, key)
+        url = normalize_url(url)
+        # The URL where this config's daemon will listen: a daemon still activating its
+        # models is said to be starting (its note in state_dir), as with --config alone.
+        mine = settings is not None and config_path is not None and url == local_url(
+            settings.host, _env_port() or settings.port)
+        return Client(url, timeout_s, key, settings.state_dir if mine and settings else None)
     settings = settings or ClientSettings(state_dir=NeuronConfig.state_dir)
     # NEURON_PORT overrides the config's port for the daemon, so for its clients too.
     port = _env_port() or settings.port
