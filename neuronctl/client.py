@@ -137,7 +137,12 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
         if os.environ.get("NEURON_API_KEY") else "the config file" if key else None
     url = url or os.environ.get("NEURON_URL")
     if url:
-        client = Client(normalize_url(url), timeout_s, key)
+        url = normalize_url(url)
+        # The URL where this config's daemon will listen: a daemon still activating its
+        # models is said to be starting (its note in state_dir), as with --config alone.
+        mine = settings is not None and config_path is not None and url == local_url(
+            settings.host, _env_port() or settings.port)
+        client = Client(url, timeout_s, key, settings.state_dir if mine and settings else None)
     else:
         settings = settings or ClientSettings(state_dir=NeuronConfig.state_dir)
         # NEURON_PORT overrides the config's port for the daemon, so for its clients too.

@@ -18,6 +18,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -338,6 +339,34 @@ def test_shell_example(example: Example, node: DocNode) -> None:
     if example.expected:
         assert_same_shape(example, result.stdout)
     assert "Traceback" not in result.stderr
+
+
+def python_examples() -> Iterator[tuple[str, str]]:
+    """(file:line, code) of each `python` block that talks to localhost:13131: a client
+    library's example (docs/clients.md), run as written against the test node."""
+    for path in DOC_FILES:
+        text = path.read_text(encoding="utf-8")
+        for block in FENCE.finditer(text):
+            if block.group(1) == "python" and "localhost:13131" in block.group(2):
+                line = text[: block.start()].count("\n") + 2
+                yield f"{path.relative_to(ROOT)}:{line}", block.group(2)
+
+
+PYTHON = list(python_examples())
+
+
+def test_the_client_pages_python_examples_are_found() -> None:
+    assert len([where for where, _ in PYTHON if where.startswith("docs/clients.md")]) >= 2
+
+
+@llama_required
+@pytest.mark.parametrize("code", [code for _, code in PYTHON], ids=[w for w, _ in PYTHON])
+def test_python_example(code: str, node: DocNode) -> None:
+    code = code.replace("localhost:13131", f"127.0.0.1:{node.port}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=_env(node), cwd=ROOT)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert result.stdout.strip()
 
 
 def test_examples_show_no_private_worker_addresses_as_what_to_use() -> None:

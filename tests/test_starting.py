@@ -40,11 +40,12 @@ def test_status_during_activation_says_starting_and_what_it_loads(
 ) -> None:
     binary = wrapper(tmp_path / "llama-server", FAKE_LLAMA_SERVER)
     config = tmp_path / "neuron.toml"
+    port = free_port()
     config.write_text(
-        f'host = "127.0.0.1"\nport = {free_port()}\nlog_dir = "log"\nstate_dir = "state"\n'
+        f'host = "127.0.0.1"\nport = {port}\nlog_dir = "log"\nstate_dir = "state"\n'
         f'stop_timeout_s = 2.0\n[harness.llama-server]\nbinary = "{binary}"\n'
         f'[[default_models]]\nmodel_id = "tiny"\nharness = "llama-server"\n'
-        f'path = "{tiny_gguf}"\nargs = ["--fake-load-s", "3"]\n')
+        f'path = "{tiny_gguf}"\nargs = ["--fake-load-s", "6"]\n')
     log = tmp_path / "daemon.log"
     with log.open("wb") as out:
         node = subprocess.Popen([NEURONCTL, "start", "--config", str(config)],
@@ -55,6 +56,14 @@ def test_status_during_activation_says_starting_and_what_it_loads(
                                 env=clean_env(), capture_output=True, text=True, timeout=30)
         assert status.returncode == 1
         assert f"neuron is starting (pid {node.pid}): loading 1/1 tiny" in status.stderr
+        # --url naming where this config's daemon listens: the same; another URL: not.
+        for url, starting in ((f"http://127.0.0.1:{port}", True),
+                              (f"http://127.0.0.1:{free_port()}", False)):
+            status = subprocess.run(
+                [NEURONCTL, "status", "--config", str(config), "--url", url],
+                env=clean_env(), capture_output=True, text=True, timeout=30)
+            assert status.returncode == 1
+            assert ("neuron is starting" in status.stderr) is starting, status.stderr
         poll_until(lambda: b"listening" in log.read_bytes(), 30)
         assert not (tmp_path / "state" / "starting").exists()  # gone once it serves
         journal = log.read_text()

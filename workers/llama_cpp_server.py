@@ -13,6 +13,14 @@ relies on:
   answered by a busy worker and fail only for a hung one. The app (and so this route)
   exists only once the model has loaded, so its first 200 also means ready.
 
+* An answer that fills the context ends with `finish_reason: "length"`. Stock
+  llama-cpp-python (0.3.x) checks `max_tokens` only after a token that completes a UTF-8
+  character, so a token that starts one at the context's last position is followed by one
+  more evaluation past the end: `llama_decode returned 1` ("failed to find a memory slot"),
+  a 500, or a stream broken off after its 200 (and the cache left in a state that failed
+  the next requests too). `_end_at_full_context` ends such an answer where the context
+  ends, as its own `max_tokens` check would have.
+
 And two flags the stock server lacks:
 
 * `--pooling none|mean|cls|last|rank` (llama.cpp's pooling type, as llama-server's
@@ -30,7 +38,7 @@ import logging
 import os
 import sys
 import types
-from typing import cast
+from typing import Any, cast
 
 # llama_cpp.server lets these environment variables override --host/--port/--config_file.
 # The supervisor chose the port and the loopback address; an inherited HOST or PORT must
@@ -75,6 +83,7 @@ def main() -> None:
         _default_pooling(llama_cpp.Llama, pooling_types[args.pooling])
     if args.no_extra_bufts:
         _no_extra_buffers(llama_cpp.llama_cpp)  # the module llama.py calls it from
+    _end_at_full_context(llama_cpp.Llama)
     try:
         # Typed upstream as returning the class it is given; it returns an instance.
         server_settings = cast(ServerSettings, parse_model_from_args(ServerSettings, args))
@@ -117,6 +126,46 @@ def _default_pooling(llama: type, pooling_type: int) -> None:
         init(self, *args, **kwargs)
 
     llama.__init__ = with_pooling  # type: ignore[misc]
+
+
+def _end_at_full_context(llama: type) -> None:
+    """Never evaluate a token past the context: where `generate` would, it yields the
+    end-of-generation token instead (which `_create_completion` checks first, before its
+    UTF-8 hold-back), and the answer it ends is marked "length", not "stop".
+
+    The server runs one completion at a time per model, so the mark lives on the model."""
+    generate = getattr(llama, "generate")  # noqa: B009 (typed as a bare `type` here)
+    create = getattr(llama, "_create_completion")  # noqa: B009
+
+    def bounded_generate(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = generate(self, tokens, *args, **kwargs)
+        try:
+            token = next(inner)
+            while True:
+                sent = yield token
+                # Resumed, the inner generator evaluates the token it just yielded at
+                # position n_tokens: there must be room for it.
+                if self.n_tokens >= self._n_ctx and self.token_eos() >= 0:
+                    self._neuron_context_full = True
+                    yield self.token_eos()
+                    return
+                token = inner.send(sent)
+        except StopIteration:
+            return
+        finally:
+            inner.close()
+
+    def marked_create(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._neuron_context_full = False
+        for chunk in create(self, *args, **kwargs):
+            if self._neuron_context_full:
+                for choice in chunk.get("choices", ()):
+                    if choice.get("finish_reason") == "stop":
+                        choice["finish_reason"] = "length"
+            yield chunk
+
+    setattr(llama, "generate", bounded_generate)  # noqa: B010
+    setattr(llama, "_create_completion", marked_create)  # noqa: B010
 
 
 def _no_extra_buffers(llama_cpp: types.ModuleType) -> None:

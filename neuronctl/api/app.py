@@ -5,8 +5,9 @@ Every route the node serves is listed in `routes()`. The control routes answer J
 errors included (`{"error": "...", "type": ..., "code": ...}`): one middleware turns
 whatever went wrong into that shape, with the status errors.py gives it, so no client ever
 sees an HTML page or a traceback. `/v1` answers errors in OpenAI's shape itself (v1.py),
-`/api` in Ollama's (ollama.py); the dashboard's page and assets, `/metrics` and a model's
-logs are not JSON, and a client that left before its answer gets an empty 400 nobody reads.
+`/api` in Ollama's (ollama.py), `/v1/messages` in Anthropic's (messages.py); the dashboard's
+page and assets, `/metrics` and a model's logs are not JSON, and a client that left before
+its answer gets an empty 400 nobody reads.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .crosssite import same_site_middleware
 from .events_sse import STREAMS, EventStreams
 from .idle import IdleReaper
 from .logstream import FOLLOWERS, LogFollowers
+from .messages import Messages
 from .metrics import Metrics
 from .ollama import OllamaApi
 from .ratelog import RateLimitedLog
@@ -280,7 +282,9 @@ def routes(router: Router, streams: EventStreams, followers: LogFollowers,
            metrics: Metrics, stats: RouterStats, ollama: OllamaApi,
            store: StoreRoutes | None = None) -> list[web.RouteDef]:
     """Every route the node serves. Model ids hold slashes (`Qwen/Qwen3-0.6B-GGUF`), hence
-    the greedy patterns; `/v1/models` comes before the `/v1` catch-all that forwards."""
+    the greedy patterns; `/v1/models` and Anthropic's `/v1/messages` come before the `/v1`
+    catch-all that forwards."""
+    messages = Messages(router)
     return [
         *dashboard.asset_routes(),  # GET /, /ui/app.js, /ui/app.css: open (auth.py)
         web.get("/health", health),
@@ -298,6 +302,8 @@ def routes(router: Router, streams: EventStreams, followers: LogFollowers,
         web.get("/metrics", metrics.handle),
         web.get("/v1/models", router.list_models),
         web.get("/v1/models/{model_id:.+}", router.get_model),
+        web.route("*", "/v1/messages", messages.handle),
+        web.route("*", "/v1/messages/count_tokens", messages.handle),
         web.route("*", "/v1/{path:.*}", router.forward),
         *ollama.routes(),  # /api/...: Ollama's API, through the same router (ollama.py)
     ]

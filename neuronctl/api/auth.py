@@ -1,8 +1,9 @@
 """API keys: with `api_key` set, every route but `GET /health` and the dashboard's static
 page needs the key.
 
-Accepted as `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`,
-compared in constant time. Without a key configured this middleware is not installed.
+Accepted as `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY` (what
+Anthropic's clients send), compared in constant time. Without a key configured this
+middleware is not installed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..errors import Unauthorized
+from . import anthropic
 from .dashboard import ASSETS
 from .ratelog import RateLimitedLog
 
@@ -57,9 +59,12 @@ def api_key_middleware(key: str) -> Middleware:
                      request.remote or "?", message)
         message += ": send 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
         refusal = Unauthorized(message, headers={"WWW-Authenticate": 'Bearer realm="neuron"'})
-        # OpenAI clients parse their own error shape.
+        # OpenAI's and Anthropic's clients parse their own error shapes.
         v1 = request.path.startswith("/v1/")
-        body = refusal.openai_body() if v1 else refusal.control_body()
+        if request.path.startswith("/v1/messages"):
+            body = anthropic.error_body(refusal)
+        else:
+            body = refusal.openai_body() if v1 else refusal.control_body()
         return web.json_response(body, status=refusal.status, headers=refusal.headers)
 
     return require_key

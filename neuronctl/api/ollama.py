@@ -29,6 +29,7 @@ from aiohttp import ClientError, ClientResponse, web
 
 from .. import errors
 from ..errors import NeuronError
+from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
 from . import ollama_convert as convert
@@ -160,7 +161,8 @@ class OllamaApi:
         tally = convert.Tally(started=time.monotonic(),
                               loaded_for_it=not self._serving(model_id))
 
-        async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
+        async def exchange(_: ModelLifecycle, worker: Worker, stats: ModelStats
+                           ) -> web.StreamResponse:
             tally.admitted = time.monotonic()
             try:
                 upstream = await self.router.upstream.post(worker, asked.path, payload,
@@ -216,7 +218,8 @@ class OllamaApi:
             answer = convert.line(kind, name, time.time(), "", True)
             return web.json_response({**answer, "done_reason": "unload"}, headers=headers)
 
-        async def loaded(worker: Worker, stats: ModelStats) -> web.StreamResponse:
+        async def loaded(_: ModelLifecycle, __: Worker, stats: ModelStats
+                         ) -> web.StreamResponse:
             stats.count(200)
             answer = convert.line(kind, name, time.time(), "", True)
             return web.json_response({**answer, "done_reason": "load"}, headers=headers)
@@ -372,7 +375,8 @@ class OllamaApi:
         tally = convert.Tally(started=time.monotonic(),
                               loaded_for_it=not self._serving(model_id))
 
-        async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
+        async def exchange(_: ModelLifecycle, worker: Worker, stats: ModelStats
+                           ) -> web.StreamResponse:
             tally.admitted = time.monotonic()
             if preload:
                 stats.count(200)

@@ -8,7 +8,9 @@ chunk by chunk, and so is a non-streamed answer past `USAGE_SCAN_BYTES`; a small
 read whole, so its usage is counted and a worker that breaks it off is a clean 502. A
 worker that stops sending mid-answer for `upstream_idle_timeout_s` is cut off and its
 slot freed. Once a status has gone out, a failure can only cut the connection (a stream
-first gets one last event in OpenAI's error shape).
+first gets one last event in its API's error shape: a `Dialect`'s). A stream of a route
+whose end is known (`[DONE]`, `message_stop`) that ends without it was broken off by its
+worker, however cleanly its connection closed: it ends the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import (
     ClientConnectorError,
@@ -78,6 +81,31 @@ def openai_error(error: NeuronError) -> web.Response:
     return web.json_response(error.openai_body(), status=error.status, headers=error.headers)
 
 
+def _openai_event(error: NeuronError) -> bytes:
+    return b"\n\ndata: " + json.dumps(error.openai_body()).encode() + b"\n\n"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one API says an error: as a whole answer, and as the last event of a stream
+    that cannot go on. `worker_errors`: a worker's own error answers are said again in
+    this shape (None: passed on as the worker wrote them). `first_event`: the event a
+    stream must begin with, and how to make it for a model when a worker's does not."""
+
+    answer: Callable[[NeuronError], web.Response]
+    event: Callable[[NeuronError], bytes]
+    worker_errors: Callable[[int, bytes], NeuronError] | None = None
+    first_event: tuple[bytes, Callable[[str], bytes]] | None = None
+
+
+OPENAI = Dialect(openai_error, _openai_event)
+
+# How a complete stream of each route ends; one that ends otherwise was broken off.
+STREAM_ENDS = {"/v1/chat/completions": b"data: [DONE]", "/v1/completions": b"data: [DONE]",
+               "/v1/messages": b"event: message_stop"}
+_END_TAIL = 64  # bytes of a stream kept to find its end marker across chunks
+
+
 def _without(headers: Mapping[str, str], drop: frozenset[str]) -> list[tuple[str, str]]:
     named = headers.get("Connection")
     if named:  # headers that a Connection header names are hop-by-hop too
@@ -107,7 +135,7 @@ def completion_tokens(upstream: ClientResponse, answer: bytes) -> int:
     return tokens if isinstance(tokens, int) and 0 <= tokens < 2**31 else 0
 
 
-def _exit_note(worker: Worker) -> str:
+def exit_note(worker: Worker) -> str:
     """How the worker ended, for a message about its answer ("" while it runs)."""
     code = worker.returncode
     return f"; it {describe_exit(code)}" if code is not None else ""
@@ -122,7 +150,7 @@ class _Unreached(Exception):
         self.cause = cause
 
 
-class _AnswerStopped(Exception):
+class AnswerStopped(Exception):
     """A worker's non-streamed answer stopped before its end; `what` says how."""
 
     def __init__(self, what: str, why: str) -> None:
@@ -130,15 +158,15 @@ class _AnswerStopped(Exception):
         self.what = what
 
 
-async def _next_chunk(content: StreamReader, idle_s: float) -> bytes:
+async def next_chunk(content: StreamReader, idle_s: float) -> bytes:
     """The next bytes of an answer (b"" at its end), within `idle_s`."""
     try:
         return await asyncio.wait_for(content.readany(), idle_s)
     except asyncio.TimeoutError:  # ours: the session itself has no read timeout
-        raise _AnswerStopped(f"stalled mid-answer (no byte for {idle_s:g} s; "
+        raise AnswerStopped(f"stalled mid-answer (no byte for {idle_s:g} s; "
                              "upstream_idle_timeout_s)", "idle") from None
     except _UPSTREAM_ERRORS as exc:
-        raise _AnswerStopped("broke off its answer", str(exc) or type(exc).__name__) from exc
+        raise AnswerStopped("broke off its answer", str(exc) or type(exc).__name__) from exc
 
 
 class Upstream:
@@ -173,20 +201,20 @@ class Upstream:
 
     async def exchange(
         self, request: web.Request, body: bytes, model_id: str, worker: Worker,
-        stats: ModelStats,
+        stats: ModelStats, dialect: Dialect = OPENAI,
     ) -> web.StreamResponse:
         """Send `body` to `worker` and pass its answer on to `request`'s client."""
-        headers = _request_headers(request.headers)
-        try:
-            upstream = await self._send(worker, request.raw_path, body, headers)
-        except _Unreached as exc:
-            return openai_error(self._gateway_error(model_id, worker, stats, exc.what,
-                                                    exc.cause))
+        upstream = await self.open(request, request.raw_path, body, model_id, worker, stats,
+                                   dialect)
+        if isinstance(upstream, web.Response):
+            return upstream
         watch = self._restore_watch(model_id, worker)
         try:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await self._stream(request, upstream, model_id, worker, stats, watch)
-            return await self._relay(request, upstream, model_id, worker, stats, watch)
+                return await self._stream(request, upstream, model_id, worker, stats, dialect,
+                                          watch)
+            return await self._relay(request, upstream, model_id, worker, stats, dialect,
+                                     watch)
         finally:
             # A no-op once the answer was read in full (the connection went back to the
             # pool); otherwise it drops the connection, which is how the worker learns to
@@ -236,9 +264,21 @@ class Upstream:
                 raise _Unreached("could not be reached", exc) from exc
         raise AssertionError("unreachable")  # the loop returns or raises
 
+    async def open(
+        self, request: web.Request, path: str, body: bytes, model_id: str, worker: Worker,
+        stats: ModelStats, dialect: Dialect = OPENAI,
+    ) -> ClientResponse | web.Response:
+        """POST `body` to `path` of `worker`, with `request`'s headers (less the hop's and
+        the node's): the worker's answer, its head read, or a 502 in `dialect`'s shape.
+        The caller closes the answer."""
+        try:
+            return await self._send(worker, path, body, _request_headers(request.headers))
+        except _Unreached as exc:
+            return self.bad_gateway(model_id, worker, stats, exc.what, exc.cause, dialect)
+
     async def _relay(
         self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
-        stats: ModelStats, watch: Callable[[bytes], None] | None = None,
+        stats: ModelStats, dialect: Dialect, watch: Callable[[bytes], None] | None = None,
     ) -> web.StreamResponse:
         """A non-streamed answer: read whole when it is small (its usage counted), else
         passed on as it comes, so the node never holds more than `USAGE_SCAN_BYTES` of
@@ -250,20 +290,22 @@ class Upstream:
         size = 0
         try:
             while (length is None or length <= USAGE_SCAN_BYTES) and size <= USAGE_SCAN_BYTES:
-                chunk = await _next_chunk(upstream.content, idle_s)
+                chunk = await next_chunk(upstream.content, idle_s)
                 if not chunk:
                     answer = b"".join(head)
                     if watch is not None:
                         watch(answer)
                     stats.count(upstream.status)
                     stats.tokens += completion_tokens(upstream, answer)
+                    if upstream.status >= 400 and dialect.worker_errors is not None:
+                        return dialect.answer(dialect.worker_errors(upstream.status, answer))
                     return web.Response(
                         body=answer, status=upstream.status, reason=upstream.reason,
                         headers=_without(upstream.headers, _DROP_FROM_RESPONSE))
                 head.append(chunk)
                 size += len(chunk)
-        except _AnswerStopped as exc:
-            return self._bad_gateway(model_id, worker, stats, exc.what, exc)
+        except AnswerStopped as exc:
+            return self.bad_gateway(model_id, worker, stats, exc.what, exc, dialect)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason,
             headers=_without(upstream.headers, _DROP_FROM_RESPONSE))
@@ -277,17 +319,17 @@ class Upstream:
                     watch(part)
                 await response.write(part)
             head.clear()
-            while chunk := await _next_chunk(upstream.content, idle_s):
+            while chunk := await next_chunk(upstream.content, idle_s):
                 if watch is not None:
                     watch(chunk)
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError:  # the client's side
             stats.client_disconnects += 1
-        except _AnswerStopped as exc:  # the status is out: only a cut is left
+        except AnswerStopped as exc:  # the status is out: only a cut is left
             stats.worker_errors += 1
-            message, level = self._cut_by_unload(
-                model_id, f"the worker for model {model_id!r} {exc.what}{_exit_note(worker)}")
+            message, level = self.cut_by_unload(
+                model_id, f"the worker for model {model_id!r} {exc.what}{exit_note(worker)}")
             log.log(level, "router: %s; the answer was cut: %s", message, exc)
             if request.transport is not None:
                 request.transport.close()
@@ -295,7 +337,7 @@ class Upstream:
 
     async def _stream(
         self, request: web.Request, upstream: ClientResponse, model_id: str, worker: Worker,
-        stats: ModelStats, watch: Callable[[bytes], None] | None = None,
+        stats: ModelStats, dialect: Dialect, watch: Callable[[bytes], None] | None = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason,
@@ -309,14 +351,34 @@ class Upstream:
                 return response
             stats.count(upstream.status)
             content = upstream.content
+            end = STREAM_ENDS.get(request.path) if upstream.status == 200 else None
+            tail = b""
+            first = dialect.first_event if upstream.status == 200 else None
             while True:
                 try:
                     chunk = await content.readany()
                 except _UPSTREAM_ERRORS as exc:
-                    await self._abort_stream(request, response, model_id, worker, stats, exc)
+                    await self.abort_stream(request, response, model_id, worker, stats, exc,
+                                            dialect)
                     return response
                 if not chunk:
+                    if end is not None and end not in tail:
+                        # A worker that failed mid-answer and closed its stream cleanly
+                        # (llama-cpp-python does): as broken as a cut connection.
+                        stopped = AnswerStopped("broke off its answer",
+                                                "its stream ended before its last event")
+                        await self.abort_stream(request, response, model_id, worker, stats,
+                                                stopped, dialect)
+                        return response
                     break
+                tail = (tail + chunk)[-_END_TAIL:]
+                if first is not None:
+                    head, make = first
+                    if not (chunk.lstrip().startswith(head) or head.startswith(chunk.lstrip())):
+                        # llama-server (b7000s) leaves out its message_start now and then
+                        # (1 stream in 5 here); Anthropic's clients cannot read on without.
+                        chunk = make(model_id) + chunk
+                    first = None
                 # llama.cpp's servers send one token per chunk.
                 stats.tokens += chunk.count(b"data: {")
                 if watch is not None:
@@ -337,16 +399,15 @@ class Upstream:
                 request.transport.close()
             return response
 
-    async def _abort_stream(
+    async def abort_stream(
         self, request: web.Request, response: web.StreamResponse, model_id: str,
-        worker: Worker, stats: ModelStats, exc: BaseException,
+        worker: Worker, stats: ModelStats, exc: BaseException, dialect: Dialect = OPENAI,
     ) -> None:
-        """The worker died mid-stream, after a 200 went out. Send one last event in OpenAI's
-        error shape (OpenAI's client libraries raise it), then cut the connection without
+        """The worker died mid-stream, after a 200 went out. Send one last event in the
+        API's error shape (its client libraries raise it), then cut the connection without
         the final chunk, so even a client that ignores the event sees a broken transfer."""
         message = self.broken_off(model_id, worker, stats, exc)
-        body = errors.WorkerUnavailable(message).openai_body()
-        event = b"\n\ndata: " + json.dumps(body).encode() + b"\n\n"
+        event = dialect.event(errors.WorkerUnavailable(message))
         try:
             await response.write(event)
         except ConnectionError:
@@ -359,27 +420,28 @@ class Upstream:
         """A stream the worker broke off after the 200 went out: counted, logged, and
         the message its client gets in its API's last event."""
         stats.worker_errors += 1
-        message = f"the worker for model {model_id!r} broke off its answer{_exit_note(worker)}"
-        message, level = self._cut_by_unload(model_id, message)
+        message = f"the worker for model {model_id!r} broke off its answer{exit_note(worker)}"
+        message, level = self.cut_by_unload(model_id, message)
         log.log(level, "router: %s: %s", message, str(exc) or type(exc).__name__)
         return message
 
-    def _bad_gateway(
-        self, model_id: str, worker: Worker, stats: ModelStats, what: str, exc: BaseException
+    def bad_gateway(
+        self, model_id: str, worker: Worker, stats: ModelStats, what: str, exc: BaseException,
+        dialect: Dialect = OPENAI,
     ) -> web.Response:
-        return openai_error(self._gateway_error(model_id, worker, stats, what, exc))
+        return dialect.answer(self._gateway_error(model_id, worker, stats, what, exc))
 
     def _gateway_error(
         self, model_id: str, worker: Worker, stats: ModelStats, what: str, exc: BaseException
     ) -> NeuronError:
         stats.worker_errors += 1
         stats.count(502)
-        message = f"the worker for model {model_id!r} {what}{_exit_note(worker)}"
-        message, level = self._cut_by_unload(model_id, message)
+        message = f"the worker for model {model_id!r} {what}{exit_note(worker)}"
+        message, level = self.cut_by_unload(model_id, message)
         log.log(level, "router: %s: %s", message, str(exc) or type(exc).__name__)
         return errors.WorkerUnavailable(message)
 
-    def _cut_by_unload(self, model_id: str, message: str) -> tuple[str, int]:
+    def cut_by_unload(self, model_id: str, message: str) -> tuple[str, int]:
         """An answer cut because an operator unloaded the model (or the node stops) is what
         they asked for, not a worker failing: said so, at info."""
         model = self.registry.get(model_id)

@@ -34,7 +34,7 @@ from ..supervisor.worker import Worker
 from .metrics import RequestTimes
 from .requestbody import read_limited, routing
 from .traffic import ModelQueue, ModelStats, RouterStats, unloaded_for_good
-from .upstream import Upstream, openai_error
+from .upstream import OPENAI, Dialect, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,20 @@ NOT_READY_RETRY_S = 5
 # How often requests waiting on a worker check that their clients are still there.
 HANG_UP_CHECK_S = 0.25
 
-# What a request does with the worker once admitted: its answer, to the client.
-Exchange = Callable[[Worker, ModelStats], Awaitable[web.StreamResponse]]
-
 # The router's counters, on the app for whoever reads them there (tests); the app's own
 # handlers are given them where they are made.
 ROUTER_STATS = web.AppKey("router_stats", RouterStats)
+
+
+# What a request does once the model's worker has a slot for it: the exchange with the
+# worker (given the model, the worker, the model's counters) and the answer to the client.
+Exchange = Callable[[ModelLifecycle, Worker, ModelStats], Awaitable[web.StreamResponse]]
+# The same for a whole route (`Router.route`): the request and the body it read come first.
+RouteExchange = Callable[[web.Request, bytes, ModelLifecycle, Worker, ModelStats],
+                         Awaitable[web.StreamResponse]]
+# A route's own check of a body it has read (the router's `model` and `stream` aside),
+# before any model is found or loaded for it: raises a NeuronError (a 400).
+BodyCheck = Callable[[bytes], None]
 
 
 def _model_entry(model: ModelLifecycle) -> dict[str, Any]:
@@ -166,10 +174,23 @@ class Router:
         model_id = request.match_info["model_id"]
         entry = self.servable().get(model_id)
         if entry is None:
-            return openai_error(self._unknown_model(model_id))
+            return OPENAI.answer(self._unknown_model(model_id))
         return web.json_response(entry)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
+        """The `/v1` catch-all: the request goes to its model's worker as it came."""
+        return await self.route(request, self._pass_through)
+
+    async def _pass_through(self, request: web.Request, body: bytes, model: ModelLifecycle,
+                            worker: Worker, stats: ModelStats) -> web.StreamResponse:
+        return await self.upstream.exchange(request, body, model.model_id, worker, stats)
+
+    async def route(self, request: web.Request, exchange: RouteExchange,
+                    dialect: Dialect = OPENAI, check: BodyCheck | None = None
+                    ) -> web.StreamResponse:
+        """A `/v1` route (the catch-all, Anthropic's `/v1/messages`): intake (method, path,
+        the bounded body, `check` of it), then `serve`; the router's own refusals answered
+        in `dialect`'s shape."""
         try:
             if request.method != "POST":
                 raise errors.MethodNotAllowed(
@@ -177,16 +198,17 @@ class Router:
                     "that names a model", headers={"Allow": "POST"})
             _check_target(request)
             _check_path(request)
-            return await self._forward(request)
+            return await self._forward(request, exchange, check)
         except NeuronError as exc:
-            return openai_error(exc)
+            return dialect.answer(exc)
         except ConnectionError:  # the client left while its body was being read
             return web.Response(status=400)  # nobody will read it
         except Exception:
             log.exception("router: unhandled error in %s %s", request.method, request.path)
-            return openai_error(NeuronError("internal error; see the neuron service log"))
+            return dialect.answer(NeuronError("internal error; see the neuron service log"))
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, exchange: RouteExchange,
+                       check: BodyCheck | None) -> web.StreamResponse:
         # Read per request, so a config reload that changes it applies at once.
         config = self.registry.config
         limit = config.max_request_bytes
@@ -198,15 +220,18 @@ class Router:
                 "the node config)")
         # Only the bytes wait in the queue, never the parsed JSON (see requestbody.py).
         model_id, stream = (fields := routing(body)).model, fields.stream
+        if check is not None:
+            check(body)
         if model_id is None:
             raise errors.ModelNotFound(
                 f"request names no model; models on this node: {self._loaded_ids()}",
                 param="model")
 
-        async def exchange(worker: Worker, stats: ModelStats) -> web.StreamResponse:
-            return await self.upstream.exchange(request, body, model_id, worker, stats)
+        async def with_body(model: ModelLifecycle, worker: Worker, stats: ModelStats
+                            ) -> web.StreamResponse:
+            return await exchange(request, body, model, worker, stats)
 
-        return await self.serve(request, model_id, len(body), stream, exchange)
+        return await self.serve(request, model_id, len(body), stream, with_body)
 
     async def serve(self, request: web.Request, model_id: str, size: int, stream: bool,
                     exchange: Exchange, keep_alive_s: float | None = None
@@ -274,7 +299,7 @@ class Router:
             stats.in_flight += 1
             started = time.monotonic()
             try:
-                return await exchange(worker, stats)
+                return await exchange(current or model, worker, stats)
             except asyncio.CancelledError:  # the client left (or the node is shutting down)
                 stats.client_disconnects += 1
                 raise

@@ -51,6 +51,9 @@ class Harness(ABC):
     # Its workers can save their slots' prompt caches and restore them in a new process
     # (promptcache.py): llama-server's slot API.
     keeps_prompt_cache: bool = False
+    # Its workers answer Anthropic's `/v1/messages` (and `/v1/messages/count_tokens`)
+    # themselves: passed through; otherwise the node translates to chat completions.
+    serves_anthropic_messages: bool = False
     # Flags the harness sets itself, and why: `args` may not hold them.
     reserved_flags: ClassVar[Mapping[str, str]] = {}
     # What `args` of an API load may hold (apiargs.py); none unless a harness says.
@@ -278,6 +281,7 @@ class LlamaServerHarness(Harness):
     serves_metrics = True  # run with --metrics
     slots_path = "/props"
     keeps_prompt_cache = True
+    serves_anthropic_messages = True
 
     def __init__(self, defaults: HarnessConfig) -> None:
         self._defaults = defaults
