@@ -31,6 +31,7 @@ from ..events import ModelEvent, Subscription
 from ..states import ModelStatus, WorkerState
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
+from .keyusage import KeyUsage, KeyUsageCollector
 from .traffic import RouterStats, unloaded_for_good
 
 # Upper bounds, in seconds (prometheus-client adds +Inf, which catches a long stream).
@@ -161,6 +162,8 @@ class Metrics:
         self._collector = NodeCollector(
             registry, stats, time.monotonic() if started_at is None else started_at)
         self.registry.register(self._collector)
+        self.key_usage = KeyUsage()  # per key: what the auth middleware saw served
+        self.registry.register(KeyUsageCollector(self.key_usage))
         self.load_duration = Histogram(
             "neuron_model_load_duration_seconds",
             "Spawn to ready of a worker, for first loads and restarts alike.",

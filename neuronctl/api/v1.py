@@ -30,6 +30,8 @@ from ..states import ModelStatus, WorkerState
 from ..supervisor.harness import Harness
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
+from .auth import check_scope, principal
+from .keyusage import MODEL_LABEL
 from .metrics import RequestTimes
 from .requestbody import read_limited, routing
 from .traffic import ModelQueue, ModelStats, RouterStats, unloaded_for_good
@@ -156,12 +158,15 @@ class Router:
         return entries
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": list(self._servable().values())})
+        # A key sees the models its scope holds, no others (api/auth.py).
+        key = principal(request)
+        data = [e for model_id, e in self._servable().items() if key.may_use(model_id)]
+        return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
         entry = self._servable().get(model_id)
-        if entry is None:
+        if entry is None or not principal(request).may_use(model_id):
             return openai_error(self._unknown_model(model_id))
         return web.json_response(entry)
 
@@ -200,6 +205,9 @@ class Router:
                 param="model")
         if self._stopping is not None:
             raise self._stopping
+        if model_id in self.registry.catalogue or self.registry.get(model_id) is not None:
+            request[MODEL_LABEL] = model_id  # a model the node knows: a bounded label
+        check_scope(request, model_id)  # before anything is loaded for it
         model = self.registry.get(model_id)
         if model is None or model.stopping:
             # Not loaded (or being unloaded): a catalogue model with autoload is loaded for
@@ -240,7 +248,9 @@ class Router:
             raise self._not_ready(model)
         max_queue, timeout_s = model.queue_limits()
         max_bytes = self.registry.config.max_queued_bytes
-        async with stats.queue.admit(max_queue, timeout_s, len(body), max_bytes) as waited:
+        key = principal(request).name  # the queue takes turns between keys
+        async with stats.queue.admit(max_queue, timeout_s, len(body), max_bytes,
+                                     key) as waited:
             if self.stats.keeps(model_id, stats):
                 self.times.queue_wait.labels(model_id).observe(waited)
             current = self.registry.get(model_id)  # a reload may have replaced it
