@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_CONFIG_PATH, DEFAULT_PORT, NeuronConfig, read_keys_leniently
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_PORT,
+    KeySpec,
+    NeuronConfig,
+    read_keys_leniently,
+)
 from .notes import local_url, read_listening, read_starting
 
 # What a client refused for want of a key is told: where the CLI's commands find one.
@@ -63,14 +69,15 @@ def client_settings(path: Path) -> ClientSettings:
     (the daemon reports those on reload) or when this user may not read the key file
     (NEURON_API_KEY is the way then)."""
     found = read_keys_leniently(path, ("host", "port", "log_dir", "api_key", "api_key_file",
-                                       "state_dir"))
+                                       "state_dir", "keys"))
     defaults = ClientSettings()
     port = found.get("port")
     key = found.get("api_key")
     key_file = found.get("api_key_file")
     if key is None and key_file is not None:
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            key = key_file.read_text(encoding="utf-8").strip() or None
+        key = _read_key(key_file)
+    if key is None:
+        key = _admin_key(found.get("keys", ()))
     return ClientSettings(
         host=found.get("host") or defaults.host,
         port=port if port is not None and 1 <= port <= 65535 else defaults.port,
@@ -78,6 +85,28 @@ def client_settings(path: Path) -> ClientSettings:
         api_key=key,
         state_dir=found.get("state_dir", NeuronConfig.state_dir),
     )
+
+
+def _read_key(path: Path) -> str | None:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return path.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def _admin_key(keys: tuple[KeySpec, ...]) -> str | None:
+    """The first admin key of `[[keys]]` this user can read: a `file`, or a systemd
+    `credential` when run inside the unit's credentials (a hash alone cannot be sent)."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    for spec in keys:
+        if "admin" not in spec.roles:
+            continue
+        path = spec.file
+        if path is None and spec.credential is not None and directory:
+            path = Path(directory) / spec.credential
+        key = _read_key(path) if path is not None else None
+        if key is not None:
+            return key
+    return None
 
 
 def settings_for(config_path: Path | None) -> ClientSettings | None:
@@ -120,11 +149,14 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     """A client for the daemon this CLI invocation means.
 
     URL: `--url`, else NEURON_URL, else the port in the config file (`--config`, or the
-    default one when readable), else the default. API key: NEURON_API_KEY, else the
-    config file's.
+    default one when readable), else the default. API key: NEURON_API_KEY, else the file
+    NEURON_API_KEY_FILE names, else the config file's (`api_key`, `api_key_file`, or an
+    admin `[[keys]]` entry's file or credential this user can read).
     """
     settings = settings_for(config_path)
-    key = os.environ.get("NEURON_API_KEY") or (settings.api_key if settings else None)
+    key_file = os.environ.get("NEURON_API_KEY_FILE")
+    key = os.environ.get("NEURON_API_KEY") or (_read_key(Path(key_file)) if key_file else None) \
+        or (settings.api_key if settings else None)
     url = url or os.environ.get("NEURON_URL")
     if url:
         return Client(normalize_url(url), timeout_s, key)

@@ -35,7 +35,8 @@ DEFAULT_HARNESS = "llama-cpp-python"
 DEFAULT_PORT = 13131
 ENV_PREFIX = "NEURON_"
 # NEURON_* variables that belong to the CLI client, not to the config file.
-CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY"})
+CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY",
+                             "NEURON_API_KEY_FILE"})
 MAX_MODEL_ID_LEN = 256
 MAX_PARALLEL = 256
 RESTART_POLICIES = ("on-failure", "always", "never")

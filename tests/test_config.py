@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from neuronctl.config import (
-    KeySpec,
     DEFAULT_HARNESS,
     ConfigError,
     HarnessConfig,
+    KeySpec,
     ModelSpec,
     NeuronConfig,
     load_config,

@@ -15,6 +15,7 @@ from .. import __version__
 from . import chat, logs, models, status
 from .base import say
 from .fleet import app as fleet_app
+from .keys import app as keys_app
 
 app = typer.Typer(
     help="Run and control llama.cpp model servers on this node.",
@@ -26,6 +27,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(fleet_app, name="fleet")  # docs/fleet.md
+app.add_typer(keys_app, name="key")  # docs/security.md
 
 
 def _version(value: bool) -> None:
