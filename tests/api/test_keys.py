@@ -224,13 +224,13 @@ async def test_through_the_router_a_flooding_key_cannot_starve_another(
         while "t" not in seen:
             gates[seen[-1]].set()
             count = len(seen)
-            await eventually(lambda: len(seen) > count)
+            await eventually(lambda count=count: len(seen) > count)
         assert seen.index("t") == 2, seen  # after the flood's first two, not its twentieth
         for gate in list(gates.values()):
             gate.set()
         while len(seen) < 21:
             count = len(seen)
-            await eventually(lambda: len(seen) > count)
+            await eventually(lambda count=count: len(seen) > count)
             for gate in list(gates.values()):
                 gate.set()
         assert await trickle == 200
@@ -288,7 +288,7 @@ async def test_usage_per_key_matches_what_was_sent(
     assert any("for key 'gw'" in line and "rpm 6" in line for line in refusals), refusals
     assert any("invalid API key" in line for line in refusals), refusals
     logged = caplog.text + "\n".join(r.getMessage() for r in caplog.records)
-    for secret in SECRETS + ("nk-made-up",):
+    for secret in (*SECRETS, "nk-made-up"):
         assert secret not in logged
         assert all(secret not in answer for answer in answers)
 
