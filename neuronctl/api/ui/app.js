@@ -26,6 +26,7 @@
   let logModel = null;
   let firstRowMarked = false;
   let refreshTimer = 0;
+  let readOnly = false;  // a key without the admin role: the page shows, and offers no actions
 
   // --- talking to the node -----------------------------------------------------------------
 
@@ -84,6 +85,7 @@
       return;
     }
     showDashboard();
+    await whoAmI();
     retryMs = 500;
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
@@ -287,8 +289,9 @@
     c[8].textContent = until(m);
     const busy = ["loading", "downloading", "restarting", "unloading"].includes(status);
     const pending = notices.get(id) && notices.get(id).pending;
-    row.load.hidden = !(status === "unloaded" || status === "failed");
-    row.unload.hidden = status === "unloaded" || (status === "failed" && !m.pid);
+    row.load.hidden = readOnly || !(status === "unloaded" || status === "failed");
+    row.unload.hidden = readOnly || status === "unloaded" || (status === "failed" && !m.pid);
+    c[10].hidden = readOnly;
     row.load.disabled = Boolean(pending) || busy;
     row.unload.disabled = Boolean(pending) || (busy && status !== "loading");
     drawChart(id);
@@ -524,6 +527,27 @@
   });
 
   // --- the key and the page's state --------------------------------------------------------
+
+  // What the key may do (GET /keys/self): without the admin role, loading and unloading
+  // would only be refused, so they are not offered.
+  async function whoAmI() {
+    let roles = ["admin"];
+    let name = "";
+    try {
+      const resp = await fetch("/keys/self", {headers: authHeaders(), cache: "no-store"});
+      if (resp.ok) {
+        const me = await resp.json();
+        if (Array.isArray(me.roles)) roles = me.roles;
+        if (typeof me.name === "string") name = me.name;
+      }
+    } catch (_) { /* an older node: actions offered, as before */ }
+    readOnly = !roles.includes("admin");
+    for (const node of [$("load-id"), $("load-submit"), $("load-label"), $("actions-head")]) {
+      node.hidden = readOnly;
+    }
+    $("key-name").textContent = readOnly ? `read-only key: ${name}` : "";
+    for (const id of rows.keys()) renderRow(id);
+  }
 
   function setConn(text, kind) {
     const conn = $("conn");
