@@ -1,9 +1,11 @@
 """Reload: re-read the config and bring the default models in line with it.
 
 Models newly listed are loaded (one at a time, as at start-up), models no longer listed are
-unloaded, changed entries are reloaded; anything else keeps running untouched. A config that
-fails validation changes nothing. Settings that only a restart can apply (the listener, the
-directories, the API key, the router's body limit) are reported and left as they are.
+unloaded, changed entries are reloaded; anything else keeps running untouched. `[[keys]]`
+apply from the next request (the API reads the config per request); their names, never
+the keys, are reported. A config that fails validation changes nothing. Settings that only
+a restart can apply (the listener, the directories, `api_key`, the router's body limit)
+are reported and left as they are.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class ReloadResult:
     reloaded: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     needs_restart: list[str] = field(default_factory=list)
+    # [[keys]] by name: new, gone, and kept under their name with another key or rights.
+    keys_added: list[str] = field(default_factory=list)
+    keys_removed: list[str] = field(default_factory=list)
+    keys_changed: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{len(v)} {k}" for k, v in (
@@ -50,6 +56,10 @@ class ReloadResult:
         text = "reloaded config: " + ", ".join(parts)
         if self.failed:
             text += f", {len(self.failed)} failed: {', '.join(self.failed)}"
+        for what, names in (("added", self.keys_added), ("removed", self.keys_removed),
+                            ("changed", self.keys_changed)):
+            if names:
+                text += f"; keys {what}: {', '.join(names)}"
         if self.needs_restart:
             text += f"; needs a restart to apply: {', '.join(self.needs_restart)}"
         return text
@@ -109,6 +119,12 @@ class Reloader:
         result = ReloadResult()
         result.needs_restart = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
         new = dataclasses.replace(new, **{k: getattr(old, k) for k in RESTART_ONLY})
+        keys_before = {k.name: k for k in old.keys}
+        keys_after = {k.name: k for k in new.keys}
+        result.keys_added = [n for n in keys_after if n not in keys_before]
+        result.keys_removed = [n for n in keys_before if n not in keys_after]
+        result.keys_changed = [n for n in keys_after
+                               if n in keys_before and keys_after[n] != keys_before[n]]
 
         before = {s.model_id: s for s in old.default_models}
         after = {s.model_id: s for s in new.default_models}

@@ -351,6 +351,11 @@ async def test_reload_rotates_keys_and_a_malformed_entry_keeps_the_old_ones(
             keyfile.write_text("nk-monitor-second\n")
             code, answer = await reload()
             assert code == 200, answer
+            assert (answer["keys_added"], answer["keys_removed"], answer["keys_changed"]) == (
+                ["new"], ["old"], ["monitor"])
+            assert "keys added: new; keys removed: old; keys changed: monitor" in \
+                answer["summary"]
+            assert "nk-" not in json.dumps(answer)
             assert await status("nk-new-key") == 200
             assert await status("nk-old-key") == 401  # removed: from the next request
             assert await status("nk-monitor-second") == 200  # a file's key rotated

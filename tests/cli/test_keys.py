@@ -87,3 +87,12 @@ def test_the_cli_uses_the_admin_key_it_can_read(node: Daemon, tmp_path: Path) ->
     via_file = neuronctl("reload", "--url", node.url, NEURON_API_KEY_FILE=str(key_file))
     assert via_file.returncode == 1 and "lacks the 'admin' role" in via_file.stderr
     assert ADMIN in via_file.stderr
+
+
+def test_the_daemon_log_names_keys_and_holds_none(node: Daemon) -> None:
+    refused = neuronctl("unload", "m", "--url", node.url, NEURON_API_KEY=READ_KEY)
+    assert refused.returncode == 1
+    log = (node.directory / "daemon.log").read_text()
+    assert "for key 'monitor'" in log and "2 named keys" in log
+    for key in (READ_KEY, ADMIN_KEY, sha256_hex(READ_KEY)):
+        assert key not in log
