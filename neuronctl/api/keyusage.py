@@ -4,7 +4,8 @@ and kind. Read by `/metrics` (`neuron_key_requests_total`, `neuron_key_tokens_to
 
 Bounded: a key is a configured name, and a model label is one the node knew when the
 request was served (the router names it, `MODEL_LABEL`; a request that named no model the
-node knows is counted under ""), so clients cannot grow these with made-up names.
+node knows is counted under ""), so clients cannot grow these with made-up names; an
+ad-hoc model's counts go when it is unloaded (metrics.py), as its other series do.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class KeyUsage:
         for kind, count in (("prompt", tokens.prompt), ("completion", tokens.completion)):
             if count:
                 self.tokens[(key, model, kind)] = self.tokens.get((key, model, kind), 0) + count
+
+    def forget_model(self, model: str) -> None:
+        """An ad-hoc model unloaded for good: its series go, as the node's own do, so
+        load/unload churn of made-up ids does not grow them."""
+        self.requests = {slot: n for slot, n in self.requests.items() if slot[1] != model}
+        self.tokens = {slot: n for slot, n in self.tokens.items() if slot[1] != model}
 
     def to_json(self) -> dict[str, Any]:
         keys: dict[str, dict[str, Any]] = {}

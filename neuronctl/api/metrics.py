@@ -181,6 +181,7 @@ class Metrics:
         elif unloaded_for_good(self._collector.registry, event):
             self.load_duration.remove(event.model)
             self.requests.remove(event.model)
+            self.key_usage.forget_model(event.model)
 
     async def handle(self, request: web.Request) -> web.Response:
         own = generate_latest(self.registry)

@@ -368,3 +368,24 @@ async def test_reload_rotates_keys_and_a_malformed_entry_keeps_the_old_ones(
             assert await status(ADMIN_KEY) == 200
     finally:
         await runner.cleanup()
+
+
+async def test_an_ad_hoc_models_usage_goes_when_it_is_unloaded(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
+    """Load/unload churn of ids outside the catalogue does not grow the per-key series."""
+    async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
+        async def usage() -> dict[str, Any]:
+            async with client.get("/keys/usage", headers=auth(ADMIN_KEY)) as resp:
+                return await resp.json()  # type: ignore[no-any-return]
+
+        async with client.post("/v1/completions", json={"model": "adhoc"},
+                               headers=auth(GW_KEY)) as resp:
+            assert resp.status == 200
+        assert (await usage())["keys"]["gw"]["tokens"] == {
+            "adhoc": {"prompt": 3, "completion": 5}}
+        await registry.unload("adhoc")
+        await eventually(lambda: registry.get("adhoc") is None)
+        assert (await usage())["keys"] == {}
+
+    await run(make_registry, keyed(node_config), scenario, StandIns(adhoc=StandIn(usage_answer)))
