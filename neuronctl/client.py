@@ -20,6 +20,7 @@ from typing import Any
 from .config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_PORT,
+    ConfigError,
     KeySpec,
     NeuronConfig,
     read_keys_leniently,
@@ -93,6 +94,17 @@ def _read_key(path: Path) -> str | None:
     return None
 
 
+def _key_from_file() -> str | None:
+    """The key in NEURON_API_KEY_FILE (`neuronctl --key-file`); named, it must be read."""
+    named = os.environ.get("NEURON_API_KEY_FILE")
+    if not named:
+        return None
+    key = _read_key(Path(named))
+    if key is None:
+        raise ConfigError("NEURON_API_KEY_FILE", f"cannot read a key from {named}")
+    return key
+
+
 def _admin_key(keys: tuple[KeySpec, ...]) -> str | None:
     """The first admin key of `[[keys]]` this user can read: a `file`, or a systemd
     `credential` when run inside the unit's credentials (a hash alone cannot be sent)."""
@@ -154,8 +166,7 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     admin `[[keys]]` entry's file or credential this user can read).
     """
     settings = settings_for(config_path)
-    key_file = os.environ.get("NEURON_API_KEY_FILE")
-    key = os.environ.get("NEURON_API_KEY") or (_read_key(Path(key_file)) if key_file else None) \
+    key = os.environ.get("NEURON_API_KEY") or _key_from_file() \
         or (settings.api_key if settings else None)
     url = url or os.environ.get("NEURON_URL")
     if url:

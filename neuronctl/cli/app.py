@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -41,8 +42,16 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    key_file: Annotated[
+        Path | None, typer.Option(
+            "--key-file", help="A file holding the key to send (before the command: "
+                               "`neuronctl --key-file F status`) [default: "
+                               "$NEURON_API_KEY_FILE, else the config's]")
+    ] = None,
 ) -> None:
-    pass
+    if key_file is not None:
+        # The one place the client looks for it (client.connect), for every command.
+        os.environ["NEURON_API_KEY_FILE"] = str(key_file)
 
 
 @app.command(

@@ -87,6 +87,10 @@ def test_the_cli_uses_the_admin_key_it_can_read(node: Daemon, tmp_path: Path) ->
     via_file = neuronctl("reload", "--url", node.url, NEURON_API_KEY_FILE=str(key_file))
     assert via_file.returncode == 1 and "lacks the 'admin' role" in via_file.stderr
     assert ADMIN in via_file.stderr
+    via_option = neuronctl("--key-file", str(key_file), "reload", "--url", node.url)
+    assert via_option.returncode == 1 and "lacks the 'admin' role" in via_option.stderr
+    missing = neuronctl("--key-file", str(tmp_path / "none"), "status", "--url", node.url)
+    assert missing.returncode == 78 and "NEURON_API_KEY_FILE: cannot read" in missing.stderr
 
 
 def test_the_daemon_log_names_keys_and_holds_none(node: Daemon) -> None:
