@@ -145,7 +145,12 @@ class KeyCheck:
             raise
         finally:
             release()
-            self.usage.record(key.name, request.get(MODEL_LABEL, ""), status, tokens)
+            model = request.get(MODEL_LABEL, "")
+            self.usage.record(key.name, model, status, tokens)
+            if status == errors.ModelOutOfScope.status:  # the router's scope check
+                self.refused.log("refused %s %r from %s for key %r: model %r is outside "
+                                 "its scope", request.method, request.path,
+                                 request.remote or "?", key.name, model or "(not known)")
 
     def usage_of(self, key: Principal, role: str | None, request: web.Request,
                  status: int) -> None:

@@ -72,8 +72,9 @@ async def stream_answer(request: web.Request) -> web.StreamResponse:
 
 
 async def test_scope_hides_models_and_never_loads_one_outside_it(
-    node_config: NeuronConfig, make_registry: MakeRegistry
+    node_config: NeuronConfig, make_registry: MakeRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="neuronctl.api.auth")
     stand_ins = OnDemand(**{"qwen-small": StandIn(usage_answer),
                             "secret": StandIn(usage_answer)})
     config = keyed(node_config, stand_in_spec("qwen-small"), stand_in_spec("secret"),
@@ -94,6 +95,8 @@ async def test_scope_hides_models_and_never_loads_one_outside_it(
             error = await error_of(resp, 403)
         assert error["code"] == "model_not_in_scope" and "'gw'" in error["message"]
         assert registry.get("secret") is None  # never loaded on its behalf
+        assert any("for key 'gw': model 'secret' is outside its scope" in r.getMessage()
+                   for r in caplog.records)
         body["model"] = "qwen-small"
         async with client.post("/v1/chat/completions", json=body, headers=auth(GW_KEY)) as resp:
             assert resp.status == 200
