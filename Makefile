@@ -52,6 +52,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/swap.py
 	$(PY) bench/fleet.py
 	$(PY) bench/dashboard.py
+	$(PY) bench/keys.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
