@@ -53,6 +53,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/fleet.py
 	$(PY) bench/dashboard.py
 	$(PY) bench/peers.py
+	$(PY) bench/keys.py
 
 # The source RPM (spec + a tarball of the working tree + the sysusers file) into dist/;
 # .copr/Makefile runs the same script for COPR. docs/install.md, "Publishing to COPR".

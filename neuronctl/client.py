@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_CONFIG_PATH, DEFAULT_PORT, NeuronConfig, read_keys_leniently
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_PORT,
+    ConfigError,
+    KeySpec,
+    NeuronConfig,
+    read_keys_leniently,
+)
 from .notes import local_url, read_listening, read_starting
 
 # What a client refused for want of a key is told: where the CLI's commands find one.
@@ -63,14 +70,15 @@ def client_settings(path: Path, problems: list[str] | None = None) -> ClientSett
     (the daemon reports those on reload) or when this user may not read the key file
     (NEURON_API_KEY is the way then)."""
     found = read_keys_leniently(path, ("host", "port", "log_dir", "api_key", "api_key_file",
-                                       "state_dir"), problems)
+                                       "state_dir", "keys"), problems)
     defaults = ClientSettings()
     port = found.get("port")
     key = found.get("api_key")
     key_file = found.get("api_key_file")
     if key is None and key_file is not None:
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            key = key_file.read_text(encoding="utf-8").strip() or None
+        key = _read_key(key_file)
+    if key is None:
+        key = _admin_key(found.get("keys", ()))
     return ClientSettings(
         host=found.get("host") or defaults.host,
         port=port if port is not None and 1 <= port <= 65535 else defaults.port,
@@ -78,6 +86,39 @@ def client_settings(path: Path, problems: list[str] | None = None) -> ClientSett
         api_key=key,
         state_dir=found.get("state_dir", NeuronConfig.state_dir),
     )
+
+
+def _read_key(path: Path) -> str | None:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return path.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def _key_from_file() -> str | None:
+    """The key in NEURON_API_KEY_FILE (`neuronctl --key-file`); named, it must be read."""
+    named = os.environ.get("NEURON_API_KEY_FILE")
+    if not named:
+        return None
+    key = _read_key(Path(named))
+    if key is None:
+        raise ConfigError("NEURON_API_KEY_FILE", f"cannot read a key from {named}")
+    return key
+
+
+def _admin_key(keys: tuple[KeySpec, ...]) -> str | None:
+    """The first admin key of `[[keys]]` this user can read: a `file`, or a systemd
+    `credential` when run inside the unit's credentials (a hash alone cannot be sent)."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    for spec in keys:
+        if "admin" not in spec.roles:
+            continue
+        path = spec.file
+        if path is None and spec.credential is not None and directory:
+            path = Path(directory) / spec.credential
+        key = _read_key(path) if path is not None else None
+        if key is not None:
+            return key
+    return None
 
 
 def settings_for(config_path: Path | None,
@@ -123,18 +164,24 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
     """A client for the daemon this CLI invocation means.
 
     URL: `--url`, else NEURON_URL, else the port in the config file (`--config`, or the
-    default one when readable), else the default. API key: NEURON_API_KEY, else the
-    config file's.
+    default one when readable), else the default. API key: NEURON_API_KEY, else the file
+    NEURON_API_KEY_FILE names, else the config file's (`api_key`, `api_key_file`, or an
+    admin `[[keys]]` entry's file or credential this user can read).
     """
     # A config being edited (not valid TOML) must not blind the client: what can be read
     # of it is used, the daemon's own note says where it listens, and the operator is told.
     problems: list[str] = []
     settings = settings_for(config_path, problems)
-    key = os.environ.get("NEURON_API_KEY") or (settings.api_key if settings else None)
+    key = os.environ.get("NEURON_API_KEY") or _key_from_file() \
+        or (settings.api_key if settings else None)
     # Where the key came from, said when the node refuses it: $NEURON_API_KEY silently
     # overrides a config's right key.
-    key_source = "$NEURON_API_KEY (it overrides the config's key)" \
-        if os.environ.get("NEURON_API_KEY") else "the config file" if key else None
+    if os.environ.get("NEURON_API_KEY"):
+        key_source: str | None = "$NEURON_API_KEY (it overrides the config's key)"
+    elif os.environ.get("NEURON_API_KEY_FILE"):
+        key_source = f"the key file {os.environ['NEURON_API_KEY_FILE']} (--key-file)"
+    else:
+        key_source = "the config file" if key else None
     url = url or os.environ.get("NEURON_URL")
     if url:
         url = normalize_url(url)

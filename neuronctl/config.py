@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import re
@@ -35,7 +36,8 @@ DEFAULT_HARNESS = "llama-cpp-python"
 DEFAULT_PORT = 13131
 ENV_PREFIX = "NEURON_"
 # NEURON_* variables that belong to the CLI client, not to the config file.
-CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY"})
+CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY",
+                             "NEURON_API_KEY_FILE"})
 MAX_MODEL_ID_LEN = 256
 MAX_PARALLEL = 256
 RESTART_POLICIES = ("on-failure", "always", "never")
@@ -135,6 +137,34 @@ class ModelSpec:
     prompt_cache: bool | None = None
 
 
+# What a named key may do (docs/security.md): `inference` uses models (/v1, /api), `read`
+# reads the node's state, `admin` does everything.
+KEY_ROLES = ("inference", "read", "admin")
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# The name `api_key`'s holder goes by in logs, metrics and /keys/usage.
+API_KEY_NAME = "api_key"
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """`[[keys]]`: one named key, its roles, the models it may use and its limits. Exactly
+    one of `sha256`, `file` or `credential` says what the key is; after `load_config` its
+    `sha256` is always set (a file's or a credential's key hashed as it is read), and no
+    plaintext key is kept."""
+
+    name: str
+    roles: tuple[str, ...]
+    sha256: str | None = field(default=None, repr=False)
+    file: Path | None = None
+    # A systemd credential: `$CREDENTIALS_DIRECTORY/NAME` (LoadCredential=).
+    credential: str | None = None
+    # Model ids an inference key may use, as globs (`qwen*`); empty: every model.
+    models: tuple[str, ...] = ()
+    rpm: int | None = None  # requests per minute to model-serving routes
+    max_concurrent: int | None = None  # such requests in flight at once
+
+
 @dataclass(frozen=True)
 class NeuronConfig:
     port: int = DEFAULT_PORT
@@ -146,6 +176,9 @@ class NeuronConfig:
     # Never shown in a repr: config objects end up in logs and tracebacks.
     api_key: str | None = field(default=None, repr=False)
     api_key_file: Path | None = None  # read at load time; must not be world-readable
+    # Named keys with roles, model scopes and limits, beside `api_key` (which is an admin
+    # key); reloadable, unlike `api_key`.
+    keys: tuple[KeySpec, ...] = ()
     # Host names the API answers to besides its own (crosssite.py): a DNS name a proxy or
     # the operator uses. Any other `Host` is a 421, so a DNS-rebinding page reads nothing.
     allowed_hosts: tuple[str, ...] = ()
@@ -370,7 +403,56 @@ def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) ->
         config = dataclasses.replace(config, api_key=_read_key_file(config.api_key_file))
     if config.api_key is not None and not config.api_key.strip():
         raise ConfigError("api_key", "must not be empty")
+    if config.keys:
+        config = dataclasses.replace(config, keys=_resolve_keys(config.keys))
     return config
+
+
+def _resolve_keys(keys: tuple[KeySpec, ...]) -> tuple[KeySpec, ...]:
+    """Every key with its `sha256` set: a file's or a credential's key is read and hashed
+    now (a reload reads them again), so the config holds no plaintext key."""
+    names: set[str] = set()
+    resolved = []
+    for i, key in enumerate(keys):
+        where = f"keys[{i}]"
+        if key.name in names:
+            raise ConfigError(f"{where}.name", f"duplicate key name {key.name!r}")
+        names.add(key.name)
+        if key.file is not None:
+            secret = _read_secret(key.file, f"{where}.file")
+        elif key.credential is not None:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ConfigError(f"{where}.credential",
+                                  "$CREDENTIALS_DIRECTORY is not set: a credential needs "
+                                  f"LoadCredential={key.credential}:PATH in the unit "
+                                  "(docs/security.md), or use file or sha256")
+            secret = _read_secret(Path(directory) / key.credential, f"{where}.credential")
+        else:
+            resolved.append(dataclasses.replace(key, sha256=(key.sha256 or "").lower()))
+            continue
+        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+        resolved.append(dataclasses.replace(key, sha256=digest))
+    return tuple(resolved)
+
+
+def _read_secret(path: Path, key: str) -> str:
+    """A key file of `[[keys]]`, by `api_key_file`'s rule: refused when every user may
+    read it (a key anyone may read is no secret); `chmod 640`, owner root, group neuron, is
+    how the daemon's user reads it (systemd's credentials are 0400)."""
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8 text") from None
+    if mode & 0o004:
+        raise ConfigError(key, f"{path} is readable by every user (mode {mode & 0o777:o}); "
+                               f"chmod o-rwx {path}")
+    if not secret:
+        raise ConfigError(key, f"{path} is empty")
+    return secret
 
 
 def _read_key_file(path: Path) -> str:
@@ -581,6 +663,8 @@ def _check_values(obj: Any, key: str) -> None:
                               f"most 3600 s, got {obj.upstream_idle_timeout_s:g}")
     if isinstance(obj, HarnessConfig):
         _check_api_args(obj, key)
+    if isinstance(obj, KeySpec):
+        _check_key(obj, key)
     if isinstance(obj, ModelSpec):
         check_model_id(obj.model_id, _join(key, "model_id"))
         if not obj.harness:
@@ -646,6 +730,40 @@ def _check_api_args(obj: HarnessConfig, key: str) -> None:
         if not flag.startswith("-") or "=" in flag or len(flag) > 64:
             raise ConfigError(f"{_join(key, 'api_args')}[{i}]",
                               f"{flag!r}: expected a flag such as \"--override-kv\"")
+
+
+def _check_key(spec: KeySpec, key: str) -> None:
+    if not _KEY_NAME.fullmatch(spec.name) or spec.name == API_KEY_NAME:
+        raise ConfigError(_join(key, "name"),
+                          f"{clip(spec.name)!r}: 1-64 ASCII letters, digits, . _ -, starting "
+                          f"with a letter or a digit (and not {API_KEY_NAME!r})")
+    sources = [n for n in ("sha256", "file", "credential") if getattr(spec, n) is not None]
+    if len(sources) != 1:
+        raise ConfigError(key, "set exactly one of sha256, file or credential, got "
+                               f"{', '.join(sources) or 'none'}")
+    if spec.sha256 is not None and not _SHA256_HEX.fullmatch(spec.sha256):
+        # Never quoted: a plaintext key pasted here by mistake must not reach the journal.
+        raise ConfigError(_join(key, "sha256"), "expected 64 hex digits (the SHA-256 of the "
+                          "key, as `neuronctl key new` prints it)")
+    if spec.credential is not None and not _KEY_NAME.fullmatch(spec.credential):
+        raise ConfigError(_join(key, "credential"),
+                          f"{clip(spec.credential)!r}: a credential name (letters, digits, "
+                          ". _ -), as in LoadCredential=NAME:PATH")
+    if not spec.roles:
+        raise ConfigError(_join(key, "roles"), f"name at least one of {', '.join(KEY_ROLES)}")
+    for i, role in enumerate(spec.roles):
+        if role not in KEY_ROLES:
+            raise ConfigError(f"{_join(key, 'roles')}[{i}]",
+                              f"{clip(role)!r}: must be one of {', '.join(KEY_ROLES)}")
+    for i, glob in enumerate(spec.models):
+        if not glob or len(glob) > MAX_MODEL_ID_LEN or \
+                not set(glob) <= _ID_CHARS | set("*?[]!"):
+            raise ConfigError(f"{_join(key, 'models')}[{i}]",
+                              f"{clip(glob)!r}: a model id or a glob of one (* ? [])")
+    for name, most in (("rpm", 1_000_000), ("max_concurrent", 100_000)):
+        value = getattr(spec, name)
+        if value is not None and not 1 <= value <= most:
+            raise ConfigError(_join(key, name), f"must be between 1 and {most}, got {value}")
 
 
 def _check_model_source(spec: ModelSpec, key: str) -> None:

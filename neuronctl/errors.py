@@ -147,6 +147,18 @@ class RemoteLoadRefused(Forbidden):
     code = "remote_load_refused"
 
 
+class RoleForbidden(Forbidden):
+    """A valid key without the role the route needs (api/roles.py)."""
+
+    code = "insufficient_role"
+
+
+class ModelOutOfScope(Forbidden):
+    """An inference key naming a model outside its `models` globs."""
+
+    code = "model_not_in_scope"
+
+
 class MisdirectedRequest(NeuronError):
     """A `Host` this node does not answer to: a DNS-rebinding page's, most likely."""
 
@@ -194,6 +206,16 @@ class QueueFull(NeuronError):
     """The model's queue is at `max_queue`: back off (Retry-After) and try again."""
 
     status, type, code = 429, INVALID_REQUEST, "queue_full"
+
+
+class KeyRateLimited(NeuronError):
+    """A key past its `rpm` or `max_concurrent`, refused before it takes a queue slot."""
+
+    status, type, code = 429, INVALID_REQUEST, "key_rate_limited"
+
+
+class KeyConcurrencyLimited(KeyRateLimited):
+    code = "key_concurrency_limited"
 
 
 class QueueBytesFull(QueueFull):

@@ -14,6 +14,7 @@ from neuronctl.config import (
     DEFAULT_HARNESS,
     ConfigError,
     HarnessConfig,
+    KeySpec,
     ModelSpec,
     NeuronConfig,
     load_config,
@@ -83,7 +84,7 @@ def test_example_config_parses() -> None:
 
 def test_example_config_commented_keys_are_valid(tmp_path: Path) -> None:
     """Uncommenting every `# key = value` line of the example must give a valid config."""
-    commented = re.compile(r"^# ?((\[\[?[\w.-]+\]\]?)|([a-z_]+ = .*))$")
+    commented = re.compile(r"^# ?((\[\[?[\w.-]+\]\]?)|([a-z_][a-z0-9_]* = .*))$")
     lines = []
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
         match = commented.match(line)
@@ -110,7 +111,7 @@ def test_demo_config_parses() -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [NeuronConfig, HarnessConfig, ModelSpec], ids=lambda c: c.__name__
+    "cls", [NeuronConfig, HarnessConfig, ModelSpec, KeySpec], ids=lambda c: c.__name__
 )
 def test_example_documents_every_key(cls: type) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")

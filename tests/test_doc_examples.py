@@ -57,6 +57,7 @@ NOT_HERE_PATTERNS = {
     r"(^| )(-f|-F|--follow|--watch|-w)( |$)": "follows forever (tests/cli/test_app.py follows)",
     r"\$KEY\b": "needs a node with an API key (tests/api/test_security.py)",
     r"--previous": "needs a crash first (tests/cli/test_operator.py)",
+    r"^neuronctl key new gateway ": "prints a random key (tests/cli/test_keys.py runs it)",
     r"^(ver|top)=": "part of the RPM build recipe (tests/test_packaging.py)",
     r"^NEURON_[A-Z_]+=\S+$": "an environment listing, not a command",
     r"(/etc|/var|/opt|/srv|/home)/": "names a file on a production host",

@@ -6,10 +6,10 @@ import dataclasses
 import re
 from pathlib import Path
 
-from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
+from neuronctl.config import HarnessConfig, KeySpec, ModelSpec, NeuronConfig
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-KEY_CELL = re.compile(r"^\| `([a-z_]+)` \|", re.M)
+KEY_CELL = re.compile(r"^\| `([a-z_][a-z0-9_]*)` \|", re.M)
 
 
 def documented_keys() -> set[str]:
@@ -17,7 +17,7 @@ def documented_keys() -> set[str]:
 
 
 def config_keys() -> set[str]:
-    return {f.name for cls in (NeuronConfig, HarnessConfig, ModelSpec)
+    return {f.name for cls in (NeuronConfig, HarnessConfig, ModelSpec, KeySpec)
             for f in dataclasses.fields(cls)}
 
 
@@ -35,3 +35,12 @@ def test_readme_links_resolve() -> None:
     readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
     for target in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (DOCS.parent / target).is_file(), target
+
+
+def test_the_security_page_gives_every_route_its_role() -> None:
+    from neuronctl.api.roles import ROUTE_ROLES
+
+    page = (DOCS / "security.md").read_text(encoding="utf-8")
+    table = page[page.index("### Every route and the role it needs"):]
+    missing = [path for path in ROUTE_ROLES if path not in table]
+    assert not missing, f"docs/security.md's roles table lacks: {missing}"

@@ -38,7 +38,7 @@ from ..supervisor.harness import check_args_from_api, unavailable
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.reload import Reloader
 from . import dashboard
-from .auth import api_key_middleware
+from .auth import KeyCheck, principal
 from .crosssite import same_site_middleware
 from .events_sse import STREAMS, EventStreams
 from .idle import IdleReaper
@@ -60,6 +60,7 @@ STARTED_AT = web.AppKey("started_at", float)
 RELOADER = web.AppKey("reloader", Reloader)
 RELOAD_REFUSALS = web.AppKey("reload_refusals", RateLimitedLog)
 IDENTITY = web.AppKey("identity", NodeIdentity)
+KEYS = web.AppKey("keys", KeyCheck)
 MAX_BODY_BYTES = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -278,6 +279,22 @@ async def _identity_headers(request: web.Request, response: web.StreamResponse) 
     response.headers[INCARNATION_HEADER] = identity.incarnation
 
 
+async def key_self(request: web.Request) -> web.Response:
+    """Who the key that asked is: its name and roles (the dashboard hides what it may not
+    do), never the key."""
+    key = principal(request)
+    return web.json_response({"name": key.name, "roles": sorted(key.roles),
+                              "models": list(key.models), "rpm": key.rpm,
+                              "max_concurrent": key.max_concurrent})
+
+
+def key_usage(metrics: Metrics) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response(metrics.key_usage.to_json())
+
+    return handle
+
+
 def routes(router: Router, streams: EventStreams, followers: LogFollowers,
            metrics: Metrics, stats: RouterStats, ollama: OllamaApi,
            store: StoreRoutes | None = None) -> list[web.RouteDef]:
@@ -300,6 +317,8 @@ def routes(router: Router, streams: EventStreams, followers: LogFollowers,
         web.get("/models/{model_id:.+}/logs", followers.handle),
         web.post("/reload", reload_config),
         web.get("/metrics", metrics.handle),
+        web.get("/keys/usage", key_usage(metrics)),
+        web.get("/keys/self", key_self),
         web.get("/v1/models", router.list_models),
         web.get("/v1/models/{model_id:.+}", router.get_model),
         web.route("*", "/v1/messages", messages.handle),
@@ -325,21 +344,26 @@ def create_app(
     `identity`: a new incarnation unless given (one app per supervisor start)."""
     if stats is None:
         stats = metrics.stats if metrics is not None else RouterStats()
-    middlewares: list[Middleware] = [json_errors]
-    if registry.config.api_key is not None:
-        # Early, so nothing (not even an error page) is served to a caller without the key.
-        middlewares.insert(0, api_key_middleware(registry.config.api_key))
-    # Outermost: a cross-site or rebound request is refused whatever key it carries.
-    middlewares.insert(0, same_site_middleware(lambda: registry.config))
+    started_at = time.monotonic() if started_at is None else started_at
+    metrics = metrics or Metrics(registry, stats, started_at)
+    keys = KeyCheck(lambda: registry.config, metrics.key_usage)
+    middlewares: list[Middleware] = [
+        # Outermost: a cross-site or rebound request is refused whatever key it carries.
+        same_site_middleware(lambda: registry.config),
+        # Early, so nothing (not even an error page) is served to a caller without a key
+        # that may ask for it; read per request, so a reload rotates keys.
+        keys.middleware,
+        json_errors,
+    ]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[REGISTRY] = registry
     app[DISCOVERY] = registry.discovery  # one poller for the API and VRAM admission
-    app[STARTED_AT] = time.monotonic() if started_at is None else started_at
+    app[STARTED_AT] = started_at
     app[IDENTITY] = identity or NodeIdentity.new(registry.config)
+    app[KEYS] = keys
     if reloader is not None:
         app[RELOADER] = reloader
         app[RELOAD_REFUSALS] = RateLimitedLog(log, "reloads refused", level=logging.ERROR)
-    metrics = metrics or Metrics(registry, stats, app[STARTED_AT])
     if metrics.stats is not stats:
         raise ValueError("metrics made over other router counters than the app's")
     router = Router(registry, stats, metrics.requests)

@@ -31,6 +31,7 @@ from ..events import ModelEvent, Subscription
 from ..states import ModelStatus, WorkerState
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
+from .keyusage import KeyUsage, KeyUsageCollector
 from .traffic import RouterStats, unloaded_for_good
 
 # Upper bounds, in seconds (prometheus-client adds +Inf, which catches a long stream).
@@ -194,6 +195,8 @@ class Metrics:
         self._collector = NodeCollector(
             registry, stats, time.monotonic() if started_at is None else started_at)
         self.registry.register(self._collector)
+        self.key_usage = KeyUsage()  # per key: what the auth middleware saw served
+        self.registry.register(KeyUsageCollector(self.key_usage))
         self.load_duration = Histogram(
             "neuron_model_load_duration_seconds",
             "Spawn to ready of a worker, for first loads and restarts alike.",
@@ -211,6 +214,7 @@ class Metrics:
         elif unloaded_for_good(self._collector.registry, event):
             self.load_duration.remove(event.model)
             self.requests.remove(event.model)
+            self.key_usage.forget_model(event.model)
 
     async def handle(self, request: web.Request) -> web.Response:
         own = generate_latest(self.registry)

@@ -1,7 +1,9 @@
 """The router's traffic per model: the queue of its requests and its counters.
 
 `ModelQueue`: at most `slots` requests in flight to a model's worker, the rest waiting in
-a bounded FIFO queue.
+a bounded queue: one FIFO per key, served round-robin, so a key that floods a model waits
+behind itself while another key's request is next but one (fairness between keys; each
+key's own order is kept).
 
 A request is let through only while its model is ready and a slot is free; until then it
 waits in order, also while the model is still loading or restarting. The queue is
@@ -40,10 +42,11 @@ from ..supervisor.registry import ModelRegistry
 QUEUE_FULL_RETRY_S = 2  # Retry-After told to clients refused by a full queue
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a waiter leaves its queue, not its twin
 class _Waiter:
     future: asyncio.Future[None]
     since: float
+    key: str
 
 
 @dataclass
@@ -73,38 +76,45 @@ class ModelQueue:
     slots: int = 1
     serving: bool = False  # the model is ready: waiters may be let through
     budget: QueuedBytes = field(default_factory=QueuedBytes)  # shared by the node's queues
-    _waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
+    # Per key (api/auth.py's name, "" without keys), in the order their turns come.
+    _waiters: collections.OrderedDict[str, collections.deque[_Waiter]] = field(
+        default_factory=collections.OrderedDict)
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(len(waiting) for waiting in self._waiters.values())
+
+    def queued_for(self, key: str) -> int:
+        return len(self._waiters.get(key, ()))
 
     @contextlib.asynccontextmanager
     async def admit(self, max_queue: int, timeout_s: float, size: int = 0,
-                    max_bytes: int | None = None) -> AsyncIterator[float]:
+                    max_bytes: int | None = None, key: str = "") -> AsyncIterator[float]:
         """Hold one slot for the body of the `async with`; yields the seconds waited.
         `size`: the bytes the request holds while it waits, counted against `max_bytes`
         for all queues sharing the budget. Raises QueueFull (QueueBytesFull),
         QueueTimeout, or the model's failure (see `fail`)."""
-        waited = await self._acquire(max_queue, timeout_s, size, max_bytes)
+        waited = await self._acquire(max_queue, timeout_s, size, max_bytes, key)
         try:
             yield waited
         finally:
             self._release()
 
     async def _acquire(self, max_queue: int, timeout_s: float, size: int,
-                       max_bytes: int | None) -> float:
+                       max_bytes: int | None, key: str) -> float:
         if self.serving and self.in_flight < self.slots and not self._waiters:
             self.in_flight += 1
             return 0.0
-        if len(self._waiters) >= max_queue:
+        queued = self.queued
+        if queued >= max_queue:
             raise errors.QueueFull(
-                f"model {self.model_id!r} has {len(self._waiters)} requests waiting "
+                f"model {self.model_id!r} has {queued} requests waiting "
                 f"(max_queue {max_queue}); retry later",
                 param="model", headers={"Retry-After": str(QUEUE_FULL_RETRY_S)})
         self.budget.take(size, max_bytes)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), self.clock())
-        self._waiters.append(waiter)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), self.clock(), key)
+        # A key with nobody waiting takes its turn after the keys already waiting.
+        self._waiters.setdefault(key, collections.deque()).append(waiter)
         try:
             await asyncio.wait({waiter.future}, timeout=timeout_s)
         except asyncio.CancelledError:  # the client hung up, or the node is stopping
@@ -122,8 +132,11 @@ class ModelQueue:
 
     def _leave(self, waiter: _Waiter) -> None:
         """A waiter gives up; if a slot was granted to it meanwhile, pass it on."""
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        waiting = self._waiters.get(waiter.key)
+        if waiting is not None and waiter in waiting:
+            waiting.remove(waiter)
+            if not waiting:
+                del self._waiters[waiter.key]
         fut = waiter.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             self._release()
@@ -134,9 +147,19 @@ class ModelQueue:
         self.in_flight -= 1
         self._grant()
 
+    def _next(self) -> _Waiter:
+        """The head of the key whose turn it is; that key's turn passes to the next."""
+        key, waiting = next(iter(self._waiters.items()))
+        waiter = waiting.popleft()
+        if waiting:
+            self._waiters.move_to_end(key)
+        else:
+            del self._waiters[key]
+        return waiter
+
     def _grant(self) -> None:
         while self.serving and self.in_flight < self.slots and self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._next()
             if waiter.future.done():
                 continue
             self.in_flight += 1
@@ -162,7 +185,7 @@ class ModelQueue:
         """The model failed or was unloaded: every waiter answers `error`."""
         self.serving = False
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._next()
             if not waiter.future.done():
                 waiter.future.set_exception(error)
                 waiter.future.exception()  # retrieved: its waiter may be gone already

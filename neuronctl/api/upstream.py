@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from ..errors import NeuronError
 from ..supervisor.policy import describe_exit
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
+from .keyusage import REQUEST_TOKENS, RequestTokens
 from .traffic import ModelStats
 
 log = logging.getLogger(__name__)
@@ -125,14 +127,31 @@ def _request_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
 
 def completion_tokens(upstream: ClientResponse, answer: bytes) -> int:
     """A JSON answer's `usage.completion_tokens` (0 when it has none that is sane)."""
+    return usage_tokens(upstream, answer)[1]
+
+
+def usage_tokens(upstream: ClientResponse, answer: bytes) -> tuple[int, int]:
+    """A JSON answer's `usage`: (prompt_tokens, completion_tokens), 0 for what it lacks."""
     if upstream.status != 200 or "json" not in upstream.headers.get("Content-Type", "") \
             or len(answer) > USAGE_SCAN_BYTES:
-        return 0
+        return 0, 0
     try:
-        tokens = json.loads(answer).get("usage", {}).get("completion_tokens", 0)
+        usage = json.loads(answer).get("usage", {})
+        counts = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     except (ValueError, RecursionError, AttributeError):
-        return 0
-    return tokens if isinstance(tokens, int) and 0 <= tokens < 2**31 else 0
+        return 0, 0
+    prompt, completion = (n if isinstance(n, int) and 0 <= n < 2**31 else 0 for n in counts)
+    return prompt, completion
+
+
+# A stream's usage chunk (llama.cpp sends one at the end with `stream_options`, or its
+# `timings`): the prompt's tokens, for the per-key counters.
+_STREAM_PROMPT = re.compile(rb'"(?:prompt_tokens|prompt_n)"\s*:\s*(\d{1,9})')
+
+
+def _tally(request: web.Request) -> RequestTokens:
+    """The request's token tally for its key (api/auth.py sets it; a throwaway without)."""
+    return request.get(REQUEST_TOKENS) or RequestTokens()
 
 
 def exit_note(worker: Worker) -> str:
@@ -296,7 +315,11 @@ class Upstream:
                     if watch is not None:
                         watch(answer)
                     stats.count(upstream.status)
-                    stats.tokens += completion_tokens(upstream, answer)
+                    prompt, completion = usage_tokens(upstream, answer)
+                    stats.tokens += completion
+                    tally = _tally(request)
+                    tally.prompt += prompt
+                    tally.completion += completion
                     if upstream.status >= 400 and dialect.worker_errors is not None:
                         return dialect.answer(dialect.worker_errors(upstream.status, answer))
                     return web.Response(
@@ -354,6 +377,7 @@ class Upstream:
             end = STREAM_ENDS.get(request.path) if upstream.status == 200 else None
             tail = b""
             first = dialect.first_event if upstream.status == 200 else None
+            tally = _tally(request)
             while True:
                 try:
                     chunk = await content.readany()
@@ -380,7 +404,11 @@ class Upstream:
                         chunk = make(model_id) + chunk
                     first = None
                 # llama.cpp's servers send one token per chunk.
-                stats.tokens += chunk.count(b"data: {")
+                generated = chunk.count(b"data: {")
+                stats.tokens += generated
+                tally.completion += generated
+                if (found := _STREAM_PROMPT.search(chunk)) is not None:
+                    tally.prompt = int(found.group(1))
                 if watch is not None:
                     watch(chunk)
                 try:

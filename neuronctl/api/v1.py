@@ -31,6 +31,8 @@ from ..supervisor.harness import Harness
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
+from .auth import check_scope, principal
+from .keyusage import MODEL_LABEL
 from .metrics import RequestTimes
 from .requestbody import read_limited, routing
 from .traffic import ModelQueue, ModelStats, RouterStats, unloaded_for_good
@@ -168,12 +170,15 @@ class Router:
         return entries
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": list(self.servable().values())})
+        # A key sees the models its scope holds, no others (api/auth.py).
+        key = principal(request)
+        data = [e for model_id, e in self.servable().items() if key.may_use(model_id)]
+        return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
         entry = self.servable().get(model_id)
-        if entry is None:
+        if entry is None or not principal(request).may_use(model_id):
             return OPENAI.answer(self._unknown_model(model_id))
         return web.json_response(entry)
 
@@ -245,6 +250,9 @@ class Router:
         Refusals are raised, for the caller to answer in its API's shape."""
         if self._stopping is not None:
             raise self._stopping
+        if model_id in self.registry.catalogue or self.registry.get(model_id) is not None:
+            request[MODEL_LABEL] = model_id  # a model the node knows: a bounded label
+        check_scope(request, model_id)  # before anything is loaded for it
         model = self.registry.get(model_id)
         if model is None or model.stopping:
             # Not loaded (or being unloaded): a catalogue model with autoload is loaded for
@@ -272,7 +280,9 @@ class Router:
                 del self._waiting[task]  # no longer cancelled when its client hangs up
 
         try:
-            return await self._admitted(size, model, stats, admitted, exchange)
+            # The queue takes turns between keys (api/auth.py says whose request it is).
+            return await self._admitted(size, model, stats, admitted, exchange,
+                                        principal(request).name)
         except NeuronError as refusal:
             stats.reject(refusal)
             raise
@@ -280,7 +290,7 @@ class Router:
             self._waiting.pop(task, None)
 
     async def _admitted(self, size: int, model: ModelLifecycle, stats: ModelStats,
-                        on_admitted: Callable[[], None], exchange: Exchange
+                        on_admitted: Callable[[], None], exchange: Exchange, key: str
                         ) -> web.StreamResponse:
         """Wait for a slot of the model's worker (it may still be loading), then forward."""
         model_id = model.model_id
@@ -288,7 +298,7 @@ class Router:
             raise self._not_ready(model)
         max_queue, timeout_s = model.queue_limits()
         max_bytes = self.registry.config.max_queued_bytes
-        async with stats.queue.admit(max_queue, timeout_s, size, max_bytes) as waited:
+        async with stats.queue.admit(max_queue, timeout_s, size, max_bytes, key) as waited:
             if self.stats.keeps(model_id, stats):
                 self.times.queue_wait.labels(model_id).observe(waited)
             current = self.registry.get(model_id)  # a reload may have replaced it

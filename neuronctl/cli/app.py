@@ -17,6 +17,7 @@ from ..config import DEFAULT_CONFIG_PATH
 from . import chat, helpstyle, logs, models, status, store
 from .base import say
 from .fleet import app as fleet_app
+from .keys import app as keys_app
 
 helpstyle.apply()
 
@@ -31,6 +32,8 @@ app = typer.Typer(
 )
 app.add_typer(fleet_app, name="fleet",  # docs/fleet.md
               short_help="Many nodes: LiteLLM's proxy config, one status table.")
+app.add_typer(keys_app, name="key",  # docs/security.md
+              short_help="API keys: make one, with its role and models.")
 
 
 def _version(value: bool) -> None:
@@ -44,8 +47,16 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    key_file: Annotated[
+        Path | None, typer.Option(
+            "--key-file", help="A file holding the key to send (before the command: "
+                               "`neuronctl --key-file F status`) [default: "
+                               "$NEURON_API_KEY_FILE, else the config's]")
+    ] = None,
 ) -> None:
-    pass
+    if key_file is not None:
+        # The one place the client looks for it (client.connect), for every command.
+        os.environ["NEURON_API_KEY_FILE"] = str(key_file)
 
 
 StartConfigOpt = Annotated[

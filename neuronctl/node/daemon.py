@@ -100,7 +100,9 @@ class Daemon:
                  self.config_path or "(none)",
                  plural(len(self.config.default_models), "default model"),
                  len(self.config.models), self.config.host, self.config.port,
-                 "required" if self.config.api_key else "not set")
+                 ("required" + (f", {len(self.config.keys)} named keys"
+                                if self.config.keys else ""))
+                 if self.config.api_key or self.config.keys else "not set")
         self._warn_unrunnable()
         exposed = exposure_warning(self.config)
         if exposed is not None:
@@ -282,7 +284,7 @@ async def serve(
 def exposure_warning(config: NeuronConfig) -> str | None:
     """What a node anyone on the network can drive hands them, or None: said at every
     start, since the defaults (every address, no key) are exactly this."""
-    if config.api_key is not None or is_loopback(config.host):
+    if config.api_key is not None or config.keys or is_loopback(config.host):
         return None
     loads = ("load any model file or Hugging Face repo with any performance flags"
              if config.allow_remote_loads else "load catalogue models")

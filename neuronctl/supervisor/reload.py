@@ -9,6 +9,8 @@ config that fails validation changes nothing. Settings that only a restart can a
 listener, the directories, the API key, the router's body limit) are reported and left as
 they are. Each model touched is named with why (`gemma: n_ctx 2048 → 1024, reloaded`), in
 the answer and the journal; a dry run says the same and changes nothing.
+`[[keys]]` apply from the next request (the API reads the config per request); their
+names, never the keys, are reported.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class ReloadResult:
     # One line per model touched or changed: `gemma: n_ctx 2048 → 1024, reloaded`.
     details: list[str] = field(default_factory=list)
     dry_run: bool = False
+    # [[keys]] by name: new, gone, and kept under their name with another key or rights.
+    keys_added: list[str] = field(default_factory=list)
+    keys_removed: list[str] = field(default_factory=list)
+    keys_changed: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{len(v)} {k}" for k, v in (
@@ -66,6 +72,10 @@ class ReloadResult:
             ", ".join(parts)
         if self.failed:
             text += f", {len(self.failed)} failed: {', '.join(self.failed)}"
+        for what, names in (("added", self.keys_added), ("removed", self.keys_removed),
+                            ("changed", self.keys_changed)):
+            if names:
+                text += f"; keys {what}: {', '.join(names)}"
         if self.needs_restart:
             text += f"; needs a restart to apply: {', '.join(self.needs_restart)}"
         return text
@@ -129,6 +139,12 @@ class Reloader:
         """What reloading from `old` to `new` does, model by model; nothing done."""
         result = ReloadResult(dry_run=True)
         result.needs_restart = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
+        keys_before = {k.name: k for k in old.keys}
+        keys_after = {k.name: k for k in new.keys}
+        result.keys_added = [n for n in keys_after if n not in keys_before]
+        result.keys_removed = [n for n in keys_before if n not in keys_after]
+        result.keys_changed = [n for n in keys_after
+                               if n in keys_before and keys_after[n] != keys_before[n]]
         new = dataclasses.replace(new, **{k: getattr(old, k) for k in RESTART_ONLY})
         before = {s.model_id: s for s in old.default_models}
         after = {s.model_id: s for s in new.default_models}

@@ -11,6 +11,7 @@ the first model row, the page's transfer size, with 20 models) are written to
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".cache" / "test-artifacts" / "dashboard"
 KEY = "dashboard-test-key"
+READ_KEY = "dashboard-read-key"  # a [[keys]] entry with the read role only
 DESKTOP = {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False}
 PHONE = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
 N_MODELS = 20
@@ -337,8 +339,11 @@ def test_the_page_breaks_no_content_security_policy(node: Daemon, browser: WebDr
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[Daemon]:
+    monitor = (f'[[keys]]\nname = "monitor"\nroles = ["read"]\n'
+               f'sha256 = "{hashlib.sha256(READ_KEY.encode()).hexdigest()}"\n')
     daemon = start_daemon(tmp_path_factory.mktemp("dash-key"),
-                          model("alpha", tiny_gguf, default=True), api_key=KEY)
+                          model("alpha", tiny_gguf, default=True), api_key=KEY,
+                          settings=monitor)
     try:
         yield daemon
     finally:
@@ -449,3 +454,29 @@ def test_the_node_panel_and_a_phone_card_that_holds_its_error(
         assert abs(left - card_left) < 1 and abs(right - card_right) < 1, boxes
         assert abs(top - card_bottom) < 1 and border == "1px", boxes
         screenshot(browser, "phone-error")
+
+
+def test_with_a_read_key_the_page_shows_everything_and_offers_no_actions(
+    keyed: Daemon, browser: WebDriver,
+) -> None:
+    browser.get(keyed.url + "/")
+    js(browser, "sessionStorage.clear()")
+    browser.refresh()
+    poll_until(browser.find_element(By.ID, "login").is_displayed, 5)
+    browser.find_element(By.ID, "key").send_keys(READ_KEY + "\n")
+    poll_until(lambda: status_of(browser, "alpha") == "loaded", 5)
+    poll_until(lambda: "monitor" in browser.find_element(By.ID, "key-name").text, 5)
+    assert "read-only" in browser.find_element(By.ID, "key-name").text
+    assert not browser.find_element(By.ID, "load-id").is_displayed()
+    assert not browser.find_element(By.ID, "actions-head").is_displayed()
+    row = row_of(browser, "alpha")
+    assert row is not None
+    assert [b.text for b in row.find_elements(By.CSS_SELECTOR, "button")
+            if b.is_displayed()] == ["alpha"]  # the log, not Load or Unload
+    row.find_element(By.CSS_SELECTOR, "button.model-name").click()  # logs: the read role's
+    poll_until(lambda: "fake llama-server pid" in browser.find_element(By.ID, "log-text").text, 5)
+    with emulated(browser, dark=False):
+        screenshot(browser, "read-only-key")
+    assert csp_violations(browser) == []
+    browser.find_element(By.ID, "forget").click()
+    poll_until(browser.find_element(By.ID, "login").is_displayed, 5)

@@ -97,6 +97,71 @@ async def test_a_full_queue_refuses_with_retry_after() -> None:
     await asyncio.gather(*tasks)
 
 
+async def test_one_key_flooding_a_model_cannot_starve_another() -> None:
+    """A key with 50 requests waiting and another sending one at a time (a client each
+    second, say): the queue takes turns between keys, so each of the second key's
+    requests is served next but one, while the first key's keep their own order."""
+    q = queue()
+    served: list[str] = []
+    gates: dict[str, asyncio.Event] = {}
+
+    async def request(key: str, name: str) -> None:
+        async with q.admit(100, 30.0, key=key):
+            served.append(name)
+            gate = gates[name] = asyncio.Event()
+            await gate.wait()
+
+    async def finish_current() -> None:
+        gates[served[-1]].set()
+        await turns()
+
+    flood = [asyncio.create_task(request("flood", f"f{i}")) for i in range(50)]
+    await turns()
+    assert served == ["f0"] and q.queued == 49
+    positions = []
+    for n in range(5):
+        trickle = asyncio.create_task(request("trickle", f"t{n}"))
+        await turns()
+        before = len(served)
+        while f"t{n}" not in served:
+            await finish_current()
+        positions.append(len(served) - before)  # requests served before it, itself included
+        await finish_current()
+        await trickle
+    assert positions == [2] * 5, served  # the flood's head, then it: never behind the flood
+    while len(served) < 55:
+        await finish_current()
+    await finish_current()
+    await asyncio.gather(*flood)
+    flood_order = [name for name in served if name.startswith("f")]
+    assert flood_order == [f"f{i}" for i in range(50)]  # a key's own order is kept
+    assert q.queued == 0 and q.in_flight == 0
+
+
+async def test_keys_take_turns_and_a_key_leaving_gives_up_its_turn() -> None:
+    q = queue()
+    order: list[int] = []
+    release = asyncio.Event()
+
+    async def hold_as(key: str, i: int) -> None:
+        async with q.admit(10, 5.0, key=key):
+            order.append(i)
+            await release.wait()
+
+    first = asyncio.create_task(hold_as("a", 0))
+    await turns()
+    tasks = [asyncio.create_task(hold_as(k, i)) for i, k in
+             enumerate(["a", "a", "a", "b", "c", "c"], start=1)]
+    await turns()
+    assert q.queued == 6 and q.queued_for("a") == 3 and q.queued_for("c") == 2
+    tasks[3].cancel()  # b's only request leaves: its turn goes with it
+    await turns()
+    assert q.queued_for("b") == 0
+    release.set()
+    await asyncio.gather(first, *tasks, return_exceptions=True)
+    assert order == [0, 1, 5, 2, 6, 3]  # a, c, a, c, a: round-robin over who waits
+
+
 async def test_a_request_that_waits_too_long_gets_a_503_and_leaves() -> None:
     q = queue()
     release = asyncio.Event()

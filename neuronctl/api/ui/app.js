@@ -26,6 +26,7 @@
   let logModel = null;
   let firstRowMarked = false;
   let refreshTimer = 0;
+  let readOnly = false;  // a key without the admin role: the page shows, and offers no actions
 
   // --- talking to the node -----------------------------------------------------------------
 
@@ -84,6 +85,7 @@
       return;
     }
     showDashboard();
+    await whoAmI();
     retryMs = 500;
     const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
@@ -290,9 +292,11 @@
     const pending = notices.get(id) && notices.get(id).pending;
     // A failed model outside the catalogue is removed (its row goes) rather than unloaded.
     const removable = status === "failed" && m.catalogue === false;
-    row.load.hidden = !(status === "unloaded" || status === "failed");
-    row.unload.hidden = status === "unloaded" || (status === "failed" && !m.pid && !removable);
+    row.load.hidden = readOnly || !(status === "unloaded" || status === "failed");
+    row.unload.hidden = readOnly || status === "unloaded" ||
+      (status === "failed" && !m.pid && !removable);
     row.unload.textContent = removable ? "Remove" : "Unload";
+    c[10].hidden = readOnly;
     row.load.disabled = Boolean(pending) || busy;
     // Unloading cancels a download and ends a restart loop (api.md): never disabled then.
     row.unload.disabled = Boolean(pending) || status === "unloading";
@@ -546,6 +550,27 @@
   });
 
   // --- the key and the page's state --------------------------------------------------------
+
+  // What the key may do (GET /keys/self): without the admin role, loading and unloading
+  // would only be refused, so they are not offered.
+  async function whoAmI() {
+    let roles = ["admin"];
+    let name = "";
+    try {
+      const resp = await fetch("/keys/self", {headers: authHeaders(), cache: "no-store"});
+      if (resp.ok) {
+        const me = await resp.json();
+        if (Array.isArray(me.roles)) roles = me.roles;
+        if (typeof me.name === "string") name = me.name;
+      }
+    } catch (_) { /* an older node: actions offered, as before */ }
+    readOnly = !roles.includes("admin");
+    for (const node of [$("load-id"), $("load-submit"), $("load-label"), $("actions-head")]) {
+      node.hidden = readOnly;
+    }
+    $("key-name").textContent = readOnly ? `read-only key: ${name}` : "";
+    for (const id of rows.keys()) renderRow(id);
+  }
 
   function setConn(text, kind) {
     const conn = $("conn");
