@@ -33,6 +33,7 @@ from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
 from . import ollama_convert as convert
+from .keyusage import REQUEST_TOKENS
 from .ollama_models import CheckLoad, OllamaModels
 from .requestbody import read_limited
 from .traffic import ModelStats
@@ -182,6 +183,7 @@ class OllamaApi:
                 return ollama_error(exc)
             finally:
                 upstream.close()
+                _count_for_key(request, tally)
 
         try:  # the worker is always asked for a stream: its first token is timed
             return await self.router.serve(request, model_id, len(payload), True,
@@ -403,6 +405,7 @@ class OllamaApi:
             answer = _json_or_none(raw) or {}
             tally.take(answer)
             final = tally.final(time.monotonic())
+            _count_for_key(request, tally)
             return web.json_response({
                 "model": name, "embeddings": [convert.normalized(v) for v in vectors],
                 "total_duration": final["total_duration"],
@@ -414,6 +417,15 @@ class OllamaApi:
                                            alive)
         except NeuronError as exc:
             raise self._named(exc, model_id, name) from None
+
+def _count_for_key(request: web.Request, tally: convert.Tally) -> None:
+    """The answer's tokens, for its key's counters (api/keyusage.py), as /v1 counts them."""
+    tokens = request.get(REQUEST_TOKENS)
+    if tokens is not None:
+        final = tally.final(time.monotonic())
+        tokens.prompt += final["prompt_eval_count"]
+        tokens.completion += final["eval_count"]
+
 
 def _ignored_header(ignored: list[str]) -> dict[str, str]:
     """The options not applied, for the answer's header: printable ASCII only (the keys

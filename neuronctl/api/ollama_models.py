@@ -27,6 +27,7 @@ from ..states import WorkerState
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from . import ollama_convert as convert
+from .auth import check_scope, principal
 from .v1 import Router
 
 log = logging.getLogger(__name__)
@@ -212,15 +213,17 @@ class OllamaModels:
 
     async def tags(self, request: web.Request) -> web.Response:
         """Every model a request may name: what /v1/models lists."""
+        key = principal(request)  # a key sees the models its scope holds, no others
         entries = [self._public(await self._describe(model_id))
-                   for model_id in self.router.servable()]
+                   for model_id in self.router.servable() if key.may_use(model_id)]
         return web.json_response({"models": entries})
 
     async def ps(self, request: web.Request) -> web.Response:
         now = time.time()
         entries = []
+        key = principal(request)
         for listed in self.registry.listing():
-            if listed["status"] != "loaded":
+            if listed["status"] != "loaded" or not key.may_use(listed["id"]):
                 continue
             entry = self._public(await self._describe(listed["id"]))
             vram = (listed.get("vram_used_mb") or 0) * 1024 * 1024
@@ -238,7 +241,7 @@ class OllamaModels:
     async def show(self, request: web.Request, body: dict[str, Any]) -> web.Response:
         model_id, name = self.model_id(body)
         spec = self.spec(model_id)
-        if spec is None:
+        if spec is None or not principal(request).may_use(model_id):
             raise errors.ModelNotFound(f"model '{name}' not found")
         described = await self._describe(model_id)
         header = described["_header"]
@@ -272,6 +275,7 @@ class OllamaModels:
             raise errors.BadRequest("stream: expected a boolean")
         target = pull_target(convert.model_id_for(name, self.known()))
         model_id = target["model_id"]
+        check_scope(request, model_id)
         if len(target) == 1 and self.spec(model_id) is None:
             raise errors.ModelNotFound(
                 f"pull model manifest: {name!r} is not in this node's catalogue; add it to "

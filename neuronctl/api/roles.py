@@ -7,9 +7,8 @@ route added without a line here fails it; at run time such a route needs `admin`
 not open, by default).
 
 `inference` is model-serving: its requests count against a key's `rpm` and
-`max_concurrent` and are told apart per key in the metrics. Routes other branches serve
-(Ollama's `/api/...`, Anthropic's `/v1/messages`) are classified here already, so merging
-them is adding their handlers.
+`max_concurrent` and are told apart per key in the metrics, whichever API they come by
+(OpenAI's `/v1`, Anthropic's `/v1/messages`, Ollama's `/api/...`).
 """
 
 from __future__ import annotations
@@ -34,10 +33,14 @@ ROUTE_ROLES: Mapping[str, str | None] = {
     "/models/events": READ,
     "/models/stats": READ,
     "/models/{model_id}/logs": READ,
+    "/models/pulls": READ,
+    "/models/store": READ,
+    "/models/{model_id}/show": READ,
     "/metrics": READ,
     # Changes what runs, or reaches a worker past the router's keys and limits.
     "/models/load": ADMIN,
     "/models/unload": ADMIN,
+    "/models/pull": ADMIN,  # downloads into the node's cache
     "/models/{model_id}/endpoint": ADMIN,
     "/reload": ADMIN,
     "/keys/usage": ADMIN,

@@ -109,6 +109,47 @@ async def test_scope_hides_models_and_never_loads_one_outside_it(
     await run(make_registry, config, scenario, stand_ins)
 
 
+async def test_scope_and_usage_hold_on_ollamas_and_anthropics_routes_too(
+    node_config: NeuronConfig, make_registry: MakeRegistry
+) -> None:
+    # Ollama's chat asks the worker for a stream whatever its client asked.
+    stand_ins = StandIns(**{"qwen-small": StandIn(stream_answer),
+                            "secret": StandIn(usage_answer)})
+    config = keyed(node_config, stand_in_spec("qwen-small"), stand_in_spec("secret"),
+                   models=("qwen*",))
+
+    async def scenario(client: Client, registry: ModelRegistry, stats: RouterStats) -> None:
+        for path in ("/api/tags", "/api/ps"):
+            async with client.get(path, headers=auth(GW_KEY)) as resp:
+                assert resp.status == 200
+                names = [m["name"] for m in (await resp.json())["models"]]
+            assert names == ["qwen-small:latest"], path
+        async with client.post("/api/show", json={"model": "secret"},
+                               headers=auth(GW_KEY)) as resp:
+            assert resp.status == 404  # as if it did not exist
+        chat = {"model": "secret", "messages": [{"role": "user", "content": "hi"}],
+                "stream": False}
+        async with client.post("/api/chat", json=chat, headers=auth(GW_KEY)) as resp:
+            assert resp.status == 403
+            assert "may not use model 'secret'" in (await resp.json())["error"]
+        message = {"model": "secret", "max_tokens": 8,
+                   "messages": [{"role": "user", "content": "hi"}]}
+        async with client.post("/v1/messages", json=message, headers=auth(GW_KEY)) as resp:
+            answer = await resp.json()
+            assert resp.status == 403 and answer["type"] == "error", answer
+            assert "may not use model 'secret'" in answer["error"]["message"]
+        chat["model"] = "qwen-small:latest"  # Ollama's tag: the same model, in scope
+        async with client.post("/api/chat", json=chat, headers=auth(GW_KEY)) as resp:
+            assert resp.status == 200, await resp.text()
+        async with client.get("/keys/usage", headers=auth(ADMIN_KEY)) as resp:
+            usage = (await resp.json())["keys"]["gw"]
+        assert usage["requests"]["qwen-small"] == {"200": 1}
+        assert usage["requests"]["secret"] == {"403": 2}
+        assert usage["tokens"]["qwen-small"] == {"prompt": 7, "completion": 1}
+
+    await run(make_registry, config, scenario, stand_ins)
+
+
 async def test_rpm_is_a_429_with_retry_after_before_the_queue(
     node_config: NeuronConfig, make_registry: MakeRegistry
 ) -> None:

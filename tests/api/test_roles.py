@@ -88,7 +88,10 @@ async def test_every_route_against_every_role(node_config: NeuronConfig,
                     (method, path, holder, status, body)
                 if not allowed:
                     error = body["error"]
-                    if path.startswith("/v1/"):  # OpenAI's shape for OpenAI's clients
+                    if path.startswith("/v1/messages"):  # Anthropic's for Anthropic's
+                        assert error["type"] == "permission_error"
+                        error = error["message"]
+                    elif path.startswith("/v1/"):  # OpenAI's shape for OpenAI's clients
                         assert error["code"] == "insufficient_role"
                         error = error["message"]
                     else:
