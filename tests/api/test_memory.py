@@ -33,8 +33,9 @@ MIB = 1024 * 1024
 
 
 def model_toml(model_id: str, gguf: Path, table: str = "default_models") -> str:
+    # One slot (llama-server's own default is 4): a held request makes the rest queue.
     return (f'[[{table}]]\nmodel_id = "{model_id}"\nharness = "llama-server"\n'
-            f'path = "{gguf}"\n\n')
+            f'path = "{gguf}"\nparallel = 1\n\n')
 
 
 @contextlib.contextmanager

@@ -496,7 +496,7 @@ def test_help_text_is_shown_as_written() -> None:
 
 
 COMMANDS = ["start", "check", "status", "ps", "events", "load", "unload", "reload", "chat",
-            "logs", "fleet"]
+            "logs", "pull", "models", "ls", "show", "rm", "fleet", "key"]
 
 
 def test_help_reads_like_one_tool() -> None:
