@@ -9,6 +9,7 @@ target) and never blocks (a FIFO or a device at a log path is refused, not waite
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -88,6 +89,55 @@ def rotate(path: Path, keep: int) -> None:
         if os.path.lexists(older):
             older.rename(previous_path(path, generation + 1))
     path.rename(previous_path(path))
+
+
+# `<stem>.log` and its earlier starts, `<stem>.log.1`, `.log.2`, ...
+_LOG_NAME = re.compile(r"(?P<stem>.+)\.log(?:\.\d{1,4})?")
+_HEADER = b"=== "  # every log this module writes starts with a stamped header line
+
+
+def prune_logs(log_dir: Path, keep_stems: set[str], keep_others: int) -> list[Path]:
+    """Remove the logs of models the node no longer knows (ad-hoc models unloaded long
+    ago), all but the `keep_others` most recently written; `keep_stems` (`safe_name`s of
+    the models it knows) are never touched. Only files this module wrote are removed:
+    regular files (a symlink is someone's evidence) whose first line is our header, so a
+    shared `log_dir`'s other `.log` files are left alone. Returns what was removed."""
+    stems: dict[str, list[tuple[Path, float]]] = {}
+    try:
+        entries = list(os.scandir(log_dir))
+    except OSError:
+        return []
+    for entry in entries:
+        match = _LOG_NAME.fullmatch(entry.name)
+        if match is None or match["stem"] in keep_stems:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        stems.setdefault(match["stem"], []).append((Path(entry.path), mtime))
+    by_age = sorted(stems.values(), key=lambda files: max(m for _, m in files), reverse=True)
+    removed = []
+    for files in by_age[keep_others:]:
+        for path, _ in files:
+            if _ours(path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def _ours(path: Path) -> bool:
+    try:
+        fd = open_log(path)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(_HEADER)) == _HEADER
+    finally:
+        os.close(fd)
 
 
 # Appending, created when absent. A symlink there is refused, never written through nor

@@ -240,3 +240,28 @@ def test_a_fresh_log_starts_with_its_header_and_appended_starts_are_parted(
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[0].startswith("=== ") and "neuronctl starting: worker --port 1" in lines[0]
     assert lines[1] == "" and lines[2].startswith("=== ")  # the second start, appended
+
+
+def test_prune_logs_keeps_known_models_the_newest_others_and_what_it_did_not_write(
+    tmp_path: Path,
+) -> None:
+    from neuronctl.logfiles import prune_logs, stamped
+
+    def log(name: str, age_s: float, text: bytes | None = None) -> Path:
+        path = tmp_path / name
+        path.write_bytes(stamped("neuronctl starting: x") if text is None else text)
+        os.utime(path, (1_000_000 - age_s, 1_000_000 - age_s))
+        return path
+
+    known = log("tiny.log", 900)  # a model the node knows: never removed, however old
+    fresh = [log("new.log", 1), log("new.log.1", 2)]
+    stale = [log("old.log", 50), log("old.log.1", 60), log("older.log", 70)]
+    foreign = log("nginx.log", 99, b"127.0.0.1 - GET /\n")  # someone else's file
+    other = log("notes.txt", 99)
+    (tmp_path / "link.log").symlink_to(fresh[0])  # never followed, never removed
+    removed = prune_logs(tmp_path, {"tiny"}, keep_others=1)
+    assert sorted(removed) == sorted(stale)
+    assert all(p.exists() for p in (known, *fresh, foreign, other))
+    assert (tmp_path / "link.log").is_symlink()
+    assert prune_logs(tmp_path, {"tiny"}, keep_others=1) == []
+    assert prune_logs(tmp_path / "absent", set(), 0) == []

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
+from .. import logfiles
 from ..config import (
     ConfigError,
     ModelSpec,
@@ -67,6 +68,9 @@ _RETRIED_ON_DEMAND = frozenset({"no_room", "load_cancelled", "insufficient_vram"
 # Failed models outside the catalogue stay listed (with why) until this many have piled
 # up; then the oldest goes. The catalogue's own are bounded by the config.
 MAX_FAILED_AD_HOC = 32
+# The logs of models outside the catalogue outlive them (`neuronctl logs ID` after the
+# fact), those of this many at most: the oldest go when another one is unloaded.
+MAX_AD_HOC_LOGS = 32
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -417,9 +421,18 @@ class ModelRegistry:
             # listed, so nothing loads a second worker for its id.
             if self._models.get(model.model_id) is model:
                 del self._models[model.model_id]
+                if model.ad_hoc:
+                    self._prune_logs()
 
         stopping.add_done_callback(drop)
         return stopping
+
+    def _prune_logs(self) -> None:
+        """Logs of models this node no longer knows, bounded (logfiles.prune_logs)."""
+        known = {logfiles.safe_name(m) for m in (*self._models, *self.catalogue)}
+        for path in logfiles.prune_logs(self.config.log_dir, known, MAX_AD_HOC_LOGS):
+            log.info("removed %s: the log of a model unloaded long ago (over %d kept)",
+                     path, MAX_AD_HOC_LOGS)
 
     def cancel_loads(self) -> None:
         """Make pending load requests answer now (the node is stopping)."""

@@ -122,3 +122,21 @@ async def test_shutdown_cancels_loads_in_flight_and_kills_their_processes(
     assert ready.worker is not None and ready.worker.pid is not None
     for pid in (ready.worker.pid, hang_pid):
         assert not pid_alive(pid)
+
+
+async def test_the_logs_of_unloaded_models_outside_the_catalogue_are_bounded(
+    make_registry: MakeRegistry, node_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuronctl.supervisor import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MAX_AD_HOC_LOGS", 2)
+    config = dataclasses.replace(node_config, models=(fake("cat"),))
+    registry = make_registry(config)
+    await registry.load(fake("cat"))
+    await registry.unload("cat")  # a catalogue model's log stays, whatever happens
+    for n in range(4):
+        await registry.load(fake(f"adhoc{n}"))
+        await registry.unload(f"adhoc{n}")
+    logs = sorted(p.name for p in config.log_dir.glob("*.log"))
+    # The two most recent ad-hoc models' logs are kept, for `neuronctl logs` after the fact.
+    assert logs == ["adhoc2.log", "adhoc3.log", "cat.log"]
