@@ -232,3 +232,27 @@ async def test_a_real_llama_server_loads_the_tiny_model(
     assert not pid_alive(pid)
     assert "neuronctl starting" in log
     assert f"=== worker pid {pid}" in log  # the log is this worker's, not another start's
+
+
+@pytest.mark.llama_server
+@pytest.mark.skipif(real_llama_server() is None, reason="no llama-server binary on PATH")
+async def test_a_context_left_to_llama_server_is_listed_as_it_says(
+    node_config: NeuronConfig, tiny_gguf: Path, make_registry: MakeRegistry, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """status's CTX for a llama-server model without n_ctx: the worker's own context (the
+    tiny model's trained 256), not `-`; the configured value while it does not run."""
+    binary = real_llama_server()  # before PATH loses nvidia-smi
+    assert binary is not None
+    hide_nvidia_smi(tmp_path, monkeypatch)
+    spec = ModelSpec("tiny", harness="llama-server", path=tiny_gguf, ready_timeout_s=120.0)
+    config = dataclasses.replace(
+        node_config, models=(spec,),
+        harness={"llama-server": HarnessConfig(binary=binary)})
+    registry = make_registry(config, build_harnesses(config))
+    model = await registry.load(spec)
+    try:
+        assert model.to_json()["n_ctx"] == 256 and model.slots == 4
+    finally:
+        await registry.unload("tiny")
+    assert [m["n_ctx"] for m in registry.listing()] == [None]

@@ -119,6 +119,7 @@ class ModelLifecycle:
         self.download: resolve.Progress | None = None  # while DOWNLOADING
         self.vram_estimate_mb: int | None = None  # from the GGUF header, at the VRAM gate
         self.slots = 1  # requests its worker serves at once (the harness says, at each start)
+        self.served_n_ctx: int | None = None  # each request's context, as its worker says
         self.serves_metrics = False  # its worker answers GET /metrics (llama-server)
         self.prompt_cache: Session | None = None  # its worker's, restored and saved by it
         self.evicted: list[str] = []  # the models unloaded to make room for it (load says)
@@ -438,6 +439,13 @@ class ModelLifecycle:
         expected: the router's admission and /models follow the worker, not a guess."""
         answer = await worker.get_json(path, SLOTS_TIMEOUT_S)
         reported = answer.get("total_slots") if isinstance(answer, dict) else None
+        # The context each request gets (llama-server's default: the model's own context,
+        # shared by its slots): what `/models` says when the config left it to the server.
+        settings = answer.get("default_generation_settings") if isinstance(answer, dict) \
+            else None
+        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+        self.served_n_ctx = n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) \
+            and n_ctx > 0 else None
         if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
             if reported != self.slots:
                 log.info("%s: its worker serves %d slots (expected %d)", self.model_id,

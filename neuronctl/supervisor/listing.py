@@ -104,8 +104,16 @@ def of_model(model: ModelLifecycle, config: NeuronConfig,
         download=model.download.as_json() if downloading and model.download else None,
         since=model.since,
         uptime_s=round(time.time() - model.since, 3) if serving else None,
-        **_from_spec(model.spec, config),
+        **_with_served_n_ctx(_from_spec(model.spec, config), model if worker else None),
     )
+
+
+def _with_served_n_ctx(keys: dict[str, Any], model: ModelLifecycle | None) -> dict[str, Any]:
+    """`n_ctx` left to the server (None) is, while its worker runs, what the worker says
+    each request gets (llama-server's `/props`), when it says."""
+    if keys["n_ctx"] is None and model is not None and model.served_n_ctx is not None:
+        return {**keys, "n_ctx": model.served_n_ctx}
+    return keys
 
 
 def rss_bytes(worker: Worker | None) -> int | None:
