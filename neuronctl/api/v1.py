@@ -27,6 +27,7 @@ from .. import errors
 from ..errors import NeuronError
 from ..events import ModelEvent
 from ..states import ModelStatus, WorkerState
+from ..suggest import did_you_mean
 from ..supervisor.harness import Harness
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
@@ -179,7 +180,7 @@ class Router:
         model_id = request.match_info["model_id"]
         entry = self.servable().get(model_id)
         if entry is None or not principal(request).may_use(model_id):
-            return OPENAI.answer(self._unknown_model(model_id))
+            return OPENAI.answer(self._unknown_model(request, model_id))
         return web.json_response(entry)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -229,7 +230,7 @@ class Router:
             check(body)
         if model_id is None:
             raise errors.ModelNotFound(
-                f"request names no model; models on this node: {self._loaded_ids()}",
+                f"request names no model; models on this node: {self._loaded_ids(request)}",
                 param="model")
 
         async def with_body(model: ModelLifecycle, worker: Worker, stats: ModelStats
@@ -259,7 +260,7 @@ class Router:
             # it, and the request waits in its queue like any other.
             model = await self.registry.demand(model_id)
         if model is None:
-            raise self._unknown_model(model_id)
+            raise self._unknown_model(request, model_id)
         if model.stopping:  # being unloaded, and not loaded again on demand
             raise errors.ModelNotReady(f"model {model_id!r} is being unloaded", param="model")
         stats = self._stats_for(model)
@@ -372,12 +373,21 @@ class Router:
             f"model {model_id!r} is {model.status.value}, not ready yet; retry in a few "
             "seconds", param="model", headers={"Retry-After": str(NOT_READY_RETRY_S)})
 
-    def _unknown_model(self, model_id: str) -> NeuronError:
+    def _unknown_model(self, request: web.Request, model_id: str) -> NeuronError:
+        # A typo gets the nearest id the node knows; a catalogue model that does not load
+        # on demand, how to load it. Only ids the request's key may use are named.
+        key = principal(request)
+        ids = [*self.registry.catalogue, *(model.model_id for model in self.registry.models())]
+        known = [other for other in ids if key.may_use(other)]
+        why = " (it loads on `neuronctl load` only: autoload is off)" \
+            if model_id in known else did_you_mean(model_id, known)
         return errors.ModelNotFound(
-            f"model {model_id!r} is not loaded on this node; loaded: {self._loaded_ids()}",
-            param="model")
+            f"model {model_id!r} is not loaded on this node{why}; loaded: "
+            f"{self._loaded_ids(request)}", param="model")
 
-    def _loaded_ids(self) -> str:
-        ids = [m.model_id for m in self.registry.models() if m.serving_worker is not None]
+    def _loaded_ids(self, request: web.Request) -> str:
+        key = principal(request)
+        ids = [m.model_id for m in self.registry.models()
+               if m.serving_worker is not None and key.may_use(m.model_id)]
         return ", ".join(ids) if ids else "none"
 

@@ -398,7 +398,11 @@ class ModelRegistry:
         goes with its events and journal lines (`config changed: ...` for a reload)."""
         model = self._models.get(model_id)
         if model is None:
-            raise ModelNotFound(f"model not loaded: {model_id}")
+            if model_id in self.catalogue:  # known, just not running: nothing to do
+                raise ModelNotFound(f"model not loaded: {model_id} (it is unloaded)")
+            hint = did_you_mean(model_id, [*self.catalogue, *self._models])
+            raise ModelNotFound(f"model not loaded: {model_id}: no model of that id on this "
+                                f"node{hint}")
         if model.stopping:
             raise Conflict(f"{model_id} is already being unloaded")
         await self._stop(model, reason)

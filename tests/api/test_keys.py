@@ -138,6 +138,17 @@ async def test_scope_and_usage_hold_on_ollamas_and_anthropics_routes_too(
             answer = await resp.json()
             assert resp.status == 403 and answer["type"] == "error", answer
             assert "may not use model 'secret'" in answer["error"]["message"]
+        # A typo is answered with the nearest id the key may use, never another.
+        typo = {"model": "qwen-smal", "messages": []}
+        async with client.post("/v1/chat/completions", json=typo,
+                               headers=auth(GW_KEY)) as resp:
+            error = await error_of(resp, 404)
+        assert "(did you mean qwen-small?)" in error["message"]
+        assert "secret" not in error["message"]  # loaded, but not the key's to know
+        async with client.post("/v1/chat/completions", json={"model": "secre"},
+                               headers=auth(ADMIN_KEY)) as resp:
+            error = await error_of(resp, 404)
+        assert "(did you mean secret?)" in error["message"]
         chat["model"] = "qwen-small:latest"  # Ollama's tag: the same model, in scope
         async with client.post("/api/chat", json=chat, headers=auth(GW_KEY)) as resp:
             assert resp.status == 200, await resp.text()

@@ -140,3 +140,16 @@ async def test_the_logs_of_unloaded_models_outside_the_catalogue_are_bounded(
     logs = sorted(p.name for p in config.log_dir.glob("*.log"))
     # The two most recent ad-hoc models' logs are kept, for `neuronctl logs` after the fact.
     assert logs == ["adhoc2.log", "adhoc3.log", "cat.log"]
+
+
+async def test_unloading_what_is_not_loaded_says_which_case_it_is(
+    make_registry: MakeRegistry, node_config: Any
+) -> None:
+    registry = make_registry(dataclasses.replace(node_config, models=(fake("tiny"),)))
+    with pytest.raises(ModelNotFound) as unloaded:
+        await registry.unload("tiny")
+    assert unloaded.value.message == "model not loaded: tiny (it is unloaded)"
+    with pytest.raises(ModelNotFound) as typo:
+        await registry.unload("tyni")
+    assert typo.value.message == ("model not loaded: tyni: no model of that id on this node "
+                                  "(did you mean tiny?)")
