@@ -495,7 +495,8 @@ def hung_worker(router: Router, node: Node, give_up_s: float) -> Row:
 
 def prompt_cache_supported() -> bool:
     try:
-        model_spec_from_mapping({"model_id": "x", "path": "/x.gguf", "prompt_cache": True})
+        model_spec_from_mapping({"model_id": "x", "path": "/x.gguf", "prompt_cache": True,
+                                 "harness": "llama-server"})
     except ConfigError:
         return False
     return True

@@ -275,39 +275,49 @@ class Worker:
         deadline = started + self.plan.ready_timeout_s
         squatter: str | None = None  # who else answered on our port, if anyone did
         # Whether the listener on our port is the worker's: asked at the first answer of
-        # any status (llama-server opens its port before it loads, so the proof overlaps
-        # the load rather than following it). Once ours, the port stays ours while the
-        # worker lives: nobody else can bind it.
-        proven = False
-        while True:
-            status = await self._status_probe(self.port, self.plan.probe_path)
-            if status is not None and not proven:
-                proven = await self._proves_ours()
-            if status == 200:
-                if proven:
-                    return
-                if squatter is None:
-                    squatter = await asyncio.to_thread(portowner.describe_holder, self.port)
-                    log.warning("%s: port %d answered, but from %s, not worker pid %s; "
-                                "waiting for the worker itself", self.model_id, self.port,
-                                squatter, self.pid)
-            if self._exited.done():
-                code = self._exited.result()
-                headline, detail = self.log_excerpt()
-                taken = (f" (port {self.port} was taken by {squatter})"
-                         if squatter is not None else "")
-                raise WorkerExited(
-                    f"worker {describe_exit(code)} while starting{taken}: {headline}",
-                    exit_code=code, detail=detail)
-            now = self._clock()
-            if now >= deadline:
-                headline, detail = self.log_excerpt()
-                raise WorkerTimeout(
-                    f"worker not ready after {self.plan.ready_timeout_s:g} s (killed); "
-                    f"its log last said: {headline}", detail=detail)
-            delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
-            # Wake early if the process exits, so a crash is reported at once.
-            await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
+        # any status (llama-server opens its port before it loads), in a thread while the
+        # polls go on, so the proof overlaps the load rather than following it. Once ours,
+        # the port stays ours while the worker lives: nobody else can bind it.
+        proof: asyncio.Future[bool] | None = None
+        try:
+            while True:
+                status = await self._status_probe(self.port, self.plan.probe_path)
+                if status is not None and proof is None:
+                    proof = asyncio.ensure_future(self._proves_ours())
+                if status == 200 and proof is not None:
+                    if await proof:
+                        return
+                    if squatter is None:
+                        squatter = await asyncio.to_thread(portowner.describe_holder,
+                                                           self.port)
+                        log.warning("%s: port %d answered, but from %s, not worker pid %s; "
+                                    "waiting for the worker itself", self.model_id,
+                                    self.port, squatter, self.pid)
+                self._check_start(started, deadline, squatter)
+                now = self._clock()
+                delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
+                # Wake early if the process exits, so a crash is reported at once.
+                await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
+        finally:
+            if proof is not None and not proof.done():
+                proof.cancel()
+
+    def _check_start(self, started: float, deadline: float, squatter: str | None) -> None:
+        """Raise when the starting worker exited (WorkerExited) or ran out of time."""
+        assert self._exited is not None
+        if self._exited.done():
+            code = self._exited.result()
+            headline, detail = self.log_excerpt()
+            taken = (f" (port {self.port} was taken by {squatter})"
+                     if squatter is not None else "")
+            raise WorkerExited(
+                f"worker {describe_exit(code)} while starting{taken}: {headline}",
+                exit_code=code, detail=detail)
+        if self._clock() >= deadline:
+            headline, detail = self.log_excerpt()
+            raise WorkerTimeout(
+                f"worker not ready after {self.plan.ready_timeout_s:g} s (killed); "
+                f"its log last said: {headline}", detail=detail)
 
     async def _proves_ours(self) -> bool:
         """The listener on our port belongs to the worker's process group (its session:
