@@ -22,6 +22,7 @@ from .. import __version__, errors
 from ..config import ModelSpec, effective
 from ..errors import BadRequest, NeuronError
 from ..models import files as modelfiles
+from ..models import gguf
 from ..models.headers import read_bounded
 from ..states import WorkerState
 from ..supervisor.lifecycle import ModelLifecycle
@@ -41,15 +42,6 @@ FOREVER_S = 100 * 365 * 86400
 
 CheckLoad = Callable[[web.Request, dict[str, Any]], ModelSpec]
 
-# llama.cpp's LLAMA_FTYPE_* (general.file_type), as Ollama shows quantization levels.
-FILE_TYPES: Mapping[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
-    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
-    38: "MXFP4",
-}
 
 # The version /api/version reports: clients gate features on it (Open WebUI asks for
 # 0.1.x at least; the `ollama` client does not look). A recent Ollama's, so none refuses.
@@ -77,7 +69,7 @@ def details(header: Mapping[str, Any] | None) -> dict[str, Any]:
         "family": family,
         "families": [family] if family else None,
         "parameter_size": parameter_size(header.get("parameter_count")),
-        "quantization_level": FILE_TYPES.get(file_type, "") if isinstance(file_type, int)
+        "quantization_level": gguf.FILE_TYPES.get(file_type, "") if isinstance(file_type, int)
         else "",
     }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ModelSpec, NeuronConfig, effective, gpu_layers
 from ..units import fmt_bytes
-from . import vram
+from . import gguf, vram
 from .discovery import Gpu
 from .gguf import Header
 from .headers import read_bounded
@@ -23,15 +23,6 @@ from .hub import Fetcher, Progress, from_hub
 
 MIB = 1024 * 1024
 
-# llama.cpp's LLAMA_FTYPE_* (general.file_type): the quantization the file was made with.
-FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
-    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
-    38: "MXFP4_MOE",
-}
 # Encoders without a pooling key in older conversions are embedding models all the same.
 _EMBEDDING_ARCHITECTURES = frozenset({"bert", "nomic-bert", "jina-bert-v2", "t5encoder"})
 
@@ -63,7 +54,7 @@ def header_facts(header: Header) -> dict[str, Any]:
         "architecture": arch,
         "parameters": header.parameter_count,
         "parameters_label": parameters(header.parameter_count),
-        "quantization": FILE_TYPES.get(header.file_type, f"type {header.file_type}")
+        "quantization": gguf.FILE_TYPES.get(header.file_type, f"type {header.file_type}")
         if header.file_type is not None else None,
         "context_length": header.context_length,
         "layers": header.block_count,

@@ -21,7 +21,7 @@ import sys
 
 TYPE_CHECKING = False  # typing is not imported: the child starts without it
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -67,6 +67,16 @@ _ALIGNMENT_KEY = b"general.alignment"
 # What `neuronctl show` says besides the estimate: the quantization llama.cpp wrote, and
 # whether a chat template is there (its text is skipped, never kept: it can be megabytes).
 _FILE_TYPE_KEY = b"general.file_type"
+# Its values, llama.cpp's LLAMA_FTYPE_*: the quantization the file was made with, by the
+# names llama.cpp's files and Ollama's API use (`neuronctl show`, /api/tags).
+FILE_TYPES: Mapping[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    38: "MXFP4",
+}
 _CHAT_TEMPLATE_KEY = b"tokenizer.chat_template"
 _POOLING_SUFFIX = b".pooling_type"  # set by embedding models (bert, nomic-bert, ...)
 _SUFFIXES = {
