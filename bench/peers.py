@@ -334,6 +334,23 @@ def swaps(router: Router, node: Node, count: int) -> Row:
                ms(r), ms(n), ratio(n, r), "<= 1.00x")
 
 
+def swaps_with_cache(node: Node, count: int) -> Row:
+    """The node alone: A/B swaps of models whose prompt cache is on (tinya, tinyb: each
+    swap saves the evicted one's slots and restores the other's) against swaps of the same
+    files with it off (tinyc, tinyd), interleaved."""
+    pairs = {"on": ("tinya", "tinyb"), "off": ("tinyc", "tinyd")}
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for i in range(count):
+        for kind in (("on", "off") if i % 2 == 0 else ("off", "on")):
+            a, b = pairs[kind]
+            complete(node.url, a, max_tokens=8)  # resident, its slot holding a prompt
+            times[kind].append(complete(node.url, b, max_tokens=8))
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    return Row(f"A/B swap on the node, prompt cache on vs off (tiny, median of {count})",
+               "n/a (no prompt cache)", f"{ms(on)} on; {ms(off)} off",
+               f"{on / off:.2f}x (on/off)", "<= 1.10x (on/off)")
+
+
 def long_prompt(tokens: int = 1500) -> str:
     """About `tokens` Gemma tokens of plain prose, the same every run."""
     words = ["the", "river", "ran", "past", "the", "old", "mill", "where", "the", "miller",
@@ -541,6 +558,8 @@ def node_body(binary: Path, files: dict[str, Path], cache: bool) -> str:
                  f"path = \"{path}\"\n")
         if model_id.startswith("gemma-") and cache:
             body += f"prompt_cache = {'true' if model_id == 'gemma-cache' else 'false'}\n"
+        if model_id in ("tinyc", "tinyd"):
+            body += "prompt_cache = false\n"
     return body
 
 
@@ -566,8 +585,8 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, default=None,
                         help="work in this folder and keep it (the logs of both sides)")
     parser.add_argument("--only", default=None,
-                        help="comma-separated row names to run (added,first,swaps,eviction,"
-                             "returning,concurrent,hung); all by default")
+                        help="comma-separated row names to run (added,first,swaps,cacheswaps,"
+                             "eviction,returning,concurrent,hung); all by default")
     args = parser.parse_args()
     if not args.binary.is_file():
         print(f"peers: no llama-server at {args.binary} (bash .ci/llama-server.sh builds "
@@ -595,6 +614,8 @@ def main() -> int:
         for path in files.values():
             shutil.copyfile(tiny, path)  # two files: two models for both sides
         node_files = dict(files)
+        if cache:  # the same two files again, with the node's prompt cache off
+            node_files.update(tinyc=files["tinya"], tinyd=files["tinyb"])
         if gemma is not None:
             (models / "gemma.gguf").symlink_to(gemma)
             node_files["gemma"] = gemma
@@ -609,6 +630,11 @@ def main() -> int:
                 ("added", lambda: added_latency(router, node, 30 if quick else 200)),
                 ("first", lambda: [first_answer(router, node, 3 if quick else 10)]),
                 ("swaps", lambda: [swaps(router, node, 6 if quick else 20)]),
+            ]
+            if cache:
+                steps.append(("cacheswaps",
+                              lambda: [swaps_with_cache(node, 6 if quick else 20)]))
+            steps += [
                 ("eviction", lambda: stream_during_eviction(router, node)),
             ]
             if gemma is not None:
