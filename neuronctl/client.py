@@ -25,6 +25,7 @@ from .config import (
     NeuronConfig,
     read_keys_leniently,
 )
+from .identity import NODE_HEADER
 from .notes import local_url, read_listening, read_starting
 
 # What a client refused for want of a key is told: where the CLI's commands find one.
@@ -244,6 +245,7 @@ class Client:
         self.note: str | None = None  # something the operator should know (the CLI says it)
         self.warning: str | None = None  # something wrong the operator should fix
         self.key_source: str | None = None  # where the key sent came from, when known
+        self.node_id: str | None = None  # the node's own name, from its last answer
 
     def _not_running(self) -> DaemonNotRunning:
         starting = read_starting(self._state_dir) if self._state_dir is not None else None
@@ -272,6 +274,7 @@ class Client:
             req.add_header("Authorization", f"Bearer {self._api_key}")
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                self.node_id = resp.headers.get(NODE_HEADER) or self.node_id
                 yield resp
         except urllib.error.HTTPError as exc:
             raise self._api_error(exc) from None

@@ -225,17 +225,19 @@ def _apply_state(models: list[dict[str, Any]], event: dict[str, Any],
     return [*models, {"id": event["model"], "status": event["status"]}]
 
 
-def _watch_view(models: list[dict[str, Any]] | None) -> RenderableType:
+def _watch_view(models: list[dict[str, Any]] | None, node: Client) -> RenderableType:
     if models is None:
         return Text("connecting...")
+    # Which node this is (several may be watched side by side), and that the view is live.
+    title = Text(f"node {node.node_id or '?'} at {node.url}  {_clock()}", style="dim")
     if not models:
-        return Text("no models")
+        return Group(title, Text("no models"))
     now = time.time()
     # Uptime goes on between events: from `since`, at each redraw.
     shown = [{**m, "uptime_s": now - m["since"]} if m.get("uptime_s") is not None
              and m.get("since") else m for m in models]
     errors = [Text(line, style="red") for line in problem_lines(models)]
-    return Group(status_table(shown, width=out.width), *errors)
+    return Group(title, status_table(shown, width=out.width), *errors)
 
 
 def _watch_status(node: Client) -> NoReturn:
@@ -264,7 +266,7 @@ def _watch_status(node: Client) -> NoReturn:
 
     with Live(console=out, refresh_per_second=4,
               get_renderable=lambda: Text(starting) if starting and models is None
-              else _watch_view(models)):
+              else _watch_view(models, node)):
         try:
             _follow(node, show, waiting)
         except KeyboardInterrupt:  # before the stream was open

@@ -518,6 +518,8 @@ def test_neuronctl_events_and_status_watch_against_a_real_daemon(
                                      lambda text: "loaded" in text)
         assert code == 0, screen
         assert "MODEL" in screen and "tiny" in screen and "MEMORY" in screen
+        # Which node it watches, by its name and address (the node's header names it).
+        assert re.search(rf"node \S+:\d+ at {re.escape(stream_url(config))}", screen), screen
 
         # Readable lines; a daemon that stops ends the stream: one line, exit 1.
         follower, readable = start(client[0], "events", *client[1:])
