@@ -144,6 +144,8 @@ class OllamaApi:
     async def _answer(self, request: web.Request, body: dict[str, Any], kind: str
                       ) -> web.StreamResponse:
         model_id, name = self.models.model_id(body)
+        # Before anything else is said or done about it (its n_ctx, a load, an unload).
+        self.router.check_scope(request, model_id)
         n_ctx = self.models.n_ctx(self.models.spec(model_id))
         translate = convert.chat_request if kind == "chat" else convert.generate_request
         asked = translate(body, model_id, n_ctx)
@@ -361,6 +363,7 @@ class OllamaApi:
     async def _embed(self, request: web.Request, body: dict[str, Any], key: str,
                      legacy: bool) -> web.StreamResponse:
         model_id, name = self.models.model_id(body)
+        self.router.check_scope(request, model_id)
         texts = convert.embed_inputs(body, key)
         alive = convert.keep_alive_s(body.get("keep_alive"))
         # Checked as chat's are; an embedding has no sampling to apply them to.

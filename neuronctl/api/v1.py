@@ -239,6 +239,13 @@ class Router:
 
         return await self.serve(request, model_id, len(body), stream, with_body)
 
+    def check_scope(self, request: web.Request, model_id: str) -> None:
+        """Refuse (403) a model outside the request's key's scope; either way the key's
+        usage is counted under the model when the node knows it (a bounded label)."""
+        if model_id in self.registry.catalogue or self.registry.get(model_id) is not None:
+            request[MODEL_LABEL] = model_id
+        check_scope(request, model_id)
+
     async def serve(self, request: web.Request, model_id: str, size: int, stream: bool,
                     exchange: Exchange, keep_alive_s: float | None = None
                     ) -> web.StreamResponse:
@@ -251,9 +258,7 @@ class Router:
         Refusals are raised, for the caller to answer in its API's shape."""
         if self._stopping is not None:
             raise self._stopping
-        if model_id in self.registry.catalogue or self.registry.get(model_id) is not None:
-            request[MODEL_LABEL] = model_id  # a model the node knows: a bounded label
-        check_scope(request, model_id)  # before anything is loaded for it
+        self.check_scope(request, model_id)  # before anything is loaded for it
         model = self.registry.get(model_id)
         if model is None or model.stopping:
             # Not loaded (or being unloaded): a catalogue model with autoload is loaded for

@@ -132,6 +132,11 @@ async def test_scope_and_usage_hold_on_ollamas_and_anthropics_routes_too(
         async with client.post("/api/chat", json=chat, headers=auth(GW_KEY)) as resp:
             assert resp.status == 403
             assert "may not use model 'secret'" in (await resp.json())["error"]
+        # Ollama's unload idiom is a use of the model too: refused, and nothing unloaded.
+        unload = {"model": "secret", "messages": [], "keep_alive": 0}
+        async with client.post("/api/chat", json=unload, headers=auth(GW_KEY)) as resp:
+            assert resp.status == 403
+        assert registry.get("secret") is not None
         message = {"model": "secret", "max_tokens": 8,
                    "messages": [{"role": "user", "content": "hi"}]}
         async with client.post("/v1/messages", json=message, headers=auth(GW_KEY)) as resp:
@@ -155,7 +160,7 @@ async def test_scope_and_usage_hold_on_ollamas_and_anthropics_routes_too(
         async with client.get("/keys/usage", headers=auth(ADMIN_KEY)) as resp:
             usage = (await resp.json())["keys"]["gw"]
         assert usage["requests"]["qwen-small"] == {"200": 1}
-        assert usage["requests"]["secret"] == {"403": 2}
+        assert usage["requests"]["secret"] == {"403": 3}
         assert usage["tokens"]["qwen-small"] == {"prompt": 7, "completion": 1}
 
     await run(make_registry, config, scenario, stand_ins)
