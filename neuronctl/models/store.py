@@ -276,10 +276,15 @@ def remove(models: list[StoredModel]) -> Removal:
                     whole.append(rev.commit_hash)
                     continue
                 shared = {f.blob_path for r in repo.revisions if r is not rev for f in r.files}
+                # The scan resolves each snapshot link, wherever it points: only a blob of
+                # this repo is removed, never what a planted link names (a shared cache).
+                blobs = (repo.repo_path / "blobs").resolve()
                 for info_file in rev.files:
                     if info_file.file_path in going:
                         info_file.file_path.unlink()
-                        if info_file.blob_path not in shared and info_file.blob_path.exists():
+                        if info_file.blob_path not in shared \
+                                and info_file.blob_path.parent == blobs \
+                                and info_file.blob_path.exists():
                             freed += info_file.size_on_disk
                             info_file.blob_path.unlink()
         if whole:

@@ -98,6 +98,20 @@ def test_rm_of_one_quant_frees_its_blob_and_keeps_the_others(tmp_path: Path,
     assert len(blobs) == 4  # Q4, two BF16 parts, README
 
 
+def test_rm_never_removes_what_a_planted_snapshot_link_points_at(tmp_path: Path,
+                                                                 cache: Path) -> None:
+    """A shared cache's snapshot link to a file elsewhere (planted by whoever can write
+    the cache): `rm` of that quant removes the link, never its target."""
+    victim = tmp_path / "victim.gguf"
+    victim.write_bytes(b"precious")
+    link = next((cache / "models--org--tiny-GGUF" / "snapshots").iterdir()) / "tiny-Q8_0.gguf"
+    link.unlink()
+    link.symlink_to(victim)
+    config = config_with(tmp_path, cache)
+    store.remove(store.matching(config, f"{REPO}:Q8_0"))
+    assert victim.read_bytes() == b"precious" and not link.is_symlink()
+
+
 def test_rm_of_a_whole_repo_deletes_the_revision_with_huggingface_hub(
         tmp_path: Path, cache: Path) -> None:
     config = config_with(tmp_path, cache)
