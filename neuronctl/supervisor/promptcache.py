@@ -107,7 +107,7 @@ class CacheKey:
                 raise ValueError(f"n_ctx {n_ctx!r}")
             return cls(files, n_ctx, int(data["slots"]), str(data["harness"]),
                        bool(data["swa_full"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # 1e999 is a float
             raise ValueError(f"not a cache key: {exc}") from None
 
     def change_from(self, saved: CacheKey) -> str | None:
@@ -164,12 +164,16 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
+        """Raises ValueError for anything `to_bytes` does not make (a file on disk is not
+        trusted: a hand-edited or hostile one is discarded, never a failed load)."""
         try:
             raw = json.loads(data)
             slots = {int(k): int(v) for k, v in raw["slots"].items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ValueError(f"unreadable manifest: {exc}") from None
-        return cls(CacheKey.from_json(raw["key"]), slots)
+            key = raw["key"]
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+                RecursionError) as exc:
+            raise ValueError(f"unreadable manifest: {exc!r}") from None
+        return cls(CacheKey.from_json(key), slots)
 
 
 class PromptCaches:
@@ -223,6 +227,10 @@ class PromptCaches:
         try:
             key = CacheKey.of(parts, n_ctx, slots, harness, swa_full)
             directory.mkdir(parents=True, exist_ok=True)
+            # state_dir is not trusted: a planted link would have saves, restores and
+            # removals act on the files wherever it points.
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                raise NotADirectoryError(20, "not a directory (a symlink?)", str(directory))
             if not os.access(directory, os.W_OK | os.X_OK):
                 raise PermissionError(13, "not writable", str(directory))
         except OSError as exc:
@@ -269,9 +277,12 @@ class PromptCaches:
         self._held.clear()  # recounted when next asked
 
     def discard(self, model_id: str, directory: Path, why: str) -> None:
-        """Remove a model's saved cache, saying why."""
+        """Remove a model's saved cache, saying why (never through a link planted where
+        its directory was)."""
         removed = 0
         with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                return
             for entry in os.scandir(directory):
                 if _SLOT_FILE.fullmatch(entry.name) or entry.name == MANIFEST:
                     with contextlib.suppress(OSError):

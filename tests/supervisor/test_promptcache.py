@@ -457,17 +457,47 @@ async def test_a_worker_that_refuses_a_restore_leaves_no_cache_behind(
     assert caches.counts["restore_failures"] == 1 and not session.expecting_answer
 
 
+@pytest.mark.parametrize("manifest", [
+    b"{not json",
+    b'{"slots": {}}',  # no key
+    b'{"slots": {"3": 1e999}, "key": {}}',  # infinity where a size goes
+    b'{"slots": {}, "key": {"files": [[1e999, 0, 0, 0]], "n_ctx": null, "slots": 1, '
+    b'"harness": "llama-server", "swa_full": false}}',
+    b"[" * 100_000,
+])
 def test_a_manifest_that_is_not_one_discards_the_cache(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, manifest: bytes
 ) -> None:
     caches, session = session_for(tmp_path)
     (session.directory / "slot-0.bin").write_bytes(b"x")
-    (session.directory / MANIFEST).write_bytes(b"{not json")
+    (session.directory / MANIFEST).write_bytes(manifest)
     with caplog.at_level(logging.WARNING, "neuronctl.models"):
         asyncio.run(session.restore(1))
-    assert "m: prompt cache discarded: manifest.json: unreadable manifest" in caplog.text
+    assert "m: prompt cache discarded: manifest.json: " in caplog.text
     assert not (session.directory / "slot-0.bin").exists()
     assert caches.counts["discarded"] == 1
+
+
+def test_a_link_where_a_models_cache_directory_goes_means_no_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """state_dir is not trusted: a planted link is never saved into, read or cleaned."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / MANIFEST).write_text("{}")
+    config = NeuronConfig(state_dir=tmp_path / "state")
+    caches = PromptCaches(lambda: config)
+    spec = ModelSpec("m", harness="llama-server")
+    directory = caches.directory("m")
+    directory.parent.mkdir(parents=True)
+    directory.symlink_to(precious)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    with caplog.at_level(logging.WARNING, "neuronctl.models"):
+        assert caches.session(spec, [model], 1, "llama-server", None) is None
+    assert "m: loading without a prompt cache" in caplog.text
+    caches.discard("m", directory, "test")
+    assert (precious / MANIFEST).exists()
 
 
 @real
