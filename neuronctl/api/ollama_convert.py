@@ -82,9 +82,21 @@ def _kind(value: object) -> str:
         .replace("list", "array").replace("str", "string")
 
 
+# A keep_alive this long or longer is forever (-1): a time past it is no time a listing, a
+# timestamp or a table can show (year 33715), and no model is kept that long anyway.
+KEEP_ALIVE_FOREVER_S = 100 * 365 * 86400
+
+
 def keep_alive_s(value: object) -> float | None:
     """Ollama's `keep_alive` in seconds: a number of seconds or a Go duration ("5m",
-    "1h30m", "-1"); negative: forever; None when absent."""
+    "1h30m", "-1"); negative, or 100 years and more: forever (-1); None when absent."""
+    seconds = _keep_alive_s(value)
+    if seconds is not None and not seconds < KEEP_ALIVE_FOREVER_S:  # inf from "9...9h" too
+        return -1.0
+    return seconds
+
+
+def _keep_alive_s(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):

@@ -37,7 +37,10 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def fmt_span(seconds: float) -> str:
-    """A coarse span for a countdown or a TTL: `45s`, `5m`, `2h05m`."""
+    """A coarse span for a countdown or a TTL: `45s`, `5m`, `2h05m`; `long` past 100 days
+    (or a value a node should never send: infinity, NaN)."""
+    if not 0 <= seconds < 100 * 86400:
+        return "long" if seconds > 0 else "0s"
     s = round(seconds)
     if s < 100:
         return f"{s}s"

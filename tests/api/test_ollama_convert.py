@@ -32,6 +32,9 @@ def test_names_as_ollama_shows_and_sends_them() -> None:
 @pytest.mark.parametrize(("value", "seconds"), [
     (None, None), (0, 0.0), ("0", 0.0), (-1, -1.0), ("-1", -1.0), ("-1m", -1.0),
     (300, 300.0), ("5m", 300.0), ("1h30m", 5400.0), ("1.5s", 1.5), ("250ms", 0.25),
+    # Past any time a listing can show: forever, as -1 (not year 33715, nor infinity).
+    (1e12, -1.0), ("9" * 400 + "h", -1.0), (convert.KEEP_ALIVE_FOREVER_S - 1,
+                                            convert.KEEP_ALIVE_FOREVER_S - 1),
 ])
 def test_keep_alive(value: object, seconds: float | None) -> None:
     assert convert.keep_alive_s(value) == seconds

@@ -332,3 +332,12 @@ def test_watch_waits_through_activation_instead_of_exiting() -> None:
         "neuron is starting (pid 4711): loading 2/2 slow; http://127.0.0.1:1 answers once "
         "its default models are loaded"]
     assert shown == ["snapshot"]
+
+
+def test_spans_read_as_the_table_says_them_whatever_the_node_sent() -> None:
+    from neuronctl.cli.formats import fmt_span
+
+    assert [fmt_span(s) for s in (45, 300, 7500)] == ["45s", "5m", "2h05m"]
+    # A huge keep_alive (or a value no node should send) never breaks the table.
+    assert [fmt_span(s) for s in (1e12, float("inf"), float("nan"), -3)] == \
+        ["long", "long", "0s", "0s"]
