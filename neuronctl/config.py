@@ -405,6 +405,12 @@ def config_from_mapping(raw: Mapping[str, Any], base_dir: Path | None = None) ->
         raise ConfigError("api_key", "must not be empty")
     if config.keys:
         config = dataclasses.replace(config, keys=_resolve_keys(config.keys))
+        if config.api_key is not None:
+            digest = hashlib.sha256(config.api_key.encode("utf-8", "surrogateescape"))
+            same = [k.name for k in config.keys if k.sha256 == digest.hexdigest()]
+            if same:
+                raise ConfigError("api_key", f"is the same key as [[keys]] {same[0]!r}; "
+                                  "give each its own")
     return config
 
 
@@ -433,6 +439,13 @@ def _resolve_keys(keys: tuple[KeySpec, ...]) -> tuple[KeySpec, ...]:
             continue
         digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
         resolved.append(dataclasses.replace(key, sha256=digest))
+    # One key, two entries: whichever matched first would decide its rights, silently.
+    first: dict[str | None, str] = {}
+    for i, key in enumerate(resolved):
+        if key.sha256 in first:
+            raise ConfigError(f"keys[{i}]", f"key {key.name!r} is the same key as "
+                              f"{first[key.sha256]!r}; give each its own")
+        first[key.sha256] = key.name
     return tuple(resolved)
 
 

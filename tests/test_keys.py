@@ -96,6 +96,14 @@ def test_names_are_unique_and_never_api_key(tmp_path: Path) -> None:
         load_config(write(tmp_path, entry * 2), {})
     with pytest.raises(ConfigError, match=r"keys\[0\].name"):
         load_config(write(tmp_path, entry.replace('"k"', '"api_key"')), {})
+    # Two names for one key: its rights would be whichever entry matched first.
+    with pytest.raises(ConfigError, match=r"keys\[1\]: key 'j' is the same key as 'k'"):
+        load_config(write(tmp_path, entry + entry.replace('"k"', '"j"')), {})
+    import hashlib
+
+    same = entry.replace("a" * 64, hashlib.sha256(b"admin-key").hexdigest())
+    with pytest.raises(ConfigError, match=r"api_key: is the same key as \[\[keys\]\] 'k'"):
+        load_config(write(tmp_path, 'api_key = "admin-key"\n' + same), {})
 
 
 def test_a_key_file_readable_by_every_user_is_refused(tmp_path: Path) -> None:
