@@ -190,6 +190,9 @@ def listing(config: NeuronConfig, loaded: Collection[str] = ()) -> dict[str, Any
 # --- naming a model -------------------------------------------------------------------------
 
 
+_QUANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
 def spec_of(config: NeuronConfig, name: str) -> ModelSpec:
     """`ID|REPO[:QUANT]`: a catalogue id is its entry; otherwise a Hugging Face repo, with a
     quant after a colon (repo ids hold no colon)."""
@@ -200,6 +203,9 @@ def spec_of(config: NeuronConfig, name: str) -> ModelSpec:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise ValueError(f"{name!r} is neither a model of the config nor a Hugging Face repo "
                          "(ORG/NAME[:QUANT])")
+    if quant and not _QUANT_NAME.fullmatch(quant):
+        raise ValueError(f"{name[:100]!r}: a quant is a name such as Q4_K_M (letters, "
+                         "digits, _ . -; at most 32)")
     # Named as asked: two quants of one repo are two pulls, not one.
     return ModelSpec(name, repo=repo, quant=quant or None)
 

@@ -83,6 +83,9 @@ def test_naming_a_model() -> None:
     assert store.spec_of(config, "org/x-GGUF") == ModelSpec("org/x-GGUF", repo="org/x-GGUF")
     with pytest.raises(ValueError, match="neither a model of the config"):
         store.spec_of(config, "nonsense")
+    for quant in ("Q4\nK", "Q" * 5000, "Q4\0"):  # echoed in /models/pulls and the journal
+        with pytest.raises(ValueError, match="a quant is a name"):
+            store.spec_of(config, f"org/x-GGUF:{quant}")
 
 
 def test_rm_of_one_quant_frees_its_blob_and_keeps_the_others(tmp_path: Path,
