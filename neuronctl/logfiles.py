@@ -96,12 +96,13 @@ _LOG_NAME = re.compile(r"(?P<stem>.+)\.log(?:\.\d{1,4})?")
 _HEADER = b"=== "  # every log this module writes starts with a stamped header line
 
 
-def prune_logs(log_dir: Path, keep_stems: set[str], keep_others: int) -> list[Path]:
-    """Remove the logs of models the node no longer knows (ad-hoc models unloaded long
-    ago), all but the `keep_others` most recently written; `keep_stems` (`safe_name`s of
-    the models it knows) are never touched. Only files this module wrote are removed:
-    regular files (a symlink is someone's evidence) whose first line is our header, so a
-    shared `log_dir`'s other `.log` files are left alone. Returns what was removed."""
+def prune_logs(log_dir: Path, candidates: set[str], keep_stems: set[str],
+               keep_others: int) -> list[Path]:
+    """Remove the logs of `candidates` (`safe_name`s: models outside the catalogue this
+    daemon ran) except `keep_stems` (the models it knows now), all but the `keep_others`
+    most recently written. Nothing else in `log_dir` is considered (another node's logs
+    there, say), and only files this module wrote are removed: regular files (a symlink is
+    someone's evidence) whose first line is our header. Returns what was removed."""
     stems: dict[str, list[tuple[Path, float]]] = {}
     try:
         entries = list(os.scandir(log_dir))
@@ -109,7 +110,7 @@ def prune_logs(log_dir: Path, keep_stems: set[str], keep_others: int) -> list[Pa
         return []
     for entry in entries:
         match = _LOG_NAME.fullmatch(entry.name)
-        if match is None or match["stem"] in keep_stems:
+        if match is None or match["stem"] not in candidates or match["stem"] in keep_stems:
             continue
         try:
             if not entry.is_file(follow_symlinks=False):

@@ -259,9 +259,11 @@ def test_prune_logs_keeps_known_models_the_newest_others_and_what_it_did_not_wri
     foreign = log("nginx.log", 99, b"127.0.0.1 - GET /\n")  # someone else's file
     other = log("notes.txt", 99)
     (tmp_path / "link.log").symlink_to(fresh[0])  # never followed, never removed
-    removed = prune_logs(tmp_path, {"tiny"}, keep_others=1)
+    another = log("other-node.log", 999)  # another node's, sharing log_dir: no candidate
+    ran = {"tiny", "new", "old", "older", "nginx", "link"}  # what this daemon ran ad hoc
+    removed = prune_logs(tmp_path, ran, {"tiny"}, keep_others=1)
     assert sorted(removed) == sorted(stale)
-    assert all(p.exists() for p in (known, *fresh, foreign, other))
+    assert all(p.exists() for p in (known, *fresh, foreign, other, another))
     assert (tmp_path / "link.log").is_symlink()
-    assert prune_logs(tmp_path, {"tiny"}, keep_others=1) == []
-    assert prune_logs(tmp_path / "absent", set(), 0) == []
+    assert prune_logs(tmp_path, ran, {"tiny"}, keep_others=1) == []
+    assert prune_logs(tmp_path / "absent", ran, set(), 0) == []

@@ -114,6 +114,8 @@ class ModelRegistry:
                            fetcher_factory or modelfiles.default_fetcher)
         self.activity = activity
         self.evictions: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Log stems of the models outside the catalogue this daemon ran (_prune_logs).
+        self._ad_hoc_logs: set[str] = set()
 
     @property
     def config(self) -> NeuronConfig:
@@ -260,6 +262,7 @@ class ModelRegistry:
             ad_hoc or entry is None or entry.n_ctx != spec.n_ctx)
         if ad_hoc:
             self._forget_failed(spec.model_id)
+            self._ad_hoc_logs.add(logfiles.safe_name(spec.model_id))
         model = ModelLifecycle(spec, self.services, ad_hoc=ad_hoc, strict_n_ctx=strict_n_ctx)
         self._models[spec.model_id] = model  # listed as `loading` while it waits its turn
         model.start()
@@ -432,11 +435,15 @@ class ModelRegistry:
         return stopping
 
     def _prune_logs(self) -> None:
-        """Logs of models this node no longer knows, bounded (logfiles.prune_logs)."""
+        """Logs of the models outside the catalogue this daemon ran, bounded
+        (logfiles.prune_logs); those it knows now are kept."""
         known = {logfiles.safe_name(m) for m in (*self._models, *self.catalogue)}
-        for path in logfiles.prune_logs(self.config.log_dir, known, MAX_AD_HOC_LOGS):
+        log_dir = self.config.log_dir
+        for path in logfiles.prune_logs(log_dir, self._ad_hoc_logs, known, MAX_AD_HOC_LOGS):
             log.info("removed %s: the log of a model unloaded long ago (over %d kept)",
                      path, MAX_AD_HOC_LOGS)
+        self._ad_hoc_logs = {stem for stem in self._ad_hoc_logs
+                             if stem in known or (log_dir / f"{stem}.log").exists()}
 
     def cancel_loads(self) -> None:
         """Make pending load requests answer now (the node is stopping)."""
