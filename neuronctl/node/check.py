@@ -126,7 +126,7 @@ def _runtime_problems(config: NeuronConfig) -> list[ConfigError]:
             key = f"{table}[{i}]"
             used.setdefault(spec.harness, f"{key}.harness")
             if spec.path is not None and not spec.path.is_file():
-                what = "a directory, not a GGUF file" if spec.path.is_dir() else "not found"
+                what = "is a directory, not a GGUF file" if spec.path.is_dir() else "not found"
                 problems.append(ConfigError(f"{key}.path", f"model file {what}: {spec.path}"))
     for name, key in used.items():
         harness = harnesses.get(name)
