@@ -275,32 +275,30 @@ class Worker:
         deadline = started + self.plan.ready_timeout_s
         squatter: str | None = None  # who else answered on our port, if anyone did
         # Whether the listener on our port is the worker's: asked at the first answer of
-        # any status (llama-server opens its port before it loads), in a thread while the
-        # polls go on, so the proof overlaps the load rather than following it. Once ours,
-        # the port stays ours while the worker lives: nobody else can bind it.
-        proof: asyncio.Future[bool] | None = None
-        try:
-            while True:
-                status = await self._status_probe(self.port, self.plan.probe_path)
-                if status is not None and proof is None:
-                    proof = asyncio.ensure_future(self._proves_ours())
-                if status == 200 and proof is not None:
-                    if await proof:
-                        return
-                    if squatter is None:
-                        squatter = await asyncio.to_thread(portowner.describe_holder,
-                                                           self.port)
-                        log.warning("%s: port %d answered, but from %s, not worker pid %s; "
-                                    "waiting for the worker itself", self.model_id,
-                                    self.port, squatter, self.pid)
-                self._check_start(started, deadline, squatter)
-                now = self._clock()
-                delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
-                # Wake early if the process exits, so a crash is reported at once.
-                await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
-        finally:
-            if proof is not None and not proof.done():
-                proof.cancel()
+        # any status (llama-server opens its port before it loads, so the proof is done
+        # while the model loads) until it holds. Once ours, the port stays ours while the
+        # worker lives: nobody else can bind it.
+        proven = False
+        while True:
+            status = await self._status_probe(self.port, self.plan.probe_path)
+            if status is not None and not proven:
+                # Once another process was seen on the port, the proof scans every
+                # process's sockets: in a thread, off the event loop.
+                proven = (self._proves_ours() if squatter is None
+                          else await asyncio.to_thread(self._proves_ours))
+            if status == 200:
+                if proven:
+                    return
+                if squatter is None:
+                    squatter = await asyncio.to_thread(portowner.describe_holder, self.port)
+                    log.warning("%s: port %d answered, but from %s, not worker pid %s; "
+                                "waiting for the worker itself", self.model_id,
+                                self.port, squatter, self.pid)
+            self._check_start(started, deadline, squatter)
+            now = self._clock()
+            delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
+            # Wake early if the process exits, so a crash is reported at once.
+            await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
 
     def _check_start(self, started: float, deadline: float, squatter: str | None) -> None:
         """Raise when the starting worker exited (WorkerExited) or ran out of time."""
@@ -319,13 +317,14 @@ class Worker:
                 f"worker not ready after {self.plan.ready_timeout_s:g} s (killed); "
                 f"its log last said: {headline}", detail=detail)
 
-    async def _proves_ours(self) -> bool:
+    def _proves_ours(self) -> bool:
         """The listener on our port belongs to the worker's process group (its session:
-        a wrapper's children count), not to a process that took the port first. In a
-        thread: reading /proc/net/tcp takes milliseconds on some kernels."""
+        a wrapper's children count), not to a process that took the port first. Inline,
+        not in a thread: it asks the kernel for listeners only (portowner), a tenth of a
+        millisecond, less than a thread's hand-off, and it is on the way to the first
+        answer."""
         assert self._proc is not None
-        owned = await asyncio.to_thread(self._owns_port, self.port, self._proc.pid)
-        return owned is not False
+        return self._owns_port(self.port, self._proc.pid) is not False
 
     async def get_json(self, path: str, timeout_s: float) -> object | None:
         """The worker's JSON answer to GET `path`; None when it gives none in time."""
