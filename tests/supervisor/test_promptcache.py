@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import urllib.request
@@ -35,6 +36,7 @@ from neuronctl.supervisor.harness import build_harnesses
 from neuronctl.supervisor.lifecycle import ModelLifecycle
 from neuronctl.supervisor.promptcache import (
     MANIFEST,
+    MIN_SAVED_TOKENS,
     CacheFile,
     CacheKey,
     PromptCaches,
@@ -262,7 +264,7 @@ async def test_saved_on_unload_and_restored_on_load(
     assert first["cache_n"] == 0  # a fresh worker: the whole prompt is prefilled
     with caplog.at_level(logging.INFO, "neuronctl.models"):
         await registry.unload("tiny")
-    assert "tiny: prompt cache saved: 1 slots" in caplog.text
+    assert "tiny: prompt cache saved: 1 slot, " in caplog.text
     assert caches.counts["saves"] == 1 and (cache_dir(registry) / MANIFEST).is_file()
     held = caches.bytes_held("tiny")
     assert held > 0
@@ -276,6 +278,33 @@ async def test_saved_on_unload_and_restored_on_load(
     # The new process reused the saved prompt: only what follows it is computed.
     assert again["cache_n"] >= first["prompt_n"] - 2 and again["prompt_n"] <= 2
     assert caches.counts["hits"] == 1 and caches.counts["misses"] == 0
+
+
+@real
+async def test_a_slot_too_short_to_be_worth_a_restore_is_not_kept(
+    node_config: NeuronConfig, model_file: Path, make_registry: MakeRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A few tokens cost less to prefill than to restore (a restored slot also slows the
+    next, unrelated answer): no file, no restore at the next load."""
+    registry = registry_of(make_registry, cache_config(node_config))
+    caches = caches_of(registry)
+    model = await registry.load(spec_of(model_file))
+    assert model.worker is not None
+    request = urllib.request.Request(
+        f"{model.worker.endpoint}/v1/completions",
+        data=json.dumps({"prompt": "a b", "max_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json"})
+    await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=60).read())
+    with caplog.at_level(logging.INFO, "neuronctl.models"):
+        await registry.unload("tiny")
+    assert re.search(r"tiny: prompt cache: 1 slot not kept \(\d+ tokens, fewer than "
+                     rf"{MIN_SAVED_TOKENS}: cheaper to prefill again", caplog.text)
+    assert caches.counts["saves"] == 0
+    assert not list(cache_dir(registry).glob("slot-*.bin"))
+    assert not (cache_dir(registry) / MANIFEST).exists()
+    await registry.load(spec_of(model_file))
+    assert caches.counts["restores"] == 0
 
 
 @real
