@@ -330,7 +330,7 @@ async def test_usage_per_key_matches_what_was_sent(
         assert usage["keys"]["gw"] == {
             "requests": {"m": {"200": 4}, "s": {"200": 1}, "": {"404": 1, "429": 1}},
             "tokens": {"m": {"prompt": 12, "completion": 20},
-                       "s": {"prompt": 7, "completion": 2}},
+                       "s": {"prompt": 7, "completion": 1}},  # the stream's usage
         }
         assert usage["keys"]["monitor"] == {"requests": {"": {"403": 1}}, "tokens": {}}
         assert "root" not in usage["keys"] and "nk-made-up" not in json.dumps(usage)

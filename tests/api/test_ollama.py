@@ -154,7 +154,6 @@ def test_chat_and_generate_streamed_and_not(client: ollama.Client) -> None:
     whole = client.chat(model="tiny", messages=CHAT, options=options, stream=False)
     assert whole.done is True and whole.done_reason == "length"
     assert whole.message.role == "assistant" and whole.message.content
-    # llama-cpp-python reports no usage when it streams: its chunks are counted.
     assert whole.eval_count and whole.total_duration and whole.total_duration > 0
     assert whole.eval_duration is not None and whole.prompt_eval_duration is not None
 
@@ -172,6 +171,36 @@ def test_chat_and_generate_streamed_and_not(client: ollama.Client) -> None:
     raw_prompt = client.generate(model="tiny", prompt="hello", raw=True, options=options,
                                  stream=False)
     assert raw_prompt.done and raw_prompt.eval_count
+
+
+def test_counts_are_the_workers_streamed_or_not(node: Daemon, client: ollama.Client) -> None:
+    """prompt_eval_count is the prompt's tokens, eval_count the generated ones: what the
+    worker's own non-streamed usage says for the same greedy request (the node always
+    asks the worker for a stream, whose chunks are not tokens)."""
+    sampling = {"temperature": 0, "seed": 3}
+    for n in (5, 17):
+        options = {**sampling, "num_predict": n}
+        status, chat = node.request("POST", "/v1/chat/completions", {
+            "model": "tiny", "messages": CHAT, "max_tokens": n, **sampling})
+        assert status == 200, chat
+        status, completion = node.request("POST", "/v1/completions", {
+            "model": "tiny", "prompt": "hello", "max_tokens": n, **sampling})
+        assert status == 200, completion
+        expected = {kind: (usage["prompt_tokens"], usage["completion_tokens"])
+                    for kind, usage in (("chat", chat["usage"]),
+                                        ("raw", completion["usage"]))}
+        assert all(p > 0 and c > 0 for p, c in expected.values()), expected
+        for stream in (True, False):
+            chatted = list(client.chat(model="tiny", messages=CHAT, options=options,
+                                       stream=True)) if stream else [
+                client.chat(model="tiny", messages=CHAT, options=options)]
+            generated = list(client.generate(model="tiny", prompt="hello", raw=True,
+                                             options=options, stream=True)) if stream else [
+                client.generate(model="tiny", prompt="hello", raw=True, options=options)]
+            for kind, last in (("chat", chatted[-1]), ("raw", generated[-1])):
+                assert last.done is True
+                assert (last.prompt_eval_count, last.eval_count) == expected[kind], (
+                    kind, stream, n)
 
 
 def test_format_json_schema_and_ignored_num_ctx(node: Daemon) -> None:
@@ -313,6 +342,15 @@ def test_keys_on(tmp_path: Path, tiny_gguf: Path) -> None:
             assert [m.model for m in keyed.list().models] == ["tiny:latest", "extra:latest"]
             answer = keyed.chat(model="tiny", messages=CHAT, options={"num_predict": 2})
             assert answer.done
+            streamed = list(keyed.generate(model="tiny", prompt="hi", stream=True,
+                                           options={"num_predict": 2}))
+            assert streamed[-1].prompt_eval_count
+        # The key's counters are the answers' counts, the prompts' included.
+        status, usage = daemon.request("GET", "/keys/usage")
+        assert status == 200, usage
+        (tokens,) = (entry["tokens"]["tiny"] for entry in usage["keys"].values())
+        assert tokens["prompt"] == answer.prompt_eval_count + streamed[-1].prompt_eval_count
+        assert tokens["completion"] == answer.eval_count + streamed[-1].eval_count
     finally:
         daemon.stop()
 
@@ -406,6 +444,9 @@ n_ctx = 128
                 return False
 
         poll_until(loaded, 120, interval=0.2)
+        status, asked = daemon.request("POST", "/v1/chat/completions", {
+            "model": "small", "messages": CHAT, "max_tokens": 1})
+        assert status == 200, asked
         with connected(daemon.url) as client:
             for _ in range(3):  # every time, not most times
                 # Greedy: this prompt's answer runs until the context is full (no EOS).
@@ -416,5 +457,8 @@ n_ctx = 128
                 parts = list(client.chat(model="small:latest", messages=CHAT, stream=True,
                                          options={"temperature": 0}))
                 assert parts[-1].done is True and parts[-1].done_reason == "length"
+                # The whole prompt, though llama-server's cache held all of it but one
+                # token (its timings' prompt_n counts only what it evaluated).
+                assert parts[-1].prompt_eval_count == asked["usage"]["prompt_tokens"]
     finally:
         daemon.stop()
