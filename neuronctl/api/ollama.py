@@ -6,8 +6,11 @@ goes through `v1.Router.serve`, so it is queued, loaded on demand, counted and t
 exactly as a `/v1` request is; only the exchange differs: the worker's answer is turned
 back into Ollama's JSON, or its server-sent chunks into Ollama's NDJSON lines. Errors are
 Ollama's shape, `{"error": "..."}`, with its statuses (404 for an unknown model, 400 for a
-bad request); a stream the worker breaks off ends with an `{"error": ...}` line before the
-connection is cut, as Ollama's clients raise that.
+bad request), plus the `type` and `code` every other refusal of the node carries (the key
+middleware's 401 and 403 on these routes among them: one shape for the same refusal,
+whichever layer refuses; Ollama's clients read only `error`); a stream the worker breaks
+off ends with such an `{"error": ...}` line before the connection is cut, as Ollama's
+clients raise that.
 
 What is said about models (`/api/tags`, `/api/ps`, `/api/show`) and `/api/pull` are
 ollama_models.py's; what the node does not do (create, copy, delete, push models) answers
@@ -62,9 +65,12 @@ _REFUSED = {
 }
 
 
-def ollama_error(exc: NeuronError) -> web.Response:
-    """`exc` in Ollama's shape, with its status (and headers: Retry-After)."""
-    return web.json_response({"error": exc.message}, status=exc.status, headers=exc.headers)
+def ollama_error(exc: NeuronError, status: int | None = None) -> web.Response:
+    """`exc` in Ollama's shape (`error`, the message, a string), with the node's `type` and
+    `code` beside it, as auth.py's refusals on these routes have them; its status (or
+    `status`) and headers (Retry-After)."""
+    return web.json_response(exc.control_body(), status=status or exc.status,
+                             headers=exc.headers)
 
 
 class OllamaApi:
@@ -242,7 +248,9 @@ class OllamaApi:
         status = 400 if 400 <= upstream.status < 500 else 500
         stats.count(status)
         message = convert.worker_error(upstream.status, body)
-        return web.json_response({"error": message}, status=status)
+        refusal = errors.BadRequest(message) if status == 400 else \
+            errors.WorkerUnavailable(message)
+        return ollama_error(refusal, status)
 
     async def _whole(self, upstream: ClientResponse, model_id: str, worker: Worker,
                      stats: ModelStats) -> bytes:
@@ -345,7 +353,8 @@ class OllamaApi:
         """An `{"error": ...}` line (Ollama's clients raise it), then the connection cut, so
         even a client that ignores the line sees a broken transfer."""
         try:
-            await response.write(convert.ndjson({"error": message}))
+            await response.write(convert.ndjson(
+                errors.WorkerUnavailable(message).control_body()))
         except ConnectionError:
             return
         if request.transport is not None:
