@@ -93,6 +93,12 @@ class InvalidJson(BadRequest):
     code = "invalid_json"
 
 
+class EmbeddingsNotEnabled(BadRequest):
+    """An embeddings request to a model whose worker was started without embeddings."""
+
+    code = "embeddings_not_enabled"
+
+
 class InvalidValue(BadRequest):
     code = "invalid_value"
 

@@ -241,13 +241,21 @@ class OllamaApi:
             raise self._named(exc, model_id, name) from None
 
     async def _refused_by_worker(self, upstream: ClientResponse, stats: ModelStats,
-                                 model_id: str, worker: Worker) -> web.Response:
+                                 model_id: str, worker: Worker,
+                                 embedding: tuple[str, str] | None = None) -> web.Response:
         """The worker refused the translated request: its reason, Ollama's shape; a 4xx
-        stays a 400 (the request), anything else is a 500 (the worker's)."""
+        stays a 400 (the request), anything else is a 500 (the worker's). An embeddings
+        request (`embedding`: the name asked for, the model's harness) to a worker started
+        without embeddings is the request's 400, saying what to set."""
         body = await self._whole(upstream, model_id, worker, stats)
+        message = convert.worker_error(upstream.status, body)
+        if embedding is not None and convert.embeddings_off(upstream.status, message):
+            refusal: NeuronError = errors.EmbeddingsNotEnabled(
+                convert.embeddings_hint(*embedding, message), param="model")
+            stats.count(refusal.status)
+            return ollama_error(refusal)
         status = 400 if 400 <= upstream.status < 500 else 500
         stats.count(status)
-        message = convert.worker_error(upstream.status, body)
         refusal = errors.BadRequest(message) if status == 400 else \
             errors.WorkerUnavailable(message)
         return ollama_error(refusal, status)
@@ -389,7 +397,7 @@ class OllamaApi:
         tally = convert.Tally(started=time.monotonic(),
                               loaded_for_it=not self._serving(model_id))
 
-        async def exchange(_: ModelLifecycle, worker: Worker, stats: ModelStats
+        async def exchange(model: ModelLifecycle, worker: Worker, stats: ModelStats
                            ) -> web.StreamResponse:
             tally.admitted = time.monotonic()
             if preload:
@@ -403,7 +411,8 @@ class OllamaApi:
                 return ollama_error(exc)
             try:
                 if upstream.status != 200:
-                    return await self._refused_by_worker(upstream, stats, model_id, worker)
+                    return await self._refused_by_worker(upstream, stats, model_id, worker,
+                                                         (name, model.spec.harness))
                 raw = await self._whole(upstream, model_id, worker, stats)
                 vectors = _vectors(_json_or_none(raw))
             except errors.WorkerUnavailable as exc:  # an answer, not the router's refusal

@@ -218,13 +218,24 @@ def test_format_json_schema_and_ignored_num_ctx(node: Daemon) -> None:
     assert content.lstrip().startswith("{")  # the grammar held the tiny model to JSON
 
 
-def test_embed_and_embeddings(client: ollama.Client) -> None:
+def test_embed_and_embeddings(node: Daemon, client: ollama.Client) -> None:
     embedded = client.embed(model="tiny", input=["a", "b"])
     assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 64
     norm = sum(v * v for v in embedded.embeddings[0]) ** 0.5
     assert abs(norm - 1.0) < 1e-3  # Ollama's /api/embed normalizes
     old = client.embeddings(model="tiny", prompt="a")
     assert len(old.embedding) == 64
+    # A model loaded without embeddings: the request's 400, saying what to set.
+    for ask in (lambda: client.embed(model="extra", input=["a"]),
+                lambda: client.embeddings(model="extra:latest", prompt="a")):
+        with pytest.raises(ollama.ResponseError) as refused:
+            ask()
+        assert refused.value.status_code == 400, refused.value
+        assert "was not loaded with embeddings enabled" in refused.value.error
+        assert 'add "--embedding", "true" to its `args`' in refused.value.error
+    status, _, answer = raw(node, "POST", "/api/embed",
+                            b'{"model": "extra", "input": "a"}')
+    assert (status, json.loads(answer)["code"]) == (400, "embeddings_not_enabled")
 
 
 def test_pull_then_keep_alive_zero_unloads(node: Daemon, client: ollama.Client) -> None:
@@ -461,5 +472,10 @@ n_ctx = 128
                 # The whole prompt, though llama-server's cache held all of it but one
                 # token (its timings' prompt_n counts only what it evaluated).
                 assert parts[-1].prompt_eval_count == asked["usage"]["prompt_tokens"]
+            # Started without --embeddings: the request's 400, saying what to set.
+            with pytest.raises(ollama.ResponseError) as refused:
+                client.embed(model="small", input="a")
+            assert refused.value.status_code == 400
+            assert 'add "--embeddings" to its `args`' in refused.value.error
     finally:
         daemon.stop()

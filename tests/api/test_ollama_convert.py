@@ -206,6 +206,19 @@ def test_tally_counts_as_ollama_means_them() -> None:
     assert nothing.counts() == (4, 0)
 
 
+def test_a_worker_without_embeddings_is_told_apart_and_the_hint_names_the_flag() -> None:
+    assert convert.embeddings_off(501, "This server does not support embeddings. Start it "
+                                       "with `--embeddings`")
+    assert convert.embeddings_off(500, "Llama model must be created with embedding=True to "
+                                       "call this method")
+    assert not convert.embeddings_off(500, "llama_decode returned -1")
+    hint = convert.embeddings_hint("chat:latest", "llama-server", "Start it with --embeddings")
+    assert hint.startswith("model 'chat:latest' was not loaded with embeddings enabled: "
+                           'add "--embeddings" to its `args`')
+    assert '"--embedding", "true"' in convert.embeddings_hint("m", "llama-cpp-python", "")
+    assert "its `args`" in convert.embeddings_hint("m", "other", "")
+
+
 def test_streamed_tool_calls_merged_and_turned_back() -> None:
     gathered: list[dict[str, Any]] = []
     convert.merge_tool_deltas(gathered, [{"index": 0, "function": {"name": "weather",
