@@ -224,6 +224,12 @@ class KeyConcurrencyLimited(KeyRateLimited):
     code = "key_concurrency_limited"
 
 
+class KeyStreamsLimited(KeyRateLimited):
+    """A key (not an admin's) holding its share of a kind of long-lived stream."""
+
+    code = "key_too_many_streams"
+
+
 class QueueBytesFull(QueueFull):
     """The node's queues together hold `max_queued_bytes` of request bodies."""
 

@@ -171,7 +171,7 @@ class EventStreams(Streams[_EventStream]):
             # connection as the next answer, and the stream would never end.
             return web.Response(headers=HEADERS)
         traffic_s = self._traffic_s(request)
-        self.check_room()
+        self.check_room(request)
         response = web.StreamResponse(headers=HEADERS)
         # Subscribed before the snapshot is taken, in the same turn of the loop: every event
         # after the snapshot is in the subscription, none before it.
