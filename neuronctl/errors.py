@@ -93,6 +93,12 @@ class InvalidJson(BadRequest):
     code = "invalid_json"
 
 
+class EmbeddingsNotEnabled(BadRequest):
+    """An embeddings request to a model whose worker was started without embeddings."""
+
+    code = "embeddings_not_enabled"
+
+
 class InvalidValue(BadRequest):
     code = "invalid_value"
 
@@ -216,6 +222,12 @@ class KeyRateLimited(NeuronError):
 
 class KeyConcurrencyLimited(KeyRateLimited):
     code = "key_concurrency_limited"
+
+
+class KeyStreamsLimited(KeyRateLimited):
+    """A key (not an admin's) holding its share of a kind of long-lived stream."""
+
+    code = "key_too_many_streams"
 
 
 class QueueBytesFull(QueueFull):

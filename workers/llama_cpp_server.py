@@ -21,6 +21,13 @@ relies on:
   the next requests too). `_end_at_full_context` ends such an answer where the context
   ends, as its own `max_tokens` check would have.
 
+* A streamed answer's last chunk (the one with its `finish_reason`) carries `usage`
+  (`prompt_tokens`, `completion_tokens`, `total_tokens`), as its non-streamed answer does.
+  Stock llama-cpp-python (0.3.x) ignores `stream_options` and streams no usage at all; the
+  supervisor's Ollama and Anthropic answers and its per-key token counters need the
+  counts, and counting the chunks cannot give them (a chunk may hold several tokens, the
+  last holds none, and the prompt's tokens are never streamed). `_usage_in_streams`.
+
 And two flags the stock server lacks:
 
 * `--pooling none|mean|cls|last|rank` (llama.cpp's pooling type, as llama-server's
@@ -84,6 +91,7 @@ def main() -> None:
     if args.no_extra_bufts:
         _no_extra_buffers(llama_cpp.llama_cpp)  # the module llama.py calls it from
     _end_at_full_context(llama_cpp.Llama)
+    _usage_in_streams(llama_cpp.Llama, llama_cpp)  # after: it counts the end it may add
     try:
         # Typed upstream as returning the class it is given; it returns an instance.
         server_settings = cast(ServerSettings, parse_model_from_args(ServerSettings, args))
@@ -166,6 +174,70 @@ def _end_at_full_context(llama: type) -> None:
 
     setattr(llama, "generate", bounded_generate)  # noqa: B010
     setattr(llama, "_create_completion", marked_create)  # noqa: B010
+
+
+def _usage_in_streams(llama: type, llama_cpp: types.ModuleType) -> None:
+    """Count what `generate` gives `_create_completion`, and put the counts on a stream's
+    last chunk, completion and chat alike (the chat handlers rebuild each chunk from the
+    completion's, so the chat stream gets them again on its own last chunk).
+
+    `_create_completion` appends every token `generate` yields to its completion, except an
+    end-of-generation token, at which it stops: its non-streamed `usage` is that count and
+    the prompt's length, so these are the same numbers. One completion at a time per model
+    (the server holds the model's lock), so the counts live on the model."""
+    generate = getattr(llama, "generate")  # noqa: B009
+    create = getattr(llama, "_create_completion")  # noqa: B009
+    chat = getattr(llama, "create_chat_completion")  # noqa: B009
+    vocab_is_eog = getattr(llama_cpp, "llama_vocab_is_eog", None)
+    token_is_eog = getattr(llama_cpp, "llama_token_is_eog", None)  # before the vocab API
+
+    def is_eog(self: Any, token: int) -> bool:
+        if vocab_is_eog is not None:
+            return bool(vocab_is_eog(self._model.vocab, token))
+        if token_is_eog is not None:
+            return bool(token_is_eog(self._model.model, token))
+        return bool(token == self.token_eos())
+
+    def counted_generate(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        self._neuron_usage = {"prompt_tokens": len(tokens), "completion_tokens": 0}
+        inner = generate(self, tokens, *args, **kwargs)
+        try:
+            token = next(inner)
+            while True:
+                if not is_eog(self, token):
+                    self._neuron_usage["completion_tokens"] += 1
+                sent = yield token
+                token = inner.send(sent)
+        except StopIteration:
+            return
+        finally:
+            inner.close()
+
+    def usage(self: Any) -> dict[str, int] | None:
+        counts = getattr(self, "_neuron_usage", None)
+        if counts is None:
+            return None
+        return {**counts, "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"]}
+
+    def with_usage(self: Any, chunks: Any) -> Any:
+        for chunk in chunks:
+            choices = chunk.get("choices") or ()
+            if any(c.get("finish_reason") is not None for c in choices) \
+                    and "usage" not in chunk and (counts := usage(self)) is not None:
+                chunk["usage"] = counts
+            yield chunk
+
+    def counted_create(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._neuron_usage = None  # a prompt refused before generating says nothing
+        yield from with_usage(self, create(self, *args, **kwargs))
+
+    def counted_chat(self: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = chat(self, *args, **kwargs)
+        return answer if isinstance(answer, dict) else with_usage(self, answer)
+
+    setattr(llama, "generate", counted_generate)  # noqa: B010
+    setattr(llama, "_create_completion", counted_create)  # noqa: B010
+    setattr(llama, "create_chat_completion", counted_chat)  # noqa: B010
 
 
 def _no_extra_buffers(llama_cpp: types.ModuleType) -> None:

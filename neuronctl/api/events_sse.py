@@ -2,9 +2,11 @@
 
 A stream opens with a `snapshot` (what `GET /models` lists, and the pulls), then sends
 each `ModelEvent` as a `state` event, a `progress` event about once a second for each
-model downloading, a `pull` event when a download without a load (models/pulls.py)
-moved since the last, and a `: keep-alive` comment after a quiet `keepalive_s`, so
-proxies keep the connection open.
+model downloading, a `pull` event for each state a download without a load
+(models/pulls.py) enters, as it enters it (told by `Pulls.watch`: a pull that starts and
+ends between two ticks still shows both), and about once a second while its bytes move,
+and a `: keep-alive` comment after a quiet `keepalive_s`, so proxies keep the connection
+open.
 With `?traffic_s=S` it also sends a `traffic` event every S seconds (0.1 to 10): each
 model's requests in flight, waiting and its worker's slots, the router's counts now. A
 gateway's routing hook reads it (fleet/warm_first.py) and takes a silent stream for a
@@ -20,6 +22,7 @@ shutdown (streams.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -31,6 +34,7 @@ from aiohttp import web
 
 from .. import errors
 from ..events import ModelEvent, Subscription
+from ..models.pulls import DOWNLOADING, Pull
 from ..states import WorkerState
 from ..supervisor.registry import ModelRegistry
 from .streams import Stream, Streams
@@ -83,13 +87,26 @@ class _EventStream(Stream):
 
     def __init__(self, request: web.Request, response: web.StreamResponse,
                  backlog_bytes: int = BACKLOG_BYTES,
-                 grace_s: float = BACKLOG_GRACE_S) -> None:
+                 grace_s: float = BACKLOG_GRACE_S, backlog: int = BACKLOG) -> None:
         super().__init__(request, response)
         self.backlog_bytes = backlog_bytes
         self.grace_s = grace_s
         self.last_write = asyncio.get_running_loop().time()
-        # Each pull's (state, bytes) as last sent: a `pull` event only when it moved.
+        # Each pull's (state, bytes) as last sent: a progress `pull` event only when it moved.
         self.pulls_sent: dict[str, tuple[str, int]] = {}
+        # The pulls' state changes not yet sent, each as it was when it changed; bounded
+        # as the subscription is (a reader that falls behind resyncs).
+        self.pull_changes: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=backlog)
+        self.pulls_dropped = 0
+        self.pull_changed = asyncio.Event()
+
+    def on_pull(self, pull: Pull) -> None:
+        """Pulls.watch's call: the pull's state now, kept to be sent."""
+        if len(self.pull_changes) == self.pull_changes.maxlen:
+            self.pulls_dropped += 1
+        self.pull_changes.append(pull.as_json())
+        self.pull_changed.set()
 
     @property
     def unsent(self) -> int:
@@ -154,20 +171,24 @@ class EventStreams(Streams[_EventStream]):
             # connection as the next answer, and the stream would never end.
             return web.Response(headers=HEADERS)
         traffic_s = self._traffic_s(request)
-        self.check_room()
+        self.check_room(request)
         response = web.StreamResponse(headers=HEADERS)
         # Subscribed before the snapshot is taken, in the same turn of the loop: every event
         # after the snapshot is in the subscription, none before it.
-        with self.holding(_EventStream(request, response, self.backlog_bytes)) as stream, \
+        with self.holding(_EventStream(request, response, self.backlog_bytes,
+                                       backlog=self.backlog)) as stream, \
                 self.registry.events.subscribe(self.backlog) as events:
-            snapshot = self.registry.listing()
-            pulls = self._pulls(stream)
-            await response.prepare(request)
+            unwatch = self.registry.pulls.watch(stream.on_pull)
             try:
+                snapshot = self.registry.listing()
+                pulls = self._pulls(stream)
+                await response.prepare(request)
                 await stream.send("snapshot", {"models": snapshot, "pulls": pulls})
                 await self._follow(stream, events, traffic_s)
             except ConnectionError:
                 pass  # the client left during a write
+            finally:
+                unwatch()
         return response
 
     def _traffic_s(self, request: web.Request) -> float | None:
@@ -189,28 +210,42 @@ class EventStreams(Streams[_EventStream]):
         loop = asyncio.get_running_loop()
         closing = asyncio.ensure_future(self.closing.wait())
         arrived = asyncio.ensure_future(events.get())
+        pulled = asyncio.ensure_future(stream.pull_changed.wait())
         dropped = events.dropped
+        pulls_dropped = stream.pulls_dropped
         next_progress = loop.time() + self.progress_s
         next_traffic = loop.time() if traffic_s is not None else math.inf
         try:
             while not closing.done():
                 wake_at = min(next_progress, next_traffic, stream.last_write + self.keepalive_s)
-                await asyncio.wait({closing, arrived}, timeout=max(0.0, wake_at - loop.time()),
+                await asyncio.wait({closing, arrived, pulled},
+                                   timeout=max(0.0, wake_at - loop.time()),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if closing.done() or stream.hung_up:
                     return
+                batch: list[ModelEvent] = []
                 if arrived.done():
                     batch = [arrived.result(), *events.pending()]
                     arrived = asyncio.ensure_future(events.get())
-                    if events.dropped != dropped:
-                        lost, dropped = events.dropped - dropped, events.dropped
-                        snapshot = self.registry.listing()  # now, before any await
-                        pulls = self._pulls(stream)
-                        await stream.send("resync", {"dropped": lost})
-                        await stream.send("snapshot", {"models": snapshot, "pulls": pulls})
-                    else:
-                        for event in batch:
-                            await stream.send("state", state_json(event))
+                if pulled.done():
+                    stream.pull_changed.clear()
+                    pulled = asyncio.ensure_future(stream.pull_changed.wait())
+                changes = list(stream.pull_changes)  # taken with the batch, in one turn
+                stream.pull_changes.clear()
+                lost = events.dropped - dropped + stream.pulls_dropped - pulls_dropped
+                if lost:
+                    dropped, pulls_dropped = events.dropped, stream.pulls_dropped
+                    snapshot = self.registry.listing()  # now, before any await
+                    pulls = self._pulls(stream)
+                    await stream.send("resync", {"dropped": lost})
+                    await stream.send("snapshot", {"models": snapshot, "pulls": pulls})
+                else:
+                    for event in batch:
+                        await stream.send("state", state_json(event))
+                    for change in changes:
+                        stream.pulls_sent[change["model"]] = (change["state"],
+                                                              change["done_bytes"])
+                        await stream.send("pull", change)
                 if loop.time() >= next_progress:
                     await self._send_progress(stream)
                     next_progress = loop.time() + self.progress_s
@@ -224,6 +259,7 @@ class EventStreams(Streams[_EventStream]):
         finally:
             closing.cancel()
             arrived.cancel()
+            pulled.cancel()
 
     def _pulls(self, stream: _EventStream) -> list[dict[str, Any]]:
         """Every pull the registry keeps, noted as sent to `stream`."""
@@ -232,8 +268,11 @@ class EventStreams(Streams[_EventStream]):
         return answers
 
     async def _send_progress(self, stream: _EventStream) -> None:
-        # Downloads without a load: a `pull` event for each that moved since the last.
+        # Downloads without a load, running: a `pull` event for each whose bytes moved
+        # since the last (their changes of state are sent as they happen: on_pull).
         for pull in self.registry.pulls.all():
+            if pull.state != DOWNLOADING:
+                continue
             answer = pull.as_json()
             seen = (answer["state"], answer["done_bytes"])
             if stream.pulls_sent.get(pull.model_id) != seen:

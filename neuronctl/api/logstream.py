@@ -141,7 +141,7 @@ class LogFollowers(Streams[Stream]):
             await response.write(_text(tail))
             await response.write_eof()
             return response
-        self.check_room()
+        self.check_room(request)
         response = web.StreamResponse(headers=HEADERS)
         followed = logfiles.FollowedLog(path)
         with self.holding(Stream(request, response)) as follower:

@@ -6,8 +6,11 @@ goes through `v1.Router.serve`, so it is queued, loaded on demand, counted and t
 exactly as a `/v1` request is; only the exchange differs: the worker's answer is turned
 back into Ollama's JSON, or its server-sent chunks into Ollama's NDJSON lines. Errors are
 Ollama's shape, `{"error": "..."}`, with its statuses (404 for an unknown model, 400 for a
-bad request); a stream the worker breaks off ends with an `{"error": ...}` line before the
-connection is cut, as Ollama's clients raise that.
+bad request), plus the `type` and `code` every other refusal of the node carries (the key
+middleware's 401 and 403 on these routes among them: one shape for the same refusal,
+whichever layer refuses; Ollama's clients read only `error`); a stream the worker breaks
+off ends with such an `{"error": ...}` line before the connection is cut, as Ollama's
+clients raise that.
 
 What is said about models (`/api/tags`, `/api/ps`, `/api/show`) and `/api/pull` are
 ollama_models.py's; what the node does not do (create, copy, delete, push models) answers
@@ -62,9 +65,12 @@ _REFUSED = {
 }
 
 
-def ollama_error(exc: NeuronError) -> web.Response:
-    """`exc` in Ollama's shape, with its status (and headers: Retry-After)."""
-    return web.json_response({"error": exc.message}, status=exc.status, headers=exc.headers)
+def ollama_error(exc: NeuronError, status: int | None = None) -> web.Response:
+    """`exc` in Ollama's shape (`error`, the message, a string), with the node's `type` and
+    `code` beside it, as auth.py's refusals on these routes have them; its status (or
+    `status`) and headers (Retry-After)."""
+    return web.json_response(exc.control_body(), status=status or exc.status,
+                             headers=exc.headers)
 
 
 class OllamaApi:
@@ -235,14 +241,24 @@ class OllamaApi:
             raise self._named(exc, model_id, name) from None
 
     async def _refused_by_worker(self, upstream: ClientResponse, stats: ModelStats,
-                                 model_id: str, worker: Worker) -> web.Response:
+                                 model_id: str, worker: Worker,
+                                 embedding: tuple[str, str] | None = None) -> web.Response:
         """The worker refused the translated request: its reason, Ollama's shape; a 4xx
-        stays a 400 (the request), anything else is a 500 (the worker's)."""
+        stays a 400 (the request), anything else is a 500 (the worker's). An embeddings
+        request (`embedding`: the name asked for, the model's harness) to a worker started
+        without embeddings is the request's 400, saying what to set."""
         body = await self._whole(upstream, model_id, worker, stats)
+        message = convert.worker_error(upstream.status, body)
+        if embedding is not None and convert.embeddings_off(upstream.status, message):
+            refusal: NeuronError = errors.EmbeddingsNotEnabled(
+                convert.embeddings_hint(*embedding, message), param="model")
+            stats.count(refusal.status)
+            return ollama_error(refusal)
         status = 400 if 400 <= upstream.status < 500 else 500
         stats.count(status)
-        message = convert.worker_error(upstream.status, body)
-        return web.json_response({"error": message}, status=status)
+        refusal = errors.BadRequest(message) if status == 400 else \
+            errors.WorkerUnavailable(message)
+        return ollama_error(refusal, status)
 
     async def _whole(self, upstream: ClientResponse, model_id: str, worker: Worker,
                      stats: ModelStats) -> bytes:
@@ -345,7 +361,8 @@ class OllamaApi:
         """An `{"error": ...}` line (Ollama's clients raise it), then the connection cut, so
         even a client that ignores the line sees a broken transfer."""
         try:
-            await response.write(convert.ndjson({"error": message}))
+            await response.write(convert.ndjson(
+                errors.WorkerUnavailable(message).control_body()))
         except ConnectionError:
             return
         if request.transport is not None:
@@ -380,7 +397,7 @@ class OllamaApi:
         tally = convert.Tally(started=time.monotonic(),
                               loaded_for_it=not self._serving(model_id))
 
-        async def exchange(_: ModelLifecycle, worker: Worker, stats: ModelStats
+        async def exchange(model: ModelLifecycle, worker: Worker, stats: ModelStats
                            ) -> web.StreamResponse:
             tally.admitted = time.monotonic()
             if preload:
@@ -394,7 +411,8 @@ class OllamaApi:
                 return ollama_error(exc)
             try:
                 if upstream.status != 200:
-                    return await self._refused_by_worker(upstream, stats, model_id, worker)
+                    return await self._refused_by_worker(upstream, stats, model_id, worker,
+                                                         (name, model.spec.harness))
                 raw = await self._whole(upstream, model_id, worker, stats)
                 vectors = _vectors(_json_or_none(raw))
             except errors.WorkerUnavailable as exc:  # an answer, not the router's refusal

@@ -432,10 +432,10 @@ class Tally:
     admitted: float = 0.0  # the model was serving and the request had its slot
     first_token: float = 0.0
     loaded_for_it: bool = False  # it waited for a load: that wait is its load_duration
-    prompt_tokens: int | None = None
-    completion_tokens: int = 0
+    prompt_tokens: int | None = None  # the worker's usage: the counts, when it says them
+    completion_tokens: int | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # merge_tool_deltas
-    chunks: int = 0  # streamed chunks with text: the tokens, when the worker has no usage
+    chunks: int = 0  # streamed chunks of text: the tokens, when the worker has no usage
     finish_reason: object = None
     # llama-server's own `timings` (ms), better than the node's clock when present.
     timings: dict[str, Any] = field(default_factory=dict)
@@ -444,9 +444,9 @@ class Tally:
         """The usage, timings and finish reason of a worker's answer or chunk."""
         usage = answer.get("usage")
         if isinstance(usage, dict):
-            if isinstance(usage.get("prompt_tokens"), int):
+            if _count(usage.get("prompt_tokens")):
                 self.prompt_tokens = usage["prompt_tokens"]
-            if isinstance(usage.get("completion_tokens"), int):
+            if _count(usage.get("completion_tokens")):
                 self.completion_tokens = usage["completion_tokens"]
         timings = answer.get("timings")
         if isinstance(timings, dict):
@@ -457,12 +457,28 @@ class Tally:
             reason = choice.get("finish_reason")
             if reason is not None:
                 self.finish_reason = reason
+                return  # the last chunk: its text ("" from llama-cpp-python) is no token
             # One chunk per token, "" for a token that ends inside a UTF-8 character; not
-            # the role-only first chunk nor the empty last one.
+            # the role-only first chunk. Only a guess: a chunk held back for a stop
+            # sequence holds several; the worker's usage, when it sends one, wins.
             delta = choice.get("delta")
             if "text" in choice or (isinstance(delta, dict) and delta.get("content")
                                     is not None):
                 self.chunks += 1
+
+    def counts(self) -> tuple[int, int]:
+        """(prompt, generated) tokens, as Ollama means them: the whole prompt, cached or
+        not. The worker's `usage` first; llama-server's `timings` count in `prompt_n` only
+        the tokens it evaluated (not those its cache held: `cache_n`), so without usage
+        they are added; the streamed chunks last."""
+        prompt = self.prompt_tokens
+        if prompt is None and _count(self.timings.get("prompt_n")):
+            cached = self.timings.get("cache_n")
+            prompt = self.timings["prompt_n"] + (cached if _count(cached) else 0)
+        generated = self.completion_tokens
+        if generated is None and _count(self.timings.get("predicted_n")):
+            generated = self.timings["predicted_n"]
+        return prompt or 0, generated if generated is not None else self.chunks
 
     def final(self, now: float) -> dict[str, Any]:
         """The timing and count fields of Ollama's last line (nanoseconds)."""
@@ -470,18 +486,22 @@ class Tally:
         first = self.first_token or now
         prompt_ms = self.timings.get("prompt_ms")
         eval_ms = self.timings.get("predicted_ms")
-        prompt_n = self.timings.get("prompt_n", self.prompt_tokens)
-        eval_n = self.timings.get("predicted_n", self.completion_tokens or self.chunks)
+        prompt_n, eval_n = self.counts()
         return {
             "total_duration": _ns(now - self.started),
             "load_duration": _ns(admitted - self.started) if self.loaded_for_it else 0,
-            "prompt_eval_count": prompt_n if isinstance(prompt_n, int) else 0,
+            "prompt_eval_count": prompt_n,
             "prompt_eval_duration": _ns(prompt_ms / 1000) if isinstance(prompt_ms, int | float)
             and _real(prompt_ms) else _ns(first - admitted),
-            "eval_count": eval_n if isinstance(eval_n, int) else 0,
+            "eval_count": eval_n,
             "eval_duration": _ns(eval_ms / 1000) if isinstance(eval_ms, int | float)
             and _real(eval_ms) else _ns(now - first),
         }
+
+
+def _count(value: object) -> bool:
+    """A token count a worker may report: a non-negative int (not a bool), bounded."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
 
 
 def _real(value: object) -> bool:
@@ -566,6 +586,29 @@ def worker_error(status: int, body: bytes) -> str:
         if detail is not None:
             return json.dumps(detail)[:500]
     return f"the worker answered {status}"
+
+
+# How each harness's worker is started with embeddings on, as `args` in the node config
+# (docs/guide.md, "Embedding models").
+EMBEDDING_ARGS = {"llama-cpp-python": '"--embedding", "true"', "llama-server": '"--embeddings"'}
+
+
+def embeddings_off(status: int, message: str) -> bool:
+    """Whether a worker's refusal of an embeddings request says it was started without
+    embeddings: llama-server answers 501 ("Start it with `--embeddings`"),
+    llama-cpp-python a 500 ("Llama model must be created with embedding=True")."""
+    said = message.lower()
+    return status == 501 or "embedding=true" in said or "--embedding" in said
+
+
+def embeddings_hint(name: str, harness: str, said: str) -> str:
+    """What to set so the model answers embeddings, for its harness."""
+    args = EMBEDDING_ARGS.get(harness)
+    how = f"add {args} to its `args`" if args is not None else \
+        "start its worker with embeddings on (its `args`)"
+    return (f"model '{name}' was not loaded with embeddings enabled: {how} in the node "
+            "config (with \"--pooling\", \"mean\" or the model's own pooling, for one "
+            f"vector per input) and reload it; the worker said: {said[:200]}")
 
 
 def normalized(vector: Sequence[float]) -> list[float]:

@@ -314,7 +314,7 @@ class OllamaModels:
         try:
             loading.result()
         except NeuronError as exc:
-            yield {"error": exc.message}
+            yield exc.control_body()
             return
         yield {"status": "verifying sha256 digest"}
         yield {"status": "success"}

@@ -204,7 +204,7 @@ class ModelStats:
     worker_errors: int = 0  # the worker could not be reached or broke off its answer
     client_disconnects: int = 0  # the client left before the answer was complete
     # Generated tokens: a JSON answer's usage.completion_tokens, a stream's `data: {` chunks
-    # (llama.cpp servers send one token per chunk). For the dashboard's tokens/s.
+    # (about one token each) until its usage says the real count. For the dashboard's tokens/s.
     tokens: int = 0
     last_used: float = 0.0  # monotonic time a request last arrived or finished (eviction)
     # The idle time its latest request asked for (Ollama's keep_alive, seconds; negative:

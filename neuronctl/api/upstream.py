@@ -144,9 +144,11 @@ def usage_tokens(upstream: ClientResponse, answer: bytes) -> tuple[int, int]:
     return prompt, completion
 
 
-# A stream's usage chunk (llama.cpp sends one at the end with `stream_options`, or its
-# `timings`): the prompt's tokens, for the per-key counters.
-_STREAM_PROMPT = re.compile(rb'"(?:prompt_tokens|prompt_n)"\s*:\s*(\d{1,9})')
+# A stream's usage (llama-server's last chunks, and the node's llama-cpp-python worker's:
+# workers/llama_cpp_server.py): the prompt's tokens and the generated ones, for the per-key
+# counters. llama-server's `timings.prompt_n` counts only what its cache lacked: never used.
+_STREAM_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,9})')
+_STREAM_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,9})')
 
 
 def _tally(request: web.Request) -> RequestTokens:
@@ -378,6 +380,7 @@ class Upstream:
             tail = b""
             first = dialect.first_event if upstream.status == 200 else None
             tally = _tally(request)
+            counted = 0  # this stream's generated tokens, so far
             while True:
                 try:
                     chunk = await content.readany()
@@ -403,8 +406,12 @@ class Upstream:
                         # (1 stream in 5 here); Anthropic's clients cannot read on without.
                         chunk = make(model_id) + chunk
                     first = None
-                # llama.cpp's servers send one token per chunk.
+                # llama.cpp's servers send about one token per chunk: the count until
+                # the stream's usage says the real one.
                 generated = chunk.count(b"data: {")
+                if (found := _STREAM_COMPLETION.search(chunk)) is not None:
+                    generated = int(found.group(1)) - counted
+                counted += generated
                 stats.tokens += generated
                 tally.completion += generated
                 if (found := _STREAM_PROMPT.search(chunk)) is not None:

@@ -178,10 +178,25 @@ class Router:
 
     async def get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
+        key = principal(request)
+        if not key.may_use(model_id) or not self._known(model_id):
+            # Outside the key's scope, word for word as an id the node never heard of:
+            # nothing here may tell the key that the model exists (as /api/show).
+            known = [other for other in self._ids() if key.may_use(other)]
+            return OPENAI.answer(errors.ModelNotFound(
+                f"model {model_id!r} not found{did_you_mean(model_id, known)}; "
+                "GET /v1/models lists the models this node serves", param="model"))
         entry = self.servable().get(model_id)
-        if entry is None or not principal(request).may_use(model_id):
+        if entry is None:  # known to the key, but not servable now (loading, failed, ...)
             return OPENAI.answer(self._unknown_model(request, model_id))
         return web.json_response(entry)
+
+    def _ids(self) -> list[str]:
+        """Every model id the node knows: the catalogue's and those of its models."""
+        return [*self.registry.catalogue, *(model.model_id for model in self.registry.models())]
+
+    def _known(self, model_id: str) -> bool:
+        return model_id in self.registry.catalogue or self.registry.get(model_id) is not None
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """The `/v1` catch-all: the request goes to its model's worker as it came."""
@@ -382,8 +397,7 @@ class Router:
         # A typo gets the nearest id the node knows; a catalogue model that does not load
         # on demand, how to load it. Only ids the request's key may use are named.
         key = principal(request)
-        ids = [*self.registry.catalogue, *(model.model_id for model in self.registry.models())]
-        known = [other for other in ids if key.may_use(other)]
+        known = [other for other in self._ids() if key.may_use(other)]
         why = " (it loads on `neuronctl load` only: autoload is off)" \
             if model_id in known else did_you_mean(model_id, known)
         return errors.ModelNotFound(

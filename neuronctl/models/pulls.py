@@ -6,6 +6,10 @@ the loads and requests the node serves. What each pull is doing is kept (the new
 finished ones besides those waiting or running) for `/models`, `status` and the event
 stream. The download itself is hub.py's `Fetcher.resolve`, as a load's: the cache first,
 the space check, resumable blobs.
+
+Each change of a pull's state (queued, downloading, done, failed) is told to the watchers
+(`watch`) as it happens, so a reader such as the event stream shows every pull's start
+and end, however quickly it ran; its bytes in between are polled.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ KEEP_FINISHED = 32
 QUEUED, DOWNLOADING, DONE, FAILED = "queued", "downloading", "done", "failed"
 
 FetcherFactory = Callable[[HarnessConfig], Fetcher]
+Watcher = Callable[["Pull"], None]
 
 
 class Pull:
@@ -85,6 +90,25 @@ class Pulls:
         self._queue: asyncio.Queue[Pull] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._current: Pull | None = None
+        self._watchers: list[Watcher] = []
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call `watcher` with a pull each time its state changes, in the event loop's
+        thread, from now on; returns the call that stops it."""
+        self._watchers.append(watcher)
+
+        def unwatch() -> None:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+        return unwatch
+
+    def _changed(self, pull: Pull) -> None:
+        for watcher in list(self._watchers):
+            try:
+                watcher(pull)
+            except Exception:  # one broken reader must not stop a download
+                log.exception("pull watcher %r failed on %s", watcher, pull.model_id)
 
     def get(self, model_id: str) -> Pull | None:
         return self._pulls.get(model_id)
@@ -106,6 +130,7 @@ class Pulls:
         if self._queue is None:
             self._queue = asyncio.Queue()
         self._queue.put_nowait(pull)
+        self._changed(pull)
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="pulls")
         return pull
@@ -133,10 +158,12 @@ class Pulls:
                 pull.finished_at = time.time()
                 pull.done.set()
                 self._trim()
+                self._changed(pull)
 
     async def _download(self, pull: Pull) -> None:
         spec = pull.spec
         pull.state = DOWNLOADING
+        self._changed(pull)
         try:
             fetcher = self._fetcher_factory(self._harness_config(spec.harness))
 
@@ -168,7 +195,9 @@ class Pulls:
         for pull in self._pulls.values():
             if pull.state == QUEUED:
                 pull.state, pull.error = FAILED, "cancelled: the node is stopping"
+                pull.finished_at = time.time()
                 pull.done.set()
+                self._changed(pull)
         if self._current is not None:
             self._current.progress.cancel()
         if self._runner is not None and not self._runner.done():

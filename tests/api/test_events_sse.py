@@ -28,8 +28,9 @@ from aiohttp import web
 from neuronctl.api.app import ROUTER_STATS, create_app
 from neuronctl.api.events_sse import STREAMS, EventStreams
 from neuronctl.client import read_events
-from neuronctl.config import HarnessConfig, ModelSpec, NeuronConfig
+from neuronctl.config import HarnessConfig, KeySpec, ModelSpec, NeuronConfig
 from neuronctl.events import ModelEvent
+from neuronctl.keys import sha256_hex
 from neuronctl.states import WorkerState
 from neuronctl.supervisor.registry import ModelRegistry
 
@@ -391,6 +392,38 @@ async def test_the_stream_needs_the_api_key(
         assert (await refused.json())["code"] == "invalid_api_key"
         async with stream(served, Authorization="Bearer sesame") as events:
             assert (await events.frame())[0] == "snapshot"
+
+
+async def test_one_key_holds_at_most_a_quarter_of_the_streams(
+    node_config: NeuronConfig, make_registry: MakeRegistry,
+) -> None:
+    """A read-only key cannot take every stream: past its share it is refused with why,
+    while another key, and an admin's, still get theirs."""
+    keys = tuple(KeySpec(name, (role,), sha256=sha256_hex(f"nk-{name}"))
+                 for name, role in (("watcher", "read"), ("other", "read"), ("root", "admin")))
+    registry = make_registry(dataclasses.replace(node_config, keys=keys))
+
+    def auth(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer nk-{name}"}
+
+    async with serve(registry, limit=8) as served:  # a quarter: 2 for each key
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(2):
+                events = await held.enter_async_context(stream(served, **auth("watcher")))
+                assert (await events.frame())[0] == "snapshot"
+            refused = await served.session.get(served.url + "/models/events",
+                                               headers=auth("watcher"))
+            assert refused.status == 429
+            body = await refused.json()
+            assert body["code"] == "key_too_many_streams"
+            assert "key 'watcher' holds 2 event streams, the most one key may hold" in \
+                body["error"]
+            for name in ("other", "root", "root", "root"):
+                events = await held.enter_async_context(stream(served, **auth(name)))
+                assert (await events.frame())[0] == "snapshot"
+        await poll_until_async(lambda: served.streams.open == 0)
+        async with stream(served, **auth("watcher")) as again:  # its share back
+            assert (await again.frame())[0] == "snapshot"
 
 
 # --- the client --------------------------------------------------------------------------------

@@ -88,8 +88,16 @@ async def test_scope_hides_models_and_never_loads_one_outside_it(
 
         assert await listed(GW_KEY) == ["qwen-small"]
         assert await listed(ADMIN_KEY) == ["qwen-small", "secret"]
-        async with client.get("/v1/models/secret", headers=auth(GW_KEY)) as resp:
-            assert (await error_of(resp, 404))["code"] == "model_not_found"
+        # Outside the scope is word for word an id the node never heard of.
+        absent = {}
+        for model_id in ("secret", "ghost"):
+            async with client.get(f"/v1/models/{model_id}", headers=auth(GW_KEY)) as resp:
+                absent[model_id] = await error_of(resp, 404)
+        assert absent["secret"]["code"] == absent["ghost"]["code"] == "model_not_found"
+        assert absent["secret"]["message"].replace("'secret'", "ID") == \
+            absent["ghost"]["message"].replace("'ghost'", "ID")
+        assert "model 'secret' not found" in absent["secret"]["message"]
+        assert "not loaded" not in absent["secret"]["message"]
         body = {"model": "secret", "messages": []}
         async with client.post("/v1/chat/completions", json=body, headers=auth(GW_KEY)) as resp:
             error = await error_of(resp, 403)
@@ -131,7 +139,21 @@ async def test_scope_and_usage_hold_on_ollamas_and_anthropics_routes_too(
                 "stream": False}
         async with client.post("/api/chat", json=chat, headers=auth(GW_KEY)) as resp:
             assert resp.status == 403
-            assert "may not use model 'secret'" in (await resp.json())["error"]
+            refused = await resp.json()
+        # Ollama's shape (`error` a string, what its clients read), with the machine fields
+        # every other refusal has: a scope refusal, and a role refusal by the middleware.
+        assert "may not use model 'secret'" in refused["error"]
+        assert (refused["type"], refused["code"]) == ("invalid_request_error",
+                                                      "model_not_in_scope")
+        async with client.post("/api/chat", json=chat, headers=auth(READ_KEY)) as resp:
+            assert resp.status == 403
+            role = await resp.json()
+        assert isinstance(role["error"], str) and role["code"] == "insufficient_role"
+        assert set(refused) == set(role) == {"error", "type", "code"}
+        async with client.post("/api/chat", json={**chat, "model": "ghost"},
+                               headers=auth(ADMIN_KEY)) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["code"] == "model_not_found"
         # Ollama's unload idiom is a use of the model too: refused, and nothing unloaded.
         unload = {"model": "secret", "messages": [], "keep_alive": 0}
         async with client.post("/api/chat", json=unload, headers=auth(GW_KEY)) as resp:
@@ -330,7 +352,7 @@ async def test_usage_per_key_matches_what_was_sent(
         assert usage["keys"]["gw"] == {
             "requests": {"m": {"200": 4}, "s": {"200": 1}, "": {"404": 1, "429": 1}},
             "tokens": {"m": {"prompt": 12, "completion": 20},
-                       "s": {"prompt": 7, "completion": 2}},
+                       "s": {"prompt": 7, "completion": 1}},  # the stream's usage
         }
         assert usage["keys"]["monitor"] == {"requests": {"": {"403": 1}}, "tokens": {}}
         assert "root" not in usage["keys"] and "nk-made-up" not in json.dumps(usage)

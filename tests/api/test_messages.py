@@ -316,6 +316,15 @@ def test_the_anthropic_client_works_unchanged(node: str, model: str) -> None:
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert "message_delta" in kinds
     assert final.stop_reason in ("end_turn", "max_tokens")
+    # Streamed, the counts are the non-streamed answer's (llama-cpp-python's worker puts
+    # them on its stream's last chunk; message_delta carries them).
+    greedy: dict[str, Any] = {"model": model, "max_tokens": 8, "extra_body": {"temperature": 0},
+                              "messages": [{"role": "user", "content": "hello"}]}
+    whole = client.messages.create(**greedy)
+    with client.messages.stream(**greedy) as stream:
+        streamed = stream.get_final_message()
+    assert (streamed.usage.input_tokens, streamed.usage.output_tokens) == \
+        (whole.usage.input_tokens, whole.usage.output_tokens), model
 
     counted = client.messages.count_tokens(
         model=model, messages=[{"role": "user", "content": "hello"}])

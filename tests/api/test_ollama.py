@@ -154,7 +154,6 @@ def test_chat_and_generate_streamed_and_not(client: ollama.Client) -> None:
     whole = client.chat(model="tiny", messages=CHAT, options=options, stream=False)
     assert whole.done is True and whole.done_reason == "length"
     assert whole.message.role == "assistant" and whole.message.content
-    # llama-cpp-python reports no usage when it streams: its chunks are counted.
     assert whole.eval_count and whole.total_duration and whole.total_duration > 0
     assert whole.eval_duration is not None and whole.prompt_eval_duration is not None
 
@@ -174,6 +173,36 @@ def test_chat_and_generate_streamed_and_not(client: ollama.Client) -> None:
     assert raw_prompt.done and raw_prompt.eval_count
 
 
+def test_counts_are_the_workers_streamed_or_not(node: Daemon, client: ollama.Client) -> None:
+    """prompt_eval_count is the prompt's tokens, eval_count the generated ones: what the
+    worker's own non-streamed usage says for the same greedy request (the node always
+    asks the worker for a stream, whose chunks are not tokens)."""
+    sampling = {"temperature": 0, "seed": 3}
+    for n in (5, 17):
+        options = {**sampling, "num_predict": n}
+        status, chat = node.request("POST", "/v1/chat/completions", {
+            "model": "tiny", "messages": CHAT, "max_tokens": n, **sampling})
+        assert status == 200, chat
+        status, completion = node.request("POST", "/v1/completions", {
+            "model": "tiny", "prompt": "hello", "max_tokens": n, **sampling})
+        assert status == 200, completion
+        expected = {kind: (usage["prompt_tokens"], usage["completion_tokens"])
+                    for kind, usage in (("chat", chat["usage"]),
+                                        ("raw", completion["usage"]))}
+        assert all(p > 0 and c > 0 for p, c in expected.values()), expected
+        for stream in (True, False):
+            chatted = list(client.chat(model="tiny", messages=CHAT, options=options,
+                                       stream=True)) if stream else [
+                client.chat(model="tiny", messages=CHAT, options=options)]
+            generated = list(client.generate(model="tiny", prompt="hello", raw=True,
+                                             options=options, stream=True)) if stream else [
+                client.generate(model="tiny", prompt="hello", raw=True, options=options)]
+            for kind, last in (("chat", chatted[-1]), ("raw", generated[-1])):
+                assert last.done is True
+                assert (last.prompt_eval_count, last.eval_count) == expected[kind], (
+                    kind, stream, n)
+
+
 def test_format_json_schema_and_ignored_num_ctx(node: Daemon) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     body = {"model": "tiny", "messages": CHAT, "stream": False, "format": schema,
@@ -189,13 +218,24 @@ def test_format_json_schema_and_ignored_num_ctx(node: Daemon) -> None:
     assert content.lstrip().startswith("{")  # the grammar held the tiny model to JSON
 
 
-def test_embed_and_embeddings(client: ollama.Client) -> None:
+def test_embed_and_embeddings(node: Daemon, client: ollama.Client) -> None:
     embedded = client.embed(model="tiny", input=["a", "b"])
     assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 64
     norm = sum(v * v for v in embedded.embeddings[0]) ** 0.5
     assert abs(norm - 1.0) < 1e-3  # Ollama's /api/embed normalizes
     old = client.embeddings(model="tiny", prompt="a")
     assert len(old.embedding) == 64
+    # A model loaded without embeddings: the request's 400, saying what to set.
+    for ask in (lambda: client.embed(model="extra", input=["a"]),
+                lambda: client.embeddings(model="extra:latest", prompt="a")):
+        with pytest.raises(ollama.ResponseError) as refused:
+            ask()
+        assert refused.value.status_code == 400, refused.value
+        assert "was not loaded with embeddings enabled" in refused.value.error
+        assert 'add "--embedding", "true" to its `args`' in refused.value.error
+    status, _, answer = raw(node, "POST", "/api/embed",
+                            b'{"model": "extra", "input": "a"}')
+    assert (status, json.loads(answer)["code"]) == (400, "embeddings_not_enabled")
 
 
 def test_pull_then_keep_alive_zero_unloads(node: Daemon, client: ollama.Client) -> None:
@@ -250,10 +290,11 @@ def test_bad_input_is_an_ollama_error_and_disturbs_nothing(node: Daemon, route: 
         got, kind, answer = raw(node, "POST", route, body)
         assert (got, kind.split(";")[0]) == (status, "application/json"), (route, what, answer)
         error = json.loads(answer)
-        assert list(error) == ["error"] and isinstance(error["error"], str), error
+        assert list(error) == ["error", "type", "code"], error  # Ollama's + the node's
+        assert isinstance(error["error"], str) and error["code"], error
     huge = b'{"model": "tiny", "prompt": "' + b"x" * 100_000 + b'"}'
     got, _, answer = raw(node, "POST", route, huge)
-    assert got == 413 and list(json.loads(answer)) == ["error"]
+    assert got == 413 and json.loads(answer)["code"] == "request_too_large"
     # Nothing was disturbed: the model still answers.
     ok, _, answer = raw(node, "POST", "/api/generate",
                         b'{"model": "tiny", "prompt": "hi", "stream": false,'
@@ -313,6 +354,15 @@ def test_keys_on(tmp_path: Path, tiny_gguf: Path) -> None:
             assert [m.model for m in keyed.list().models] == ["tiny:latest", "extra:latest"]
             answer = keyed.chat(model="tiny", messages=CHAT, options={"num_predict": 2})
             assert answer.done
+            streamed = list(keyed.generate(model="tiny", prompt="hi", stream=True,
+                                           options={"num_predict": 2}))
+            assert streamed[-1].prompt_eval_count
+        # The key's counters are the answers' counts, the prompts' included.
+        status, usage = daemon.request("GET", "/keys/usage")
+        assert status == 200, usage
+        (tokens,) = (entry["tokens"]["tiny"] for entry in usage["keys"].values())
+        assert tokens["prompt"] == answer.prompt_eval_count + streamed[-1].prompt_eval_count
+        assert tokens["completion"] == answer.eval_count + streamed[-1].eval_count
     finally:
         daemon.stop()
 
@@ -406,6 +456,9 @@ n_ctx = 128
                 return False
 
         poll_until(loaded, 120, interval=0.2)
+        status, asked = daemon.request("POST", "/v1/chat/completions", {
+            "model": "small", "messages": CHAT, "max_tokens": 1})
+        assert status == 200, asked
         with connected(daemon.url) as client:
             for _ in range(3):  # every time, not most times
                 # Greedy: this prompt's answer runs until the context is full (no EOS).
@@ -416,5 +469,13 @@ n_ctx = 128
                 parts = list(client.chat(model="small:latest", messages=CHAT, stream=True,
                                          options={"temperature": 0}))
                 assert parts[-1].done is True and parts[-1].done_reason == "length"
+                # The whole prompt, though llama-server's cache held all of it but one
+                # token (its timings' prompt_n counts only what it evaluated).
+                assert parts[-1].prompt_eval_count == asked["usage"]["prompt_tokens"]
+            # Started without --embeddings: the request's 400, saying what to set.
+            with pytest.raises(ollama.ResponseError) as refused:
+                client.embed(model="small", input="a")
+            assert refused.value.status_code == 400
+            assert 'add "--embeddings" to its `args`' in refused.value.error
     finally:
         daemon.stop()

@@ -184,6 +184,41 @@ def test_tally_from_chunks_and_the_workers_timings() -> None:
     assert convert.done_reason("tool_calls") == convert.done_reason(None) == "stop"
 
 
+def test_tally_counts_as_ollama_means_them() -> None:
+    # llama-cpp-python's completion stream ends with a chunk of "" text: its end, no token.
+    tally = convert.Tally(started=0.0)
+    for text, finish in (("a", None), ("", None), ("b", None), ("", "length")):
+        tally.take({"choices": [{"text": text, "index": 0, "finish_reason": finish}]})
+    assert tally.counts() == (0, 3)
+    # llama-server's second request on a prompt: `prompt_n` is what its cache lacked; the
+    # prompt is usage.prompt_tokens (or, without usage, prompt_n + cache_n).
+    cached = {"cache_n": 52, "prompt_n": 1, "predicted_n": 5}
+    tally.take({"choices": [], "usage": {"prompt_tokens": 53, "completion_tokens": 5},
+                "timings": cached})
+    assert tally.counts() == (53, 5)
+    without_usage = convert.Tally(started=0.0)
+    without_usage.take({"choices": [], "timings": cached})
+    assert without_usage.counts() == (53, 5)
+    # The worker's usage wins over a guess from the chunks, even a count of 0.
+    nothing = convert.Tally(started=0.0)
+    nothing.take(chunk("x"))
+    nothing.take(chunk(None, "stop", usage={"prompt_tokens": 4, "completion_tokens": 0}))
+    assert nothing.counts() == (4, 0)
+
+
+def test_a_worker_without_embeddings_is_told_apart_and_the_hint_names_the_flag() -> None:
+    assert convert.embeddings_off(501, "This server does not support embeddings. Start it "
+                                       "with `--embeddings`")
+    assert convert.embeddings_off(500, "Llama model must be created with embedding=True to "
+                                       "call this method")
+    assert not convert.embeddings_off(500, "llama_decode returned -1")
+    hint = convert.embeddings_hint("chat:latest", "llama-server", "Start it with --embeddings")
+    assert hint.startswith("model 'chat:latest' was not loaded with embeddings enabled: "
+                           'add "--embeddings" to its `args`')
+    assert '"--embedding", "true"' in convert.embeddings_hint("m", "llama-cpp-python", "")
+    assert "its `args`" in convert.embeddings_hint("m", "other", "")
+
+
 def test_streamed_tool_calls_merged_and_turned_back() -> None:
     gathered: list[dict[str, Any]] = []
     convert.merge_tool_deltas(gathered, [{"index": 0, "function": {"name": "weather",

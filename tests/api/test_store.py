@@ -84,6 +84,31 @@ async def test_pulls_run_one_at_a_time_with_their_progress_on_the_event_stream(
         hub.gate.set()
 
 
+async def test_every_pull_shows_its_start_and_end_however_quick(
+        config: NeuronConfig, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        make_registry: MakeRegistry) -> None:
+    """No tick comes (progress_s an hour): each change of a pull's state is sent as it
+    happens: a pull the cache answers at once (again and again: the same bytes and state
+    as the last) and a failed one, with its reason."""
+    hide_nvidia_smi(tmp_path, monkeypatch)
+    hub = FakeHub(cache, {"a-Q4_K_M.gguf": b"a" * 4000})
+
+    registry = make_registry(config, {"fake": FileHarness()}, fetcher_factory=hub.fetcher)
+    async with serve(registry, progress_s=3600.0) as served, stream(served) as events:
+        assert (await events.frame())[0] == "snapshot"
+        for model_id, outcome in (("a", "done"), ("a", "done"), ("a", "done"),
+                                  ("org/a-GGUF:Q8_0", "failed")):  # no such file
+            status, answer = await call(served, "POST", "/models/pull",
+                                        {"model_id": model_id, "wait": True})
+            assert answer["pull"]["state"] == outcome, (status, answer)
+            frames = await events.until(lambda f: f[0] == "pull"
+                                        and f[1]["state"] in ("done", "failed"))
+            states = [(f[1]["model"], f[1]["state"]) for f in frames if f[0] == "pull"]
+            assert states == [(model_id, "queued"), (model_id, "downloading"),
+                              (model_id, outcome)], frames
+        assert frames[-1][1]["error"] and frames[-1][1]["code"], frames[-1]
+
+
 async def test_a_pull_the_disk_cannot_hold_answers_507_with_both_numbers(
         config: NeuronConfig, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         make_registry: MakeRegistry) -> None:
