@@ -34,6 +34,7 @@ from ..errors import (
     ModelFileError,
     NoRoom,
     NoSuchGpu,
+    NotEnoughRam,
     NotEnoughVram,
     SpawnFailed,
     UnknownHarness,
@@ -84,6 +85,9 @@ class Shared:
     # Under the load lock, before a start: unload idle models so it fits (the registry's
     # `make_room`); False means wait and ask again. None: nothing is ever evicted.
     make_room: Callable[[ModelLifecycle, NotEnoughVram | None], Awaitable[bool]] | None = None
+    # Wait for the evictions still stopping (the registry's `settle_stops`); True when
+    # there were any. None: none is ever left to stop on its own.
+    settle_stops: Callable[[], Awaitable[bool]] | None = None
     prompt_caches: PromptCaches | None = None  # None: no worker keeps a prompt cache
 
 
@@ -162,6 +166,11 @@ class ModelLifecycle:
     @property
     def stopping(self) -> bool:
         return self._stop_task is not None
+
+    @property
+    def stopping_task(self) -> asyncio.Task[None] | None:
+        """The stop under way or done; None before `begin_stop`."""
+        return self._stop_task
 
     @property
     def loading(self) -> bool:
@@ -268,6 +277,7 @@ class ModelLifecycle:
         """Holding the load lock: make room (evicting idle models), then start; seconds to
         ready, or None when the room is held by busy models."""
         shortage: NotEnoughVram | None = None
+        settled = False
         while True:
             make_room = self._shared.make_room
             if make_room is not None and not await make_room(self, shortage):
@@ -279,6 +289,14 @@ class ModelLifecycle:
                 ready_s = await self._start_worker(harness, hold)
             except NoSuchGpu:
                 raise  # no eviction makes a missing device appear
+            except NotEnoughRam:
+                # An evicted worker may still be exiting with its memory: judge once more
+                # when it is gone.
+                settle = self._shared.settle_stops
+                if settled or settle is None or not await settle():
+                    raise
+                settled = True
+                continue
             except NotEnoughVram as exc:
                 # Each pass evicts one model (or raises): a shortage that reads the same
                 # after an eviction means the memory did not come back.

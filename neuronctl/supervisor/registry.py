@@ -105,7 +105,7 @@ class ModelRegistry:
             config, harnesses, vram_gate, events or EventBus(), state=state,
             worker_factory=worker_factory,
             fetcher_factory=fetcher_factory or modelfiles.default_fetcher,
-            clock=clock, sleep=sleep, make_room=self.make_room,
+            clock=clock, sleep=sleep, make_room=self.make_room, settle_stops=self.settle_stops,
             prompt_caches=prompt_caches or PromptCaches(lambda: self.config),
         )
         self._models: dict[str, ModelLifecycle] = {}
@@ -334,6 +334,13 @@ class ModelRegistry:
             incoming.evicted.append(victim.model_id)
             # No await between the idle check and this call: stop() marks it stopping at
             # once, so no request can be admitted to it after it was judged idle.
+            if shortage is None and not self._frees_vram(choice.victim):
+                # Only the count forced it and no GPU memory comes back: the incoming
+                # worker starts while this one saves its cache and exits (a swap costs
+                # the longer of the two, not their sum). The host's RAM is judged again
+                # once it has exited, should the start find too little (`settle_stops`).
+                self._stop_soon(victim, f"evicted: {why}")
+                continue
             await self._stop(victim, f"evicted: {why}")
             if shortage is not None:
                 return True  # the caller waits for the memory and judges the fit again
@@ -354,6 +361,20 @@ class ModelRegistry:
                 return True
             held += model.vram_estimate_mb
         return held >= shortage.short_mb
+
+    def _frees_vram(self, candidate: Candidate) -> bool:
+        """Whether unloading `candidate` gives GPU memory back that a start must wait for
+        (nvidia-smi listed GPUs, and it offloads layers to one)."""
+        return candidate.on_gpu and bool(self.discovery.cached_gpus())
+
+    async def settle_stops(self) -> bool:
+        """Wait for the stops in progress (evictions that did not hold up a start); True
+        when there were any."""
+        stopping = [m.stopping_task for m in self._models.values()
+                    if m.stopping_task is not None and not m.stopping_task.done()]
+        if stopping:
+            await asyncio.wait(stopping)
+        return bool(stopping)
 
     def _candidate(self, model: ModelLifecycle) -> Candidate:
         on_gpu = bool(gpu_layers(model.spec, self.config.harness_config(model.spec.harness)))

@@ -532,3 +532,69 @@ async def test_health_counts_unloaded_catalogue_models(
         assert counts["loaded"] == 1 and counts["unloaded"] == 1
     finally:
         await runner.cleanup()
+
+
+# --- a swap does not wait for the evicted worker's exit when no GPU memory comes back ------
+
+
+async def test_a_swap_without_gpu_memory_to_free_starts_while_the_evicted_worker_exits(
+    node_config: NeuronConfig, make_registry: MakeRegistry,
+) -> None:
+    slow = fake("a", args=("--mode", "ignore-term"))  # its stop takes stop_timeout_s (2 s)
+    config = catalogue(node_config, slow, fake("b"), max_loaded_models=1)
+    registry = make_registry(config)
+    old = await registry.load(slow)
+    assert old.worker is not None
+    await registry.load(fake("b"))
+    # b is serving while a's worker still waits out its SIGTERM: the count forced the
+    # eviction, not memory, so the two overlap.
+    assert old.stopping and old.worker.returncode is None
+    assert registry.evictions[("a", "max_loaded_models")] == 1
+    assert await registry.settle_stops() is True
+    assert old.worker.returncode is not None and registry.get("a") is None
+    assert await registry.settle_stops() is False
+
+
+async def test_a_swap_that_frees_gpu_memory_waits_for_the_evicted_worker_to_exit(
+    node_config: NeuronConfig, make_registry: MakeRegistry, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    smi = install_fake_smi(tmp_path, monkeypatch)
+    smi.set(gpus=[gpu(0, 40000)])
+    on_gpu = {"devices": (0,), "n_gpu_layers": 99}
+    slow = fake("a", args=("--mode", "ignore-term"), **on_gpu)
+    config = catalogue(node_config, slow, fake("b", **on_gpu), max_loaded_models=1,
+                       vram_release_timeout_s=1.0)
+    registry = make_registry(config)
+    old = await registry.load(slow)
+    assert old.worker is not None
+    await registry.load(fake("b", **on_gpu))
+    assert old.worker.returncode is not None  # gone before b started: its VRAM counts
+
+
+async def test_a_start_short_of_ram_judges_again_once_an_evicted_worker_has_exited(
+    node_config: NeuronConfig, make_registry: MakeRegistry,
+) -> None:
+    from neuronctl.errors import NotEnoughRam
+
+    slow = fake("a", args=("--mode", "ignore-term"))
+    config = catalogue(node_config, slow, fake("b"), max_loaded_models=1)
+    registry = make_registry(config)
+    old = await registry.load(slow)
+    assert old.worker is not None
+    worker = old.worker
+    gate = registry.services.vram_gate
+    check = gate.check
+    refused: list[str] = []
+
+    async def short_while_a_runs(spec: ModelSpec, *args: Any) -> Any:
+        # The host's memory comes back only once a's worker has exited.
+        if worker.returncode is None:
+            refused.append(spec.model_id)
+            raise NotEnoughRam(f"{spec.model_id}: not enough free memory")
+        return await check(spec, *args)
+
+    gate.check = short_while_a_runs  # type: ignore[method-assign]
+    model = await registry.load(fake("b"))
+    assert model.status is ModelStatus.LOADED and worker.returncode is not None
+    assert refused == ["b"]  # refused once, judged again after the exit
