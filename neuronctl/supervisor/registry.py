@@ -193,6 +193,10 @@ class ModelRegistry:
         harness = self.harnesses.get(spec.harness) if spec is not None else None
         on = (caches is not None and spec is not None and harness is not None
               and caches.wanted(spec, harness.keeps_prompt_cache))
+        if on and model is not None and model.worker is not None:
+            # Wanted, but a worker runs without one when its directory could not be made
+            # (read-only or full state_dir): say what it does, not what was asked.
+            on = model.prompt_cache is not None
         return {"prompt_cache": on,
                 "prompt_cache_bytes": caches.bytes_held(model_id) if caches is not None else 0}
 

@@ -379,6 +379,9 @@ async def test_an_unwritable_cache_directory_or_a_full_disk_loads_without_a_cach
         assert model.status is ModelStatus.LOADED and model.prompt_cache is None
         assert model.worker is not None
         assert "--slot-save-path" not in model.worker.plan.command
+        # /models (and status) say what the worker does, not what the config asked.
+        (listed,) = registry.listing()
+        assert listed["prompt_cache"] is False
         await registry.unload("tiny")
     assert "tiny: loading without a prompt cache" in caplog.text
 
