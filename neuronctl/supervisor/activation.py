@@ -49,6 +49,10 @@ async def load_default_models(
     for index, spec in enumerate(specs, start=1):
         if observer:
             observer.before(index, total, spec)
+        # A reload loads changed catalogue models through here too: name them as such.
+        config = registry.config
+        kind = ("catalogue model" if spec.model_id in config.catalogue()
+                and not config.is_default(spec.model_id) else "default model")
         started = time.monotonic()
         error: str | None = None
         try:
@@ -56,15 +60,15 @@ async def load_default_models(
         except NeuronError as exc:  # a load that failed, or a conflicting one
             error = exc.message
         except Exception as exc:  # a bug must not keep the other models down
-            log.warning("default model %s: unexpected error", spec.model_id, exc_info=True)
+            log.warning("%s %s: unexpected error", kind, spec.model_id, exc_info=True)
             error = f"unexpected error: {exc!r}"
         result = ActivationResult(spec.model_id, time.monotonic() - started, error)
         if result.ok:
-            log.info("loaded default model %s in %.2f s", spec.model_id, result.elapsed_s)
+            log.info("loaded %s %s in %.2f s", kind, spec.model_id, result.elapsed_s)
         else:
             log.warning(
-                "default model %s failed after %.2f s: %s",
-                spec.model_id, result.elapsed_s, error,
+                "%s %s failed after %.2f s: %s",
+                kind, spec.model_id, result.elapsed_s, error,
             )
         results.append(result)
         if observer:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -174,7 +176,7 @@ def write_catalogue(path: Path, defaults: dict[str, list[str]],
 
 
 async def test_reload_names_each_model_and_why_and_reloads_loaded_catalogue_models(
-    tmp_path: Path, make_registry: MakeRegistry
+    tmp_path: Path, make_registry: MakeRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A loaded catalogue model changed is reloaded, one removed from the file unloaded, one
     not loaded takes its entry at its next load; each said per model, the reason in its
@@ -204,9 +206,13 @@ async def test_reload_names_each_model_and_why_and_reloads_loaded_catalogue_mode
     assert dry.summary() == "would reload config: 0 added, 1 removed, 2 reloaded"
     assert pids(registry) == before and registry.config == config  # nothing done
 
-    result = await reloader.reload()
+    with caplog.at_level(logging.INFO, "neuronctl.supervisor.activation"):
+        result = await reloader.reload()
     assert result.details == expected
     assert (result.added, result.removed, result.reloaded) == ([], ["gone"], ["gemma", "tiny"])
+    # The journal names a catalogue model as one, not as a default model.
+    assert re.search(r"loaded default model gemma in ", caplog.text)
+    assert re.search(r"loaded catalogue model tiny in ", caplog.text)
     after = pids(registry)
     assert set(after) == {"gemma", "tiny"}
     assert after["tiny"] != before["tiny"] and after["gemma"] != before["gemma"]
