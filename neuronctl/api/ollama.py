@@ -220,13 +220,16 @@ class OllamaApi:
             model = self.registry.get(model_id)
             if model is None and self.models.spec(model_id) is None:
                 raise self._named(errors.ModelNotFound(""), model_id, name)
-            if model is not None and not self.registry.config.pinned(model.spec):
+            kept = model is not None and self.registry.config.pinned(model.spec)
+            if model is not None and not kept:
                 stats = self.router.stats.model(model_id)
                 stats.keep_alive_s = 0.0  # busy now: the idle unloader's, once it is idle
                 if not self.router.stats.activity(model_id).busy:
                     await self.registry.unload(model_id)
             answer = convert.line(kind, name, time.time(), "", True)
-            return web.json_response({**answer, "done_reason": "unload"}, headers=headers)
+            # A pinned model stays (X-Neuron-Ignored-Options says why): it is loaded still.
+            return web.json_response({**answer, "done_reason": "load" if kept else "unload"},
+                                     headers=headers)
 
         async def loaded(_: ModelLifecycle, __: Worker, stats: ModelStats
                          ) -> web.StreamResponse:

@@ -70,6 +70,7 @@ async def test_what_the_node_answers_itself(node_config: NeuronConfig,
         await registry.load(pinned)
         async with client.post("/api/chat", json={"model": "pinned", "keep_alive": 0}) as resp:
             assert resp.status == 200 and "pinned" in resp.headers["X-Neuron-Ignored-Options"]
+            assert (await resp.json())["done_reason"] == "load"  # not unloaded: it says so
         assert registry.get("pinned") is not None  # the operator's to keep
         await registry.unload("pinned")
         async with client.post("/api/chat", json={"model": "m", "keep_alive": 0}) as resp:
