@@ -31,7 +31,7 @@ from . import anthropic
 from .keylimits import KeyLimits
 from .keyusage import MODEL_LABEL, REQUEST_TOKENS, KeyUsage, RequestTokens
 from .ratelog import RateLimitedLog
-from .roles import OPEN, role_for
+from .roles import LISTINGS, OPEN, role_for, route_path
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class KeyCheck:
                 f"key {key.name!r} lacks the {role!r} role that {request.method} "
                 f"{errors.clip(request.path)} needs (it has: {', '.join(sorted(key.roles))})"))
         request[PRINCIPAL] = key
-        if role != INFERENCE:
+        if role != INFERENCE or route_path(request) in LISTINGS:
             return await handler(request)
         return await self._serve(request, handler, key)
 

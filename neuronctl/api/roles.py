@@ -70,6 +70,13 @@ ROUTE_ROLES: Mapping[str, str | None] = {
 }
 
 
+# Routes of the inference role that serve no model, only say what the node has: a key's
+# limits (rpm, max_concurrent) and its usage count requests of models, not these (clients
+# poll them: Open WebUI asks /api/tags every few seconds).
+LISTINGS = frozenset({"/v1/models", "/v1/models/{model_id}", "/api/version", "/api/tags",
+                      "/api/ps", "/api/show"})
+
+
 def route_path(request: web.Request) -> str | None:
     """The pattern of the route `request` matched; None when it matched none (a 404, a
     405: their answer needs a valid key, no role)."""

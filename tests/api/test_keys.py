@@ -207,8 +207,13 @@ async def test_rpm_is_a_429_with_retry_after_before_the_queue(
         # Another key has its own minute.
         async with client.post("/v1/completions", json=body, headers=auth(ADMIN_KEY)) as resp:
             assert resp.status == 200
-        # Control routes in Ollama's or the node's shape: the node's JSON.
-        async with client.get("/v1/models", headers=auth(GW_KEY)) as resp:
+        # Listing what the node has serves no model: neither counted nor limited (Open
+        # WebUI polls /api/tags every few seconds; it must not eat a key's minute).
+        for path in ("/v1/models", "/v1/models/m", "/api/tags", "/api/ps", "/api/version"):
+            async with client.get(path, headers=auth(GW_KEY)) as resp:
+                assert resp.status == 200, path
+        async with client.post("/api/chat", json={"model": "m", "messages": []},
+                               headers=auth(GW_KEY)) as resp:
             assert resp.status == 429
 
     await run(make_registry, config, scenario, StandIns(m=StandIn(usage_answer)))
