@@ -395,6 +395,10 @@ class Fetcher:
         self.cache = cache or default_cache()
         self.endpoint = endpoint  # the Hub's URL: HF_ENDPOINT's, unless given
         self.offline = hf_offline() if offline is None else offline
+        # Why nothing is downloaded, for messages: the environment's say, or the caller's
+        # (a `show` reads the cache only, whatever the environment allows).
+        self._by_env = offline is None
+        self._offline_why = "HF_HUB_OFFLINE=1" if self._by_env else "reading the cache only"
         self._api = api
         self._download = download
         self._free_space = free_space
@@ -416,12 +420,10 @@ class Fetcher:
                 return Resolved(paths[0], paths, f"{repo_id}:{parts[0]}")
         if self.offline:
             if cache_error is not None:
-                raise ResolveError(f"{cache_error.message} (HF_HUB_OFFLINE=1: only the cache "
-                                   f"{self.cache} was searched)")
-            raise ResolveError(
-                f"{where} is not in the cache {self.cache} and HF_HUB_OFFLINE=1 forbids "
-                "downloading it"
-            )
+                raise ResolveError(f"{cache_error.message} ({self._offline_why}: only the "
+                                   f"cache {self.cache} was searched)")
+            raise ResolveError(f"{where} is not in the cache {self.cache}" + (
+                " and HF_HUB_OFFLINE=1 forbids downloading it" if self._by_env else ""))
         remote = self._list_remote(repo_id, spec.revision, where)
         parts = select([f.name for f in remote], spec, where)
         sizes = {f.name: f.size for f in remote}
