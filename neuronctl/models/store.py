@@ -73,10 +73,15 @@ def caches(config: NeuronConfig) -> list[Path]:
     """Every Hugging Face cache the config's harnesses use (the default one when a harness
     names none), each once."""
     found: list[Path] = []
+    seen: set[Path] = set()
     for name in sorted({DEFAULT_HARNESS, *config.harness,
                         *(s.harness for s in config.catalogue().values())}):
         cache = config.harness_config(name).hf_cache or default_cache()
-        if cache not in found:
+        # One directory named two ways (a link, `..`, a trailing part) is one cache: its
+        # models are listed, and removed, once.
+        real = cache.resolve()
+        if real not in seen:
+            seen.add(real)
             found.append(cache)
     return found
 

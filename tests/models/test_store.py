@@ -101,6 +101,20 @@ def test_rm_of_one_quant_frees_its_blob_and_keeps_the_others(tmp_path: Path,
     assert len(blobs) == 4  # Q4, two BF16 parts, README
 
 
+def test_one_cache_named_two_ways_by_two_harnesses_is_one_cache(tmp_path: Path,
+                                                              cache: Path) -> None:
+    """Both harnesses on the same directory (one through a link): each model is listed,
+    matched and removed once, not once per harness."""
+    (tmp_path / "link").symlink_to(cache)
+    config = dataclasses.replace(config_with(tmp_path, cache), harness={
+        "llama-cpp-python": HarnessConfig(hf_cache=cache),
+        "llama-server": HarnessConfig(hf_cache=tmp_path / "link" / ".." / "hf")})
+    assert store.caches(config) == [cache]
+    found = store.matching(config, f"{REPO}:Q8_0")
+    assert [m.file for m in found] == ["tiny-Q8_0.gguf"]
+    assert [m["file"] for m in store.remove(found).as_json()["removed"]] == ["tiny-Q8_0.gguf"]
+
+
 def test_rm_never_removes_what_a_planted_snapshot_link_points_at(tmp_path: Path,
                                                                  cache: Path) -> None:
     """A shared cache's snapshot link to a file elsewhere (planted by whoever can write
