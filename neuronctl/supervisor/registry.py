@@ -13,6 +13,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -38,6 +39,7 @@ from ..errors import (
 )
 from ..events import EventBus
 from ..models import files as modelfiles
+from ..models import pulls
 from ..models.admission import VramGate
 from ..models.discovery import Discovery
 from ..models.pulls import Pulls
@@ -202,7 +204,11 @@ class ModelRegistry:
 
     def _pull_json(self, model_id: str) -> dict[str, Any] | None:
         pull = self.pulls.get(model_id)
-        return pull.as_json() if pull is not None else None
+        if pull is None:
+            return None
+        if pull.state == pulls.DONE and pull.path and not os.path.exists(pull.path):
+            return None  # removed since (`neuronctl rm`): the record would say it is there
+        return pull.as_json()
 
     def spec_for(self, parsed: ModelSpec, keys: Collection[str]) -> ModelSpec:
         """The spec a load request means. A catalogue id without a source of its own (no

@@ -80,6 +80,11 @@ async def test_pulls_run_one_at_a_time_with_their_progress_on_the_event_stream(
             assert (status, again["status"]) == (200, "done")
             assert again["pull"]["path"].endswith("a-Q4_K_M.gguf")
             assert len(hub.downloads) == 2
+            # Removed since (neuronctl rm, another host's cleanup): /models no longer says
+            # the download is there.
+            Path(again["pull"]["path"]).unlink()
+            _, models = await call(served, "GET", "/models")
+            assert [m["pull"] for m in models if m["id"] == "a"] == [None]
     finally:
         hub.gate.set()
 
