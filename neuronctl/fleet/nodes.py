@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..client import ApiError, Client, DaemonNotRunning
+from ..keys import INFERENCE, Principal
 
 # The router settings measured with LiteLLM 1.108 on two nodes (docs/fleet.md): a node
 # killed with SIGKILL costs at most one failed request, a node that answers 404 (the model
@@ -73,7 +74,31 @@ def read_node(url: str, api_key: str | None, timeout_s: float) -> Node:
         return Node(url, error="not answering (connection refused or no route)")
     except ApiError as exc:
         return Node(url, error=exc.message)
-    return node_from_answers(url, models, host)
+    try:
+        me = client.request("GET", "/keys/self")
+    except (DaemonNotRunning, ApiError):
+        me = None  # a node older than keys: nothing to judge the key by
+    return within_key(node_from_answers(url, models, host), me)
+
+
+def within_key(node: Node, me: Any) -> Node:
+    """The node as the key the proxy will send sees it (`me`: its `GET /keys/self`): the
+    models of the key's scope only (a request for another is refused), and none at all,
+    with the reason, when the key may not run inference there (every request refused)."""
+    if not node.answered or not isinstance(me, dict) or not isinstance(me.get("roles"), list):
+        return node
+    patterns = me.get("models")
+    if not isinstance(patterns, list):
+        patterns = []
+    key = Principal(str(me.get("name")), frozenset(map(str, me["roles"])),
+                    tuple(map(str, patterns)))
+    if not key.has(INFERENCE):
+        return Node(node.url, error=f"the key given ({key.name}) lacks the inference role "
+                                    f"there (it has: {', '.join(sorted(key.roles)) or 'none'})"
+                                    "; the proxy's requests would be refused: give a key "
+                                    "with the inference and read roles")
+    return Node(node.url, node.node_id, node.incarnation,
+                [m for m in node.models if key.may_use(str(m["id"]))])
 
 
 def node_from_answers(url: str, models: Any, host: Any) -> Node:

@@ -210,6 +210,23 @@ def test_answers_that_are_not_a_nodes_are_refused(models: Any, host: Any, why: s
     assert not node.answered and why in str(node.error)
 
 
+def test_the_config_holds_what_the_key_may_serve() -> None:
+    """LiteLLM sends the key given: a read-only key would have every request refused (the
+    node is left out, saying why), a scoped one serves only its models."""
+    node = answered("http://a:1", "a", entry("qwen-small"), entry("gemma"))
+    reader = fleet.within_key(node, {"name": "dash", "roles": ["read"], "models": []})
+    assert not reader.answered
+    assert "(dash) lacks the inference role there (it has: read)" in str(reader.error)
+    scoped = fleet.within_key(node, {"name": "gw", "roles": ["inference", "read"],
+                                     "models": ["qwen*"]})
+    assert [m["id"] for m in scoped.models] == ["qwen-small"]
+    result = fleet.litellm_config([scoped], "k")
+    assert [d["model_name"] for d in result.config["model_list"]] == ["qwen-small"]
+    # An admin key, or a node without keys (any role), sees the node as it is.
+    for me in ({"name": "root", "roles": ["admin"], "models": ["x"]}, None):
+        assert [m["id"] for m in fleet.within_key(node, me).models] == ["qwen-small", "gemma"]
+
+
 def test_the_rendered_config_is_yaml_litellm_reads() -> None:
     yaml = pytest.importorskip("yaml")
     result = fleet.litellm_config([answered("http://a:1", "a", entry("Qwen/Qwen3: \"x\"#1"))],
