@@ -108,8 +108,8 @@ def litellm_config(
     urls = _urls(nodes)
     # The hook is a file beside the config: printed to stdout, the config goes without it.
     hook = routing_hook and out_file is not None
-    result = fleet.litellm_config(fleet.read_nodes(urls, api_key, timeout), api_key, redis,
-                                  hook)
+    read = fleet.read_nodes(urls, api_key, timeout, as_proxy=True)
+    result = fleet.litellm_config(read, api_key, redis, hook)
     for url, why in result.left_out:
         sys.stderr.write(f"neuronctl: left out {url}: {why}\n")
     if result.empty:

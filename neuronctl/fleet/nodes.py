@@ -64,8 +64,10 @@ class Node:
         return self.error is None
 
 
-def read_node(url: str, api_key: str | None, timeout_s: float) -> Node:
-    """`GET /models` and `GET /discovery` of the node at `url` (a normalized base URL)."""
+def read_node(url: str, api_key: str | None, timeout_s: float, *,
+              as_proxy: bool = False) -> Node:
+    """`GET /models` and `GET /discovery` of the node at `url` (a normalized base URL);
+    `as_proxy`: as the proxy that sends `api_key` will be served (`within_key`)."""
     client = Client(url, timeout_s, api_key, key_hint=KEY_HINT)
     try:
         models = client.request("GET", "/models")
@@ -74,11 +76,14 @@ def read_node(url: str, api_key: str | None, timeout_s: float) -> Node:
         return Node(url, error="not answering (connection refused or no route)")
     except ApiError as exc:
         return Node(url, error=exc.message)
+    node = node_from_answers(url, models, host)
+    if not as_proxy:
+        return node
     try:
         me = client.request("GET", "/keys/self")
     except (DaemonNotRunning, ApiError):
         me = None  # a node older than keys: nothing to judge the key by
-    return within_key(node_from_answers(url, models, host), me)
+    return within_key(node, me)
 
 
 def within_key(node: Node, me: Any) -> Node:
@@ -117,14 +122,16 @@ def node_from_answers(url: str, models: Any, host: Any) -> Node:
     return Node(url, node_id, incarnation, models)
 
 
-def read_nodes(urls: Sequence[str], api_key: str | None, timeout_s: float) -> list[Node]:
+def read_nodes(urls: Sequence[str], api_key: str | None, timeout_s: float, *,
+               as_proxy: bool = False) -> list[Node]:
     """Every node at once (one slow node costs `timeout_s`, not one per node), in order."""
     if not urls:
         return []
     from concurrent.futures import ThreadPoolExecutor  # here: `neuronctl status` never needs it
 
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        return list(pool.map(lambda u: read_node(u, api_key, timeout_s), urls))
+        return list(pool.map(lambda u: read_node(u, api_key, timeout_s, as_proxy=as_proxy),
+                             urls))
 
 
 def servable(model: dict[str, Any]) -> bool:
