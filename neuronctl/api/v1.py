@@ -337,6 +337,7 @@ class Router:
             finally:
                 stats.in_flight -= 1
                 stats.last_used = time.monotonic()
+                self.registry.request_ended()  # a load waiting for room may go on
                 if self.stats.keeps(model_id, stats):  # to the last byte, streams included
                     self.times.latency.labels(model_id).observe(time.monotonic() - started)
 

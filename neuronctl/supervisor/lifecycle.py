@@ -67,6 +67,32 @@ log = logging.getLogger("neuronctl.models")
 WorkerFactory = Callable[..., Worker]
 
 
+class RoomSignal:
+    """Wakes the loads waiting for room (every model that could make it busy) as soon as a
+    request ends, rather than at their next poll."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """Done at the next `notify`: taken before room is judged, so a request that ends
+        between the judgement and the wait is not missed."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)  # cancelled: forgotten at once
+        return waiter
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 @dataclass(eq=False)
 class Shared:
     """What every model on the node shares. `config` and `harnesses` are replaced by a
@@ -88,6 +114,7 @@ class Shared:
     # Wait for the evictions still stopping (the registry's `settle_stops`); True when
     # there were any. None: none is ever left to stop on its own.
     settle_stops: Callable[[], Awaitable[bool]] | None = None
+    room: RoomSignal = field(default_factory=RoomSignal)  # the router notifies it
     prompt_caches: PromptCaches | None = None  # None: no worker keeps a prompt cache
 
 
@@ -256,22 +283,40 @@ class ModelLifecycle:
         await self._read_header(harness)
         waiting_since: float | None = None  # since room was first refused, not queued
         while True:
-            async with self._shared.load_lock.hold() as hold:
-                ready_s = await self._start_with_room(harness, hold)
-                if ready_s is not None:
-                    self.history = History().ready(self._shared.clock())
-                    self._set_state(WorkerState.READY, ready_s=ready_s,
-                                    journal=self._ready_summary(ready_s))  # STARTING -> READY
+            freed = self._shared.room.waiter()
+            try:
+                if await self._start_once(harness):
                     return
-            # Only busy models could make room: wait outside the lock, so restarts and
-            # other loads go on meanwhile, and never cut their requests.
-            if waiting_since is None:
-                waiting_since = self._shared.clock()
-            elif self._shared.clock() - waiting_since >= self._shared.config.eviction_wait_s:
-                raise NoRoom(f"{self.model_id}: no room: every model that could be unloaded "
-                             f"for it stayed busy for eviction_wait_s "
-                             f"({self._shared.config.eviction_wait_s:g} s)")
-            await self._shared.sleep(ROOM_POLL_S)
+                # Only busy models could make room: wait outside the lock, so restarts and
+                # other loads go on meanwhile, and never cut their requests.
+                if waiting_since is None:
+                    waiting_since = self._shared.clock()
+                elif self._shared.clock() - waiting_since >= \
+                        self._shared.config.eviction_wait_s:
+                    raise NoRoom(f"{self.model_id}: no room: every model that could be "
+                                 f"unloaded for it stayed busy for eviction_wait_s "
+                                 f"({self._shared.config.eviction_wait_s:g} s)")
+                # Until a request ends somewhere (the busy model may be idle now), or the
+                # poll (a VRAM shortage may end with no request ending).
+                polled = asyncio.ensure_future(self._shared.sleep(ROOM_POLL_S))
+                try:
+                    await asyncio.wait({polled, freed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    polled.cancel()
+            finally:
+                freed.cancel()
+
+    async def _start_once(self, harness: Harness) -> bool:
+        """One try under the load lock: True once the worker is ready, False when only busy
+        models could make room."""
+        async with self._shared.load_lock.hold() as hold:
+            ready_s = await self._start_with_room(harness, hold)
+            if ready_s is None:
+                return False
+            self.history = History().ready(self._shared.clock())
+            self._set_state(WorkerState.READY, ready_s=ready_s,
+                            journal=self._ready_summary(ready_s))  # STARTING -> READY
+            return True
 
     async def _start_with_room(self, harness: Harness, hold: Hold) -> float | None:
         """Holding the load lock: make room (evicting idle models), then start; seconds to

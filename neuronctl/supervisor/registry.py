@@ -372,6 +372,11 @@ class ModelRegistry:
             held += model.vram_estimate_mb
         return held >= shortage.short_mb
 
+    def request_ended(self) -> None:
+        """A request left a model (the router says so): a load waiting for a busy model to
+        make room judges again now."""
+        self.services.room.notify()
+
     def _frees_vram(self, candidate: Candidate) -> bool:
         """Whether unloading `candidate` gives GPU memory back that a start must wait for
         (nvidia-smi listed GPUs, and it offloads layers to one)."""

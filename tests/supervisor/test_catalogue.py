@@ -598,3 +598,31 @@ async def test_a_start_short_of_ram_judges_again_once_an_evicted_worker_has_exit
     model = await registry.load(fake("b"))
     assert model.status is ModelStatus.LOADED and worker.returncode is not None
     assert refused == ["b"]  # refused once, judged again after the exit
+
+
+async def test_a_load_waiting_for_a_busy_model_goes_on_when_a_request_ends(
+    node_config: NeuronConfig, make_registry: MakeRegistry,
+) -> None:
+    """No poll needed: the router's word that a request ended wakes the waiting load (its
+    poll here never comes)."""
+    from neuronctl.supervisor.eviction import Activity
+
+    async def never(_: float) -> None:
+        await asyncio.Event().wait()
+
+    config = catalogue(node_config, fake("a"), fake("b"), max_loaded_models=1)
+    registry = make_registry(config, sleep=never)
+    busy = {"a": Activity(in_flight=1)}
+    registry.activity = lambda m: busy.get(m, Activity())
+    await registry.load(fake("a"))
+    load_b = asyncio.create_task(registry.load(fake("b")))
+    # b judged the room taken and waits, outside the load lock.
+    await poll_until_async(lambda: registry.services.room.waiting == 1
+                           and not registry.services.load_lock.locked())
+    registry.request_ended()  # still busy: b waits on
+    await asyncio.sleep(0.05)
+    assert not load_b.done()
+    busy.clear()
+    registry.request_ended()
+    model = await asyncio.wait_for(load_b, 20)
+    assert model.status is ModelStatus.LOADED and registry.get("a") is None
