@@ -54,7 +54,7 @@ from ..states import (
 )
 from . import listing, liveness
 from .harness import Harness, WorkerPlan
-from .loadlock import Hold, LoadLock
+from .loadlock import Hold, LoadLock, RoomSignal
 from .policy import GiveUp, History, RestartPolicy
 from .promptcache import PromptCaches, Session
 from .statefile import StateFile
@@ -65,32 +65,6 @@ from .worker import Worker, describe_exit, free_port
 log = logging.getLogger("neuronctl.models")
 
 WorkerFactory = Callable[..., Worker]
-
-
-class RoomSignal:
-    """Wakes the loads waiting for room (every model that could make it busy) as soon as a
-    request ends, rather than at their next poll."""
-
-    def __init__(self) -> None:
-        self._waiters: set[asyncio.Future[None]] = set()
-
-    def waiter(self) -> asyncio.Future[None]:
-        """Done at the next `notify`: taken before room is judged, so a request that ends
-        between the judgement and the wait is not missed."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.add(waiter)
-        waiter.add_done_callback(self._waiters.discard)  # cancelled: forgotten at once
-        return waiter
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def notify(self) -> None:
-        waiters, self._waiters = self._waiters, set()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 @dataclass(eq=False)

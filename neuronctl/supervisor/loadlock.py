@@ -7,7 +7,8 @@ its `ready_timeout_s` (a never-ready load held a crashed default model down that
 
 So waiting restarts go before waiting loads, and a holder whose worker has spawned *lends*
 the lock to restarts while it waits for the worker to be ready: a restart (of a model that
-ran before, on memory it held before) may start meanwhile, a new load may not. Imports
+ran before, on memory it held before) may start meanwhile, a new load may not.
+`RoomSignal` wakes the loads waiting outside the lock for a busy model to make room. Imports
 nothing of the package.
 """
 
@@ -94,3 +95,29 @@ class LoadLock:
                 self._holders[token] = False
                 future.set_result(None)
                 return
+
+
+class RoomSignal:
+    """Wakes the loads waiting for room (every model that could make it busy) as soon as a
+    request ends, rather than at their next poll."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """Done at the next `notify`: taken before room is judged, so a request that ends
+        between the judgement and the wait is not missed."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)  # cancelled: forgotten at once
+        return waiter
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
