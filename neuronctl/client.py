@@ -20,7 +20,6 @@ from typing import Any
 from .config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_PORT,
-    ConfigError,
     KeySpec,
     NeuronConfig,
     read_keys_leniently,
@@ -28,8 +27,11 @@ from .config import (
 from .identity import NODE_HEADER
 from .notes import local_url, read_listening, read_starting
 
-# What a client refused for want of a key is told: where the CLI's commands find one.
-KEY_HINT = "set NEURON_API_KEY, or pass the --config that has it"
+# What a client refused for want of a key is told: where the CLI's commands find one
+# (the hint names the config instead when one was read: `_key_hint`).
+KEY_HINT = "set NEURON_API_KEY or use --key-file FILE, or pass the --config that has it"
+# The ways to give a key that need no config file, for the hints.
+_OTHER_WAYS = "set NEURON_API_KEY or use `neuronctl --key-file FILE COMMAND`"
 # Longer than the daemon's keep-alive interval (15 s): a quiet node is not a dead one.
 EVENTS_READ_TIMEOUT_S = 45.0
 Event = tuple[str, Any]  # a server-sent event: its name and its decoded data
@@ -48,6 +50,11 @@ class DaemonNotRunning(Exception):
         self.starting = starting
 
 
+class KeyFileError(Exception):
+    """A key file the operator named (`--key-file`, NEURON_API_KEY_FILE) that gives no key;
+    the message says where it was named and why."""
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, body: Any = None) -> None:
         super().__init__(message)
@@ -63,6 +70,9 @@ class ClientSettings:
     log_dir: Path = NeuronConfig.log_dir
     api_key: str | None = None
     state_dir: Path | None = None  # where a starting supervisor leaves its note
+    source: Path | None = None  # the config file these came from
+    # Why the config named a key file this user could not read a key from, if it did.
+    key_problem: str | None = None
 
 
 def client_settings(path: Path, problems: list[str] | None = None) -> ClientSettings:
@@ -76,50 +86,75 @@ def client_settings(path: Path, problems: list[str] | None = None) -> ClientSett
     port = found.get("port")
     key = found.get("api_key")
     key_file = found.get("api_key_file")
+    why: str | None = None
     if key is None and key_file is not None:
-        key = _read_key(key_file)
+        key, why = _read_key(key_file)
     if key is None:
-        key = _admin_key(found.get("keys", ()))
+        key, admin_why = _admin_key(found.get("keys", ()))
+        why = why or admin_why
     return ClientSettings(
         host=found.get("host") or defaults.host,
         port=port if port is not None and 1 <= port <= 65535 else defaults.port,
         log_dir=found.get("log_dir", defaults.log_dir),
         api_key=key,
         state_dir=found.get("state_dir", NeuronConfig.state_dir),
+        source=path,
+        key_problem=None if key is not None else why,
     )
 
 
-def _read_key(path: Path) -> str | None:
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        return path.read_text(encoding="utf-8").strip() or None
-    return None
+def _read_key(path: Path) -> tuple[str | None, str | None]:
+    """The key in `path`, or None and why not (said with a 401)."""
+    try:
+        return path.read_text(encoding="utf-8").strip() or None, f"{path} is empty"
+    except FileNotFoundError:
+        return None, f"no such file {path}"
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror}"
+    except UnicodeDecodeError:
+        return None, f"{path} is not UTF-8 text"
 
 
-def _key_from_file() -> str | None:
-    """The key in NEURON_API_KEY_FILE (`neuronctl --key-file`); named, it must be read."""
-    named = os.environ.get("NEURON_API_KEY_FILE")
-    if not named:
-        return None
-    key = _read_key(Path(named))
-    if key is None:
-        raise ConfigError("NEURON_API_KEY_FILE", f"cannot read a key from {named}")
+def read_named_key(path: Path, named_by: str) -> str:
+    """The key in a file the operator named (`named_by`: `--key-file PATH` or
+    `NEURON_API_KEY_FILE=PATH`): it must give one, and be no one else's to read (ssh's rule
+    for a private key, the daemon's for its key files)."""
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise KeyFileError(f"{named_by}: no such file") from None
+    except OSError as exc:
+        raise KeyFileError(f"{named_by}: cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{named_by}: not UTF-8 text") from None
+    if mode & 0o004:
+        raise KeyFileError(f"{named_by}: readable by every user (mode {mode & 0o777:o}), so "
+                           f"the key is no secret; chmod o-rwx {path}")
+    if not key:
+        raise KeyFileError(f"{named_by}: the file is empty")
     return key
 
 
-def _admin_key(keys: tuple[KeySpec, ...]) -> str | None:
+def _admin_key(keys: tuple[KeySpec, ...]) -> tuple[str | None, str | None]:
     """The first admin key of `[[keys]]` this user can read: a `file`, or a systemd
-    `credential` when run inside the unit's credentials (a hash alone cannot be sent)."""
+    `credential` when run inside the unit's credentials (a hash alone cannot be sent); else
+    None and why the first one named could not be read."""
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    first_why: str | None = None
     for spec in keys:
         if "admin" not in spec.roles:
             continue
         path = spec.file
         if path is None and spec.credential is not None and directory:
             path = Path(directory) / spec.credential
-        key = _read_key(path) if path is not None else None
+        if path is None:
+            continue
+        key, why = _read_key(path)
         if key is not None:
-            return key
-    return None
+            return key, None
+        first_why = first_why or why
+    return None, first_why
 
 
 def settings_for(config_path: Path | None,
@@ -166,22 +201,26 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
 
     URL: `--url`, else NEURON_URL, else the port in the config file (`--config`, or the
     default one when readable), else the default. API key: NEURON_API_KEY, else the file
-    NEURON_API_KEY_FILE names, else the config file's (`api_key`, `api_key_file`, or an
-    admin `[[keys]]` entry's file or credential this user can read).
+    NEURON_API_KEY_FILE names (`neuronctl --key-file` sets it, and unsets NEURON_API_KEY),
+    else the config file's (`api_key`, `api_key_file`, or an admin `[[keys]]` entry's file
+    or credential this user can read). A named key file that gives no key: KeyFileError.
     """
     # A config being edited (not valid TOML) must not blind the client: what can be read
     # of it is used, the daemon's own note says where it listens, and the operator is told.
     problems: list[str] = []
     settings = settings_for(config_path, problems)
-    key = os.environ.get("NEURON_API_KEY") or _key_from_file() \
-        or (settings.api_key if settings else None)
     # Where the key came from, said when the node refuses it: $NEURON_API_KEY silently
     # overrides a config's right key.
+    env_file = os.environ.get("NEURON_API_KEY_FILE")
+    key_source: str | None
     if os.environ.get("NEURON_API_KEY"):
-        key_source: str | None = "$NEURON_API_KEY (it overrides the config's key)"
-    elif os.environ.get("NEURON_API_KEY_FILE"):
-        key_source = f"the key file {os.environ['NEURON_API_KEY_FILE']} (--key-file)"
+        key: str | None = os.environ["NEURON_API_KEY"]
+        key_source = "$NEURON_API_KEY (it overrides the config's key)"
+    elif env_file:
+        key = read_named_key(Path(env_file), f"NEURON_API_KEY_FILE={env_file}")
+        key_source = f"the key file {env_file}"
     else:
+        key = settings.api_key if settings else None
         key_source = "the config file" if key else None
     url = url or os.environ.get("NEURON_URL")
     if url:
@@ -199,10 +238,24 @@ def connect(url: str | None, config_path: Path | None, timeout_s: float = 10.0) 
         if _env_port() is None:
             _follow_listening(client, settings.state_dir, _config_used(config_path))
     client.key_source = key_source
+    client.key_hint = _key_hint(settings, problems)
     if problems:
         client.warning = (f"{problems[0]}; asking the node at {client.url} anyway (a reload "
                           "would refuse this file)")
     return client
+
+
+def _key_hint(settings: ClientSettings | None, problems: list[str]) -> str:
+    """What a 401 without a key is told: where the key was looked for and why it was not
+    found there, never "pass the --config" to one who did."""
+    if settings is None or settings.source is None:
+        return KEY_HINT
+    why = f" ({settings.key_problem})" if settings.key_problem else ""
+    if problems:
+        return (f"no key found: {problems[0]}, and what could be read of it names no key "
+                f"this user can read{why}; fix the file, or {_OTHER_WAYS}")
+    return (f"{settings.source} names no key this user can read{why}: api_key, "
+            f"api_key_file or an admin [[keys]] entry's file; {_OTHER_WAYS}")
 
 
 def _config_used(config_path: Path | None) -> Path | None:
@@ -240,7 +293,7 @@ class Client:
         self.url = url
         self.timeout_s = timeout_s
         self._api_key = api_key
-        self._key_hint = key_hint  # said with a 401 when no key was sent
+        self.key_hint = key_hint  # said with a 401 when no key was sent
         self._state_dir = state_dir  # known when the URL came from the config
         self.note: str | None = None  # something the operator should know (the CLI says it)
         self.warning: str | None = None  # something wrong the operator should fix
@@ -305,7 +358,7 @@ class Client:
             message = (f"{self.url} answered HTTP {exc.code} {exc.reason}, not as a neuron "
                        "node does (no JSON error); is --url the node's address?")
         if exc.code == 401 and not self._api_key:
-            message = f"{message} ({self._key_hint})"
+            message = f"{message} ({self.key_hint})"
         elif exc.code == 401 and self.key_source:
             # A person typed no header: say which key was wrong, not how HTTP sends one.
             message = f"the node refused the API key from {self.key_source}"

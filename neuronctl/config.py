@@ -7,6 +7,7 @@ same one-line errors naming the offending key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -327,11 +328,11 @@ def read_keys_leniently(path: Path, keys: tuple[str, ...],
                         problems: list[str] | None = None) -> dict[str, Any]:
     """The top-level `keys` of the config file at `path` that are valid, converted exactly
     as `load_config` converts them (`~` expanded, relative paths next to the file); a key
-    with a bad value is left out rather than failing the whole read. For clients (the CLI),
-    which must reach a running daemon when the file has a mistake elsewhere: with
-    `problems`, a file that is not valid TOML (being edited, say) is read line by line
-    instead, its top-level `key = value` lines that parse alone kept, and why it could not
-    be read whole appended to `problems`."""
+    with a bad value is left out rather than failing the whole read, and of an array of
+    tables (`[[keys]]`) the entries that are valid are kept. For clients (the CLI), which
+    must reach a running daemon when the file has a mistake elsewhere: with `problems`, a
+    file that is not valid TOML (being edited, say) is read as far as it parses
+    (`_parsable_parts`) and why it could not be read whole appended to `problems`."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -342,32 +343,76 @@ def read_keys_leniently(path: Path, keys: tuple[str, ...],
         if problems is None:
             raise ConfigError("", f"cannot read config file: {exc}", source) from None
         problems.append(str(ConfigError("", f"cannot read config file: {exc}", source)))
-        raw = _top_level_lines(text)
+        raw = _parsable_parts(text)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config file: {exc}", source) from None
     hints = typing.get_type_hints(NeuronConfig)
+    base_dir = path.parent.resolve()
     values: dict[str, Any] = {}
     for key in keys:
-        if key in raw:
-            try:
-                values[key] = _convert(raw[key], hints[key], key, path.parent.resolve())
-            except ConfigError:
-                continue
+        if key not in raw:
+            continue
+        try:
+            values[key] = _convert(raw[key], hints[key], key, base_dir)
+        except ConfigError:
+            entries = _valid_entries(raw[key], hints[key], key, base_dir)
+            if entries is not None:
+                values[key] = entries
     return values
 
 
-def _top_level_lines(text: str) -> dict[str, Any]:
-    """What each line before the first table says, each parsed alone (a broken line, or a
-    value over several lines, is skipped)."""
+def _valid_entries(value: Any, tp: Any, key: str, base_dir: Path) -> tuple[Any, ...] | None:
+    """Of an array of tables (`[[keys]]`), the entries that convert; None for any other
+    kind of value."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is not tuple or not dataclasses.is_dataclass(args[0]) \
+            or not isinstance(value, list):
+        return None
+    entries = []
+    for i, item in enumerate(value):
+        with contextlib.suppress(ConfigError):
+            entries.append(_convert(item, args[0], f"{key}[{i}]", base_dir))
+    return tuple(entries)
+
+
+def _parsable_parts(text: str) -> dict[str, Any]:
+    """What a file that is not valid TOML still says: each line before the first table
+    parsed alone (a broken line, or a value over several lines, is skipped), then each
+    table, from its header to the next one, kept when it parses with those kept before it.
+    So a half-edited `[[models]]` entry or top-level line does not hide the `[[keys]]`
+    entry that names the admin key's file."""
     found: dict[str, Any] = {}
+    tables: list[str] = []
     for line in text.splitlines():
         if line.lstrip().startswith("["):
-            break
-        try:
-            found.update(tomllib.loads(line))
-        except (tomllib.TOMLDecodeError, RecursionError):
-            continue
+            tables.append(line)
+        elif tables:
+            tables[-1] += "\n" + line
+        else:
+            with contextlib.suppress(tomllib.TOMLDecodeError, RecursionError):
+                found.update(tomllib.loads(line))
+    whole = [table for table in tables if _parses(table)]
+    try:
+        parsed = tomllib.loads("\n".join(whole))
+    except (tomllib.TOMLDecodeError, RecursionError):
+        # Tables that parse alone but not together (one header twice): one at a time,
+        # each kept when it parses with those before it.
+        kept: list[str] = []
+        for table in whole:
+            if _parses("\n".join([*kept, table])):
+                kept.append(table)
+        parsed = tomllib.loads("\n".join(kept))
+    for key, value in parsed.items():
+        found.setdefault(key, value)
     return found
+
+
+def _parses(text: str) -> bool:
+    try:
+        tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return False
+    return True
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> NeuronConfig:

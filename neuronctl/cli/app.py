@@ -13,8 +13,10 @@ from typing import Annotated, NoReturn
 import typer
 
 from .. import __version__
+from ..client import KeyFileError, read_named_key
 from ..config import DEFAULT_CONFIG_PATH
-from . import chat, helpstyle, logs, models, status, store
+from ..errors import EX_CONFIG, fail
+from . import chat, helpstyle, logs, models, status, store, usage
 from .base import say
 from .fleet import app as fleet_app
 from .keys import app as keys_app
@@ -29,6 +31,7 @@ app = typer.Typer(
     # Help strings hold "[default: ...]": shown as written, never read as rich markup.
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=usage.Group,  # "No such option" says where a misplaced option goes
 )
 app.add_typer(fleet_app, name="fleet",  # docs/fleet.md
               short_help="Many nodes: LiteLLM's proxy config, one status table.")
@@ -49,14 +52,22 @@ def _main(
     ] = False,
     key_file: Annotated[
         Path | None, typer.Option(
-            "--key-file", help="A file holding the key to send (before the command: "
-                               "`neuronctl --key-file F status`) [default: "
-                               "$NEURON_API_KEY_FILE, else the config's]")
+            "--key-file", metavar="FILE",
+            help="A file holding the key to send, given before the command "
+                 "(`neuronctl --key-file F status`); it wins over $NEURON_API_KEY "
+                 "[default: $NEURON_API_KEY, else $NEURON_API_KEY_FILE, else the config's]")
     ] = None,
 ) -> None:
     if key_file is not None:
-        # The one place the client looks for it (client.connect), for every command.
+        # Read now, so what is wrong with it names the option; then where every command's
+        # client looks (client.connect). Typed on this command line, it wins over an
+        # exported $NEURON_API_KEY.
+        try:
+            read_named_key(key_file, f"--key-file {key_file}")
+        except KeyFileError as exc:
+            fail(str(exc), EX_CONFIG)
         os.environ["NEURON_API_KEY_FILE"] = str(key_file)
+        os.environ.pop("NEURON_API_KEY", None)
 
 
 StartConfigOpt = Annotated[

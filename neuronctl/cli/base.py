@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..client import ApiError, Client, DaemonNotRunning, connect
+from ..client import ApiError, Client, DaemonNotRunning, KeyFileError, connect
 from ..config import DEFAULT_CONFIG_PATH, ConfigError
 from ..errors import EX_CONFIG, fail
 
@@ -68,6 +68,8 @@ def client(url: str | None, config: Path | None, timeout_s: float = 10.0) -> Cli
         made = connect(url, config, timeout_s)
     except ConfigError as exc:
         fail(f"config error: {exc}", EX_CONFIG)
+    except KeyFileError as exc:
+        fail(str(exc), EX_CONFIG)
     except ValueError as exc:  # a --url or NEURON_URL that is no URL
         fail(f"--url: {exc}", 2)
     if made.warning:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import logfiles
-from ..client import ApiError, DaemonNotRunning, connect, settings_for
+from ..client import ApiError, DaemonNotRunning, KeyFileError, connect, settings_for
 from ..config import ConfigError, config_from_env
 from ..errors import EX_CONFIG, fail
 from .base import ConfigOpt, UrlOpt
@@ -83,7 +83,7 @@ def _model_from_daemon(url: str | None, config: Path | None,
     does not know it."""
     try:
         models = connect(url, config, timeout_s=3.0).models()
-    except (ApiError, DaemonNotRunning, ConfigError, ValueError):
+    except (ApiError, DaemonNotRunning, ConfigError, KeyFileError, ValueError):
         return None
     for model in models:
         if model.get("id") == model_id:

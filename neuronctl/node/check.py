@@ -4,17 +4,19 @@ status that says valid (0) or not (78, as `start` refuses it).
 
 Beyond what `start` checks (the file, every key, the harness tables), it looks at what
 `start` finds only at the first load: that each catalogue model's `path` is a file, and that
-each harness a model uses can run here. Its own module of the daemon side, as `start` is:
-it needs the harnesses, which the CLI never imports.
+each harness a model uses can run here, whatever else is wrong (a problem that stops the
+round leaves the model and harness tables checked alone). Its own module of the daemon side,
+as `start` is: it needs the harnesses, which the CLI never imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +52,12 @@ def _parts(key: str) -> list[str | int]:
 
 
 def _drop(raw: dict[str, Any], key: str, whole_entry: bool) -> bool:
-    """Take what `key` names out of `raw` (or, with `whole_entry`, the table or array item
-    that holds it), so the next validation goes past it; False when nothing was there."""
+    """Take what `key` names out of `raw` (or, with `whole_entry`, the entry that holds it:
+    the item of a top-level array such as `[[models]]`, else the table or array holding
+    the value), so the next validation goes past it; False when nothing was there."""
     parts = _parts(key)
-    if whole_entry and len(parts) > 1:
+    entry = len(parts) == 2 and isinstance(parts[1], int)  # `keys[0]` is an entry itself
+    if whole_entry and len(parts) > 1 and not entry:
         parts = parts[:-1]
     node: Any = raw
     for part in parts[:-1]:
@@ -65,65 +69,133 @@ def _drop(raw: dict[str, Any], key: str, whole_entry: bool) -> bool:
     if isinstance(node, dict) and last in node:
         del node[last]
         return True
-    if isinstance(node, list) and isinstance(last, int) and last < len(node):
+    if isinstance(node, list) and isinstance(last, int) and last < len(node) \
+            and node[last] is not None:
         node[last] = None  # keeps the indexes of the items after it
         return True
     return False
 
 
+def _validate(raw: dict[str, Any], base_dir: Path) -> NeuronConfig:
+    """What `start` refuses: the config's own checks, then the harness tables and each
+    model's `args` as the harnesses read them (unknown harness names, reserved flags)."""
+    from ..supervisor.harness import build_harnesses
+
+    cleaned = {k: ([item for item in v if item is not None] if isinstance(v, list) else v)
+               for k, v in raw.items()}
+    config = config_from_mapping(cleaned, base_dir=base_dir)
+    build_harnesses(config)
+    return config
+
+
+def _consequence(exc: ConfigError, key: str, dropped: set[str]) -> bool:
+    """Whether `exc` (at `key`, the file's indexes) only follows from what was dropped
+    before: the same key "missing" now, or the entry that held a dropped field incomplete
+    without it (a `[[keys]]` entry whose unreadable `file` was dropped now has "none of
+    sha256, file or credential") — not a problem of its own."""
+    if key in dropped:
+        return True
+    return any(d.startswith(key + ".") and re.search(rf"\b{re.escape(d[len(key) + 1:])}\b",
+                                                     exc.message)
+               for d in dropped)
+
+
+class Problems:
+    """Every problem of a parsed config file: validated again and again, each time without
+    what the last problem named, keys reported with the file's indexes (a dropped
+    `[[models]]` entry does not renumber the ones after it)."""
+
+    def __init__(self, raw: dict[str, Any], base_dir: Path) -> None:
+        self.raw = raw
+        self.base_dir = base_dir
+        self.found: list[ConfigError] = []
+
+    def validate(self) -> NeuronConfig | None:
+        """The config once nothing is left to drop; None when a problem could not be
+        stepped over (a relation between two keys where one is a default, say)."""
+        dropped: set[str] = set()
+        # Each round drops something, each problem costs at most a few rounds.
+        for _ in range(4 * MAX_PROBLEMS):
+            if len(self.found) >= MAX_PROBLEMS:
+                return None
+            try:
+                return _validate(self.raw, self.base_dir)
+            except ConfigError as exc:
+                key = self.file_key(exc.key)
+                again = _consequence(exc, key, dropped)
+                if not again:
+                    exc.key = key
+                    self.found.append(exc)
+                dropped.add(key)
+                if not (_drop(self.raw, key, whole_entry=again)
+                        or _drop(self.raw, key, whole_entry=True)
+                        or self._drop_named(exc.message)):
+                    return None
+        return None
+
+    def _drop_named(self, message: str) -> bool:
+        """A relation to a key left at its default (`max_queued_bytes: must be at least
+        max_request_bytes`): the other side, the top-level key the message names, is
+        dropped instead."""
+        for name in re.findall(r"[a-z][a-z0-9_]*", message):
+            if name in self.raw and not isinstance(self.raw[name], (dict, list)):
+                del self.raw[name]
+                return True
+        return False
+
+    def file_key(self, key: str) -> str:
+        """`key` (as validation names it, dropped items gone) with the file's indexes."""
+        match = re.match(r"(\w+)\[(\d+)\](.*)", key, re.DOTALL)
+        if not match or not isinstance(self.raw.get(match[1]), list):
+            return key
+        wanted, seen = int(match[2]), -1
+        for i, item in enumerate(self.raw[match[1]]):
+            if item is not None:
+                seen += 1
+                if seen == wanted:
+                    return f"{match[1]}[{i}]{match[3]}"
+        return key
+
+
 def config_problems(raw: dict[str, Any], base_dir: Path) -> tuple[NeuronConfig | None,
                                                                     list[ConfigError]]:
-    """Every problem of a parsed config file: validated again and again, each time without
-    what the last problem named. The config once nothing is left to drop (None when a
-    problem could not be stepped over)."""
-    problems: list[ConfigError] = []
-    dropped: set[str] = set()
-    while len(problems) < MAX_PROBLEMS:
-        cleaned = {k: ([item for item in v if item is not None] if isinstance(v, list) else v)
-                   for k, v in raw.items()}
-        try:
-            return config_from_mapping(cleaned, base_dir=base_dir), problems
-        except ConfigError as exc:
-            # A key dropped before and now "missing" is the same problem again.
-            again = exc.key in dropped
-            if not again:
-                problems.append(exc)
-            dropped.add(exc.key)
-            # Indexes are the file's: dropped items are None until validation.
-            key = _file_key(raw, exc.key)
-            if not (_drop(raw, key, whole_entry=again) or _drop(raw, key, whole_entry=True)):
-                return None, problems
-    return None, problems
+    """Every problem of a parsed config file, then what only a load would find (model files,
+    harness programs): for the config once every problem is stepped over or, where one
+    could not be, for its model and harness tables alone, so a problem elsewhere never
+    hides a missing file."""
+    tables = {k: copy.deepcopy(raw[k]) for k in _RUNTIME_TABLES if k in raw}
+    problems = Problems(raw, base_dir)
+    config = problems.validate()
+    if config is not None:
+        return config, problems.found + _runtime_problems(config, problems.file_key)
+    if tables:
+        # The tables alone: what they find that the whole file's round did not reach is
+        # said too, and their files and programs are checked.
+        alone = Problems(tables, base_dir)
+        for_paths = alone.validate()
+        reported = {str(p) for p in problems.found}
+        problems.found += [p for p in alone.found if str(p) not in reported]
+        if for_paths is not None:
+            problems.found += _runtime_problems(for_paths, alone.file_key)
+    return None, problems.found
 
 
-def _file_key(raw: dict[str, Any], key: str) -> str:
-    """`key` (as validation names it, dropped items gone) with the file's indexes."""
-    match = re.match(r"(\w+)\[(\d+)\](.*)", key)
-    if not match or not isinstance(raw.get(match[1]), list):
-        return key
-    wanted, seen = int(match[2]), -1
-    for i, item in enumerate(raw[match[1]]):
-        if item is not None:
-            seen += 1
-            if seen == wanted:
-                return f"{match[1]}[{i}]{match[3]}"
-    return key
+# The tables that say which files and programs a load needs.
+_RUNTIME_TABLES = ("default_models", "models", "harness")
 
 
-def _runtime_problems(config: NeuronConfig) -> list[ConfigError]:
+def _runtime_problems(config: NeuronConfig, file_key: Callable[[str], str]
+                      ) -> list[ConfigError]:
     """What only a load would find: catalogue files that are not there, harnesses that
     cannot run here."""
     from ..supervisor.harness import build_harnesses, unavailable
 
     problems: list[ConfigError] = []
-    try:
-        harnesses = build_harnesses(config)
-    except ConfigError as exc:
-        return [exc]
+    harnesses = build_harnesses(config)  # validated already
     used: dict[str, str] = {}
     for table, specs in (("default_models", config.default_models), ("models", config.models)):
         for i, spec in enumerate(specs):
-            key = f"{table}[{i}]"
+            key = file_key(f"{table}[{i}]")
             used.setdefault(spec.harness, f"{key}.harness")
             if spec.path is not None and not spec.path.is_file():
                 what = "is a directory, not a GGUF file" if spec.path.is_dir() else "not found"
@@ -140,8 +212,6 @@ def run(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     path: Path = args.config or DEFAULT_CONFIG_PATH
     config, problems = _read(path)
-    if config is not None:
-        problems += _runtime_problems(config)
     for problem in problems:
         problem.source = problem.source or str(path)
         sys.stderr.write(f"neuronctl: config error: {problem}\n")

@@ -677,3 +677,40 @@ def test_logs_previous_says_when_no_worker_started_since(stub: Stub, tmp_path: P
         f"neuronctl: no previous log for victim at {log}.1: no worker started after the "
         "one in its current log (`neuronctl logs victim`); its last error: model file not "
         "found or not readable: /m/victim.gguf"]
+
+
+def test_a_key_file_that_gives_no_key_names_where_it_was_named_and_why(
+    stub: Stub, tmp_path: Path
+) -> None:
+    stub.routes[("GET", "/models")] = (200, [])
+    missing, shared, empty = tmp_path / "none", tmp_path / "shared", tmp_path / "empty"
+    shared.write_text("nk-a-key\n")
+    shared.chmod(0o644)
+    empty.write_text("\n")
+    empty.chmod(0o600)
+    for path, why in [
+        (missing, "no such file"),
+        (tmp_path, "cannot read it: Is a directory"),
+        (shared, f"readable by every user (mode 644), so the key is no secret; "
+                 f"chmod o-rwx {shared}"),
+        (empty, "the file is empty"),
+    ]:
+        by_option = neuronctl("--key-file", str(path), "status", "--url", stub.url)
+        assert by_option.returncode == 78
+        assert stderr_lines(by_option) == [f"neuronctl: --key-file {path}: {why}"]
+        by_env = neuronctl("status", "--url", stub.url,
+                           env=clean_env(NEURON_API_KEY_FILE=str(path)))
+        assert by_env.returncode == 78
+        assert stderr_lines(by_env) == [f"neuronctl: NEURON_API_KEY_FILE={path}: {why}"]
+    assert stub.requests == []  # nothing was sent without the key meant
+
+
+def test_the_key_file_option_wins_over_an_exported_key(stub: Stub, tmp_path: Path) -> None:
+    stub.routes[("GET", "/models")] = (200, [])
+    key = tmp_path / "key"
+    key.write_text("nk-from-the-file\n")
+    key.chmod(0o600)
+    result = neuronctl("--key-file", str(key), "status", "--url", stub.url,
+                       env=clean_env(NEURON_API_KEY="nk-exported"))
+    assert result.returncode == 0, result.stderr
+    assert stub.headers[-1]["Authorization"] == "Bearer nk-from-the-file"

@@ -84,13 +84,15 @@ def test_the_cli_uses_the_admin_key_it_can_read(node: Daemon, tmp_path: Path) ->
     assert reload.returncode == 0, reload.stderr
     key_file = tmp_path / "key"
     key_file.write_text(READ_KEY + "\n")
+    key_file.chmod(0o600)
     via_file = neuronctl("reload", "--url", node.url, NEURON_API_KEY_FILE=str(key_file))
     assert via_file.returncode == 1 and "lacks the 'admin' role" in via_file.stderr
     assert ADMIN in via_file.stderr
     via_option = neuronctl("--key-file", str(key_file), "reload", "--url", node.url)
     assert via_option.returncode == 1 and "lacks the 'admin' role" in via_option.stderr
     missing = neuronctl("--key-file", str(tmp_path / "none"), "status", "--url", node.url)
-    assert missing.returncode == 78 and "NEURON_API_KEY_FILE: cannot read" in missing.stderr
+    assert missing.returncode == 78
+    assert missing.stderr == f"neuronctl: --key-file {tmp_path / 'none'}: no such file\n"
 
 
 def test_the_daemon_log_names_keys_and_holds_none(node: Daemon) -> None:
@@ -100,3 +102,48 @@ def test_the_daemon_log_names_keys_and_holds_none(node: Daemon) -> None:
     assert "for key 'monitor'" in log and "2 named keys" in log
     for key in (READ_KEY, ADMIN_KEY, sha256_hex(READ_KEY)):
         assert key not in log
+
+
+def test_a_half_edited_config_keeps_its_admin_key(node: Daemon, tmp_path: Path) -> None:
+    """The operator is editing the node's config: a top-level line and a new [[models]]
+    entry are half written. The [[keys]] tables still parse, so the CLI still finds the
+    admin key's file and reaches the node, with a warning."""
+    good = (node.directory / "neuron.toml").read_text()
+    config = tmp_path / "neuron.toml"
+    config.write_text(good.replace("stop_timeout_s = 2.0", "stop_timeout_s = 2s")
+                      + '\n[[models]]\nmodel_id = "next\npath = \n')
+    status = neuronctl("status", "--config", str(config))
+    assert status.returncode == 0, status.stderr
+    assert status.stderr.startswith(f"neuronctl: warning: {config}: cannot read config file: ")
+    unload = neuronctl("unload", "--all", "--config", str(config))  # needs the admin role
+    assert unload.returncode == 0, unload.stderr
+
+
+def test_a_key_that_cannot_be_found_says_why(node: Daemon, tmp_path: Path) -> None:
+    good = (node.directory / "neuron.toml").read_text()
+    # The admin entry itself half written: no key to be had from this file.
+    config = tmp_path / "neuron.toml"
+    config.write_text(good.replace('name = "ops"', 'name = "ops'))
+    refused = neuronctl("status", "--config", str(config))
+    assert refused.returncode == 1
+    line = good[:good.index('name = "ops"')].count("\n") + 1
+    problem = (f"{config}: cannot read config file: Illegal character '\\n' (at line "
+               f"{line}, column 12)")
+    assert refused.stderr.splitlines() == [
+        f"neuronctl: warning: {problem}; asking the node at {node.url} anyway (a reload "
+        "would refuse this file)",
+        f"neuronctl: API key required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY' ("
+        f"no key found: {problem}, and what could be read of it "
+        "names no key this user can read; fix the file, or set NEURON_API_KEY or use "
+        "`neuronctl --key-file FILE COMMAND`)"]
+    # Read whole, but the key file is not this user's to read.
+    (tmp_path / "gone.key").unlink(missing_ok=True)
+    config.write_text(good.replace(str(node.directory / "admin.key"),
+                                   str(tmp_path / "gone.key")))
+    refused = neuronctl("status", "--config", str(config))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"neuronctl: API key required: send 'Authorization: Bearer KEY' or 'x-api-key: KEY' ("
+        f"{config} names no key this user can read (no such "
+        f"file {tmp_path / 'gone.key'}): api_key, api_key_file or an admin [[keys]] entry's "
+        "file; set NEURON_API_KEY or use `neuronctl --key-file FILE COMMAND`)"]

@@ -76,3 +76,72 @@ def test_a_file_that_is_not_toml_or_not_there(tmp_path: Path) -> None:
     missing = check("--config", str(tmp_path / "absent.toml"))
     assert missing.returncode == 78
     assert "config/neuron.example.toml shows every key" in missing.stderr
+
+
+def lines(config: Path, *problems: str) -> list[str]:
+    return [f"neuronctl: config error: {config}: {line}" for line in problems]
+
+
+def test_files_and_programs_are_checked_whatever_else_is_wrong(tmp_path: Path) -> None:
+    # Each of these stopped the round before (a relation to a default, a key two ways, a
+    # harness's reserved flag): the missing file and program were never looked at.
+    for name in ("k1", "k2"):
+        (tmp_path / name).write_text("the same key\n", encoding="utf-8")
+        (tmp_path / name).chmod(0o600)
+    config = tmp_path / "neuron.toml"
+    config.write_text('''api_key_file = "k1"
+max_request_bytes = 999999999999
+
+[harness.llama-server]
+binary = "./nope-llama-server"
+args = ["--port", "1"]
+
+[[keys]]
+name = "ops"
+roles = ["admin"]
+file = "k2"
+
+[[models]]
+model_id = "bad id!"
+path = "models/a.gguf"
+
+[[models]]
+model_id = "tiny"
+harness = "llama-server"
+path = "models/tiny.gguf"
+''', encoding="utf-8")
+    result = check("--config", str(config))
+    assert result.returncode == 78
+    server = f"{tmp_path}/nope-llama-server"
+    assert result.stderr.splitlines() == lines(
+        config,
+        "models[0].model_id: may hold only ASCII letters, digits and . _ - : + @ = /; "
+        "got U+0020, '!'",
+        "max_queued_bytes: must be at least max_request_bytes (999999999999), got 268435456",
+        "api_key: is the same key as [[keys]] 'ops'; give each its own",
+        "harness.llama-server.args[0]: --port cannot be set in args: neuronctl picks the "
+        "worker's address (127.0.0.1 and a free port)",
+        # models[1], as the file numbers it, though models[0] was set aside
+        f"models[1].path: model file not found: {tmp_path}/models/tiny.gguf",
+        f"models[1].harness: harness llama-server cannot run here: llama-server not found: "
+        f"no executable {server} (binary = '{server}' of [harness.llama-server])",
+    )
+    assert result.stdout == f"{config}: 6 problems\n"
+
+
+def test_a_key_file_every_user_may_read_is_one_problem(tmp_path: Path) -> None:
+    key = tmp_path / "ops.key"
+    key.write_text("a key\n", encoding="utf-8")
+    key.chmod(0o644)
+    config = tmp_path / "neuron.toml"
+    config.write_text('[[keys]]\nname = "ops"\nroles = ["admin"]\nfile = "ops.key"\n\n'
+                      '[[keys]]\nname = "ci"\nroles = ["read"]\n', encoding="utf-8")
+    result = check("--config", str(config))
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == lines(
+        config,
+        # the second entry's own problem (found first: files are read last)
+        "keys[1]: set exactly one of sha256, file or credential, got none",
+        f"keys[0].file: {key} is readable by every user (mode 644); chmod o-rwx {key}",
+    )
+    assert result.stdout == f"{config}: 2 problems\n"
