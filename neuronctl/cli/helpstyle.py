@@ -36,7 +36,7 @@ def _argument_type(self: typer.core.TyperArgument, ctx: Any) -> str | None:
 
 
 def _argument_usage(self: typer.core.TyperArgument) -> str:
-    name = self.display_name_raw
+    name = self.display_name_raw.upper()  # `model`, the parameter's name, reads as MODEL
     name = name if self.required else f"[{name}]"
     return name + ("..." if self.nargs != 1 else "")
 

@@ -22,16 +22,18 @@ app = typer.Typer(help="Make keys with least privilege (docs/security.md).",
 
 @app.command("new")
 def new(
-    name: Annotated[str, typer.Argument(help="How logs, /metrics and /keys/usage name it.")],
+    name: Annotated[str, typer.Argument(
+        metavar="NAME", help="How logs, /metrics and /keys/usage name it.")],
     role: Annotated[list[str] | None, typer.Option(
-        "--role", "-r", help=f"One of {', '.join(KEY_ROLES)}; repeat for more "
-                             "[default: inference]")] = None,
+        "--role", "-r", metavar="ROLE", show_default=False,
+        help=f"One of {', '.join(KEY_ROLES)}; repeat for more [default: inference]")] = None,
     model: Annotated[list[str] | None, typer.Option(
-        "--model", "-m", help="A model id or glob an inference key may use; repeat for "
-                              "more [default: every model]")] = None,
-    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+        "--model", "-m", metavar="MODEL", show_default=False,
+        help="A model id or glob an inference key may use; repeat for more "
+             "[default: every model]")] = None,
+    rpm: Annotated[int | None, typer.Option(metavar="N", help="Requests per minute.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(
-        help="Requests in flight at once.")] = None,
+        metavar="N", help="Requests in flight at once.")] = None,
 ) -> None:
     """Print a fresh key, then its [[keys]] entry (which holds only its SHA-256)."""
     key = new_key()

@@ -37,20 +37,30 @@ def status(
         if json_:
             fail("--watch draws a table; for JSON as it happens, use neuronctl events --json")
         _watch_status(client(url, config))
-    models = call(client(url, config).models)
-    unwell = [m["id"] for m in models if m.get("status") in ("failed", "restarting")]
+    node = client(url, config)
+    models = call(node.models)
     if json_:
         print(json.dumps(models, indent=2))
-    elif not models:
-        say("no models")
     else:
-        print_table(lambda width: status_table(models, width=width))
-        for line in problem_lines(models):
-            warn(line, style="red")
-        for line in pull_lines(models):
-            say(line)
-    if check and unwell:
+        _show(node, models)
+    if check and any(m.get("status") in ("failed", "restarting") for m in models):
         raise typer.Exit(1)
+
+
+def _show(node: Client, models: list[dict[str, Any]]) -> None:
+    if out.is_terminal:
+        # Which node answered, for an operator with several; piped, stdout stays the
+        # table alone (scripts read it).
+        out.print(f"node {node.node_id or '?'} at {node.url}", style="dim", markup=False,
+                  highlight=False)
+    if not models:
+        say("no models")
+        return
+    print_table(lambda width: status_table(models, width=width))
+    for line in problem_lines(models):
+        warn(line, style="red")
+    for line in pull_lines(models):
+        say(line)
 
 
 def problem_lines(models: list[dict[str, Any]]) -> list[str]:

@@ -140,6 +140,7 @@ class PullView:
 
 def pull(
     models: Annotated[list[str] | None, typer.Argument(
+        metavar="MODEL", show_default=False,
         help="Catalogue ids or Hugging Face repos (ORG/NAME[:QUANT]).")] = None,
     all_: Annotated[bool, typer.Option(
         "--all", help="Every default and catalogue model of the config.")] = False,
@@ -301,7 +302,8 @@ def _show_lines(facts: dict[str, Any]) -> list[str]:
 
 
 def show(
-    model: Annotated[str, typer.Argument(help="A model id, ORG/NAME[:QUANT] or a GGUF path.")],
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", help="A model id, ORG/NAME[:QUANT] or a GGUF path.")],
     json_: JsonOpt = False,
     url: UrlOpt = None,
     config: ConfigOpt = None,
@@ -333,7 +335,8 @@ def show(
 
 
 def rm(
-    model: Annotated[str, typer.Argument(help="A model id or ORG/NAME[:QUANT].")],
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", help="A model id or ORG/NAME[:QUANT].")],
     force: Annotated[bool, typer.Option(
         "--force", help="Remove it even when it is loaded or a default model.")] = False,
     json_: JsonOpt = False,

@@ -506,16 +506,45 @@ def test_help_reads_like_one_tool() -> None:
     listed = [line.split()[0] for line in top.split("Commands:")[1].splitlines() if line.strip()]
     assert listed == COMMANDS
     assert "..." not in top.split("Commands:")[1]  # no summary cut short
-    for command in [*COMMANDS, "fleet status", "fleet litellm-config"]:
+    for command in [*COMMANDS, "fleet status", "fleet litellm-config", "key new"]:
         text = neuronctl(*command.split(), "--help").stdout
         assert text.startswith(f"Usage: neuronctl {command} "), (command, text)
-        for leak in (r"<[a-z]", r"\{", r"list\[", r" range", r"\[default: \$"):
+        for leak in (r"<[a-z]", r"\{", r"list\[", r" range", r"\[default: \$",
+                     r" (INTEGER|FLOAT)\b"):
             assert not re.search(leak, text), (command, leak, text)
+        # Values and arguments by upper-case names (MODEL_ID, FILE), never a parameter's
+        # own lower-case name (`[models]...`, `model`).
+        usage = text.splitlines()[0].removeprefix(f"Usage: neuronctl {command} ")
+        assert not re.search(r"\b[a-z_]+\b", usage.replace("[OPTIONS]", "")), (command, usage)
+        for line in text.splitlines():
+            found = re.match(r"\s+(?:-\w, )?--[\w-]+(?:/--[\w-]+)? ([^ ]+)", line)
+            if found and found.group(1)[0].isalpha():
+                assert not found.group(1).islower(), (command, line)
+    key = neuronctl("key", "new", "--help").stdout
+    assert "--role ROLE" in key and "--model MODEL" in key and "--rpm N" in key
+    assert "neuronctl pull [OPTIONS] [MODEL]..." in neuronctl("pull", "--help").stdout
     start = neuronctl("start", "--help").stdout
     assert "-c, --config FILE" in start and "--log-level LEVEL" in start
     load = neuronctl("load", "--help").stdout
     assert "--device GPU" in load and "--ttl SECONDS" in load
     assert load.index("\n  --file ") < load.index("\n  --harness ") < load.index("\n  --ttl ")
+
+
+def test_the_cli_reference_names_every_option_of_every_command() -> None:
+    """docs/cli.md's table row of each command lists what its --help offers (--url and
+    --config are said once for all of them, below the table)."""
+    rows = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    for command in ["check", "start", "status", "events", "load", "unload", "reload", "chat",
+                    "logs", "pull", "models", "show", "rm", "fleet litellm-config",
+                    "fleet status", "key new"]:
+        row = next(line for line in rows.splitlines()
+                   if line.startswith(f"| `neuronctl {command} ")
+                   or line.startswith(f"| `neuronctl {command}`"))
+        text = neuronctl(*command.split(), "--help").stdout
+        for option in re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z-]*)", text, re.M):
+            if option in ("--help", "--url", "--config", "--watch"):  # --watch: its own row
+                continue
+            assert option in row, (command, option)
 
 
 @pytest.mark.parametrize(("verb", "hint"), [

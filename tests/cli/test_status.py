@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import time
@@ -249,6 +250,13 @@ n_ctx = 128
         assert max(len(line) for line in lines) <= 80
         assert lines[0].split() == HEADER
         assert lines[1].split()[1:] == ["unloaded", "-", "-", "128", "-", "-", "-", "0"]
+        # On a terminal the table is headed by the node that answered (piped: not, above).
+        on_tty = subprocess.run([str(NEURONCTL), "status", "--config", str(config)],
+                                env=clean_env(COLUMNS="80", TTY_COMPATIBLE="1"),
+                                capture_output=True, text=True, timeout=120)
+        head = re.sub(r"\x1b\[[0-9;]*m", "", on_tty.stdout).splitlines()
+        assert re.fullmatch(rf"node \S+ at {re.escape(url)}", head[0]), head
+        assert head[1].split() == HEADER
 
         # Loaded by its id alone (the catalogue's entry), with a TTL for this load.
         loaded = cli("load", LONG_ID, "--ttl", "600", "--config", str(config))
