@@ -19,13 +19,12 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import logfiles
-from ..config import ModelSpec, NeuronConfig, effective
+from ..config import ModelSpec, effective
 from ..errors import (
     HarnessUnavailable,
     InternalError,
@@ -40,10 +39,10 @@ from ..errors import (
     UnknownHarness,
     clip,
 )
-from ..events import EventBus, ModelEvent
+from ..events import ModelEvent
 from ..models import files as modelfiles
 from ..models import hub as resolve
-from ..models.admission import StopReading, VramGate
+from ..models.admission import StopReading
 from ..states import (
     LIVE_STATES,
     TRANSITIONS,
@@ -54,43 +53,15 @@ from ..states import (
 )
 from . import listing, liveness
 from .harness import Harness, WorkerPlan
-from .loadlock import Hold, LoadLock, RoomSignal
+from .loadlock import Hold
 from .policy import GiveUp, History, RestartPolicy
-from .promptcache import PromptCaches, Session
-from .statefile import StateFile
+from .promptcache import Session
+from .shared import Shared
 from .worker import Worker, describe_exit, free_port
 
 # Not __name__: every state change is a journal line under this name ("INFO
 # neuronctl.models: m: loading -> loaded ..."), which operators and tests read.
 log = logging.getLogger("neuronctl.models")
-
-WorkerFactory = Callable[..., Worker]
-
-
-@dataclass(eq=False)
-class Shared:
-    """What every model on the node shares. `config` and `harnesses` are replaced by a
-    reload; a lifecycle reads them at each start, so a restart uses the new settings."""
-
-    config: NeuronConfig
-    harnesses: Mapping[str, Harness]
-    vram_gate: VramGate
-    events: EventBus = field(default_factory=EventBus)
-    load_lock: LoadLock = field(default_factory=LoadLock)  # one start at a time
-    state: StateFile | None = None
-    worker_factory: WorkerFactory = Worker
-    fetcher_factory: modelfiles.FetcherFactory = modelfiles.default_fetcher
-    clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    # Under the load lock, before a start: unload idle models so it fits (the registry's
-    # `make_room`); False means wait and ask again. None: nothing is ever evicted.
-    make_room: Callable[[ModelLifecycle, NotEnoughVram | None], Awaitable[bool]] | None = None
-    # Wait for the evictions still stopping (the registry's `settle_stops`); True when
-    # there were any. None: none is ever left to stop on its own.
-    settle_stops: Callable[[], Awaitable[bool]] | None = None
-    room: RoomSignal = field(default_factory=RoomSignal)  # the router notifies it
-    prompt_caches: PromptCaches | None = None  # None: no worker keeps a prompt cache
-
 
 # A ready worker's answer to its harness's `slots_path`, waited for at most this long.
 SLOTS_TIMEOUT_S = 2.0

@@ -48,8 +48,9 @@ from ..suggest import did_you_mean
 from . import listing
 from .eviction import IDLE, Activity, Candidate, choose, shares_devices
 from .harness import Harness, check_spec_args
-from .lifecycle import ModelLifecycle, Shared, WorkerFactory
+from .lifecycle import ModelLifecycle
 from .promptcache import PromptCaches
+from .shared import Shared, WorkerFactory
 from .statefile import StateFile
 from .worker import Worker
 
