@@ -108,6 +108,7 @@ async def test_with_max_loaded_models_the_least_recently_used_idle_model_is_evic
         await registry.load(fake("c"))
         stopped = await events.wait_for(lambda e: e.new is WorkerState.STOPPING, 5.0)
     assert stopped.model == "b" and "evicted: max_loaded_models 2" in stopped.reason
+    await registry.settle_stops()  # the evicted model's stop overlaps the load
     assert sorted(m.model_id for m in registry.models()) == ["a", "c"]
     assert registry.evictions[("b", "max_loaded_models")] == 1
 
@@ -129,6 +130,7 @@ async def test_a_busy_model_is_never_evicted_the_load_waits_then_gives_up(
     # Once a is idle, the same load evicts it.
     busy.clear()
     await registry.load(fake("b"))
+    await registry.settle_stops()  # the evicted model's stop overlaps the load
     assert [m.model_id for m in registry.models()] == ["b"]
 
 
@@ -173,6 +175,9 @@ async def test_a_pinned_model_is_never_evicted(
     await registry.unload("p")
     await registry.load(fake("e", pinned=False))  # a default model that may go
     await registry.load(fake("b"))
+    # b started while the evicted e exited (no GPU memory to wait for): e is listed,
+    # stopping, until its stop is over.
+    await registry.settle_stops()
     assert {m.model_id for m in registry.models()} == {"d", "b"}
 
 
