@@ -117,6 +117,8 @@ class RoomSignal:
         return len(self._waiters)
 
     def notify(self) -> None:
+        if not self._waiters:  # the usual case, once per request: nothing to do
+            return
         waiters, self._waiters = self._waiters, set()
         for waiter in waiters:
             if not waiter.done():

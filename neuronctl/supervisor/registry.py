@@ -460,6 +460,11 @@ class ModelRegistry:
         stopping = model.begin_stop(reason, release_vram)  # `stopping` from here on
 
         def drop(_: object) -> None:
+            # An eviction that overlaps the next start is awaited by nobody: its failure
+            # (a bug) is logged here rather than lost.
+            if not stopping.cancelled() and stopping.exception() is not None:
+                log.error("%s: its stop failed", model.model_id,
+                          exc_info=stopping.exception())
             # Only once the stop is over, even when the caller was cancelled meanwhile (an
             # unloaded load that was evicting this one): a model still stopping stays
             # listed, so nothing loads a second worker for its id.
