@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -75,6 +76,7 @@ def slot_file(slot: int) -> str:
     return f"slot-{slot}.bin"
 
 
+@functools.lru_cache(maxsize=16384)  # asked for every model at every `/models`
 def dir_name(model_id: str) -> str:
     """A model's directory: readable, and unique even where two ids read alike once `/`
     and `:` are replaced."""
