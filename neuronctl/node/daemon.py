@@ -103,7 +103,7 @@ class Daemon:
                  ("required" + (f", {len(self.config.keys)} named keys"
                                 if self.config.keys else ""))
                  if self.config.api_key or self.config.keys else "not set")
-        self._warn_unrunnable()
+        self._check_harnesses()
         exposed = exposure_warning(self.config)
         if exposed is not None:
             log.warning("%s", exposed)
@@ -214,9 +214,10 @@ class Daemon:
             await activation
         return None
 
-    def _warn_unrunnable(self) -> None:
+    def _check_harnesses(self) -> None:
         """A harness the config asks for but this host cannot run (llama-server not
-        installed): said once now, not first discovered by a load."""
+        installed): said once now, not first discovered by a load. One that runs learns
+        now what its first load would (harness.prepare)."""
         wanted: dict[str, list[str]] = {name: [] for name in self.config.harness}
         for spec in (*self.config.default_models, *self.config.models):
             wanted.setdefault(spec.harness, []).append(spec.model_id)
@@ -226,6 +227,8 @@ class Daemon:
             if why is not None:
                 using = f"; {', '.join(models)} will fail to load" if models else ""
                 log.warning("harness %s cannot run here: %s%s", name, why, using)
+            elif harness is not None:
+                harness.prepare()
 
     # --- shutdown ------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ A harness knows nothing about processes; `worker.Worker` runs what it describes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -20,6 +21,7 @@ import workers
 from ..config import ConfigError, HarnessConfig, ModelSpec, NeuronConfig, effective, gpu_layers
 from ..errors import HarnessUnavailable, LoadError
 from ..models.files import check_model_file
+from . import routerchild
 from .apiargs import LLAMA_CPP_PYTHON_API_FLAGS, LLAMA_SERVER_API_FLAGS, Flag, check_api_args
 
 
@@ -31,6 +33,9 @@ class WorkerPlan:
     env: Mapping[str, str]  # added to the supervisor's environment
     probe_path: str  # GET answers 200 once the model is loaded
     ready_timeout_s: float
+    # It speaks llama.cpp's router-child protocol (routerchild.py): it says on its stdout
+    # when it is ready and exits when its stdin ends.
+    router_child: bool = False
 
 
 class Harness(ABC):
@@ -76,6 +81,11 @@ class Harness(ABC):
     # A GET route whose JSON has `total_slots`: once ready, the slots the worker really
     # serves (they rule the router's admission and /models). None: trust `slots()`.
     slots_path: str | None = None
+
+    def prepare(self) -> None:
+        """Learn at start-up what its first load would otherwise learn on the way (about
+        its program); a harness that cannot run here says so elsewhere (`unavailable`)."""
+        return None
 
     def binary(self) -> Path | None:
         """The program a worker runs; HarnessUnavailable when this host lacks it (said at
@@ -308,6 +318,10 @@ class LlamaServerHarness(Harness):
                 f"llama-server not found: no executable {configured} ({where})")
         return Path(found)
 
+    def prepare(self) -> None:
+        with contextlib.suppress(HarnessUnavailable):
+            routerchild.speaks(self.binary())
+
     def plan(self, spec: ModelSpec, port: int) -> WorkerPlan:
         d = self._defaults
         binary = self.binary()
@@ -341,8 +355,13 @@ class LlamaServerHarness(Harness):
             env["LD_LIBRARY_PATH"] = (
                 f"{binary.parent}:{previous}" if previous else str(binary.parent)
             )
+        # Run as llama.cpp's router runs its children where the binary has that mode: the
+        # worker then says when it is ready and dies with the supervisor by itself.
+        router_child = routerchild.speaks(binary)
+        if router_child:
+            env[routerchild.ENV] = str(port)
         timeout = effective(spec, d, "ready_timeout_s") or DEFAULT_READY_TIMEOUT_S
-        return WorkerPlan(tuple(cmd), env, "/health", timeout)
+        return WorkerPlan(tuple(cmd), env, "/health", timeout, router_child)
 
 
 def build_harnesses(config: NeuronConfig,

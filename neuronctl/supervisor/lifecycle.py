@@ -505,7 +505,8 @@ class ModelLifecycle:
             # worker's group are ours (a wrapper script's child outlives the wrapper).
             # Written (an fsync, in a thread) while the worker loads, not before: a load
             # never waits for the disk. It is done before the model is ready
-            # (`_recorded`), and a worker dying meanwhile is the parent-death signal's.
+            # (`_recorded`); if the supervisor dies meanwhile, the worker dies of its
+            # parent-death signal or, a router child, of its stdin's end (once loaded).
             self._recording = asyncio.ensure_future(
                 self._shared.state.add(self.model_id, worker.pid, worker.token))
 

@@ -1,7 +1,9 @@
 """One worker subprocess: spawn it, wait until it answers, stop it.
 
-A worker runs in its own session (so one signal reaches its whole process group) with a
-parent-death signal (so it cannot outlive a supervisor that dies without cleaning up).
+A worker runs in its own session (so one signal reaches its whole process group) and
+cannot outlive a supervisor that dies without cleaning up: a parent-death signal, or, for
+a llama-server that speaks llama.cpp's router-child protocol (routerchild.py), the end of
+its stdin, which only the supervisor holds open.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import logfiles
 from ..aio import bounded
 from ..errors import SpawnFailed, WorkerExited, WorkerTimeout
-from . import portowner
+from . import portowner, routerchild
 from .harness import WorkerPlan
 
 log = logging.getLogger(__name__)
@@ -85,8 +88,21 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
 
 
 async def spawn_process(
-    command: Sequence[str], env: Mapping[str, str], log_fd: int
+    command: Sequence[str], env: Mapping[str, str], log_fd: int, router_child: bool = False
 ) -> asyncio.subprocess.Process:
+    if router_child:
+        # Its stdin is the pipe whose end it takes as ours (no preexec_fn: Python then
+        # vforks instead of copying the supervisor), its stdout the line that says ready;
+        # what it prints goes to stderr (the log).
+        return await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_fd,
+            env={**os.environ, **env},
+            start_new_session=True,
+            limit=routerchild.MAX_LINE,
+        )
     return await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.DEVNULL,
@@ -203,6 +219,9 @@ class Worker:
         self.token = secrets.token_hex(16)
         self.log_problem: str | None = None  # why its log file could not be written
         self._stop_sent: str | None = None  # what neuronctl did to end it, for the log
+        # A router child's own word that it is ready, read from its stdout.
+        self._said_ready = asyncio.Event()
+        self._child_lines: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -225,7 +244,10 @@ class Worker:
                   shlex.join(self.plan.command), self.port, self.log_path)
         try:
             env = {**self.plan.env, TOKEN_ENV: self.token}
-            self._proc = await self._spawn(self.plan.command, env, fd)
+            if self.plan.router_child:
+                self._proc = await self._spawn(self.plan.command, env, fd, router_child=True)
+            else:
+                self._proc = await self._spawn(self.plan.command, env, fd)
         except OSError as exc:
             raise SpawnFailed(
                 f"cannot start worker {self.plan.command[0]}: {exc.strerror}") from None
@@ -240,6 +262,8 @@ class Worker:
         try:
             self._exited = asyncio.ensure_future(self._proc.wait())
             self._exited.add_done_callback(self._on_exit)
+            if self._proc.stdout is not None:
+                self._child_lines = asyncio.ensure_future(self._read_child(self._proc.stdout))
             try:
                 if self.log_problem is None:
                     logfiles.write_pid_line(fd, self._proc.pid)
@@ -269,10 +293,42 @@ class Worker:
                             f"{exc.strerror or exc}; its output goes to the service's journal")
         log.error("%s: %s", self.model_id, self.log_problem)
 
+    async def _read_child(self, stdout: asyncio.StreamReader) -> None:
+        """A router child's stdout, to its end: the states it reports (routerchild.py)."""
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a line over the limit
+            while line := await stdout.readline():
+                if routerchild.state_of(line) == "ready":
+                    self._said_ready.set()
+
     async def _wait_ready(self) -> None:
         assert self._exited is not None
         started = self._clock()
         deadline = started + self.plan.ready_timeout_s
+        said_ready = asyncio.ensure_future(self._said_ready.wait())
+        try:
+            if self.plan.router_child and await self._take_word(said_ready, started, deadline):
+                return
+            await self._poll_ready(said_ready, started, deadline)
+        finally:
+            said_ready.cancel()
+
+    async def _take_word(self, said_ready: asyncio.Future[Any], started: float,
+                         deadline: float) -> bool:
+        """A router child is ready when it says so: no polls while it loads (on a small
+        host they take CPU from the load, and a poll in flight delays the answer to the
+        one that sees it ready). True once it said so and holds its port; False when the
+        port is not provably its own (then polls find out who holds it)."""
+        assert self._exited is not None
+        wakers: set[asyncio.Future[Any]] = {self._exited, said_ready}
+        while not said_ready.done() or self._exited.done():
+            self._check_start(started, deadline, None)
+            await asyncio.wait(wakers, timeout=deadline - self._clock(),
+                               return_when=asyncio.FIRST_COMPLETED)
+        return self._proves_ours()
+
+    async def _poll_ready(self, said_ready: asyncio.Future[Any], started: float,
+                          deadline: float) -> None:
+        assert self._exited is not None
         squatter: str | None = None  # who else answered on our port, if anyone did
         # Whether the listener on our port is the worker's: asked at the first answer of
         # any status (llama-server opens its port before it loads, so the proof is done
@@ -280,7 +336,9 @@ class Worker:
         # worker lives: nobody else can bind it.
         proven = False
         while True:
-            status = await self._status_probe(self.port, self.plan.probe_path)
+            # A router child's word is its /health turning 200, without asking.
+            status = (200 if said_ready.done()
+                      else await self._status_probe(self.port, self.plan.probe_path))
             if status is not None and not proven:
                 # Once another process was seen on the port, the proof scans every
                 # process's sockets: in a thread, off the event loop.
@@ -297,8 +355,13 @@ class Worker:
             self._check_start(started, deadline, squatter)
             now = self._clock()
             delay = min(_POLL_MAX_S, max(_POLL_MIN_S, (now - started) * _POLL_FRACTION))
-            # Wake early if the process exits, so a crash is reported at once.
-            await asyncio.wait({self._exited}, timeout=min(delay, deadline - now))
+            # Wake early if the process exits, so a crash is reported at once, or says it
+            # is ready (once said, only the polls for the port's proof go on).
+            wakers: set[asyncio.Future[Any]] = {self._exited}
+            if not said_ready.done():
+                wakers.add(said_ready)
+            await asyncio.wait(wakers, timeout=min(delay, deadline - now),
+                               return_when=asyncio.FIRST_COMPLETED)
 
     def _check_start(self, started: float, deadline: float, squatter: str | None) -> None:
         """Raise when the starting worker exited (WorkerExited) or ran out of time."""
@@ -370,11 +433,20 @@ class Worker:
         return await asyncio.shield(self._exited)
 
     async def stop(self) -> None:
-        """SIGTERM to the process group, a bounded wait, then SIGKILL."""
+        """SIGTERM to the process group (to a ready router child, its exit command), a
+        bounded wait, then SIGKILL."""
         if self._exited is None or self._exited.done():
             return
-        self._stop_sent = "neuronctl sent SIGTERM"
-        self._signal_group(signal.SIGTERM)
+        # A router child that is ready reads its stdin, and needs the command: after a
+        # SIGTERM alone it would wait for its stdin's end (it joins the thread that reads
+        # it). One still loading has no handler for SIGTERM yet and dies of it; the command
+        # is then for the moment it starts reading.
+        commanded = self.plan.router_child and self._send_exit_command()
+        if commanded and self._said_ready.is_set():
+            self._stop_sent = "neuronctl sent its exit command"
+        else:
+            self._stop_sent = "neuronctl sent SIGTERM"
+            self._signal_group(signal.SIGTERM)
         done, _ = await asyncio.wait({self._exited}, timeout=self.stop_timeout_s)
         if not done:
             log.warning(
@@ -391,10 +463,23 @@ class Worker:
         self._signal_group(signal.SIGKILL)
         await asyncio.shield(self._exited)
 
+    def _send_exit_command(self) -> bool:
+        """A ready router child reads its stdin: whether the exit command went there."""
+        stdin = self._proc.stdin if self._proc is not None else None
+        if stdin is None or stdin.is_closing():
+            return False
+        try:
+            stdin.write(routerchild.EXIT_COMMAND)
+        except (OSError, RuntimeError):
+            return False
+        return True
+
     def _on_exit(self, exited: asyncio.Future[int]) -> None:
         # Children the worker left in its group die with it. Done right at the exit, never
         # later: once the group is empty its id may be recycled for an unrelated process.
         self._signal_group(signal.SIGKILL)
+        if self._proc is not None and self._proc.stdin is not None:
+            self._proc.stdin.close()
         if self.log_problem is None and not exited.cancelled() and exited.exception() is None:
             # The log's last line says how it ended: `logs --previous` after a crash.
             how = describe_exit(exited.result())
