@@ -36,6 +36,7 @@ from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
 from . import ollama_convert as convert
+from . import workererrors
 from .keyusage import REQUEST_TOKENS
 from .ollama_models import CheckLoad, OllamaModels
 from .requestbody import read_limited
@@ -251,10 +252,10 @@ class OllamaApi:
         request (`embedding`: the name asked for, the model's harness) to a worker started
         without embeddings is the request's 400, saying what to set."""
         body = await self._whole(upstream, model_id, worker, stats)
-        message = convert.worker_error(upstream.status, body)
-        if embedding is not None and convert.embeddings_off(upstream.status, message):
+        message = workererrors.worker_error(upstream.status, body)
+        if embedding is not None and workererrors.embeddings_off(upstream.status, message):
             refusal: NeuronError = errors.EmbeddingsNotEnabled(
-                convert.embeddings_hint(*embedding, message), param="model")
+                workererrors.embeddings_hint(*embedding, message), param="model")
             stats.count(refusal.status)
             return ollama_error(refusal)
         status = 400 if 400 <= upstream.status < 500 else 500
@@ -306,7 +307,7 @@ class OllamaApi:
                     continue
                 if "error" in answer:  # the worker's own error event
                     stats.worker_errors += 1
-                    raise _BrokenOff(convert.worker_error(500, data))
+                    raise _BrokenOff(workererrors.worker_error(500, data))
                 tally.take(answer)
                 text, tools = convert.text_of(answer, delta=True)
                 convert.merge_tool_deltas(tally.tool_calls, tools)

@@ -90,13 +90,14 @@ def _openai_event(error: NeuronError) -> bytes:
 @dataclass(frozen=True)
 class Dialect:
     """How one API says an error: as a whole answer, and as the last event of a stream
-    that cannot go on. `worker_errors`: a worker's own error answers are said again in
-    this shape (None: passed on as the worker wrote them). `first_event`: the event a
-    stream must begin with, and how to make it for a model when a worker's does not."""
+    that cannot go on. `worker_errors`: a worker's own (non-streamed) error answer said
+    again in this shape, or None to pass it on as the worker wrote it (so is every one
+    without it). `first_event`: the event a stream must begin with, and how to make it for
+    a model when a worker's does not."""
 
     answer: Callable[[NeuronError], web.Response]
     event: Callable[[NeuronError], bytes]
-    worker_errors: Callable[[int, bytes], NeuronError] | None = None
+    worker_errors: Callable[[int, bytes], NeuronError | None] | None = None
     first_event: tuple[bytes, Callable[[str], bytes]] | None = None
 
 
@@ -322,8 +323,11 @@ class Upstream:
                     tally = _tally(request)
                     tally.prompt += prompt
                     tally.completion += completion
-                    if upstream.status >= 400 and dialect.worker_errors is not None:
-                        return dialect.answer(dialect.worker_errors(upstream.status, answer))
+                    said = (dialect.worker_errors(upstream.status, answer)
+                            if upstream.status >= 400 and dialect.worker_errors is not None
+                            else None)
+                    if said is not None:
+                        return dialect.answer(said)
                     return web.Response(
                         body=answer, status=upstream.status, reason=upstream.reason,
                         headers=_without(upstream.headers, _DROP_FROM_RESPONSE))

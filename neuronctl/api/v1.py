@@ -15,6 +15,7 @@ middleware never sees one to rewrite.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ from ..supervisor.harness import Harness
 from ..supervisor.lifecycle import ModelLifecycle
 from ..supervisor.registry import ModelRegistry
 from ..supervisor.worker import Worker
+from . import workererrors
 from .auth import check_scope, principal
 from .keyusage import MODEL_LABEL
 from .metrics import RequestTimes
@@ -204,7 +206,10 @@ class Router:
 
     async def _pass_through(self, request: web.Request, body: bytes, model: ModelLifecycle,
                             worker: Worker, stats: ModelStats) -> web.StreamResponse:
-        return await self.upstream.exchange(request, body, model.model_id, worker, stats)
+        dialect = (_embeddings(model.model_id, model.spec.harness)
+                   if request.path == "/v1/embeddings" else OPENAI)
+        return await self.upstream.exchange(request, body, model.model_id, worker, stats,
+                                            dialect)
 
     async def route(self, request: web.Request, exchange: RouteExchange,
                     dialect: Dialect = OPENAI, check: BodyCheck | None = None
@@ -411,3 +416,16 @@ class Router:
                if m.serving_worker is not None and key.may_use(m.model_id)]
         return ", ".join(ids) if ids else "none"
 
+
+def _embeddings(model_id: str, harness: str) -> Dialect:
+    """OpenAI's dialect, but a worker started without embeddings (its 500 or 501) is the
+    request's 400 `embeddings_not_enabled` saying what to set; other refusals pass on."""
+
+    def embeddings_off(status: int, body: bytes) -> NeuronError | None:
+        said = workererrors.worker_error(status, body)
+        if not workererrors.embeddings_off(status, said):
+            return None
+        return errors.EmbeddingsNotEnabled(
+            workererrors.embeddings_hint(model_id, harness, said), param="model")
+
+    return dataclasses.replace(OPENAI, worker_errors=embeddings_off)

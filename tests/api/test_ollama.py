@@ -236,6 +236,14 @@ def test_embed_and_embeddings(node: Daemon, client: ollama.Client) -> None:
     status, _, answer = raw(node, "POST", "/api/embed",
                             b'{"model": "extra", "input": "a"}')
     assert (status, json.loads(answer)["code"]) == (400, "embeddings_not_enabled")
+    # OpenAI's route says the same in OpenAI's shape, not the worker's 500.
+    status, _, answer = raw(node, "POST", "/v1/embeddings",
+                            b'{"model": "extra", "input": "a"}')
+    error = json.loads(answer)["error"]
+    assert (status, error["code"], error["param"]) == (400, "embeddings_not_enabled", "model")
+    assert 'add "--embedding", "true" to its `args`' in error["message"]
+    status, _, answer = raw(node, "POST", "/v1/embeddings", b'{"model": "tiny", "input": "a"}')
+    assert status == 200 and json.loads(answer)["data"][0]["object"] == "embedding"
 
 
 def test_pull_then_keep_alive_zero_unloads(node: Daemon, client: ollama.Client) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from neuronctl.api import ollama_convert as convert
-from neuronctl.api import ollama_models
+from neuronctl.api import ollama_models, workererrors
 from neuronctl.errors import BadRequest
 
 
@@ -207,16 +207,16 @@ def test_tally_counts_as_ollama_means_them() -> None:
 
 
 def test_a_worker_without_embeddings_is_told_apart_and_the_hint_names_the_flag() -> None:
-    assert convert.embeddings_off(501, "This server does not support embeddings. Start it "
+    assert workererrors.embeddings_off(501, "This server does not support embeddings. Start it "
                                        "with `--embeddings`")
-    assert convert.embeddings_off(500, "Llama model must be created with embedding=True to "
+    assert workererrors.embeddings_off(500, "Llama model must be created with embedding=True to "
                                        "call this method")
-    assert not convert.embeddings_off(500, "llama_decode returned -1")
-    hint = convert.embeddings_hint("chat:latest", "llama-server", "Start it with --embeddings")
+    assert not workererrors.embeddings_off(500, "llama_decode returned -1")
+    hint = workererrors.embeddings_hint("chat:latest", "llama-server", "Start it with --embeddings")
     assert hint.startswith("model 'chat:latest' was not loaded with embeddings enabled: "
                            'add "--embeddings" to its `args`')
-    assert '"--embedding", "true"' in convert.embeddings_hint("m", "llama-cpp-python", "")
-    assert "its `args`" in convert.embeddings_hint("m", "other", "")
+    assert '"--embedding", "true"' in workererrors.embeddings_hint("m", "llama-cpp-python", "")
+    assert "its `args`" in workererrors.embeddings_hint("m", "other", "")
 
 
 def test_streamed_tool_calls_merged_and_turned_back() -> None:
@@ -242,10 +242,10 @@ def test_lines_errors_and_vectors() -> None:
     assert line == {"model": "m:latest", "created_at": "1970-01-01T00:00:00.000000Z",
                     "message": {"role": "assistant", "content": "hi"}, "done": False}
     assert convert.line("generate", "m", 0.0, "hi", True)["response"] == "hi"
-    assert convert.worker_error(400, json.dumps(
+    assert workererrors.worker_error(400, json.dumps(
         {"error": {"message": "context full"}}).encode()) == "context full"
-    assert convert.worker_error(422, b'{"detail": [{"msg": "bad"}]}') == '[{"msg": "bad"}]'
-    assert convert.worker_error(500, b"boom") == "boom"
+    assert workererrors.worker_error(422, b'{"detail": [{"msg": "bad"}]}') == '[{"msg": "bad"}]'
+    assert workererrors.worker_error(500, b"boom") == "boom"
     assert convert.normalized([3.0, 4.0]) == [0.6, 0.8]
     assert convert.normalized([0.0]) == [0.0]
     assert convert.embed_inputs({"input": "a"}, "input") == ["a"]
