@@ -294,11 +294,19 @@ class Worker:
         log.error("%s: %s", self.model_id, self.log_problem)
 
     async def _read_child(self, stdout: asyncio.StreamReader) -> None:
-        """A router child's stdout, to its end: the states it reports (routerchild.py)."""
-        with contextlib.suppress(OSError, ValueError):  # ValueError: a line over the limit
-            while line := await stdout.readline():
-                if routerchild.state_of(line) == "ready":
-                    self._said_ready.set()
+        """A router child's stdout, to its end: the states it reports (routerchild.py).
+        Read to the end whatever it writes, so the child never blocks on a full pipe."""
+        while True:
+            try:
+                line = await stdout.readline()
+            except ValueError:  # a line over the limit, dropped: none of its states
+                continue
+            except OSError:
+                return
+            if not line:
+                return
+            if routerchild.state_of(line) == "ready":
+                self._said_ready.set()
 
     async def _wait_ready(self) -> None:
         assert self._exited is not None

@@ -40,6 +40,8 @@ CHILD = textwrap.dedent("""
     signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM", file=sys.stderr, flush=True))
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    for _ in range(int(sys.argv[3])):  # lines of no state, each over the reader's limit
+        out.write("x" * 100_000 + "\\n")
     out.write("cmd_child_to_router:state:" + json.dumps({"state": "ready"}) + "\\n")
     out.flush()
     for line in sys.stdin:
@@ -51,8 +53,8 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def child_plan(port: int, load_s: float = 0.2) -> WorkerPlan:
-    return WorkerPlan((sys.executable, "-c", CHILD, str(port), str(load_s)),
+def child_plan(port: int, load_s: float = 0.2, noise: int = 0) -> WorkerPlan:
+    return WorkerPlan((sys.executable, "-c", CHILD, str(port), str(load_s), str(noise)),
                       {routerchild.ENV: str(port)}, "/health", 20.0, router_child=True)
 
 
@@ -93,7 +95,8 @@ async def test_ready_when_it_says_so_without_a_poll_and_stopped_by_its_exit_comm
         return None
 
     port = free_port()
-    worker = Worker("m", child_plan(port), port, tmp_path / "m.log", 5.0,
+    # Before its word, more than a pipe holds of lines that are none: read and dropped.
+    worker = Worker("m", child_plan(port, noise=3), port, tmp_path / "m.log", 5.0,
                     status_probe=status_probe)
     try:
         started = time.monotonic()
