@@ -16,6 +16,7 @@ the parent-death signal and the polls.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mmap
 import os
@@ -68,7 +69,86 @@ def state_of(line: bytes) -> str | None:
         return None
     try:
         data = json.loads(line[len(STATE_PREFIX):])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
         return None
     state = data.get("state") if isinstance(data, dict) else None
     return state if isinstance(state, str) else None
+
+
+class Channel:
+    """The supervisor's ends of a router child's stdin and stdout, plain pipes rather than
+    asyncio's: the child's exit is then the process's alone (on Python 3.11 an asyncio
+    `Process.wait()` also waits for its pipes to close, which a stuck reader or a
+    grandchild holding them would delay without end).
+
+    `ready` is set when the child says so; `send_exit()` writes its exit command; `close()`,
+    once it is gone, closes our ends. While it lives we hold its stdin open: our death is
+    the end of its stdin."""
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        stdin_r, self._stdin = os.pipe()
+        self._stdout, stdout_w = os.pipe()
+        # What the child gets as its stdin and stdout, closed here once it has them.
+        self.child_ends: tuple[int, int] | None = (stdin_r, stdout_w)
+        os.set_blocking(self._stdin, False)
+        os.set_blocking(self._stdout, False)
+        self._buffer = bytearray()
+        self._reading = False
+
+    def spawned(self) -> None:
+        """The child holds its ends: ours of them closed, its stdout read as it comes (all
+        of it, so it never blocks on a full pipe)."""
+        self._close_child_ends()
+        asyncio.get_running_loop().add_reader(self._stdout, self._readable)
+        self._reading = True
+
+    def send_exit(self) -> bool:
+        """Its exit command, written (the pipe is empty but for it: never blocks); False
+        when it could not be (the child is gone, or we closed)."""
+        if self._stdin < 0:
+            return False
+        try:
+            return os.write(self._stdin, EXIT_COMMAND) == len(EXIT_COMMAND)
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self._close_child_ends()
+        self._stop_reading()
+        if self._stdin >= 0:
+            os.close(self._stdin)
+            self._stdin = -1
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._stdout, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._stop_reading()
+            return
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end + 1])
+            del self._buffer[:end + 1]
+            if state_of(line) == "ready":
+                self.ready.set()
+        if len(self._buffer) > MAX_LINE:  # a line this long is none of its states
+            self._buffer.clear()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self._stdout)
+            self._reading = False
+        if self._stdout >= 0:
+            os.close(self._stdout)
+            self._stdout = -1
+
+    def _close_child_ends(self) -> None:
+        if self.child_ends is not None:
+            for fd in self.child_ends:
+                os.close(fd)
+            self.child_ends = None

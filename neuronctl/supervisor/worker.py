@@ -43,6 +43,12 @@ _PROBE_TIMEOUT_S = 5.0
 _POLL_MIN_S = 0.002
 _POLL_MAX_S = 0.05
 _POLL_FRACTION = 0.01
+# A router child says when it is ready (routerchild.py); its /health is asked this often
+# all the same, in case its word never comes.
+_WORD_FALLBACK_S = 1.0
+# A ready router child that has not exited this long after its exit command gets SIGTERM
+# as well (see stop). It exits in milliseconds when the command is read.
+_COMMAND_GRACE_S = 0.5
 
 # In every worker's environment, so that anything it starts inherits it: how the next
 # supervisor proves a process in a recorded group is ours (orphans.py).
@@ -88,20 +94,20 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
 
 
 async def spawn_process(
-    command: Sequence[str], env: Mapping[str, str], log_fd: int, router_child: bool = False
+    command: Sequence[str], env: Mapping[str, str], log_fd: int,
+    pipes: tuple[int, int] | None = None,
 ) -> asyncio.subprocess.Process:
-    if router_child:
-        # Its stdin is the pipe whose end it takes as ours (no preexec_fn: Python then
-        # vforks instead of copying the supervisor), its stdout the line that says ready;
-        # what it prints goes to stderr (the log).
+    if pipes is not None:
+        # A router child: its stdin and stdout are a routerchild.Channel's pipes, and no
+        # preexec_fn (Python then vforks instead of copying the supervisor); what it
+        # prints goes to stderr (the log).
         return await asyncio.create_subprocess_exec(
             *command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+            stdin=pipes[0],
+            stdout=pipes[1],
             stderr=log_fd,
             env={**os.environ, **env},
             start_new_session=True,
-            limit=routerchild.MAX_LINE,
         )
     return await asyncio.create_subprocess_exec(
         *command,
@@ -219,9 +225,10 @@ class Worker:
         self.token = secrets.token_hex(16)
         self.log_problem: str | None = None  # why its log file could not be written
         self._stop_sent: str | None = None  # what neuronctl did to end it, for the log
-        # A router child's own word that it is ready, read from its stdout.
+        # A router child's pipes (routerchild.Channel), and its own word that it is ready
+        # (never set for other workers).
+        self._channel: routerchild.Channel | None = None
         self._said_ready = asyncio.Event()
-        self._child_lines: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -245,7 +252,10 @@ class Worker:
         try:
             env = {**self.plan.env, TOKEN_ENV: self.token}
             if self.plan.router_child:
-                self._proc = await self._spawn(self.plan.command, env, fd, router_child=True)
+                self._channel = channel = routerchild.Channel()
+                self._said_ready = channel.ready
+                self._proc = await self._spawn(self.plan.command, env, fd,
+                                               pipes=channel.child_ends)
             else:
                 self._proc = await self._spawn(self.plan.command, env, fd)
         except OSError as exc:
@@ -256,14 +266,17 @@ class Worker:
         finally:
             if self._proc is None:
                 os.close(fd)
+            if self._channel is not None:
+                if self._proc is None:
+                    self._channel.close()
+                else:
+                    self._channel.spawned()
         # From here on a process exists: whatever fails (the pid line on a full disk, the
         # state file, the wait) kills it before the error goes on, so a model listed as
         # failed never leaves a worker running.
         try:
             self._exited = asyncio.ensure_future(self._proc.wait())
             self._exited.add_done_callback(self._on_exit)
-            if self._proc.stdout is not None:
-                self._child_lines = asyncio.ensure_future(self._read_child(self._proc.stdout))
             try:
                 if self.log_problem is None:
                     logfiles.write_pid_line(fd, self._proc.pid)
@@ -293,21 +306,6 @@ class Worker:
                             f"{exc.strerror or exc}; its output goes to the service's journal")
         log.error("%s: %s", self.model_id, self.log_problem)
 
-    async def _read_child(self, stdout: asyncio.StreamReader) -> None:
-        """A router child's stdout, to its end: the states it reports (routerchild.py).
-        Read to the end whatever it writes, so the child never blocks on a full pipe."""
-        while True:
-            try:
-                line = await stdout.readline()
-            except ValueError:  # a line over the limit, dropped: none of its states
-                continue
-            except OSError:
-                return
-            if not line:
-                return
-            if routerchild.state_of(line) == "ready":
-                self._said_ready.set()
-
     async def _wait_ready(self) -> None:
         assert self._exited is not None
         started = self._clock()
@@ -324,14 +322,21 @@ class Worker:
                          deadline: float) -> bool:
         """A router child is ready when it says so: no polls while it loads (on a small
         host they take CPU from the load, and a poll in flight delays the answer to the
-        one that sees it ready). True once it said so and holds its port; False when the
-        port is not provably its own (then polls find out who holds it)."""
+        one that sees it ready), but one a second in case its word never comes. True once
+        it said so (or its /health did) and it holds its port; False when the port is not
+        provably its own (then polls find out who holds it)."""
         assert self._exited is not None
         wakers: set[asyncio.Future[Any]] = {self._exited, said_ready}
         while not said_ready.done() or self._exited.done():
             self._check_start(started, deadline, None)
-            await asyncio.wait(wakers, timeout=deadline - self._clock(),
-                               return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                wakers, timeout=min(_WORD_FALLBACK_S, deadline - self._clock()),
+                return_when=asyncio.FIRST_COMPLETED)
+            if not done and await self._status_probe(self.port, self.plan.probe_path) == 200:
+                log.warning("%s: worker pid %s answers %s but did not say it was ready; "
+                            "taking the answer's word", self.model_id, self.pid,
+                            self.plan.probe_path)
+                break
         return self._proves_ours()
 
     async def _poll_ready(self, said_ready: asyncio.Future[Any], started: float,
@@ -449,50 +454,48 @@ class Worker:
         # SIGTERM alone it would wait for its stdin's end (it joins the thread that reads
         # it). One still loading has no handler for SIGTERM yet and dies of it; the command
         # is then for the moment it starts reading.
-        commanded = self.plan.router_child and self._send_exit_command()
+        deadline = self._clock() + self.stop_timeout_s
+        commanded = self._channel is not None and self._channel.send_exit()
         if commanded and self._said_ready.is_set():
-            self._stop_sent = "neuronctl sent its exit command"
+            self._stop_sent = sent = "its exit command"
+            done, _ = await asyncio.wait(
+                {self._exited}, timeout=min(_COMMAND_GRACE_S, self.stop_timeout_s))
+            if not done:
+                # A command read before llama-server's main loop starts is lost (the loop
+                # sets its running flag again as it starts); SIGTERM reaches the loop.
+                self._stop_sent = sent = "its exit command and SIGTERM"
+                self._signal_group(signal.SIGTERM)
         else:
-            self._stop_sent = "neuronctl sent SIGTERM"
+            self._stop_sent = sent = "SIGTERM"
             self._signal_group(signal.SIGTERM)
-        done, _ = await asyncio.wait({self._exited}, timeout=self.stop_timeout_s)
+        done, _ = await asyncio.wait({self._exited},
+                                     timeout=max(0.0, deadline - self._clock()))
         if not done:
             log.warning(
-                "%s: worker pid %s ignored SIGTERM for %g s; sending SIGKILL",
-                self.model_id, self.pid, self.stop_timeout_s,
+                "%s: worker pid %s ignored %s for %g s; sending SIGKILL",
+                self.model_id, self.pid, sent, self.stop_timeout_s,
             )
             await self.kill()
 
     async def kill(self) -> None:
         if self._exited is None or self._exited.done():
             return
-        self._stop_sent = ("neuronctl sent SIGKILL after SIGTERM" if self._stop_sent
-                           else "neuronctl sent SIGKILL")
+        self._stop_sent = (f"SIGKILL after {self._stop_sent}" if self._stop_sent
+                           else "SIGKILL")
         self._signal_group(signal.SIGKILL)
         await asyncio.shield(self._exited)
-
-    def _send_exit_command(self) -> bool:
-        """A ready router child reads its stdin: whether the exit command went there."""
-        stdin = self._proc.stdin if self._proc is not None else None
-        if stdin is None or stdin.is_closing():
-            return False
-        try:
-            stdin.write(routerchild.EXIT_COMMAND)
-        except (OSError, RuntimeError):
-            return False
-        return True
 
     def _on_exit(self, exited: asyncio.Future[int]) -> None:
         # Children the worker left in its group die with it. Done right at the exit, never
         # later: once the group is empty its id may be recycled for an unrelated process.
         self._signal_group(signal.SIGKILL)
-        if self._proc is not None and self._proc.stdin is not None:
-            self._proc.stdin.close()
+        if self._channel is not None:
+            self._channel.close()
         if self.log_problem is None and not exited.cancelled() and exited.exception() is None:
             # The log's last line says how it ended: `logs --previous` after a crash.
             how = describe_exit(exited.result())
             if self._stop_sent:
-                how += f" ({self._stop_sent})"
+                how += f" (neuronctl sent {self._stop_sent})"
             logfiles.write_end_line(self.log_path, f"worker pid {self.pid} {how}")
 
     def _signal_group(self, sig: signal.Signals) -> None:
