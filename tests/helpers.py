@@ -115,6 +115,29 @@ def kill_quietly(pid: int) -> None:
         os.kill(pid, 9)
 
 
+def kill_parent_of_worker(script: str, before: int = 0, timeout: float = 10.0) -> list[str]:
+    """Run `script` (python -c), a supervisor in miniature that prints `before` lines and
+    then the pid of the worker it started; SIGKILL it, and wait until the worker is gone too
+    (it must not outlive its parent). The lines before the pid, for the caller to check."""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    worker_pid = 0
+    try:
+        said = [parent.stdout.readline().strip() for _ in range(before)]
+        worker_pid = int(parent.stdout.readline())
+        assert pid_alive(worker_pid)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        poll_until(lambda: not pid_alive(worker_pid), timeout=timeout)
+        return said
+    finally:
+        kill_quietly(parent.pid)
+        parent.wait(10)
+        parent.stdout.close()
+        if worker_pid:
+            kill_quietly(worker_pid)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without NEURON_* overrides or anything that widens Rich's
     console, plus `extra`: what systemd would give the CLI."""

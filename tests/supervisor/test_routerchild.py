@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -24,7 +23,7 @@ from neuronctl.supervisor.harness import LlamaServerHarness, WorkerPlan
 from neuronctl.supervisor.worker import Worker, free_port
 
 from ..fakes import FAKE_WORKER
-from ..helpers import kill_quietly, pid_alive, poll_until
+from ..helpers import kill_parent_of_worker, pid_alive, poll_until
 
 # A router child in miniature: its port opens at once, "ready" on the reserved stdout after
 # a short load, its own output on stderr, and what llama-server does with its stdin: the
@@ -238,7 +237,7 @@ def test_a_child_dies_with_its_supervisor_by_the_end_of_its_stdin(tmp_path: Path
     script = textwrap.dedent(f"""
         import asyncio, sys
         from pathlib import Path
-        from neuronctl.supervisor.harness import LlamaServerHarness, WorkerPlan
+        from neuronctl.supervisor.harness import WorkerPlan
         from neuronctl.supervisor.worker import Worker
         plan = WorkerPlan({child_plan(port).command!r}, {{"LLAMA_SERVER_ROUTER_PORT": "1"}},
                           "/health", 20.0, router_child=True)
@@ -249,21 +248,7 @@ def test_a_child_dies_with_its_supervisor_by_the_end_of_its_stdin(tmp_path: Path
             await asyncio.sleep(60)  # until the test kills this parent
         asyncio.run(main())
     """)
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    worker_pid = 0
-    try:
-        worker_pid = int(parent.stdout.readline())
-        assert pid_alive(worker_pid)
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(10)
-        poll_until(lambda: not pid_alive(worker_pid), timeout=10)
-    finally:
-        kill_quietly(parent.pid)
-        parent.wait(10)
-        parent.stdout.close()
-        if worker_pid:
-            kill_quietly(worker_pid)
+    kill_parent_of_worker(script)
     said = (tmp_path / "m.log").read_text().splitlines()
     assert "parent-death signal 0" in said and "EOF on stdin" in said
 
@@ -288,7 +273,7 @@ def test_a_real_llama_server_child_is_ready_stops_cleanly_and_dies_with_its_supe
     script = textwrap.dedent(f"""
         import asyncio, sys
         from pathlib import Path
-        from neuronctl.supervisor.harness import LlamaServerHarness, WorkerPlan
+        from neuronctl.supervisor.harness import WorkerPlan
         from neuronctl.supervisor.worker import Worker, free_port, probe_http
         def worker(port, name):
             plan = WorkerPlan({command[:-4]!r} + ("--port", str(port), "-c", "128"),
@@ -307,21 +292,8 @@ def test_a_real_llama_server_child_is_ready_stops_cleanly_and_dies_with_its_supe
             await asyncio.sleep(120)  # until the test kills this parent
         asyncio.run(main())
     """)
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    worker_pid = 0
-    try:
-        assert parent.stdout.readline().strip() == "0"  # the exit command: a clean exit
-        worker_pid = int(parent.stdout.readline())
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(10)
-        poll_until(lambda: not pid_alive(worker_pid), timeout=30)
-    finally:
-        kill_quietly(parent.pid)
-        parent.wait(10)
-        parent.stdout.close()
-        if worker_pid:
-            kill_quietly(worker_pid)
+    said = kill_parent_of_worker(script, before=1, timeout=30)
+    assert said == ["0"]  # the first worker: the exit command, a clean exit
     first_log = (tmp_path / "first.log").read_text()
     assert first_log.rstrip().endswith("exited with code 0 (neuronctl sent its exit command)"
                                        ) or first_log.rstrip().endswith(

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,7 +16,7 @@ from neuronctl.supervisor.harness import WorkerPlan
 from neuronctl.supervisor.worker import Worker, describe_exit, free_port
 
 from ..fakes import FAKE_WORKER
-from ..helpers import kill_quietly, pid_alive, poll_until
+from ..helpers import kill_parent_of_worker, pid_alive, poll_until
 
 
 def make_worker(tmp_path: Path, *args: str, ready_timeout_s: float = 10.0,
@@ -138,21 +136,7 @@ def test_worker_dies_with_its_supervisor(tmp_path: Path) -> None:
             await asyncio.sleep(60)  # idle until the test kills this parent (no poll needed)
         asyncio.run(main())
     """)
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert parent.stdout is not None
-    worker_pid = 0
-    try:
-        worker_pid = int(parent.stdout.readline())
-        assert pid_alive(worker_pid)
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait(10)
-        poll_until(lambda: not pid_alive(worker_pid), timeout=10)
-    finally:
-        kill_quietly(parent.pid)
-        parent.wait(10)
-        parent.stdout.close()
-        if worker_pid:
-            kill_quietly(worker_pid)
+    kill_parent_of_worker(script)
 
 
 def test_describe_exit() -> None:
