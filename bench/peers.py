@@ -4,7 +4,8 @@ and `neuronctl start` (`max_loaded_models = 1`) on the same GGUF files, with the
 run measures every row and prints one table with the ratio node/router:
 
 * added latency of a small request (max_tokens 1), p50 and p99, through each against its
-  own worker asked directly (the router's child by the port its `/models` lists);
+  own worker asked directly (the router's child by the port its `/models` lists), and the
+  CPU each side's own process spent per such request (steadier than latencies here);
 * first answer from an unloaded model (the tiny model, unloaded through each API first);
 * A/B/A/B swaps with one model resident: each request evicts the other model;
 * the first token of a returning ~1,500-token conversation after its model was swapped
@@ -296,10 +297,16 @@ def added_latency(router: Router, node: Node, n: int) -> list[Row]:
         for _ in range(3):
             complete(url, "tinya", max_tokens=1)
     times: dict[str, list[float]] = {name: [] for name, _ in targets}
+    # The CPU each side's own process spends on them (its workers not counted): steadier
+    # than the latencies on a shared host, where one wakeup can cost a millisecond.
+    cpu_before = {side.name: _cpu_s(side) for side in (router, node)}
     for i in range(n):
         for name, url in (targets if i % 2 == 0 else list(reversed(targets))):
             times[name].append(complete(url, "tinya", max_tokens=1))
-    rows = []
+    cpu = {side.name: (_cpu_s(side) - cpu_before[side.name]) / n for side in (router, node)}
+    rows = [Row(f"CPU of the router's / node's own process per small request ({n} each)",
+                ms(cpu["router"]), ms(cpu["node"]), ratio(cpu["node"], cpu["router"]),
+                "<= 1.00x")]
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         r = pct(times["router"], q) - pct(times["router direct"], q)
         nd = pct(times["node"], q) - pct(times["node direct"], q)
@@ -307,6 +314,13 @@ def added_latency(router: Router, node: Node, n: int) -> list[Row]:
                         f"direct; {n} each)", ms(r), ms(nd), ratio(nd, r),
                         "<= router's (<= 1.00x)"))
     return rows
+
+
+def _cpu_s(side: Side) -> float:
+    import psutil
+
+    times = psutil.Process(side.process.pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def first_answer(router: Router, node: Node, rounds: int) -> Row:

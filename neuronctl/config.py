@@ -42,6 +42,8 @@ CLIENT_ENV_VARS = frozenset({"NEURON_URL", "NEURON_CONFIG", "NEURON_API_KEY",
 MAX_MODEL_ID_LEN = 256
 MAX_PARALLEL = 256
 RESTART_POLICIES = ("on-failure", "always", "never")
+# The daemon's event loop (node/eventloop.py): "auto" is uvloop where it is installed.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 _INT32_MAX = 2**31 - 1
 # Upper bounds of times (seconds): a week for anything, tighter where a wait holds
 # something others need.
@@ -190,6 +192,8 @@ class NeuronConfig:
     ttl_s: float | None = None
     log_dir: Path = Path("/var/log/neuron")
     state_dir: Path = Path("/var/lib/neuron")
+    # The daemon's event loop (EVENT_LOOPS), read at start.
+    event_loop: str = "auto"
     # How long a worker gets between SIGTERM and SIGKILL.
     stop_timeout_s: float = 10.0
     # Largest request body the OpenAI-compatible router (/v1/...) accepts; more is a 413.
@@ -731,6 +735,10 @@ def _check_values(obj: Any, key: str) -> None:
             if device < 0:
                 raise ConfigError(f"{_join(key, 'devices')}[{i}]", "must be >= 0")
         _check_model_source(obj, key)
+    if isinstance(obj, NeuronConfig) and obj.event_loop not in EVENT_LOOPS:
+        choices = ", ".join(f'"{p}"' for p in EVENT_LOOPS)
+        raise ConfigError(_join(key, "event_loop"),
+                          f"must be one of {choices}, got {obj.event_loop!r}")
     restart = getattr(obj, "restart", None)
     if restart is not None and restart not in RESTART_POLICIES:
         choices = ", ".join(f'"{p}"' for p in RESTART_POLICIES)

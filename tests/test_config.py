@@ -269,6 +269,8 @@ MODEL = '[[default_models]]\nmodel_id = "m"\n'
         ("log_dir = 1\n", "log_dir"),
         ('stop_timeout_s = "5"\n', "stop_timeout_s"),
         ("stop_timeout_s = nan\n", "stop_timeout_s"),
+        ('event_loop = "trio"\n', "event_loop"),
+        ("event_loop = 1\n", "event_loop"),
         ("default_models = 1\n", "default_models"),
         ("harness = 1\n", "harness"),
         (MODEL + "n_ctx = true\n", "default_models[0].n_ctx"),

@@ -354,7 +354,8 @@ def test_rpm_dependencies(built_rpm: BuiltRpm) -> None:
         assert f"python3dist({dist})" in requires, requires
     # The supervisor lock relies on filelock opening its file with O_NOFOLLOW.
     assert "python3dist(filelock) >= 3.20.1" in requires, requires
-    assert "python3dist(llama-cpp-python)" in rpm_query(built_rpm.path, "--recommends")
+    recommends = rpm_query(built_rpm.path, "--recommends")
+    assert "python3dist(llama-cpp-python)" in recommends and "python3dist(uvloop)" in recommends
 
 
 def test_rpm_scriptlets(built_rpm: BuiltRpm) -> None:

@@ -67,7 +67,9 @@ def test_status_during_activation_says_starting_and_what_it_loads(
         poll_until(lambda: b"listening" in log.read_bytes(), 30)
         assert not (tmp_path / "state" / "starting").exists()  # gone once it serves
         journal = log.read_text()
-        assert f"neuronctl {__version__} starting: config {config}, 1 default model," in journal
+        # uvloop: installed with neuronctl, and event_loop = "auto" takes it.
+        assert f"neuronctl {__version__} starting (uvloop): config {config}, 1 default model," \
+            in journal
         assert "API key not set" in journal
         status = subprocess.run([NEURONCTL, "status", "--config", str(config)],
                                 env=clean_env(), capture_output=True, text=True, timeout=30)

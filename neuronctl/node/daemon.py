@@ -37,7 +37,7 @@ from ..supervisor.registry import ModelRegistry
 from ..supervisor.reload import Reloader
 from ..supervisor.statefile import StateFile
 from ..units import plural
-from . import listener
+from . import eventloop, listener
 from .systemd import ActivationStatus, NodeStatus, summary, watchdog
 
 log = logging.getLogger("neuronctl")
@@ -95,8 +95,9 @@ class Daemon:
         """The exit status: 0 after a requested stop, 1 when a step failed."""
         self._install_signals()
         # The one line that says which daemon this is and what it will do.
-        log.info("neuronctl %s starting: config %s, %s, %d in the catalogue, "
+        log.info("neuronctl %s starting (%s): config %s, %s, %d in the catalogue, "
                  "the API on %s:%d once they are loaded, API key %s", __version__,
+                 eventloop.name(),
                  self.config_path or "(none)",
                  plural(len(self.config.default_models), "default model"),
                  len(self.config.models), self.config.host, self.config.port,

@@ -7,7 +7,6 @@ activation time, and typer's argument handling alone costs about 0.1 s (bench/ac
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from ..errors import EX_CONFIG, fail
+from . import eventloop
 from .logsetup import FORMATS, setup_logging
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -59,6 +59,9 @@ def run(argv: Sequence[str]) -> int:
         from ..supervisor.harness import build_harnesses
 
         harnesses = build_harnesses(config)
+        run_loop = eventloop.runner(config.event_loop)
+    except eventloop.LoopUnavailable as exc:
+        fail(f"config error: {exc}", EX_CONFIG)
     except ConfigError as exc:
         if exc.source is None:
             exc.source = str(args.config or DEFAULT_CONFIG_PATH)
@@ -95,7 +98,7 @@ def run(argv: Sequence[str]) -> int:
             sys.stderr.write(f"neuronctl: cannot listen on {where}: {exc.strerror}\n")
             return 1
         path = args.config or DEFAULT_CONFIG_PATH
-        return asyncio.run(daemon.serve(config, harnesses, sock, state, path))
+        return run_loop(daemon.serve(config, harnesses, sock, state, path))
     finally:
         if lock is not None:
             lock.release()

@@ -43,7 +43,8 @@ from .registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 RESTART_ONLY = ("host", "port", "node_id", "log_dir", "state_dir", "api_key",
-                "max_request_bytes", "header_timeout_s", "body_timeout_s", "max_connections")
+                "max_request_bytes", "header_timeout_s", "body_timeout_s", "max_connections",
+                "event_loop")
 # Reading the config is a file read, in a thread of its own; one that has not returned in
 # this long (a FIFO, a hung network mount) refuses the reload instead of holding it.
 READ_TIMEOUT_S = 10.0

@@ -27,7 +27,8 @@ from typing import Any
 from .. import logfiles
 from ..aio import bounded
 from ..errors import SpawnFailed, WorkerExited, WorkerTimeout
-from . import portowner, routerchild
+from . import childproc, portowner, routerchild
+from .childproc import ChildProcess
 from .harness import WorkerPlan
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ _COMMAND_GRACE_S = 0.5
 # supervisor proves a process in a recorded group is ours (orphans.py).
 TOKEN_ENV = "NEURON_WORKER_TOKEN"
 
-Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
+Spawn = Callable[..., Awaitable[ChildProcess]]
 OnSpawn = Callable[["Worker"], Awaitable[None]]
 
 
@@ -96,28 +97,22 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
 async def spawn_process(
     command: Sequence[str], env: Mapping[str, str], log_fd: int,
     pipes: tuple[int, int] | None = None,
-) -> asyncio.subprocess.Process:
+) -> ChildProcess:
+    environment = {**os.environ, **env}
     if pipes is not None:
         # A router child: its stdin and stdout are a routerchild.Channel's pipes, and no
         # preexec_fn (Python then vforks instead of copying the supervisor); what it
         # prints goes to stderr (the log).
-        return await asyncio.create_subprocess_exec(
-            *command,
-            stdin=pipes[0],
-            stdout=pipes[1],
-            stderr=log_fd,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    return await asyncio.create_subprocess_exec(
-        *command,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=log_fd,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **env},
-        start_new_session=True,
-        preexec_fn=_pdeathsig_preexec(),
-    )
+        stdin, stdout, stderr, preexec = pipes[0], pipes[1], log_fd, None
+    else:
+        stdin, stdout, stderr = subprocess.DEVNULL, log_fd, subprocess.STDOUT
+        preexec = _pdeathsig_preexec()
+    started = childproc.spawn(command, environment, stdin, stdout, stderr, preexec)
+    if started is not None:
+        return started
+    return await asyncio.create_subprocess_exec(  # no pidfds here: asyncio watches it
+        *command, stdin=stdin, stdout=stdout, stderr=stderr, env=environment,
+        start_new_session=True, preexec_fn=preexec)
 
 
 async def probe_http(port: int, path: str) -> bool:
@@ -218,7 +213,7 @@ class Worker:
         self._status_probe = status_probe  # readiness
         self._owns_port = owns_port
         self._clock = clock
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ChildProcess | None = None
         self._exited: asyncio.Task[int] | None = None
         # In the worker's environment, inherited by anything it starts: proves, after a
         # supervisor crash, which processes are ours (orphans.stop_orphans).
