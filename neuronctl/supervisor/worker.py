@@ -318,8 +318,10 @@ class Worker:
         """A router child is ready when it says so: no polls while it loads (on a small
         host they take CPU from the load, and a poll in flight delays the answer to the
         one that sees it ready), but one a second in case its word never comes. True once
-        it said so (or its /health did) and it holds its port; False when the port is not
-        provably its own (then polls find out who holds it)."""
+        it said so, or once its /health did and it holds its port; False when the port is
+        not provably its own (then polls find out who holds it). Its word needs no proof:
+        llama-server says it only once it listens on its port, and exits when another
+        process holds it (it never binds with SO_REUSEPORT: `--reuse-port` is reserved)."""
         assert self._exited is not None
         wakers: set[asyncio.Future[Any]] = {self._exited, said_ready}
         while not said_ready.done() or self._exited.done():
@@ -331,8 +333,8 @@ class Worker:
                 log.warning("%s: worker pid %s answers %s but did not say it was ready; "
                             "taking the answer's word", self.model_id, self.pid,
                             self.plan.probe_path)
-                break
-        return self._proves_ours()
+                return self._proves_ours()
+        return True
 
     async def _poll_ready(self, said_ready: asyncio.Future[Any], started: float,
                           deadline: float) -> None:
