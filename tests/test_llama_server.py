@@ -102,9 +102,15 @@ def test_libraries_beside_the_binary_are_put_on_the_loader_path(
     bin_dir = tmp_path / "pkg" / "bin"
     bin_dir.mkdir(parents=True)
     binary = wrapper(bin_dir / "llama-server", FAKE_LLAMA_SERVER)
+    harness = harness_for(binary)
+    assert "LD_LIBRARY_PATH" not in harness.plan(ModelSpec("m", path=tiny_gguf), 1).env
     (bin_dir / "libllama.so").write_bytes(b"")
-    plan = harness_for(binary).plan(ModelSpec("m", path=tiny_gguf), 1)
+    # The listing is remembered per version of the directory: a file added is seen.
+    plan = harness.plan(ModelSpec("m", path=tiny_gguf), 1)
     assert plan.env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(bin_dir)
+    (bin_dir / "libllama.so").unlink()
+    plan = harness.plan(ModelSpec("m", path=tiny_gguf), 1)
+    assert plan.env.get("LD_LIBRARY_PATH", "").split(os.pathsep)[0] != str(bin_dir)
 
 
 def test_build_harnesses_reads_the_binary_key(fake_binary: Path) -> None:
