@@ -2,10 +2,11 @@
 
 Every request through the node is accepted, parsed, forwarded and answered in Python;
 what the loop itself costs is a large part of it. On uvloop (libuv's loop, as uvicorn
-uses when it can) a small request forwarded to a worker cost the daemon about a third
-less CPU than on asyncio's selector loop (bench/peers.py's added-latency row; numbers in
-docs/performance.md). The daemon's code is the same on both: workers are watched through
-pidfds (supervisor/childproc.py), not through either loop's child watcher.
+uses when it can) a small request forwarded to a worker cost the daemon about a fifth
+less CPU than on asyncio's selector loop (perf stat over 1,000 requests, two nodes side
+by side: docs/performance.md). The daemon's code is the same on both: workers are
+watched through pidfds (supervisor/childproc.py), not through either loop's own
+subprocess machinery.
 """
 
 from __future__ import annotations
