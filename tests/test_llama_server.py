@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -104,11 +105,18 @@ def test_libraries_beside_the_binary_are_put_on_the_loader_path(
     binary = wrapper(bin_dir / "llama-server", FAKE_LLAMA_SERVER)
     harness = harness_for(binary)
     assert "LD_LIBRARY_PATH" not in harness.plan(ModelSpec("m", path=tiny_gguf), 1).env
+    # File times move in coarse ticks (a few ms): a change in the tick of the listing
+    # before it would not be a new version of the directory. No operator is that quick.
+    time.sleep(0.05)
     (bin_dir / "libllama.so").write_bytes(b"")
     # The listing is remembered per version of the directory: a file added is seen.
     plan = harness.plan(ModelSpec("m", path=tiny_gguf), 1)
     assert plan.env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(bin_dir)
+    # ... and one removed, even with the directory's mtime set back (as `tar -x` does).
+    mtime = bin_dir.stat().st_mtime_ns
+    time.sleep(0.05)
     (bin_dir / "libllama.so").unlink()
+    os.utime(bin_dir, ns=(mtime, mtime))
     plan = harness.plan(ModelSpec("m", path=tiny_gguf), 1)
     assert plan.env.get("LD_LIBRARY_PATH", "").split(os.pathsep)[0] != str(bin_dir)
 

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
@@ -168,8 +168,10 @@ class GuardedRequestHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._guard.admit():
             self._refused = True
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(self._guard.refusal)
+            # A stream transport, but not always an asyncio.Transport: uvloop's TCPTransport
+            # derives from none of asyncio's classes (an isinstance check here failed every
+            # refusal on uvloop: a reset and a traceback instead of the 503).
+            cast(asyncio.WriteTransport, transport).write(self._guard.refusal)
             transport.close()
             return
         self._holds_slot = True

@@ -31,8 +31,8 @@ def runner(choice: str) -> Callable[[Coroutine[Any, Any, T]], T]:
         except ImportError as exc:
             if choice == "uvloop":
                 raise LoopUnavailable(
-                    f'event_loop = "uvloop" but uvloop cannot be imported ({exc}); '
-                    'install it (pip install uvloop) or set event_loop = "auto"') from None
+                    f'"uvloop", but uvloop cannot be imported ({exc}); install it '
+                    '(pip install uvloop) or set event_loop = "auto"') from None
         else:
             return uvloop.run
     return asyncio.run

@@ -61,7 +61,8 @@ def run(argv: Sequence[str]) -> int:
         harnesses = build_harnesses(config)
         run_loop = eventloop.runner(config.event_loop)
     except eventloop.LoopUnavailable as exc:
-        fail(f"config error: {exc}", EX_CONFIG)
+        fail(f"config error: {args.config or DEFAULT_CONFIG_PATH}: event_loop: {exc}",
+             EX_CONFIG)
     except ConfigError as exc:
         if exc.source is None:
             exc.source = str(args.config or DEFAULT_CONFIG_PATH)

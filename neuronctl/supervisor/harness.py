@@ -177,18 +177,20 @@ def _device_env(spec: ModelSpec) -> dict[str, str]:
 
 def _ships_libraries(directory: Path) -> bool:
     """Whether shared libraries lie in `directory` (beside a worker's binary). Listed once
-    per version of the directory (adding or removing a file changes its mtime): where
+    per version of the directory: adding or removing a file changes its mtime and its
+    ctime, and ctime cannot be set back (`tar -x`, `cp -a` restore an mtime). Where
     llama-server is installed in /usr/bin, a listing of its thousand names took 1.6 ms of
     every load here."""
     try:
-        version = directory.stat().st_mtime_ns
+        st = directory.stat()
     except OSError:
         return False
+    version = (st.st_mtime_ns, st.st_ctime_ns)
     return _lists_libraries(str(directory), version)
 
 
 @functools.lru_cache(maxsize=16)
-def _lists_libraries(directory: str, version: int) -> bool:
+def _lists_libraries(directory: str, version: tuple[int, int]) -> bool:
     return any(Path(directory).glob("lib*.so*"))
 
 

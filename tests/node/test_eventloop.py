@@ -33,7 +33,7 @@ def test_without_uvloop_auto_falls_back_and_uvloop_is_refused(
 ) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
     assert eventloop.runner("auto") is asyncio.run
-    with pytest.raises(eventloop.LoopUnavailable, match='event_loop = "uvloop" but uvloop'):
+    with pytest.raises(eventloop.LoopUnavailable, match='"uvloop", but uvloop cannot be imported'):
         eventloop.runner("uvloop")
     monkeypatch.undo()
     assert eventloop.runner("auto") is uvloop.run
@@ -51,6 +51,7 @@ def test_start_refuses_uvloop_where_it_is_missing(tmp_path: Path) -> None:
                           env=clean_env(PYTHONPATH=str(hidden)), capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == EX_CONFIG, done.stderr
-    assert 'event_loop = "uvloop" but uvloop cannot be imported (not here)' in done.stderr
+    assert (f'config error: {config}: event_loop: "uvloop", but uvloop cannot be imported '
+            "(not here)") in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "state").exists()
