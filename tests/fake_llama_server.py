@@ -4,11 +4,11 @@ It takes llama-server's flags (`-m FILE --host H --port P`, the rest ignored), o
 port at once, answers GET /health with 503 `{"error":{"code":503,"message":"Loading model",
 ...}}` for --fake-load-s seconds and 200 `{"status":"ok"}` after; GET /v1/models answers 200
 all along, as the real one does, so a supervisor probing it would call the model ready too
-early; GET /props says its `total_slots`. A POST (a completion) answers `max_tokens`
-characters with OpenAI's `usage` (a chat completion's shape on `/v1/chat/completions`,
-which LiteLLM's proxy checks). Every
-request and its status is printed (to the worker's log), and so is the environment, so
-tests can see CUDA_VISIBLE_DEVICES.
+early; GET /props says its `total_slots` (after --fake-props-s). A POST (a completion)
+answers `max_tokens` characters with OpenAI's `usage` (a chat completion's shape on
+`/v1/chat/completions`, which LiteLLM's proxy checks). Every request and its status is
+printed (to the worker's log), and so is the environment, so tests can see
+CUDA_VISIBLE_DEVICES.
 
 A POST can ask for a misbehaving answer by fields of its body (never sent by a real
 client): `hold_s` (answer only after that long), `answer_mib` (an answer that long, in
@@ -46,6 +46,7 @@ def main() -> None:
     # --fake-slots says otherwise (a build that chooses differently).
     parser.add_argument("-np", "--parallel", type=int, default=4)
     parser.add_argument("--fake-slots", type=int, default=None)
+    parser.add_argument("--fake-props-s", type=float, default=0.0)  # GET /props answers late
     args, _ = parser.parse_known_args()
     if not os.path.isfile(args.model):
         print(f"error: failed to open GGUF file '{args.model}'", flush=True)
@@ -66,6 +67,7 @@ def main() -> None:
             elif self.path == "/v1/models":
                 status, body = 200, {"object": "list", "data": [{"id": args.model}]}
             elif self.path == "/props":
+                time.sleep(args.fake_props_s)
                 status, body = 200, {"total_slots": args.fake_slots or args.parallel}
             elif self.path == "/slots":  # no slot holds anything: a prompt cache saves none
                 status, body = 200, []

@@ -324,6 +324,10 @@ class Router:
             raise self._not_ready(model)
         max_queue, timeout_s = model.queue_limits()
         max_bytes = self.registry.config.max_queued_bytes
+        if stats.queue.serving and stats.queue.slots != max(1, model.slots):
+            # Its worker said how many slots it serves after it was ready (lifecycle.py
+            # reads them beside the first requests): the queue follows from this one on.
+            stats.queue.ready(model.slots)
         async with stats.queue.admit(max_queue, timeout_s, size, max_bytes, key) as waited:
             if self.stats.keeps(model_id, stats):
                 self.times.queue_wait.labels(model_id).observe(waited)

@@ -104,6 +104,7 @@ class ModelLifecycle:
         self._loaded: asyncio.Future[None] | None = None  # the first start's outcome
         self._stop_task: asyncio.Task[None] | None = None
         self._recording: asyncio.Future[None] | None = None  # the worker's workers.json entry
+        self._reading_slots: asyncio.Future[None] | None = None  # its worker's /props, once ready
 
     @property
     def model_id(self) -> str:
@@ -405,6 +406,7 @@ class ModelLifecycle:
             spec, self.resolved, parts = modelfiles.run_spec(self.spec, self.resolved,
                                                              harness.needs_model_file)
             self.slots = harness.slots(spec)
+            self.served_n_ctx = None  # this worker's, once it says (_read_slots)
             self.serves_metrics = harness.serves_metrics
             passed = await s.vram_gate.check(
                 spec, parts, s.config.harness_config(spec.harness), harness.default_n_ctx,
@@ -437,7 +439,12 @@ class ModelLifecycle:
             if worker.returncode is not None:
                 await self._worker_gone(worker)
         if harness.slots_path is not None:
-            await self._read_slots(worker, harness.slots_path)
+            # Read beside the first requests, not before them: the guess (harness.slots) is
+            # the worker's own rule, and waiting for GET /props cost every load's first
+            # answer about a millisecond (bench/peers.py). The router's queue takes the
+            # answer at its next request (api/v1.py).
+            self._reading_slots = asyncio.ensure_future(
+                self._read_slots(worker, harness.slots_path))
         if self.prompt_cache is not None:  # before `loaded`: the first answer may use it
             await self.prompt_cache.restore(worker.port)
         return s.clock() - started
@@ -446,6 +453,8 @@ class ModelLifecycle:
         """What the ready worker says it serves (`total_slots`) replaces what its harness
         expected: the router's admission and /models follow the worker, not a guess."""
         answer = await worker.get_json(path, SLOTS_TIMEOUT_S)
+        if self.worker is not worker or worker.returncode is not None:
+            return  # stopped meanwhile: what it said no longer matters
         reported = answer.get("total_slots") if isinstance(answer, dict) else None
         # The context each request gets (llama-server's default: the model's own context,
         # shared by its slots): what `/models` says when the config left it to the server.
@@ -526,6 +535,9 @@ class ModelLifecycle:
 
     async def _worker_gone(self, worker: Worker, reading: StopReading | None = None) -> None:
         """Bookkeeping once a worker's process has exited, however it ended."""
+        if self._reading_slots is not None:
+            self._reading_slots.cancel()
+            self._reading_slots = None
         await self._recorded(quietly=True)  # an entry being written is removed after it
         if self._shared.state is not None and worker.pid is not None:
             await self._shared.state.remove(worker.pid)

@@ -38,6 +38,8 @@ from neuronctl.supervisor.harness import (
 )
 from neuronctl.supervisor.registry import ModelRegistry
 
+from ..fakes import FAKE_LLAMA_SERVER
+from ..gpu_fakes import wrapper
 from ..helpers import (
     MakeRegistry,
     free_port,
@@ -510,7 +512,8 @@ async def test_llama_server_by_default_batches_the_slots_it_chooses_itself(
     command = model.worker.plan.command
     assert "--parallel" not in command
     assert command[command.index("-c") + 1] == "256"  # one cache, shared by the slots
-    assert model.slots == 4  # what its GET /props said
+    await poll_until_async(lambda: model.served_n_ctx is not None)  # its GET /props said
+    assert model.slots == 4
     assert "n_slots = 4" in model.log_path.read_text()
     server = TestServer(create_app(registry), host="127.0.0.1")
     await server.start_server()
@@ -524,6 +527,42 @@ async def test_llama_server_by_default_batches_the_slots_it_chooses_itself(
     finally:
         await server.close()
     assert listed[0]["slots"] == 4
+
+
+async def test_the_queue_follows_the_slots_a_worker_says_it_serves_after_it_is_ready(
+    make_registry: MakeRegistry, node_config: NeuronConfig, tiny_gguf: Path, tmp_path: Path,
+) -> None:
+    """A model is ready with the slots its harness expects (4) and its worker's GET /props
+    is read beside the first requests: a worker that serves 1 has the router send it one
+    request at a time from then on, the others waiting in the node's queue."""
+    binary = wrapper(tmp_path / "llama-server", FAKE_LLAMA_SERVER)
+    harness = LlamaServerHarness(HarnessConfig(binary=str(binary)))
+    registry = make_registry(node_config, {LLAMA_SERVER: harness})
+    server = TestServer(create_app(registry), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            n = Node(registry, str(server.make_url("")).rstrip("/"), session)
+            model = await registry.load(ModelSpec(
+                "one", harness=LLAMA_SERVER, path=tiny_gguf,
+                args=("--fake-slots", "1", "--fake-props-s", "1")))
+            assert model.slots == 4
+            assert (await n.complete("one"))[0] == 200  # its queue made, with 4 slots
+            await poll_until_async(lambda: model.slots == 1)
+            held = [asyncio.create_task(n.complete("one", hold_s=1.0)) for _ in range(3)]
+
+            async def counts() -> tuple[int, int]:
+                async with session.get(f"{n.url}/models/stats") as resp:
+                    stats = (await resp.json())["models"].get("one", {})
+                return stats.get("in_flight", 0), stats.get("queued", 0)
+
+            async def one_sent_two_waiting() -> bool:
+                return await counts() == (1, 2)
+
+            await poll_until_awaited(one_sent_two_waiting, timeout=10)
+            assert all(status == 200 for status, _ in await asyncio.gather(*held))
+    finally:
+        await server.close()
 
 
 RUDE_WORKER = r"""
