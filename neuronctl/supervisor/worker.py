@@ -240,10 +240,7 @@ class Worker:
     async def start(self) -> None:
         """Spawn and wait until ready. On any failure, or if cancelled, the process is
         killed before this returns; failures raise a LoadError saying what the log said."""
-        fd = self._open_log()
-        # At info: what runs on the node, flags included, is in the journal for every load.
-        log.info("%s: running %s (port %d, log %s)", self.model_id,
-                  shlex.join(self.plan.command), self.port, self.log_path)
+        fd, settle = self._open_log()
         try:
             env = {**self.plan.env, TOKEN_ENV: self.token}
             if self.plan.router_child:
@@ -259,6 +256,12 @@ class Worker:
         except (ValueError, subprocess.SubprocessError) as exc:  # a NUL in an argument, say
             raise SpawnFailed(f"cannot start worker {self.plan.command[0]}: {exc}") from None
         finally:
+            # At info: what runs on the node, flags included, is in the journal for every
+            # load; written once it runs (with its pid), not on the way to it.
+            log.info("%s: running %s (%s, port %d, log %s)", self.model_id,
+                     shlex.join(self.plan.command),
+                     "not started" if self._proc is None else f"pid {self._proc.pid}",
+                     self.port, self.log_path)
             if self._proc is None:
                 os.close(fd)
             if self._channel is not None:
@@ -279,6 +282,11 @@ class Worker:
                 self._log_failed(exc)
             finally:
                 os.close(fd)  # the child holds its own copy
+            try:
+                settle()  # the earlier logs moved along while the worker starts
+            except OSError as exc:
+                log.warning("%s: cannot rotate its log %s: %s", self.model_id, self.log_path,
+                            exc.strerror or exc)
             if self._on_spawn is not None:
                 await self._on_spawn(self)
             await self._wait_ready()
@@ -286,15 +294,16 @@ class Worker:
             await self.kill()
             raise
 
-    def _open_log(self) -> int:
-        """The descriptor the worker writes to: its log file, or, when that cannot be
-        written (a full or read-only log_dir), the supervisor's own stderr (the journal),
-        so a full disk costs the log, never the model."""
+    def _open_log(self) -> tuple[int, Callable[[], None]]:
+        """The descriptor the worker writes to and what puts its log in place once it runs
+        (logfiles.open_fresh): its log file, or, when that cannot be written (a full or
+        read-only log_dir), the supervisor's own stderr (the journal), so a full disk costs
+        the log, never the model."""
         try:
-            return logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
+            return logfiles.open_fresh(self.log_path, self.plan.command, self.log_keep)
         except OSError as exc:
             self._log_failed(exc)
-        return os.dup(2)
+        return os.dup(2), lambda: None
 
     def _log_failed(self, exc: OSError) -> None:
         self.log_problem = (f"cannot write the log {self.log_path}: "
