@@ -12,10 +12,17 @@ subprocess machinery.
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
+import os
+import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    import uvloop
 
 
 class LoopUnavailable(Exception):
@@ -34,11 +41,59 @@ def runner(choice: str) -> Callable[[Coroutine[Any, Any, T]], T]:
                     f'"uvloop", but uvloop cannot be imported ({exc}); install it '
                     '(pip install uvloop) or set event_loop = "auto"') from None
         else:
-            return uvloop.run
+            return functools.partial(uvloop.run, loop_factory=_numeric_connect_loop(uvloop.Loop))
     return asyncio.run
+
+
+def _numeric_connect_loop(base: type[uvloop.Loop]) -> type[uvloop.Loop]:
+    """uvloop's loop whose `sock_connect` to a numeric address connects at once. uvloop's
+    own resolves every address first, numeric or not, in libuv's thread pool (it asks
+    getaddrinfo with no socket type, which its fast path for numeric hosts does not take):
+    a round trip through a thread for every new connection to a worker, which aiohttp
+    opens with sock_connect (the first request after each load among them)."""
+
+    class Loop(base):  # type: ignore[valid-type,misc]  # a class made at run time
+        async def sock_connect(self, sock: socket.socket, address: Any) -> None:
+            if not _numeric(sock, address):
+                return await super().sock_connect(sock, address)
+            error = sock.connect_ex(address)
+            if error in (errno.EINPROGRESS, errno.EAGAIN):
+                connected: asyncio.Future[None] = self.create_future()
+                self.add_writer(sock.fileno(), _settle, connected)
+                try:
+                    await connected
+                finally:
+                    self.remove_writer(sock.fileno())
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, f"Connect call failed {address}: {os.strerror(error)}")
+            return None
+
+    return Loop
+
+
+def _numeric(sock: socket.socket, address: Any) -> bool:
+    """An (IP literal, port[, ...]) for an IPv4 or IPv6 socket: nothing to resolve."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
+        return False
+    if len(address) < 2 or not isinstance(address[0], str) or not isinstance(address[1], int):
+        return False
+    try:
+        socket.inet_pton(sock.family, address[0])
+    except OSError:
+        return False
+    return True
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def name() -> str:
     """The running loop's name, for the daemon's first line."""
-    module = type(asyncio.get_running_loop()).__module__
-    return "uvloop" if module.startswith("uvloop") else "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return "uvloop" if isinstance(asyncio.get_running_loop(), uvloop.Loop) else "asyncio"
