@@ -321,6 +321,7 @@ class Session:
         self.key = key
         self.restored_tokens = 0
         self.expecting_answer = False  # a restore happened; its first answer not yet seen
+        self._restored: set[int] = set()  # the slots restored with tokens in them
         self._tail = b""
 
     @property
@@ -387,6 +388,8 @@ class Session:
                 os.utime(path)  # used: the last the budgets remove
             restored += 1
             tokens += n
+            if n:
+                self._restored.add(slot)
         if restored:
             self._caches.counts["restores"] += 1
             self.restored_tokens = tokens
@@ -476,7 +479,7 @@ class Session:
                     short: list[int]) -> None:
         # The caller's wait_for is the bound; each call's own is only a backstop past it.
         timeout += 1.0
-        ids = await slotapi.slot_ids(port, timeout)
+        slots = await slotapi.slots(port, timeout)
         # What was saved before is superseded by what the worker holds now (it restored it
         # and went on): a cache is one moment, never a mix of two.
         for entry in list(os.scandir(self.directory)):
@@ -486,13 +489,21 @@ class Session:
         if not self._caches.disk_has_room(self.directory):
             raise OSError(28, f"less than {MIN_FREE_BYTES // (1024 * 1024)} MiB free on "
                               f"the file system of {self.directory}")
-        for slot in ids:
-            name = slot_file(slot)
-            tokens, size = await slotapi.save(port, slot, name, timeout)
+        for slot in slots:
+            # A restored slot that ran no task since says nothing of what it holds.
+            known = slot.reported or slot.id not in self._restored
+            if known and slot.tokens is not None and slot.tokens < MIN_SAVED_TOKENS:
+                # Its answer to GET /slots says enough: no file written to be removed (each
+                # cost the worker a save and the disk a file, on every swap).
+                if slot.tokens:
+                    short.append(slot.tokens)
+                continue
+            name = slot_file(slot.id)
+            tokens, size = await slotapi.save(port, slot.id, name, timeout)
             if tokens < MIN_SAVED_TOKENS:  # empty, or cheaper to prefill than to restore
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / name)
                 if tokens:
                     short.append(tokens)
                 continue
-            saved[slot] = size
+            saved[slot.id] = size

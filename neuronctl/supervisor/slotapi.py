@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 # An answer larger than this is no answer of the slot API (GET /slots of 256 slots with
@@ -65,13 +66,54 @@ async def call(port: int, method: str, path: str, body: Any, timeout_s: float) -
         raise SlotApiError(f"{method} {path}: {exc.strerror or exc}") from None
 
 
-async def slot_ids(port: int, timeout_s: float) -> list[int]:
-    """The ids of the worker's slots (however many `--parallel` made)."""
-    slots = await call(port, "GET", "/slots", None, timeout_s)
-    if not isinstance(slots, list):
+@dataclass(frozen=True)
+class Slot:
+    id: int
+    # The tokens its cache holds as far as GET /slots says (its last task's prompt and
+    # what it generated: n_prompt_tokens, n_decoded; 0 for a slot that ran none); None
+    # where the answer does not say
+    # (another llama-server version's fields): then only a save tells.
+    tokens: int | None
+    # False: the slot said nothing but its id (it ran no task), so `tokens` is 0, though a
+    # slot restored from a file and not used since holds that file's tokens.
+    reported: bool = True
+
+
+# All a slot that never ran a task reports (llama-server b7000+); a version whose slots say
+# more about themselves is never taken for empty.
+_IDLE_FIELDS = frozenset({"id", "n_ctx", "speculative", "is_processing"})
+
+
+async def slots(port: int, timeout_s: float) -> list[Slot]:
+    """The worker's slots (however many `--parallel` made) and what each holds."""
+    return parse_slots(await call(port, "GET", "/slots", None, timeout_s))
+
+
+def parse_slots(answer: Any) -> list[Slot]:
+    """GET /slots's answer read; SlotApiError when it is not a list."""
+    if not isinstance(answer, list):
         raise SlotApiError("GET /slots: not a list")
-    ids = [s.get("id") for s in slots if isinstance(s, dict)]
-    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+    return [Slot(s["id"], _tokens(s), not set(s) <= _IDLE_FIELDS) for s in answer
+            if isinstance(s, dict) and _count(s.get("id")) is not None]
+
+
+def _tokens(slot: dict[str, Any]) -> int | None:
+    if set(slot) <= _IDLE_FIELDS:
+        return 0
+    # An idle slot's n_prompt_tokens already counts what its last task generated (it
+    # equals what a save of it reports); n_decoded is what a task under way has so far.
+    prompt = _count(slot.get("n_prompt_tokens"))
+    next_token = slot.get("next_token")
+    entries = next_token if isinstance(next_token, list) else [next_token]
+    decoded = [_count(e.get("n_decoded")) if isinstance(e, dict) else None for e in entries]
+    if prompt is None or not decoded or None in decoded:
+        return None
+    return prompt + sum(n for n in decoded if n is not None)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
 
 
 async def save(port: int, slot: int, filename: str, timeout_s: float) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from neuronctl.config import (
     model_spec_from_mapping,
 )
 from neuronctl.states import ModelStatus, WorkerState
+from neuronctl.supervisor import slotapi
 from neuronctl.supervisor.harness import build_harnesses
 from neuronctl.supervisor.lifecycle import ModelLifecycle
 from neuronctl.supervisor.promptcache import (
@@ -186,6 +187,26 @@ def test_the_config_refuses_a_prompt_cache_on_llama_cpp_python() -> None:
         config_from_mapping({"prompt_cache_bytes": -1})
 
 
+def test_what_get_slots_says_each_slot_holds() -> None:
+    """Slots that ran no task (only their id and context reported) hold nothing; one that
+    did holds its last prompt and what it generated; another version's fields say
+    nothing, and a save tells."""
+    answer = [
+        {"id": 0, "n_ctx": 256, "speculative": False, "is_processing": False},
+        {"id": 1, "n_ctx": 256, "speculative": False, "is_processing": False, "id_task": 7,
+         "n_prompt_tokens": 34, "next_token": [{"n_decoded": 4}]},
+        {"id": 2, "n_ctx": 256, "is_processing": False, "id_task": 9, "n_prompt_tokens": 150,
+         "next_token": {"n_decoded": 2, "has_next_token": False}},
+        {"id": 3, "n_ctx": 256, "prompt": "an older server's slot", "n_past": 40},
+        {"id": True}, {"n_ctx": 1}, "junk",
+    ]
+    assert slotapi.parse_slots(answer) == [
+        slotapi.Slot(0, 0, reported=False), slotapi.Slot(1, 38),
+        slotapi.Slot(2, 152), slotapi.Slot(3, None)]
+    with pytest.raises(slotapi.SlotApiError, match="not a list"):
+        slotapi.parse_slots({"id": 0})
+
+
 # --- real llama-server workers --------------------------------------------------------
 
 BINARY = find_llama_server()
@@ -278,6 +299,25 @@ async def test_saved_on_unload_and_restored_on_load(
     # The new process reused the saved prompt: only what follows it is computed.
     assert again["cache_n"] >= first["prompt_n"] - 2 and again["prompt_n"] <= 2
     assert caches.counts["hits"] == 1 and caches.counts["misses"] == 0
+
+
+@real
+async def test_a_restored_slot_no_request_used_is_saved_again(
+    node_config: NeuronConfig, model_file: Path, make_registry: MakeRegistry,
+) -> None:
+    """A restored slot that ran no task since says nothing of what it holds (GET /slots):
+    the next unload saves it all the same, so the conversation survives a load nobody
+    used."""
+    registry = registry_of(make_registry, cache_config(node_config))
+    caches = caches_of(registry)
+    first = await complete(await registry.load(spec_of(model_file)))
+    await registry.unload("tiny")
+    for _ in range(2):  # loaded and unloaded again, unused
+        await registry.load(spec_of(model_file))
+        await registry.unload("tiny")
+    assert caches.counts["restores"] == 2 and caches.counts["saves"] == 3
+    again = await complete(await registry.load(spec_of(model_file)))
+    assert again["cache_n"] >= first["prompt_n"] - 2
 
 
 @real
