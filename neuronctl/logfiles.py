@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -145,59 +145,19 @@ def _ours(path: Path) -> bool:
 # removed (log_dir may be shared: the link is someone's evidence); the worker's output then
 # goes to the journal, which says why (worker.py).
 _APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-# A start's fresh log until its worker runs and the earlier ones are moved along
-# (`open_fresh`); never a name `_LOG_NAME` matches.
-_FRESH = ".next"
 
 
 def open_for_worker(path: Path, command: Sequence[str], keep: int = 0) -> int:
     """Rotate the last start's log away, open a fresh one and write the start header;
-    return the raw fd (append mode, for the child's stdout and stderr). `open_fresh` is
-    the same in the order a worker's start uses: the renames after the spawn.
+    return the raw fd (append mode, for the child's stdout and stderr).
 
     The header is written before the child exists, so the pid is filled in by
     `write_pid_line` once it is known. With `keep` = 0 the one file is appended to.
     Raises OSError (UnsafeLog for what `open_log` refuses) when it cannot be written.
     """
-    fd, settle = open_fresh(path, command, keep)
-    try:
-        settle()
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def open_fresh(path: Path, command: Sequence[str], keep: int = 0
-               ) -> tuple[int, Callable[[], None]]:
-    """`open_for_worker`'s fd and a `settle()` that puts it in place. Where a log from an
-    earlier start is to be kept (`keep` > 0), the fresh one is opened beside it
-    (`<name>.next`) and `settle()` moves the earlier ones along and the fresh one to
-    `path`: called once the worker runs, so a load does not wait for `keep` + 1 renames
-    and their checks (0.15 ms of every load here). `settle()` raises OSError; the fresh
-    log is at `path` even then, unless the last rename itself failed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if keep <= 0 or not os.path.lexists(path):
-        return _with_header(open_log(path, _APPEND), command), _settled
-    fresh = path.with_name(f"{path.name}{_FRESH}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(fresh)  # a start that died before it settled: never appended to
-    fd = _with_header(open_log(fresh, _APPEND | os.O_EXCL), command)
-
-    def settle() -> None:
-        try:
-            rotate(path, keep)
-        finally:
-            os.replace(fresh, path)  # the worker's log in place, whatever the older ones did
-
-    return fd, settle
-
-
-def _settled() -> None:
-    pass
-
-
-def _with_header(fd: int, command: Sequence[str]) -> int:
+    rotate(path, keep)
+    fd = open_log(path, _APPEND)
     try:
         # A blank line parts this start from an earlier one appended to (keep = 0); a
         # fresh file starts with its header.

@@ -12,7 +12,6 @@ from neuronctl.logfiles import (
     excerpt,
     log_path,
     open_for_worker,
-    open_fresh,
     safe_name,
     tail_lines,
     write_pid_line,
@@ -201,37 +200,6 @@ def test_rotate_keeps_the_configured_number_of_previous_logs(tmp_path: Path) -> 
     assert "start-3" in (tmp_path / "m.log.1").read_text()
     assert "start-2" in (tmp_path / "m.log.2").read_text()
     assert not (tmp_path / "m.log.3").exists()
-
-
-def test_a_fresh_log_is_written_beside_the_last_one_until_it_is_settled(
-    tmp_path: Path,
-) -> None:
-    """A worker's start: its fresh log opened beside the last start's, the renames after
-    the spawn (`settle`); a `.next` left by a start that died before settling is never
-    appended to."""
-    path = tmp_path / "m.log"
-    path.write_text("=== the last start\n")
-    fresh = tmp_path / "m.log.next"
-    fresh.write_text("left by a start that died\n")
-    fd, settle = open_fresh(path, ["worker", "now"], keep=2)
-    try:
-        write_pid_line(fd, 7)
-        assert path.read_text() == "=== the last start\n"  # not moved yet
-        settle()
-        os.write(fd, b"its output\n")  # the same file, now at `path`
-    finally:
-        os.close(fd)
-    text = path.read_text()
-    assert "neuronctl starting: worker now" in text and text.endswith(
-        "=== worker pid 7\nits output\n")
-    assert "died" not in text and not fresh.exists()
-    assert (tmp_path / "m.log.1").read_text() == "=== the last start\n"
-    # Nothing to keep (keep = 0, or no earlier log): opened where it is, nothing to settle.
-    other = tmp_path / "o.log"
-    fd, settle = open_fresh(other, ["w"], keep=2)
-    os.close(fd)
-    settle()
-    assert "neuronctl starting: w" in other.read_text() and not (tmp_path / "o.log.1").exists()
 
 
 @pytest.mark.timeout(20)

@@ -240,7 +240,7 @@ class Worker:
     async def start(self) -> None:
         """Spawn and wait until ready. On any failure, or if cancelled, the process is
         killed before this returns; failures raise a LoadError saying what the log said."""
-        fd, settle = self._open_log()
+        fd = self._open_log()
         try:
             env = {**self.plan.env, TOKEN_ENV: self.token}
             if self.plan.router_child:
@@ -282,11 +282,6 @@ class Worker:
                 self._log_failed(exc)
             finally:
                 os.close(fd)  # the child holds its own copy
-            try:
-                settle()  # the earlier logs moved along while the worker starts
-            except OSError as exc:
-                log.warning("%s: cannot rotate its log %s: %s", self.model_id, self.log_path,
-                            exc.strerror or exc)
             if self._on_spawn is not None:
                 await self._on_spawn(self)
             await self._wait_ready()
@@ -294,16 +289,15 @@ class Worker:
             await self.kill()
             raise
 
-    def _open_log(self) -> tuple[int, Callable[[], None]]:
-        """The descriptor the worker writes to and what puts its log in place once it runs
-        (logfiles.open_fresh): its log file, or, when that cannot be written (a full or
-        read-only log_dir), the supervisor's own stderr (the journal), so a full disk costs
-        the log, never the model."""
+    def _open_log(self) -> int:
+        """The descriptor the worker writes to: its log file, or, when that cannot be
+        written (a full or read-only log_dir), the supervisor's own stderr (the journal),
+        so a full disk costs the log, never the model."""
         try:
-            return logfiles.open_fresh(self.log_path, self.plan.command, self.log_keep)
+            return logfiles.open_for_worker(self.log_path, self.plan.command, self.log_keep)
         except OSError as exc:
             self._log_failed(exc)
-        return os.dup(2), lambda: None
+        return os.dup(2)
 
     def _log_failed(self, exc: OSError) -> None:
         self.log_problem = (f"cannot write the log {self.log_path}: "
