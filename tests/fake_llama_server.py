@@ -4,7 +4,8 @@ It takes llama-server's flags (`-m FILE --host H --port P`, the rest ignored), o
 port at once, answers GET /health with 503 `{"error":{"code":503,"message":"Loading model",
 ...}}` for --fake-load-s seconds and 200 `{"status":"ok"}` after; GET /v1/models answers 200
 all along, as the real one does, so a supervisor probing it would call the model ready too
-early; GET /props says its `total_slots` (after --fake-props-s). A POST (a completion)
+early; GET /props says its `total_slots` (after --fake-props-s; 503 the first
+--fake-props-busy times). A POST (a completion)
 answers `max_tokens` characters with OpenAI's `usage` (a chat completion's shape on
 `/v1/chat/completions`, which LiteLLM's proxy checks). Every request and its status is
 printed (to the worker's log), and so is the environment, so tests can see
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("-np", "--parallel", type=int, default=4)
     parser.add_argument("--fake-slots", type=int, default=None)
     parser.add_argument("--fake-props-s", type=float, default=0.0)  # GET /props answers late
+    parser.add_argument("--fake-props-busy", type=int, default=0)  # ... or 503 that many times
     args, _ = parser.parse_known_args()
     if not os.path.isfile(args.model):
         print(f"error: failed to open GGUF file '{args.model}'", flush=True)
@@ -55,6 +57,7 @@ def main() -> None:
     for key in sorted(os.environ):
         print(f"ENV {key}={os.environ[key]}", flush=True)
     ready_at = time.monotonic() + args.fake_load_s
+    busy = [args.fake_props_busy]
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -66,6 +69,9 @@ def main() -> None:
                     status, body = 200, {"status": "ok"}
             elif self.path == "/v1/models":
                 status, body = 200, {"object": "list", "data": [{"id": args.model}]}
+            elif self.path == "/props" and busy[0] > 0:
+                busy[0] -= 1
+                status, body = 503, {"error": {"code": 503, "message": "busy"}}
             elif self.path == "/props":
                 time.sleep(args.fake_props_s)
                 status, body = 200, {"total_slots": args.fake_slots or args.parallel}

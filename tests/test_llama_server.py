@@ -190,6 +190,10 @@ async def test_the_slots_the_worker_reports_rule_admission_and_the_listing(
         await poll_until_async(lambda: other.slots == 6)
     assert other.to_json()["slots"] == 6
     assert "other: its worker serves 6 slots (expected 4)" in caplog.text
+    # A worker too busy to answer its /props at first is asked again.
+    busy = await registry.load(ModelSpec("busy", harness="llama-server", path=tiny_gguf,
+                                         args=("--fake-slots", "2", "--fake-props-busy", "2")))
+    await poll_until_async(lambda: busy.slots == 2)
     set_ = await registry.load(ModelSpec("set", harness="llama-server", path=tiny_gguf,
                                          parallel=2))
     assert set_.slots == 2

@@ -65,6 +65,10 @@ log = logging.getLogger("neuronctl.models")
 
 # A ready worker's answer to its harness's `slots_path`, waited for at most this long.
 SLOTS_TIMEOUT_S = 2.0
+# Its /props is asked beside the first requests: a worker whose HTTP threads are all busy
+# with them answers a later try (0.5, 1, 2 s apart).
+SLOTS_TRIES = 4
+SLOTS_RETRY_S = 0.5
 # While every model that could make room is busy, a load asks again this often.
 ROOM_POLL_S = 0.25  # (a VRAM retry reads nvidia-smi)
 
@@ -452,9 +456,15 @@ class ModelLifecycle:
     async def _read_slots(self, worker: Worker, path: str) -> None:
         """What the ready worker says it serves (`total_slots`) replaces what its harness
         expected: the router's admission and /models follow the worker, not a guess."""
-        answer = await worker.get_json(path, SLOTS_TIMEOUT_S)
-        if self.worker is not worker or worker.returncode is not None:
-            return  # stopped meanwhile: what it said no longer matters
+        answer = None
+        for attempt in range(SLOTS_TRIES):
+            if attempt:
+                await self._shared.sleep(SLOTS_RETRY_S * 2 ** (attempt - 1))
+            answer = await worker.get_json(path, SLOTS_TIMEOUT_S)
+            if self.worker is not worker or worker.returncode is not None:
+                return  # stopped meanwhile: what it said no longer matters
+            if isinstance(answer, dict):
+                break
         reported = answer.get("total_slots") if isinstance(answer, dict) else None
         # The context each request gets (llama-server's default: the model's own context,
         # shared by its slots): what `/models` says when the config left it to the server.
