@@ -57,13 +57,16 @@ def _numeric_connect_loop(base: type[uvloop.Loop]) -> type[uvloop.Loop]:
             if not _numeric(sock, address):
                 return await super().sock_connect(sock, address)
             error = sock.connect_ex(address)
-            if error in (errno.EINPROGRESS, errno.EAGAIN):
+            if error in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+                # The descriptor as it is now: a socket closed while it connects answers
+                # -1, and its writer must still be removed.
+                fd = sock.fileno()
                 connected: asyncio.Future[None] = self.create_future()
-                self.add_writer(sock.fileno(), _settle, connected)
+                self.add_writer(fd, _settle, connected)
                 try:
                     await connected
                 finally:
-                    self.remove_writer(sock.fileno())
+                    self.remove_writer(fd)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 raise OSError(error, f"Connect call failed {address}: {os.strerror(error)}")
