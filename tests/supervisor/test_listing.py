@@ -53,3 +53,44 @@ async def test_rows_keep_the_config_order_as_models_load(
     await registry.load(ModelSpec("own", harness="fake"))
     await registry.load(config.models[1])
     assert [m["id"] for m in registry.listing()] == ["a", "b", "own"]
+
+
+CHILD = "import time; x = bytearray(8 << 20); print('child', flush=True); time.sleep(60)"
+TREE = f"""
+import subprocess, sys, time
+children = [subprocess.Popen([sys.executable, "-c", {CHILD!r}]) for _ in range(2)]
+print("parent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_workers_memory_counts_its_whole_tree_as_psutil_does() -> None:
+    """Read from /proc for the worker's tree only (each task's `children`), not by walking
+    every process on the host: the same bytes as psutil's children(), and None once the
+    worker is gone."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    tree = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE)
+    procs: list[psutil.Process] = []
+    try:
+        assert tree.stdout is not None
+        said = sorted(tree.stdout.readline() for _ in range(3))  # each child once it holds 8 MiB
+        assert said == [b"child\n", b"child\n", b"parent\n"]
+        root = psutil.Process(tree.pid)
+        procs = [root, *root.children(recursive=True)]
+        assert len(procs) == 3
+        by_psutil = sum(p.memory_info().rss for p in procs)
+        ours = listing._tree_rss(tree.pid)
+        assert ours is not None and ours > 16 << 20  # both children's 8 MiB
+        assert abs(ours - by_psutil) < 1 << 20  # read a moment apart
+    finally:
+        for proc in reversed(procs):
+            proc.kill()
+        tree.kill()
+        tree.wait()
+        if tree.stdout is not None:
+            tree.stdout.close()
+    assert listing._tree_rss(tree.pid) is None
