@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ModelSpec, NeuronConfig, effective
 from ..states import LIVE_STATES, ModelStatus, WorkerState
+from . import procmem
 from .eviction import Activity
 
 if TYPE_CHECKING:
@@ -123,13 +122,17 @@ def _with_served_n_ctx(keys: dict[str, Any], model: ModelLifecycle | None) -> di
     return keys
 
 
+# One per daemon: what it remembers of its workers' process trees (procmem.py).
+_MEMORY = procmem.TreeMemory()
+
+
 def rss_bytes(worker: Worker | None) -> int | None:
     """Resident memory of a running worker's process tree (a wrapper's child counts);
     None without one."""
     if worker is None or worker.pid is None or worker.returncode is not None:
         return None
-    if _children_files():
-        return _tree_rss(worker.pid)
+    if procmem.lists_children():
+        return _MEMORY.rss(worker.pid)
     import psutil  # not at import: `neuronctl start` reaches its first spawn sooner
 
     try:
@@ -142,47 +145,6 @@ def rss_bytes(worker: Worker | None) -> int | None:
         with contextlib.suppress(psutil.Error):  # a child that just exited
             total += proc.memory_info().rss
     return total
-
-
-# A tree larger than this is no worker's (a fork bomb in a wrapper): counted this far.
-_MAX_TREE = 4096
-
-
-@functools.cache
-def _children_files() -> bool:
-    """Whether this kernel lists each task's children (/proc/PID/task/TID/children, Linux
-    3.5+ with CONFIG_PROC_CHILDREN, which the distributions enable)."""
-    pid = os.getpid()
-    return os.path.exists(f"/proc/{pid}/task/{pid}/children")
-
-
-def _tree_rss(pid: int) -> int | None:
-    """`rss_bytes` from /proc directly: each process's statm, its threads' children.
-    psutil's `children()` reads the stat file of every process on the host to find a
-    worker's: 1.5 ms per loaded model with 68 processes here (and ten times that on a host
-    with hundreds), on the event loop, at every GET /models and metrics scrape; this
-    reads the worker's tree only (0.04 ms)."""
-    total, pending, seen = 0, [pid], 0
-    while pending and seen < _MAX_TREE:
-        current = pending.pop()
-        seen += 1
-        try:
-            with open(f"/proc/{current}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * _PAGE_SIZE
-            tasks = os.listdir(f"/proc/{current}/task")
-        except (OSError, ValueError, IndexError):
-            if current == pid:
-                return None  # the worker itself is gone
-            continue  # a child that just exited
-        for task in tasks:
-            # A thread that just ended has no list.
-            with contextlib.suppress(OSError, ValueError), \
-                    open(f"/proc/{current}/task/{task}/children", "rb") as f:
-                pending.extend(int(child) for child in f.read().split())
-    return total
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def with_traffic(entry: dict[str, Any], activity: Activity) -> dict[str, Any]:
