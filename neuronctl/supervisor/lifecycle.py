@@ -455,7 +455,15 @@ class ModelLifecycle:
 
     async def _read_slots(self, worker: Worker, path: str) -> None:
         """What the ready worker says it serves (`total_slots`) replaces what its harness
-        expected: the router's admission and /models follow the worker, not a guess."""
+        expected: the router's admission and /models follow the worker, not a guess. A
+        task of its own: a bug in it is logged here, never left unretrieved."""
+        try:
+            await self._ask_slots(worker, path)
+        except Exception:
+            log.exception("%s: reading what its worker serves (GET %s) failed", self.model_id,
+                          path)
+
+    async def _ask_slots(self, worker: Worker, path: str) -> None:
         answer = None
         for attempt in range(SLOTS_TRIES):
             if attempt:

@@ -100,6 +100,8 @@ def parse_slots(answer: Any) -> list[Slot]:
 def _tokens(slot: dict[str, Any]) -> int | None:
     if set(slot) <= _IDLE_FIELDS:
         return 0
+    if slot.get("is_processing"):
+        return None  # a save waits for its request to end: what it holds then is unknown
     # An idle slot's n_prompt_tokens already counts what its last task generated (it
     # equals what a save of it reports); n_decoded is what a task under way has so far.
     prompt = _count(slot.get("n_prompt_tokens"))

@@ -198,11 +198,13 @@ def test_what_get_slots_says_each_slot_holds() -> None:
         {"id": 2, "n_ctx": 256, "is_processing": False, "id_task": 9, "n_prompt_tokens": 150,
          "next_token": {"n_decoded": 2, "has_next_token": False}},
         {"id": 3, "n_ctx": 256, "prompt": "an older server's slot", "n_past": 40},
+        {"id": 4, "n_ctx": 256, "is_processing": True, "id_task": 11, "n_prompt_tokens": 34,
+         "next_token": [{"n_decoded": 3}]},  # its save waits for the end: unknown till then
         {"id": True}, {"n_ctx": 1}, "junk",
     ]
     assert slotapi.parse_slots(answer) == [
         slotapi.Slot(0, 0, reported=False), slotapi.Slot(1, 38),
-        slotapi.Slot(2, 152), slotapi.Slot(3, None)]
+        slotapi.Slot(2, 152), slotapi.Slot(3, None), slotapi.Slot(4, None)]
     with pytest.raises(slotapi.SlotApiError, match="not a list"):
         slotapi.parse_slots({"id": 0})
 
