@@ -69,10 +69,10 @@ async def call(port: int, method: str, path: str, body: Any, timeout_s: float) -
 @dataclass(frozen=True)
 class Slot:
     id: int
-    # The tokens its cache holds as far as GET /slots says (its last task's prompt and
-    # what it generated: n_prompt_tokens, n_decoded; 0 for a slot that ran none); None
-    # where the answer does not say
-    # (another llama-server version's fields): then only a save tells.
+    # The tokens its cache holds as far as GET /slots says (an idle slot's n_prompt_tokens:
+    # its last task's prompt and what it generated; 0 for a slot that ran none); None
+    # where the answer does not say (busy, or another llama-server version's fields):
+    # then only a save tells.
     tokens: int | None
     # False: the slot said nothing but its id (it ran no task), so `tokens` is 0, though a
     # slot restored from a file and not used since holds that file's tokens.
@@ -102,15 +102,9 @@ def _tokens(slot: dict[str, Any]) -> int | None:
         return 0
     if slot.get("is_processing"):
         return None  # a save waits for its request to end: what it holds then is unknown
-    # An idle slot's n_prompt_tokens already counts what its last task generated (it
-    # equals what a save of it reports); n_decoded is what a task under way has so far.
-    prompt = _count(slot.get("n_prompt_tokens"))
-    next_token = slot.get("next_token")
-    entries = next_token if isinstance(next_token, list) else [next_token]
-    decoded = [_count(e.get("n_decoded")) if isinstance(e, dict) else None for e in entries]
-    if prompt is None or not decoded or None in decoded:
-        return None
-    return prompt + sum(n for n in decoded if n is not None)
+    # An idle slot's n_prompt_tokens counts what its last task generated too: it equals
+    # what a save of it reports.
+    return _count(slot.get("n_prompt_tokens"))
 
 
 def _count(value: Any) -> int | None:

@@ -188,23 +188,23 @@ def test_the_config_refuses_a_prompt_cache_on_llama_cpp_python() -> None:
 
 
 def test_what_get_slots_says_each_slot_holds() -> None:
-    """Slots that ran no task (only their id and context reported) hold nothing; one that
-    did holds its last prompt and what it generated; another version's fields say
-    nothing, and a save tells."""
+    """Slots that ran no task (only their id and context reported) hold nothing; an idle
+    one that did holds its n_prompt_tokens (its last prompt and what it generated); a busy
+    slot and another version's fields say nothing, and a save tells."""
     answer = [
         {"id": 0, "n_ctx": 256, "speculative": False, "is_processing": False},
         {"id": 1, "n_ctx": 256, "speculative": False, "is_processing": False, "id_task": 7,
-         "n_prompt_tokens": 34, "next_token": [{"n_decoded": 4}]},
+         "n_prompt_tokens": 34, "next_token": [{"n_decoded": 0}]},
         {"id": 2, "n_ctx": 256, "is_processing": False, "id_task": 9, "n_prompt_tokens": 150,
-         "next_token": {"n_decoded": 2, "has_next_token": False}},
+         "next_token": {"n_decoded": 0, "has_next_token": False}},
         {"id": 3, "n_ctx": 256, "prompt": "an older server's slot", "n_past": 40},
         {"id": 4, "n_ctx": 256, "is_processing": True, "id_task": 11, "n_prompt_tokens": 34,
          "next_token": [{"n_decoded": 3}]},  # its save waits for the end: unknown till then
         {"id": True}, {"n_ctx": 1}, "junk",
     ]
     assert slotapi.parse_slots(answer) == [
-        slotapi.Slot(0, 0, reported=False), slotapi.Slot(1, 38),
-        slotapi.Slot(2, 152), slotapi.Slot(3, None), slotapi.Slot(4, None)]
+        slotapi.Slot(0, 0, reported=False), slotapi.Slot(1, 34),
+        slotapi.Slot(2, 150), slotapi.Slot(3, None), slotapi.Slot(4, None)]
     with pytest.raises(slotapi.SlotApiError, match="not a list"):
         slotapi.parse_slots({"id": 0})
 
